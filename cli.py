@@ -1,0 +1,101 @@
+"""The `pipeline` command: parses arguments and calls the stage; nothing else lives here."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+                  help="Multimodal product classification with trainable EMDE, one command per stage.")
+data_app = typer.Typer(no_args_is_help=True, help="Catalogue utilities.")
+app.add_typer(data_app, name="data")
+err = Console(stderr=True)
+out = Console()
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML config (default: configs/default.toml)")]
+WorkdirOpt = Annotated[Path, typer.Option("--workdir", help="work directory holding every stage's outputs")]
+
+
+def log(message: str) -> None:
+    err.print(message, highlight=False, markup=False)
+
+
+@data_app.command("synth")
+def data_synth(
+    directory: Annotated[Path, typer.Argument(help="folder to write the catalogue into")],
+    items: Annotated[int, typer.Option(help="items in train + test")] = 2000,
+    seed: Annotated[int, typer.Option(help="random seed (same seed, same bytes)")] = 0,
+    config: ConfigOpt = None,
+) -> None:
+    """Write a synthetic catalogue in the Rakuten challenge layout."""
+    from pipeline.synth import synthesize
+
+    load_config(config)  # accepted (and checked) like every command's
+    summary = synthesize(directory, items=items, seed=seed)
+    log(f"synthetic catalogue in {directory}: {summary['train_items']} train, {summary['test_items']} test "
+        f"items, {summary['classes']} classes, {summary['missing_images']} missing images, "
+        f"{summary['seconds']:.1f} s")
+
+
+@app.command()
+def extract(
+    modality: Annotated[str, typer.Argument(help="title_cam, desc_cam, title_bpe, image or all")],
+    catalog: Annotated[Path, typer.Option("--catalog", help="catalogue folder (CSV/TSV + images)")],
+    workdir: WorkdirOpt,
+    backend: Annotated[Optional[str], typer.Option(help="zarr or hdf5 (default: the config's)")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="K/N: this worker's share of the blocks")] = None,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="discard the store and extract again")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Extract features into W/features/<modality>.zarr|h5 (only what is missing)."""
+    from pipeline.extract import extract as run
+
+    run(modality, catalog, workdir, load_config(config), backend=backend, shard=shard, rebuild=rebuild,
+        progress=err.is_terminal, log=log)
+
+
+@app.command()
+def inspect(
+    store: Annotated[Path, typer.Argument(help="a .zarr or .h5 store")],
+    item: Annotated[Optional[int], typer.Option(help="show this item's arrays")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="read every chunk; report damaged items")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Shapes, chunks, provenance, one item, integrity of a store."""
+    from pipeline.inspect import inspect_store
+
+    report = inspect_store(store, item=item, verify=verify)
+    if as_json:
+        print(json.dumps(report))
+    else:
+        out.print_json(data=report)
+    if verify and not report["verify"]["ok"]:
+        v = report["verify"]
+        log(f"{store}: NOT complete: {len(v['incomplete_blocks'])} incomplete block(s), "
+            f"{len(v['problems'])} problem(s), {len(v['damaged_items'])} damaged item(s)")
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Entry point: a PipelineError or an OS error becomes one line on stderr and exit status 1."""
+    try:
+        app()
+    except PipelineError as e:
+        log(f"error: {e}")
+        sys.exit(1)
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        log(f"error: {e.strerror or e}{where}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

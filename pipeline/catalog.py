@@ -1,0 +1,247 @@
+"""Catalogue ingest: the challenge's files -> one items table, and the train/valid/test split.
+
+The items table (polars) has one row per item of the train and test files:
+
+    item_id  int64   unique across train and test (the files' integer index)
+    title    str     as given ("" when absent); never cleaned here
+    description str  as given ("" when absent)
+    product_id, image_id  int64
+    image_path  str  where its photo should be
+    has_image   bool whether that file exists
+    part     str     "train" or "test" (which file it came from)
+    label    int64   product type code (null for test items)
+
+Bad input stops with one message naming the file, row and column. Missing photos do not: they
+are counted and reported, and the image stage records them as missing.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from pipeline.config import section
+from pipeline.errors import PipelineError
+
+FIELDS = ("id", "title", "description", "product_id", "image_id")
+SPLIT_FILE = "split.parquet"
+
+
+class CatalogError(PipelineError):
+    """The catalogue's files cannot be read as the configured layout."""
+
+
+@dataclass
+class Catalog:
+    directory: Path
+    items: pl.DataFrame
+    files: dict[str, Path]
+
+    @property
+    def missing_images(self) -> int:
+        return int((~self.items["has_image"]).sum())
+
+    def summary(self) -> str:
+        parts = self.items["part"].value_counts()
+        counts = dict(zip(parts["part"], parts["count"]))
+        return (f"{self.directory}: {counts.get('train', 0)} train and {counts.get('test', 0)} test items, "
+                f"{self.items.filter(pl.col('part') == 'train')['label'].n_unique()} classes, "
+                f"{self.missing_images} missing image(s)")
+
+
+def _find(directory: Path, pattern: str, what: str, layout: str, required: bool) -> Path | None:
+    if not pattern:
+        return None
+    found = sorted(directory.glob(pattern))
+    if not found:
+        if required:
+            raise CatalogError(f"{directory}: no {what} file matching '{pattern}' (layout '{layout}'; "
+                               "pick another with [catalog] layout in the config)")
+        return None
+    if len(found) > 1:
+        raise CatalogError(f"{directory}: several {what} files match '{pattern}': "
+                           f"{[p.name for p in found]}; keep one or set the file name in the config")
+    return found[0]
+
+
+def _read_table(path: Path, separator: str, needed: dict[str, str]) -> pl.DataFrame:
+    """Read every column as text, check the needed ones exist, rename them to our field names."""
+    try:
+        df = pl.read_csv(path, separator=separator, infer_schema=False, encoding="utf8-lossy",
+                         quote_char='"', truncate_ragged_lines=False)
+    except Exception as err:  # polars raises several exception types for malformed text files
+        raise CatalogError(f"{path}: cannot be read as a '{separator}'-separated table ({err})") from None
+    for field, column in needed.items():
+        if column not in df.columns:
+            shown = [c if c else "(unnamed index)" for c in df.columns]
+            raise CatalogError(f"{path}, header row: missing column '{column or '(unnamed index)'}' "
+                               f"(for the item's {field}); columns found: {shown}")
+    return df.select([pl.col(c).alias(f) for f, c in needed.items()])
+
+
+def _integer_column(df: pl.DataFrame, field: str, column: str, path: Path, what: str) -> pl.Series:
+    """Cast a text column to int64, naming the first row that is not an integer."""
+    raw = df[field].str.strip_chars()
+    values = raw.cast(pl.Int64, strict=False)
+    bad = values.is_null()
+    if bad.any():
+        row = int(bad.arg_max())
+        raise CatalogError(f"{path}, row {row + 1}, column '{column or '(unnamed index)'}': "
+                           f"{what} {raw[row]!r} is not an integer")
+    return values
+
+
+def _first_duplicate(ids: pl.Series) -> tuple[int, int] | None:
+    dup = ids.is_duplicated()
+    if not dup.any():
+        return None
+    rows = np.flatnonzero(dup.to_numpy() & (ids == ids[int(dup.arg_max())]).to_numpy())
+    return int(rows[0]), int(rows[1])
+
+
+def _read_items(path: Path, layout: dict, part: str, with_label: bool) -> pl.DataFrame:
+    columns = layout["columns"]
+    needed = {f: columns[f] for f in FIELDS} | ({"label": columns["label"]} if with_label else {})
+    df = _read_table(path, layout["separator"], needed)
+    ids = _integer_column(df, "id", columns["id"], path, "item id")
+    if (dup := _first_duplicate(ids)) is not None:
+        raise CatalogError(f"{path}, row {dup[1] + 1}, column '{columns['id'] or '(unnamed index)'}': "
+                           f"duplicate item id {ids[dup[1]]} (first at row {dup[0] + 1})")
+    out = df.with_columns(
+        id=ids,
+        title=pl.col("title").fill_null(""),
+        description=pl.col("description").fill_null(""),
+        product_id=_integer_column(df, "product_id", columns["product_id"], path, "product id"),
+        image_id=_integer_column(df, "image_id", columns["image_id"], path, "image id"),
+        part=pl.lit(part),
+    ).rename({"id": "item_id"})
+    if with_label:
+        out = out.with_columns(label=_integer_column(df, "label", columns["label"], path, "label"))
+        if out["label"].is_null().any():
+            row = int(out["label"].is_null().arg_max())
+            raise CatalogError(f"{path}, row {row + 1}, column '{columns['label']}': empty label")
+    return out
+
+
+def _read_labels(path: Path, layout: dict, items: pl.DataFrame, x_path: Path) -> pl.DataFrame:
+    columns = layout["columns"]
+    df = _read_table(path, layout["separator"], {"id": columns["id"], "label": columns["label"]})
+    ids = _integer_column(df, "id", columns["id"], path, "item id")
+    labels = _integer_column(df, "label", columns["label"], path, "label")
+    if (dup := _first_duplicate(ids)) is not None:
+        raise CatalogError(f"{path}, row {dup[1] + 1}: duplicate label for item id {ids[dup[1]]}")
+    in_x = ids.is_in(items["item_id"].implode())
+    if not in_x.all():
+        row = int((~in_x).arg_max())
+        raise CatalogError(f"{path}, row {row + 1}: label for item id {ids[row]}, which is not in {x_path.name}")
+    labelled = items["item_id"].is_in(ids.implode())
+    if not labelled.all():
+        row = int((~labelled).arg_max())
+        raise CatalogError(f"{x_path}, row {row + 1}: item id {items['item_id'][row]} has no label in {path.name}")
+    if labels.is_null().any():
+        row = int(labels.is_null().arg_max())
+        raise CatalogError(f"{path}, row {row + 1}, column '{columns['label']}': empty label")
+    return items.join(pl.DataFrame({"item_id": ids, "label": labels}), on="item_id", how="left",
+                      maintain_order="left")
+
+
+def _resolve_images(items: pl.DataFrame, directory: Path, layout: dict) -> pl.DataFrame:
+    """Image path of every item from its ids, and whether the file is there (one listing per folder)."""
+    name = layout["image_name"]
+    head, _, rest = name.partition("{image_id}")
+    mid, _, tail = rest.partition("{product_id}")
+    if "{" in head + mid + tail:
+        raise CatalogError(f"image_name '{name}' may use only {{image_id}} and {{product_id}}, in that order")
+    paths = []
+    for part, sub in layout["image_dirs"].items():
+        folder = directory / sub
+        present = pl.Series(os.listdir(folder) if folder.is_dir() else [], dtype=pl.String)
+        rows = items.filter(pl.col("part") == part)
+        files = pl.concat_str([pl.lit(head), pl.col("image_id"), pl.lit(mid), pl.col("product_id"), pl.lit(tail)])
+        rows = rows.with_columns(image_path=pl.lit(str(folder) + os.sep) + files,
+                                 has_image=files.is_in(present.implode()))
+        paths.append(rows.select("item_id", "image_path", "has_image"))
+    return items.join(pl.concat(paths), on="item_id", how="left", maintain_order="left").with_columns(
+        pl.col("has_image").fill_null(False), pl.col("image_path").fill_null(""))
+
+
+def load_catalog(directory: str | Path, cfg: dict) -> Catalog:
+    """Read the catalogue in `directory` with the layout the config names."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CatalogError(f"catalogue folder not found: {directory}")
+    name = section(cfg, "catalog")["layout"]
+    layouts = section(cfg, "catalog", "layouts")
+    if name not in layouts:
+        raise CatalogError(f"{cfg.get('config_path')}: unknown catalogue layout '{name}' (have {sorted(layouts)})")
+    layout = layouts[name]
+    x_train = _find(directory, layout["train"], "train", name, required=True)
+    y_train = _find(directory, layout["labels"], "label", name, required=True)
+    x_test = _find(directory, layout["test"], "test", name, required=False)
+    items = _read_items(x_train, layout, "train", with_label=y_train is None)
+    if y_train is not None:
+        items = _read_labels(y_train, layout, items, x_train)
+    files = {"train": x_train} | ({"labels": y_train} if y_train else {})
+    if x_test is not None:
+        test = _read_items(x_test, layout, "test", with_label=False).with_columns(label=pl.lit(None, pl.Int64))
+        clash = test["item_id"].is_in(items["item_id"].implode())
+        if clash.any():
+            row = int(clash.arg_max())
+            raise CatalogError(f"{x_test}, row {row + 1}: item id {test['item_id'][row]} is also in "
+                               f"{x_train.name}; item ids must be unique across train and test")
+        items = pl.concat([items, test], how="vertical_relaxed")
+        files["test"] = x_test
+    items = _resolve_images(items, directory, layout)
+    return Catalog(directory, items.select(
+        "item_id", "title", "description", "product_id", "image_id", "image_path", "has_image", "part", "label"
+    ), files)
+
+
+# ---------------------------------------------------------------------- the split table
+def make_split(catalog: Catalog, cfg: dict, workdir: str | Path) -> pl.DataFrame:
+    """The split table (item_id, split, label), written once to W/split.parquet and reused.
+
+    Paper 3.3: `valid_items` train items are held out for validation with a fixed seed. A run on
+    a grown catalogue keeps every existing assignment and adds new items as train or test.
+    """
+    path = Path(workdir) / SPLIT_FILE
+    items = catalog.items.select("item_id", "part", "label")
+    if path.exists():
+        split = pl.read_parquet(path)
+        both = split.join(items, on="item_id", how="inner", suffix="_now")
+        changed = both.filter(pl.col("label").ne_missing(pl.col("label_now")))
+        if len(changed):
+            row = changed.row(0, named=True)
+            raise CatalogError(f"{catalog.files['train']}: item {row['item_id']} is labelled {row['label_now']} "
+                               f"but {path} holds {row['label']}; the catalogue changed under this work "
+                               f"directory: use a new --workdir (or delete {path} and every stage's output)")
+        new = items.filter(~pl.col("item_id").is_in(split["item_id"].implode()))
+        if len(new) == 0:
+            return split
+        split = pl.concat([split, new.select("item_id", split=pl.col("part"), label="label")])
+    else:
+        opts = section(cfg, "split")
+        train_ids = items.filter(pl.col("part") == "train")["item_id"].sort().to_numpy()
+        n_valid = int(opts["valid_items"])
+        if len(train_ids) < int(opts["reference_train_items"]):
+            n_valid = max(1, round(n_valid * len(train_ids) / int(opts["reference_train_items"])))
+        rng = np.random.default_rng(int(opts["seed"]))
+        valid = rng.choice(train_ids, size=min(n_valid, len(train_ids) - 1), replace=False)
+        split = items.select(
+            "item_id",
+            split=pl.when(pl.col("item_id").is_in(valid)).then(pl.lit("valid")).otherwise(pl.col("part")),
+            label="label",
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".parquet.tmp")
+    split.write_parquet(tmp)
+    os.replace(tmp, path)  # never a half-written split table
+    return split
+
+
+def class_codes(split: pl.DataFrame) -> list[int]:
+    """Product type codes of the training items, sorted: class index i <-> code class_codes[i]."""
+    return sorted(split.filter(pl.col("split") != "test")["label"].unique().to_list())

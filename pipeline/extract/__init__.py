@@ -1,0 +1,61 @@
+"""Stage 1, extract: each modality's upstream representation into a feature store (paper 3.3-3.4)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from pipeline.catalog import Catalog, load_catalog, make_split
+from pipeline.config import section
+from pipeline.errors import PipelineError
+from pipeline.extract.driver import Summary, parse_shard, run_extraction
+from pipeline.extract.title_bpe import TitleBpe, train_tokenizer
+from pipeline.workdir import MODALITIES, feature_store_path, tokenizer_dir
+
+
+def _extractor(modality: str, catalog: Catalog, split: pl.DataFrame, workdir: Path, cfg: dict,
+               rebuild: bool, rebuild_hint: str):
+    if modality == "title_bpe":
+        opts = section(cfg, "title_bpe")
+        train_ids = split.filter(pl.col("split") == "train")["item_id"].implode()
+        titles = catalog.items.filter(pl.col("item_id").is_in(train_ids))["title"].to_list()
+        if rebuild:
+            for f in tokenizer_dir(workdir).glob("title_bpe.*"):
+                f.unlink()
+        return TitleBpe(train_tokenizer(titles, tokenizer_dir(workdir), opts, rebuild_hint), opts)
+    raise PipelineError(f"extraction of '{modality}' is not available yet (have: title_bpe)")
+
+
+def extract(modality: str, catalog_dir: str | Path, workdir: str | Path, cfg: dict, *,
+            backend: str | None = None, shard: str | None = None, rebuild: bool = False,
+            progress: bool = True, log=print) -> list[Summary]:
+    """`pipeline extract MODALITY|all`: fill W/features/<modality>.zarr|h5 with what is missing."""
+    names = list(MODALITIES) if modality == "all" else [modality]
+    for name in names:
+        if name not in MODALITIES:
+            raise PipelineError(f"unknown modality '{name}' (use one of {', '.join(MODALITIES)} or all)")
+    if modality == "all":
+        names = ["title_bpe"]  # the others arrive with their extractors
+    workdir = Path(workdir)
+    catalog = load_catalog(catalog_dir, cfg)
+    log(catalog.summary())
+    split = make_split(catalog, cfg, workdir)
+    summaries = []
+    for name in names:
+        # An existing store keeps its backend unless --backend asks for the other one.
+        existing = feature_store_path(workdir, name)
+        path = (feature_store_path(workdir, name, backend) if backend
+                else existing if existing.exists()
+                else feature_store_path(workdir, name, section(cfg, "stores")["backend"]))
+        backend_name = "hdf5" if path.suffix == ".h5" else "zarr"
+        hint = (f"pipeline extract {name} --catalog {catalog_dir} --workdir {workdir} "
+                f"--config {cfg.get('config_path')} --backend {backend_name} --rebuild")
+        extractor = _extractor(name, catalog, split, workdir, cfg, rebuild, hint)
+        summary = run_extraction(
+            extractor, catalog.items, path,
+            block_rows=int(section(cfg, "stores")["block_items"]), shard=parse_shard(shard),
+            rebuild=rebuild, rebuild_hint=hint, progress=progress,
+        )
+        log(summary.line())
+        summaries.append(summary)
+    return summaries

@@ -1,0 +1,165 @@
+"""The extraction driver: one modality's features into its store, block by block.
+
+A modality (title_bpe, title_cam, desc_cam, image) is an `Extractor`: it says which arrays it
+writes, who produced them (model, weights and tokenizer hashes, config), each item's input
+fingerprint and token lengths, and how to compute a block of items. Everything else is the same
+for every modality and lives here: lay out the store, skip what is already there, refuse a stale
+cache, split blocks among shards, overlap writing with computing, show progress, report.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import polars as pl
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from pipeline.errors import PipelineError
+from stores import ArraySpec, FeatureStore, store_lock
+
+
+class StaleStoreError(PipelineError):
+    """A store built from other inputs, another model or another config than this run's."""
+
+
+class Extractor(Protocol):
+    name: str
+    arrays: dict[str, ArraySpec]
+    producer: dict  # model, weights_sha256, tokenizer_sha256, config: what the features depend on
+
+    def fingerprints(self, items: pl.DataFrame) -> np.ndarray: ...
+
+    def lengths(self, items: pl.DataFrame) -> dict[str, np.ndarray]: ...
+
+    def compute(self, items: pl.DataFrame) -> tuple[dict[str, np.ndarray], np.ndarray | None]: ...
+
+
+@dataclass
+class Summary:
+    modality: str
+    store: Path
+    items: int  # in the store once this run is done
+    computed: int  # items extracted by this run
+    skipped: int  # items of this run's shard already in the store
+    missing: int  # computed items whose input was missing or unreadable
+    seconds: float
+    bytes_written: int
+
+    def line(self) -> str:
+        if self.computed == 0:
+            return (f"{self.modality}: nothing to do, {self.items} items already in {self.store} "
+                    f"(inputs and config unchanged)")
+        rate = self.computed / max(self.seconds, 1e-9)
+        return (f"{self.modality}: {self.computed} items extracted ({rate:.1f} items/s), {self.skipped} "
+                f"already stored, {self.missing} missing inputs, {self.seconds:.1f} s, "
+                f"{self.bytes_written / 1e6:.1f} MB written -> {self.store} ({self.items} items)")
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    """'K/N' -> (K, N); without one, torchrun's RANK/WORLD_SIZE if set, else (0, 1)."""
+    if shard is None:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        k, n = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise PipelineError(f"--shard must look like K/N (e.g. 0/4), not '{shard}'") from None
+    if not 0 <= k < n:
+        raise PipelineError(f"--shard {shard}: K must be in 0..N-1")
+    return k, n
+
+
+def _canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+def _check_producer(store: FeatureStore, extractor: Extractor, rebuild_hint: str) -> None:
+    old, new = store.provenance["producer"], extractor.producer
+    if _canonical(old) == _canonical(new):
+        return
+    keys = sorted(k for k in set(old) | set(new) if _canonical(old.get(k)) != _canonical(new.get(k)))
+    raise StaleStoreError(f"{store.path} was built with another {', '.join(keys)} than this run's "
+                          f"(store: {_canonical({k: old.get(k) for k in keys})}); refusing to mix them: "
+                          f"rebuild with `{rebuild_hint}`")
+
+
+def plan(store_path: Path, extractor: Extractor, items: pl.DataFrame, block_rows: int,
+         rebuild_hint: str) -> FeatureStore:
+    """Open (or create) the store with a row for every item; new items get new blocks.
+
+    Runs under a lock so that shard workers starting together agree on one layout.
+    """
+    fp = extractor.fingerprints(items)
+    ids = items["item_id"].to_numpy()
+    with store_lock(store_path):
+        if not FeatureStore.exists(store_path):
+            return FeatureStore.create(store_path, extractor.name, extractor.arrays, extractor.producer,
+                                       ids, fp, extractor.lengths(items), block_rows=block_rows)
+        store = FeatureStore(store_path, "a")
+        if store.provenance["kind"] != extractor.name:
+            raise StaleStoreError(f"{store_path} holds '{store.provenance['kind']}' features, not "
+                                  f"'{extractor.name}'")
+        _check_producer(store, extractor, rebuild_hint)
+        planned_ids, planned_fp = store.planned()
+        order = np.argsort(planned_ids)
+        pos = np.minimum(np.searchsorted(planned_ids[order], ids), max(len(order) - 1, 0))
+        known = planned_ids[order][pos] == ids if len(order) else np.zeros(len(ids), bool)
+        changed = known & (planned_fp[order][pos] != fp)
+        if changed.any():
+            raise StaleStoreError(f"{store_path}: the input of {int(changed.sum())} stored item(s) changed "
+                                  f"since extraction (e.g. item {int(ids[changed][0])}); refusing to mix "
+                                  f"versions: rebuild with `{rebuild_hint}`")
+        new = items.filter(pl.Series(~known))
+        if len(new):
+            store.add_items(new["item_id"].to_numpy(), fp[~known], extractor.lengths(new))
+        return store
+
+
+def run_extraction(extractor: Extractor, items: pl.DataFrame, store_path: Path, *, block_rows: int,
+                   shard: tuple[int, int] = (0, 1), rebuild: bool = False, rebuild_hint: str = "",
+                   progress: bool = True) -> Summary:
+    """Extract every item's features into `store_path`, only what is not there yet."""
+    store_path = Path(store_path)
+    if shard[1] > 1 and store_path.suffix != ".zarr":
+        raise PipelineError(f"{store_path}: an HDF5 store takes one writer; use --backend zarr for --shard")
+    if rebuild:
+        with store_lock(store_path):
+            FeatureStore.remove(store_path)
+    started = time.perf_counter()
+    store = plan(store_path, extractor, items, block_rows, rebuild_hint)
+    bytes_before = store.backend.nbytes_stored()
+    pending = store.pending_blocks(shard)
+    counts = store.block_counts()
+    todo = int(counts[pending].sum())
+    skipped = int(counts[shard[0] :: shard[1]].sum()) - todo
+    by_id = items.with_row_index("_row").select("item_id", "_row")
+    computed = missing = 0
+    columns = [TextColumn(f"[bold]{extractor.name}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]} items/s"), TimeRemainingColumn()]
+    with Progress(*columns, disable=not progress, transient=False) as bar, \
+            ThreadPoolExecutor(max_workers=1) as writer:
+        task = bar.add_task("extract", total=todo, rate="-")
+        pending_write = None
+        for block in pending:
+            block_ids = store.block_ids(block)
+            rows = by_id.join(pl.DataFrame({"item_id": block_ids}), on="item_id", how="right")["_row"]
+            data, miss = extractor.compute(items[rows.to_numpy()])
+            if pending_write is not None:
+                pending_write.result()  # one block in flight: compute block b+1 while b is written
+            pending_write = writer.submit(store.write_block, block, data, miss)
+            computed += len(block_ids)
+            missing += 0 if miss is None else int((np.asarray(miss) > 0).sum())
+            rate = computed / max(time.perf_counter() - started, 1e-9)
+            bar.update(task, advance=len(block_ids), rate=f"{rate:.1f}")
+        if pending_write is not None:
+            pending_write.result()
+    total = len(store)
+    written = store.backend.nbytes_stored() - bytes_before
+    store.close()
+    return Summary(extractor.name, store_path, total, computed, skipped, missing,
+                   time.perf_counter() - started, max(written, 0))

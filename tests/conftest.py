@@ -1,0 +1,5 @@
+"""Shared test setup: no model hub, ever (every miss would wait on retries)."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
