@@ -1,0 +1,200 @@
+"""Per-modality encoders and the pretraining classifier (paper section 3.4).
+
+Each modality is ``encoder -> EMDE coder -> linear head`` (paper 3.4, blocks 2-4):
+
+* :class:`TextCNN` -- parallel n-gram convolutions over token features (title_cam, desc_cam);
+* :class:`BpeCNN` -- a learned embedding of BPE ids followed by :class:`TextCNN` (title_bpe);
+* :class:`ImagePool` -- global average pooling + BatchNorm over backbone feature maps (image);
+* :class:`TokenMeanPool` -- parameter-light masked mean of token features, for the static-EMDE baseline
+  (a non-differentiable coder cannot train an encoder placed before it);
+* :class:`ModalityClassifier` -- encoder -> coder -> head; :meth:`ModalityClassifier.sketch` is the paper's
+  "input sketch" that the fusion stage consumes (paper 3.5, Figure 2).
+
+Missing inputs (an empty description: mask all False; a missing image: ``present`` False) are replaced at the
+encoder output by a learned ``missing`` vector, so they never look like real data (no zero rows standing in
+for data, no NaN from a max over nothing). Every encoder exposes ``output_dim``.
+
+Pure torch: no I/O, no configuration reading; every hyperparameter is a constructor argument.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["TextCNN", "BpeCNN", "ImagePool", "TokenMeanPool", "ModalityClassifier"]
+
+
+def _replace_missing(out: Tensor, present: Tensor, missing: Tensor) -> Tensor:
+    """out (B, C), present (B,) bool, missing (C,) -> rows with present=False replaced by ``missing``."""
+    return torch.where(present[:, None], out, missing.to(out.dtype).expand_as(out))
+
+
+class TextCNN(nn.Module):
+    """Parallel n-gram convolutions over token features (paper 3.4, "Trainable layer").
+
+    The paper's "stack of convolutional layers with varying kernel sizes, which are treated as ngrams" is read
+    as Kim-style parallel branches: per kernel size ``k`` a ``Conv1d(in_dim, channels, k)`` with "same" padding
+    (left ``(k-1)//2``, right ``k//2``), ReLU, and a max over the *valid* positions only; branch outputs are
+    concatenated, then dropout.
+
+    Masking: padded token features are zeroed before the convolution, so a padded position contributes exactly
+    what the convolution's own zero padding at the sequence ends contributes, whatever value it held; the max
+    runs over positions whose centre token is real. A row with no real token gets the learned ``missing``
+    vector.
+
+    forward: x (B, L, in_dim) float, mask (B, L) bool (True = real token) -> (B, len(kernel_sizes) * channels)
+    """
+
+    def __init__(self, in_dim: int, kernel_sizes: Sequence[int], channels: int, dropout: float = 0.0):
+        super().__init__()
+        kernel_sizes = [int(k) for k in kernel_sizes]
+        if not kernel_sizes or min(kernel_sizes) < 1:
+            raise ValueError(f"kernel_sizes must be a non-empty list of positive ints, got {kernel_sizes!r}")
+        self.in_dim = int(in_dim)
+        self.kernel_sizes = kernel_sizes
+        self.channels = int(channels)
+        self.output_dim = len(kernel_sizes) * self.channels
+        self.convs = nn.ModuleList(nn.Conv1d(self.in_dim, self.channels, k) for k in kernel_sizes)
+        self.dropout = nn.Dropout(dropout)
+        self.missing = nn.Parameter(torch.randn(self.output_dim))  # learned stand-in for "no tokens at all"
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        mask = mask.bool()
+        x = x.masked_fill(~mask[..., None], 0.0)                  # (B, L, in_dim): padding -> zeros
+        x = x.transpose(1, 2)                                     # (B, in_dim, L)
+        invalid = ~mask[:, None, :]                               # (B, 1, L)
+        pooled = []
+        for k, conv in zip(self.kernel_sizes, self.convs):
+            h = F.relu(conv(F.pad(x, ((k - 1) // 2, k // 2))))     # (B, channels, L)
+            h = h.masked_fill(invalid, float("-inf"))
+            pooled.append(h.amax(dim=-1))                         # (B, channels); -inf for all-masked rows
+        out = self.dropout(torch.cat(pooled, dim=-1))             # (B, output_dim)
+        return _replace_missing(out, mask.any(dim=1), self.missing)
+
+
+class BpeCNN(nn.Module):
+    """Learned embedding of BPE ids followed by :class:`TextCNN` (paper 3.3/3.4, title_bpe, kernels 1-5).
+
+    Padded ids are replaced by 0 before the lookup (any padding id, even out of range, is safe); their
+    features are then masked by :class:`TextCNN`.
+
+    forward: ids (B, L) long, mask (B, L) bool -> (B, len(kernel_sizes) * channels)
+    """
+
+    def __init__(self, vocab_size: int, embed_dim: int, kernel_sizes: Sequence[int], channels: int,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.vocab_size = int(vocab_size)
+        self.embed = nn.Embedding(self.vocab_size, int(embed_dim))
+        self.cnn = TextCNN(embed_dim, kernel_sizes, channels, dropout)
+        self.output_dim = self.cnn.output_dim
+
+    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        mask = mask.bool()
+        ids = ids.long().masked_fill(~mask, 0)
+        return self.cnn(self.embed(ids), mask)                    # (B, output_dim)
+
+
+class ImagePool(nn.Module):
+    """Global average pooling + BatchNorm1d over backbone feature maps (paper 3.4, images).
+
+    BatchNorm sees present images only (a missing image's map, whatever it holds, never enters the batch
+    statistics); missing rows get the learned ``missing`` vector. In training mode with fewer than two present
+    images the running statistics are used for that batch.
+
+    forward: fmap (B, C, h, w) float, present (B,) bool -> (B, C)
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = int(channels)
+        self.output_dim = self.channels
+        self.bn = nn.BatchNorm1d(self.channels)
+        self.missing = nn.Parameter(torch.randn(self.channels))
+
+    def forward(self, fmap: Tensor, present: Tensor) -> Tensor:
+        b = fmap.shape[0]
+        present = present.bool()
+        idx = present.nonzero().squeeze(1)                        # (P,)
+        sub = fmap.index_select(0, idx).mean(dim=(2, 3))          # (P, C) global average pool
+        if idx.numel() == 0:
+            return self.missing.to(fmap.dtype).expand(b, self.channels).clone()
+        if self.training and idx.numel() < 2:                     # batch stats undefined for one row
+            bn = self.bn
+            sub = F.batch_norm(sub, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        else:
+            sub = self.bn(sub)
+        out = sub.new_zeros(b, self.channels).index_copy(0, idx, sub)  # (B, C), missing rows still 0 here
+        return _replace_missing(out, present, self.missing)
+
+
+class TokenMeanPool(nn.Module):
+    """Masked mean of token features; a row with no real token gets the ``missing`` vector.
+
+    Meant for the static-EMDE baseline (paper Table 3), where the coder is not differentiable and an encoder
+    in front of it could not be trained: the original EMDE sketches the upstream embeddings themselves.
+
+    forward: x (B, L, in_dim) float, mask (B, L) bool -> (B, in_dim)
+    """
+
+    def __init__(self, in_dim: int):
+        super().__init__()
+        self.in_dim = int(in_dim)
+        self.output_dim = self.in_dim
+        self.missing = nn.Parameter(torch.randn(self.in_dim))
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        mask = mask.bool()
+        m = mask[..., None].to(x.dtype)                           # (B, L, 1)
+        s = x.masked_fill(~mask[..., None], 0.0).sum(dim=1)        # (B, in_dim)
+        n = m.sum(dim=1).clamp_min(1.0)                           # (B, 1)
+        return _replace_missing(s / n, mask.any(dim=1), self.missing)
+
+
+class ModalityClassifier(nn.Module):
+    """One pretraining network of paper 3.4: ``encoder -> EMDE coder -> linear head``.
+
+    ``coder`` is a :class:`~pipeline.emde.DifferentiableEMDECoder` (the paper's system) or a fitted
+    :class:`~pipeline.emde.StaticEMDE` (the Table 3 baseline; then only the head learns, see :meth:`fit_coder`).
+    The coder's ``input_dim`` must equal ``encoder.output_dim``.
+
+    forward(*inputs) -> logits (B, num_classes); sketch(*inputs) -> input sketch (B, depth * width).
+    """
+
+    def __init__(self, encoder: nn.Module, coder: nn.Module, num_classes: int):
+        super().__init__()
+        enc_dim = getattr(encoder, "output_dim", None)
+        if enc_dim is not None and getattr(coder, "input_dim", enc_dim) != enc_dim:
+            raise ValueError(f"coder input_dim {coder.input_dim} != encoder output_dim {enc_dim}")
+        self.encoder = encoder
+        self.coder = coder
+        self.num_classes = int(num_classes)
+        self.sketch_dim = int(coder.output_dim)
+        self.head = nn.Linear(self.sketch_dim, self.num_classes)
+
+    def encode(self, *inputs: Tensor) -> Tensor:
+        """Encoder output (B, encoder.output_dim)."""
+        return self.encoder(*inputs)
+
+    def sketch(self, *inputs: Tensor) -> Tensor:
+        """The input sketch (B, depth * width) that multimodal fusion consumes (paper 3.5)."""
+        return self.coder(self.encoder(*inputs))
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        return self.head(self.sketch(*inputs))                    # (B, num_classes)
+
+    @torch.no_grad()
+    def fit_coder(self, *inputs: Tensor) -> "ModalityClassifier":
+        """Fit a static coder on the encoder outputs of ``inputs`` (encoder run in eval mode, then restored)."""
+        if not hasattr(self.coder, "fit"):
+            raise TypeError(f"{type(self.coder).__name__} is trained, not fitted")
+        was_training = self.encoder.training
+        self.encoder.eval()
+        try:
+            self.coder.fit(self.encoder(*inputs))
+        finally:
+            self.encoder.train(was_training)
+        return self
