@@ -24,7 +24,7 @@ WorkdirOpt = Annotated[Path, typer.Option("--workdir", help="work directory hold
 
 
 def log(message: str) -> None:
-    err.print(message, highlight=False, markup=False)
+    err.print(message, highlight=False, markup=False, soft_wrap=True)
 
 
 @data_app.command("synth")

@@ -87,7 +87,7 @@ class H5Backend:
     def __init__(self, path: Path, mode: str):
         self.path = Path(path)
         try:
-            self.file = h5py.File(self.path, "r" if mode == "r" else "a", libver="latest")
+            self.file = h5py.File(self.path, "r" if mode == "r" else "a")
         except (BlockingIOError, OSError) as err:
             if "lock" in str(err).lower():
                 raise StoreBusyError(
