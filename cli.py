@@ -84,6 +84,17 @@ def inspect(
         raise typer.Exit(1)
 
 
+@app.command()
+def demo(
+    workdir: WorkdirOpt = Path("work/demo"),
+    config: Annotated[Optional[Path], typer.Option("--config", help="TOML config")] = Path("configs/demo.toml"),
+) -> None:
+    """Synthetic catalogue + tiny models + every stage, with a summary at the end."""
+    from pipeline.demo import demo as run
+
+    run(workdir, load_config(config), progress=err.is_terminal, log=log)
+
+
 def main() -> None:
     """Entry point: a PipelineError or an OS error becomes one line on stderr and exit status 1."""
     try:
