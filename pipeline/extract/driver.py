@@ -2,9 +2,11 @@
 
 A modality (title_bpe, title_cam, desc_cam, image) is an `Extractor`: it says which arrays it
 writes, who produced them (model, weights and tokenizer hashes, config), each item's input
-fingerprint and token lengths, and how to compute a block of items. Everything else is the same
-for every modality and lives here: lay out the store, skip what is already there, refuse a stale
-cache, split blocks among shards, overlap writing with computing, show progress, report.
+fingerprint and token lengths, and how to process a block of items in two steps: `prepare`
+(CPU work: tokenising, JPEG decoding) and `compute` (the model). Everything else is the same for
+every modality and lives here: lay out the store, skip what is already there, refuse a stale cache,
+split blocks among shards, show progress, report, and keep the model busy: block b+1 is prepared
+and block b-1 written in background threads while the model computes block b.
 """
 from __future__ import annotations
 
@@ -37,7 +39,9 @@ class Extractor(Protocol):
 
     def lengths(self, items: pl.DataFrame) -> dict[str, np.ndarray]: ...
 
-    def compute(self, items: pl.DataFrame) -> tuple[dict[str, np.ndarray], np.ndarray | None]: ...
+    def prepare(self, items: pl.DataFrame): ...  # -> whatever compute takes
+
+    def compute(self, prepared) -> tuple[dict[str, np.ndarray], np.ndarray | None]: ...
 
 
 @dataclass
@@ -138,28 +142,35 @@ def run_extraction(extractor: Extractor, items: pl.DataFrame, store_path: Path, 
     todo = int(counts[pending].sum())
     skipped = int(counts[shard[0] :: shard[1]].sum()) - todo
     by_id = items.with_row_index("_row").select("item_id", "_row")
+
+    def block_items(block: int) -> pl.DataFrame:
+        rows = by_id.join(pl.DataFrame({"item_id": store.block_ids(block)}), on="item_id", how="right")
+        return items[rows["_row"].to_numpy()]
+
     computed = missing = 0
     columns = [TextColumn(f"[bold]{extractor.name}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]} items/s"), TimeRemainingColumn()]
     with Progress(*columns, disable=not progress, transient=False) as bar, \
-            ThreadPoolExecutor(max_workers=1) as writer:
+            ThreadPoolExecutor(max_workers=1) as preparer, ThreadPoolExecutor(max_workers=1) as writer:
         task = bar.add_task("extract", total=todo, rate="-")
-        pending_write = None
-        for block in pending:
-            block_ids = store.block_ids(block)
-            rows = by_id.join(pl.DataFrame({"item_id": block_ids}), on="item_id", how="right")["_row"]
-            data, miss = extractor.compute(items[rows.to_numpy()])
-            if pending_write is not None:
-                pending_write.result()  # one block in flight: compute block b+1 while b is written
-            pending_write = writer.submit(store.write_block, block, data, miss)
-            computed += len(block_ids)
+        next_prepared = preparer.submit(lambda b: extractor.prepare(block_items(b)), pending[0]) if pending else None
+        written = None
+        for i, block in enumerate(pending):
+            prepared = next_prepared.result()
+            if i + 1 < len(pending):
+                next_prepared = preparer.submit(lambda b: extractor.prepare(block_items(b)), pending[i + 1])
+            data, miss = extractor.compute(prepared)
+            if written is not None:
+                written.result()  # at most one block waiting to be written
+            written = writer.submit(store.write_block, block, data, miss)
+            n = len(store.block_ids(block))
+            computed += n
             missing += 0 if miss is None else int((np.asarray(miss) > 0).sum())
-            rate = computed / max(time.perf_counter() - started, 1e-9)
-            bar.update(task, advance=len(block_ids), rate=f"{rate:.1f}")
-        if pending_write is not None:
-            pending_write.result()
+            bar.update(task, advance=n, rate=f"{computed / max(time.perf_counter() - started, 1e-9):.1f}")
+        if written is not None:
+            written.result()
     total = len(store)
-    written = store.backend.nbytes_stored() - bytes_before
+    bytes_written = store.backend.nbytes_stored() - bytes_before
     store.close()
     return Summary(extractor.name, store_path, total, computed, skipped, missing,
-                   time.perf_counter() - started, max(written, 0))
+                   time.perf_counter() - started, max(bytes_written, 0))

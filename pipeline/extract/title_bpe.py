@@ -83,8 +83,10 @@ class TitleBpe:
     def lengths(self, items: pl.DataFrame) -> dict[str, np.ndarray]:
         return {"tokens": np.array([len(x) for x in self._encode(items)], dtype=np.int64)}
 
-    def compute(self, items: pl.DataFrame) -> tuple[dict[str, np.ndarray], None]:
-        ids = self._encode(items)
+    def prepare(self, items: pl.DataFrame) -> list[list[int]]:
+        return self._encode(items)
+
+    def compute(self, ids: list[list[int]]) -> tuple[dict[str, np.ndarray], None]:
         flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=self.arrays["tokens"].dtype,
                            count=sum(map(len, ids)))
         return {"tokens": flat}, None
