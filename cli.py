@@ -23,6 +23,15 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML config
 WorkdirOpt = Annotated[Path, typer.Option("--workdir", help="work directory holding every stage's outputs")]
 
 
+def with_models(cfg: dict, text_model: str | None, image_weights: str | None) -> dict:
+    """The config with --text-model / --image-weights applied."""
+    if text_model is not None:
+        cfg["text_model"] = cfg["text_model"] | {"path": text_model}
+    if image_weights is not None:
+        cfg["image"] = cfg["image"] | {"weights": image_weights}
+    return cfg
+
+
 def log(message: str) -> None:
     err.print(message, highlight=False, markup=False, soft_wrap=True)
 
@@ -52,13 +61,30 @@ def extract(
     backend: Annotated[Optional[str], typer.Option(help="zarr or hdf5 (default: the config's)")] = None,
     shard: Annotated[Optional[str], typer.Option(help="K/N: this worker's share of the blocks")] = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="discard the store and extract again")] = False,
+    text_model: Annotated[Optional[str], typer.Option(help="local Hugging Face dir ([text_model] path)")] = None,
+    image_weights: Annotated[Optional[str], typer.Option(help="local weights file ([image] weights)")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Extract features into W/features/<modality>.zarr|h5 (only what is missing)."""
     from pipeline.extract import extract as run
 
-    run(modality, catalog, workdir, load_config(config), backend=backend, shard=shard, rebuild=rebuild,
-        progress=err.is_terminal, log=log)
+    run(modality, catalog, workdir, with_models(load_config(config), text_model, image_weights),
+        backend=backend, shard=shard, rebuild=rebuild, progress=err.is_terminal, log=log)
+
+
+@app.command()
+def models(
+    catalog: Annotated[Path, typer.Option("--catalog", help="catalogue folder (the tiny model learns its texts)")],
+    workdir: WorkdirOpt,
+    text_model: Annotated[Optional[str], typer.Option(help="local Hugging Face dir ([text_model] path)")] = None,
+    image_weights: Annotated[Optional[str], typer.Option(help="local weights file ([image] weights)")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Build the upstream models the config asks for: the tiny CamemBERT, the converted image weights."""
+    from pipeline.upstream import build_upstream
+
+    for line in build_upstream(catalog, workdir, with_models(load_config(config), text_model, image_weights)):
+        log(line)
 
 
 @app.command()

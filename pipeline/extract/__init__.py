@@ -4,13 +4,32 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
+import torch
 
 from pipeline.catalog import Catalog, load_catalog, make_split
 from pipeline.config import section
 from pipeline.errors import PipelineError
 from pipeline.extract.driver import Summary, parse_shard, run_extraction
+from pipeline.extract.text_cam import CamembertTokens, clean_description
 from pipeline.extract.title_bpe import TitleBpe, train_tokenizer
+from pipeline.upstream import image_weights, text_model_dir
 from pipeline.workdir import MODALITIES, feature_store_path, tokenizer_dir
+
+
+def pick_device(cfg: dict) -> torch.device:
+    want = section(cfg, "extract")["device"]
+    if want == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if want == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("[extract] device = \"cuda\" but torch sees no CUDA device")
+    return torch.device(want)
+
+
+def train_texts(catalog: Catalog, split: pl.DataFrame) -> list[str]:
+    """Titles and cleaned descriptions of the train split (what a tiny text model learns from)."""
+    train = catalog.items.filter(pl.col("item_id").is_in(
+        split.filter(pl.col("split") == "train")["item_id"].implode()))
+    return train["title"].to_list() + [clean_description(d, 10**6) for d in train["description"].to_list() if d]
 
 
 def _extractor(modality: str, catalog: Catalog, split: pl.DataFrame, workdir: Path, cfg: dict,
@@ -23,7 +42,15 @@ def _extractor(modality: str, catalog: Catalog, split: pl.DataFrame, workdir: Pa
             for f in tokenizer_dir(workdir).glob("title_bpe.*"):
                 f.unlink()
         return TitleBpe(train_tokenizer(titles, tokenizer_dir(workdir), opts, rebuild_hint), opts)
-    raise PipelineError(f"extraction of '{modality}' is not available yet (have: title_bpe)")
+    if modality in ("title_cam", "desc_cam"):
+        model_dir = text_model_dir(cfg, workdir, train_texts(catalog, split))
+        return CamembertTokens(modality, model_dir, section(cfg, modality), section(cfg, "text_model"),
+                               pick_device(cfg))
+    if modality == "image":
+        from pipeline.extract.image import ImageMaps  # timm/PIL only where images are needed
+
+        return ImageMaps(section(cfg, "image"), image_weights(cfg, workdir), pick_device(cfg))
+    raise PipelineError(f"unknown modality '{modality}' (use one of {', '.join(MODALITIES)} or all)")
 
 
 def extract(modality: str, catalog_dir: str | Path, workdir: str | Path, cfg: dict, *,
@@ -34,8 +61,6 @@ def extract(modality: str, catalog_dir: str | Path, workdir: str | Path, cfg: di
     for name in names:
         if name not in MODALITIES:
             raise PipelineError(f"unknown modality '{name}' (use one of {', '.join(MODALITIES)} or all)")
-    if modality == "all":
-        names = ["title_bpe"]  # the others arrive with their extractors
     workdir = Path(workdir)
     catalog = load_catalog(catalog_dir, cfg)
     log(catalog.summary())
@@ -51,9 +76,9 @@ def extract(modality: str, catalog_dir: str | Path, workdir: str | Path, cfg: di
         hint = (f"pipeline extract {name} --catalog {catalog_dir} --workdir {workdir} "
                 f"--config {cfg.get('config_path')} --backend {backend_name} --rebuild")
         extractor = _extractor(name, catalog, split, workdir, cfg, rebuild, hint)
+        block_rows = int(section(cfg, name).get("block_items", section(cfg, "stores")["block_items"]))
         summary = run_extraction(
-            extractor, catalog.items, path,
-            block_rows=int(section(cfg, "stores")["block_items"]), shard=parse_shard(shard),
+            extractor, catalog.items, path, block_rows=block_rows, shard=parse_shard(shard),
             rebuild=rebuild, rebuild_hint=hint, progress=progress,
         )
         log(summary.line())

@@ -1,0 +1,132 @@
+"""title_cam and desc_cam (paper 3.3-3.4): CamemBERT last-layer features of every token.
+
+Titles go in as they are and are never truncated: a title longer than the model's 512 positions
+is cut into consecutive windows, each run on its own, and the windows' token features are stored
+back to back. Descriptions have their HTML residues removed (tags, entities such as `&amp;amp;`) and
+are cut to 200 characters. An empty text is stored as zero tokens (and flagged missing), never as
+a padding token. Windows are grouped by length into batches under a token budget, so padding
+costs little; the forward runs under `torch.inference_mode`, in bf16 on CUDA.
+"""
+from __future__ import annotations
+
+import hashlib
+import html
+import re
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from pipeline.weights import load_text_model
+from stores import ArraySpec, fingerprint
+
+_TAG = re.compile(r"<[^>]*>")
+_SPACE = re.compile(r"\s+")
+
+
+def clean_description(text: str, max_chars: int) -> str:
+    """HTML residues out (entities unescaped until stable, so `&amp;amp;` -> `&`), cut to max_chars."""
+    for _ in range(3):
+        unescaped = html.unescape(text)
+        if unescaped == text:
+            break
+        text = unescaped
+    text = _SPACE.sub(" ", _TAG.sub(" ", text)).strip()
+    return text[:max_chars].rstrip()
+
+
+def sha256_files(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+class CamembertTokens:
+    """Extractor for title_cam / desc_cam: one ragged float16 array `tokens` (hidden size per token)."""
+
+    def __init__(self, name: str, model_dir: Path, opts: dict, model_opts: dict, device: torch.device):
+        self.name = name
+        self.field = "title" if name == "title_cam" else "description"
+        self.clean = bool(opts.get("clean_html", False))
+        self.max_chars = int(opts.get("max_chars", 0))
+        self.tokenizer, self.model = load_text_model(model_dir)
+        self.device = device
+        self.model.to(device)
+        cfg = self.model.config
+        # RoBERTa-style position ids start after the padding index: 514 positions -> 512 tokens.
+        self.max_len = min(int(self.tokenizer.model_max_length),
+                           cfg.max_position_embeddings - (cfg.pad_token_id or 0) - 1)
+        self.batch_tokens = int(model_opts["batch_tokens"])
+        self.max_batch = int(model_opts["max_batch"])
+        self.arrays = {"tokens": ArraySpec("float16", (cfg.hidden_size,), ragged=True)}
+        weights = sorted(p for p in Path(model_dir).iterdir() if p.suffix in (".safetensors", ".bin"))
+        tokenizer_files = sorted(p for p in Path(model_dir).iterdir()
+                                 if p.name in ("tokenizer.json", "sentencepiece.bpe.model", "tokenizer_config.json"))
+        self.producer = {
+            "model": f"{cfg.model_type}:{Path(model_dir).resolve().name}",
+            "weights_sha256": sha256_files(weights),
+            "tokenizer_sha256": sha256_files(tokenizer_files),
+            "config": {"field": self.field, "clean_html": self.clean, "max_chars": self.max_chars,
+                       "max_len": self.max_len, "hidden_size": cfg.hidden_size},
+        }
+
+    def texts(self, items: pl.DataFrame) -> list[str]:
+        texts = items[self.field].to_list()
+        if self.clean:
+            texts = [clean_description(t, self.max_chars) for t in texts]
+        elif self.max_chars:
+            texts = [t[: self.max_chars] for t in texts]
+        return texts
+
+    def windows(self, items: pl.DataFrame) -> list[list[list[int]]]:
+        """Per item, its model inputs: windows of at most max_len ids, each <s> ... </s>."""
+        ids = self.tokenizer(self.texts(items), add_special_tokens=False)["input_ids"]
+        bos, eos, step = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id, self.max_len - 2
+        return [[[bos, *seq[i : i + step], eos] for i in range(0, len(seq), step)] for seq in ids]
+
+    def fingerprints(self, items: pl.DataFrame) -> np.ndarray:
+        return fingerprint(self.texts(items))
+
+    def lengths(self, items: pl.DataFrame) -> dict[str, np.ndarray]:
+        return {"tokens": np.array([sum(map(len, w)) for w in self.windows(items)], dtype=np.int64)}
+
+    def prepare(self, items: pl.DataFrame):
+        """Token ids of the block, windows sorted by length and padded into batches (CPU work)."""
+        windows = self.windows(items)
+        flat = [(i, w) for i, ws in enumerate(windows) for w in ws]  # (item, window ids) in store order
+        order = sorted(range(len(flat)), key=lambda k: len(flat[k][1]))
+        batches, start = [], 0
+        while start < len(order):
+            longest = len(flat[order[min(start + self.max_batch, len(order)) - 1]][1])
+            size = max(1, min(self.max_batch, self.batch_tokens // longest))
+            members = order[start : start + size]
+            width = len(flat[members[-1]][1])
+            ids = torch.full((len(members), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(members), width), dtype=torch.long)
+            for row, k in enumerate(members):
+                ids[row, : len(flat[k][1])] = torch.tensor(flat[k][1])
+                mask[row, : len(flat[k][1])] = 1
+            batches.append((members, ids, mask))
+            start += size
+        missing = np.array([0 if ws else 1 for ws in windows], dtype=np.uint8)
+        return [len(w) for _, w in flat], batches, missing
+
+    @torch.inference_mode()
+    def compute(self, prepared) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        lengths, batches, missing = prepared
+        outputs: list[np.ndarray | None] = [None] * len(lengths)
+        on_cuda = self.device.type == "cuda"
+        for members, ids, mask in batches:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
+                hidden = self.model(input_ids=ids.to(self.device, non_blocking=True),
+                                    attention_mask=mask.to(self.device, non_blocking=True)).last_hidden_state
+            hidden = hidden.to(torch.float16).cpu().numpy()  # (B, width, hidden)
+            for row, k in enumerate(members):
+                outputs[k] = hidden[row, : lengths[k]]
+        hidden_size = self.arrays["tokens"].shape[0]
+        flat = np.concatenate(outputs) if outputs else np.zeros((0, hidden_size), np.float16)
+        return {"tokens": flat}, missing
