@@ -236,7 +236,7 @@ def make_split(catalog: Catalog, cfg: dict, workdir: str | Path) -> pl.DataFrame
             label="label",
         )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".parquet.tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # shard workers starting together write the same table
     split.write_parquet(tmp)
     os.replace(tmp, path)  # never a half-written split table
     return split
