@@ -1,10 +1,11 @@
 """Item-keyed feature stores (Zarr or HDF5, picked by the path's suffix). Knows nothing about models."""
 from stores.backends import StoreBusyError
 from stores.store import (
-    MISSING_REASONS, SCHEMA_VERSION, ArraySpec, FeatureStore, Ragged, StoreError, fingerprint, store_lock,
+    MISSING_REASONS, SCHEMA_VERSION, ArraySpec, FeatureStore, Ragged, StoreError, WriterConflictError,
+    fingerprint, store_lock, writer_claim,
 )
 
 __all__ = [
     "ArraySpec", "FeatureStore", "MISSING_REASONS", "Ragged", "SCHEMA_VERSION", "StoreBusyError",
-    "StoreError", "fingerprint", "store_lock",
+    "StoreError", "WriterConflictError", "fingerprint", "store_lock", "writer_claim",
 ]

@@ -111,6 +111,60 @@ def store_lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+class WriterConflictError(PipelineError):
+    """Another live process is writing the same blocks of this store."""
+
+
+@contextmanager
+def writer_claim(path: Path, shard: tuple[int, int]):
+    """Register this process as the writer of shard K/N of the store for as long as it runs.
+
+    A second writer of the same shard, or a writer whose shards would overlap a running one's
+    (another N), is refused: two processes never fill the same blocks. Claims live in
+    `<store>.writers.json` (updated under the store lock); a claim whose process died on this host
+    is dropped. (Claims from other hosts sharing the filesystem cannot be checked for liveness; a
+    crashed remote worker's claim is dropped by `--rebuild` or by deleting that file.)
+    """
+    import json
+    import os
+    import socket
+
+    claims_path = Path(str(path) + ".writers.json")
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "k": shard[0], "n": shard[1]}
+
+    def alive(c: dict) -> bool:
+        if c["host"] != me["host"]:
+            return True
+        try:
+            os.kill(c["pid"], 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+    def load() -> list[dict]:
+        try:
+            return [c for c in json.loads(claims_path.read_text()) if alive(c)]
+        except (FileNotFoundError, ValueError):
+            return []
+
+    with store_lock(path):
+        claims = load()
+        for c in claims:
+            if c["n"] != me["n"] or c["k"] == me["k"]:
+                what = "the same shard" if c["n"] == me["n"] else f"shards of another split (K/{c['n']})"
+                raise WriterConflictError(
+                    f"{path}: process {c['pid']} on {c['host']} is writing {what} "
+                    f"({c['k']}/{c['n']}); wait for it, or give each worker its own --shard K/{me['n']}")
+        claims_path.write_text(json.dumps(claims + [me]))
+    try:
+        yield
+    finally:
+        with store_lock(path):
+            claims_path.write_text(json.dumps([c for c in load() if c["pid"] != me["pid"] or c["host"] != me["host"]]))
+
+
 def _pow2_at_most(n: float) -> int:
     return 1 << max(int(np.floor(np.log2(max(n, 1)))), 0)
 

@@ -23,7 +23,7 @@ import polars as pl
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pipeline.errors import PipelineError
-from stores import ArraySpec, FeatureStore, store_lock
+from stores import ArraySpec, FeatureStore, store_lock, writer_claim
 
 
 class StaleStoreError(PipelineError):
@@ -134,6 +134,19 @@ def run_extraction(extractor: Extractor, items: pl.DataFrame, store_path: Path, 
     if rebuild:
         with store_lock(store_path):
             FeatureStore.remove(store_path)
+            Path(str(store_path) + ".writers.json").unlink(missing_ok=True)
+    with writer_claim(store_path, shard):
+        try:
+            return _extract(extractor, items, store_path, block_rows, shard, rebuild_hint, progress)
+        except OSError as err:  # a full disk, a lost mount, a permission change mid-run
+            raise PipelineError(
+                f"{store_path}: writing failed ({err.strerror or err}{': ' + str(err.filename) if err.filename else ''}); "
+                f"every block written before is kept: fix the cause and run the same command to resume"
+            ) from None
+
+
+def _extract(extractor: Extractor, items: pl.DataFrame, store_path: Path, block_rows: int,
+             shard: tuple[int, int], rebuild_hint: str, progress: bool) -> Summary:
     started = time.perf_counter()
     store = plan(store_path, extractor, items, block_rows, rebuild_hint)
     bytes_before = store.backend.nbytes_stored()

