@@ -24,8 +24,19 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path | None = None) -> dict:
-    """Read a config (default: configs/default.toml), following its `base` chain."""
+def load_config(path: str | Path | list | None = None) -> dict:
+    """Read a config (default: configs/default.toml), following its `base` chain.
+
+    A list of configs is merged in order, each over the ones before (`--config a --config b`).
+    """
+    if isinstance(path, (list, tuple)):
+        if len(path) <= 1:
+            return load_config(path[0] if path else None)
+        cfg = load_config(path[0])
+        for more in path[1:]:
+            cfg = merge(cfg, load_config(more))
+        cfg["config_path"] = " --config ".join(str(p) for p in path)
+        return cfg
     path = Path(path) if path is not None else DEFAULT_CONFIG
     if not path.is_file() and not path.is_absolute() and (PROJECT_ROOT / path).is_file():
         path = PROJECT_ROOT / path  # `--config configs/demo.toml` works from any directory

@@ -1,0 +1,175 @@
+"""Stage 4, fuse (paper 3.5, Figure 2): linear heads over the input sketches, trained jointly, logits summed.
+
+"We feed these sketches to separate linear layers, which are trained jointly. Obtained per-class
+logits for each modality are summed and argmax operation on the vector of length 27 defines the
+final prediction." Which sketches each head reads is configuration (`[fusion] heads`); heads that
+share a name share one set of weights, which is how the paper counts the CamemBERT title head
+twice. Adam 1e-3 with decay 0.9 per epoch (Table 1); the best epoch by validation macro-F1 is kept.
+
+Writes W/fusion/ (or `[fusion] output`): model.pt, metrics.json, predictions.csv (the challenge's
+submission format, one row per test item), valid_predictions.csv, confusion_worst.png (Table 4)
+and per_class_f1.png.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from torch import nn
+
+from pipeline.catalog import SPLIT_FILE, class_codes
+from pipeline.config import section
+from pipeline.errors import PipelineError
+from pipeline.extract.title_bpe import sha256_file
+from pipeline.metrics import PAPER_TABLE3, class_weights, classification_metrics, save_pictures
+from pipeline.pretrain import model_dir
+from pipeline.sketch import sketch_store_path
+from pipeline.workdir import MODALITIES
+from stores import FeatureStore
+
+
+class FusionHeads(nn.Module):
+    """Linear heads over (concatenated) sketches; the fused logits are their sum (Figure 2).
+
+    heads: [{"name": str, "inputs": [modality, ...]}, ...]; a name used twice is one nn.Linear.
+    """
+
+    def __init__(self, heads: list[dict], dims: dict[str, int], num_classes: int):
+        super().__init__()
+        self.heads = [(h["name"], list(h["inputs"])) for h in heads]
+        self.linears = nn.ModuleDict()
+        for name, inputs in self.heads:
+            in_dim = sum(dims[m] for m in inputs)
+            if name in self.linears:
+                if self.linears[name].in_features != in_dim:
+                    raise PipelineError(f"[fusion] heads: two heads named '{name}' read sketches of different sizes")
+                continue
+            self.linears[name] = nn.Linear(in_dim, num_classes)
+
+    def head_logits(self, sketches: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """One (B, num_classes) logit tensor per head, in config order."""
+        return [self.linears[name](torch.cat([sketches[m] for m in inputs], dim=-1)) for name, inputs in self.heads]
+
+    def forward(self, sketches: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack(self.head_logits(sketches)).sum(0)  # (B, num_classes)
+
+
+def _load_sketches(workdir: Path, modalities: list[str], ids: np.ndarray) -> tuple[dict, dict]:
+    """Every item's sketch of each modality, refusing stores older than the modality's checkpoint."""
+    sketches, checkpoints = {}, {}
+    for m in modalities:
+        path = sketch_store_path(workdir, m)
+        checkpoint = model_dir(workdir, m) / "model.pt"
+        if not FeatureStore.exists(path) or not checkpoint.exists():
+            raise PipelineError(f"{path} not found: run `pipeline pretrain {m} --workdir {workdir}` and "
+                                f"`pipeline sketch {m} --workdir {workdir}` first")
+        with FeatureStore(path) as store:
+            sha = sha256_file(checkpoint)
+            if store.provenance["producer"]["checkpoint_sha256"] != sha:
+                raise PipelineError(f"{path} was sketched by an older checkpoint than {checkpoint}: "
+                                    f"run `pipeline sketch {m} --workdir {workdir}` again")
+            have = store.contains(ids)
+            if not have.all():
+                raise PipelineError(f"{path}: {int((~have).sum())} item(s) of the split have no sketch "
+                                    f"(e.g. {ids[~have][:3].tolist()}): run `pipeline sketch {m} --workdir {workdir}`")
+            sketches[m] = torch.from_numpy(store.read("sketch", ids))
+            checkpoints[m] = sha
+    return sketches, checkpoints
+
+
+def _predict(model: FusionHeads, sketches: dict, rows: np.ndarray, batch: int = 4096) -> np.ndarray:
+    model.eval()
+    with torch.inference_mode():
+        return np.concatenate([model({m: s[rows[i : i + batch]] for m, s in sketches.items()}).argmax(-1).numpy()
+                               for i in range(0, len(rows), batch)]) if len(rows) else np.zeros(0, np.int64)
+
+
+def fuse(workdir: str | Path, cfg: dict, *, progress: bool = True, log=print) -> dict:
+    """`pipeline fuse`: train the fusion heads over the sketch stores; metrics, pictures, predictions."""
+    started = time.perf_counter()
+    workdir = Path(workdir)
+    opts = section(cfg, "fusion")
+    out = workdir / opts["output"]
+    if not (workdir / SPLIT_FILE).exists():
+        raise PipelineError(f"{workdir / SPLIT_FILE} not found: run the extract, pretrain and sketch stages first")
+    split = pl.read_parquet(workdir / SPLIT_FILE)
+    codes = class_codes(split)
+    modalities = sorted({m for h in opts["heads"] for m in h["inputs"]}, key=MODALITIES.index)
+    unknown = [m for m in modalities if m not in MODALITIES]
+    if unknown:
+        raise PipelineError(f"{cfg.get('config_path')}: [fusion] heads name unknown modalities {unknown}")
+    ids = split["item_id"].to_numpy()
+    sketches, checkpoints = _load_sketches(workdir, modalities, ids)
+    fingerprint = json.dumps({"fusion": opts, "checkpoints": checkpoints, "seed": cfg.get("seed", 0),
+                              "items": len(ids)}, sort_keys=True)
+    metrics_path = out / "metrics.json"
+    if metrics_path.exists() and json.loads(metrics_path.read_text()).get("fingerprint") == fingerprint:
+        log(f"fuse: nothing to do, {out} is up to date (same sketches and config)")
+        return json.loads(metrics_path.read_text())
+
+    label_index = {c: i for i, c in enumerate(codes)}
+    parts = {name: np.flatnonzero(split["split"].to_numpy() == name) for name in ("train", "valid", "test")}
+    labels = np.array([label_index.get(c, -1) if c is not None else -1 for c in split["label"].to_list()])
+    torch.manual_seed(int(cfg.get("seed", 0)))
+    rng = np.random.default_rng(int(cfg.get("seed", 0)))
+    model = FusionHeads(opts["heads"], {m: s.shape[1] for m, s in sketches.items()}, len(codes))
+    optimizer = torch.optim.Adam(model.parameters(), lr=float(opts["lr"]))
+    schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=float(opts["decay"]))
+    loss_fn = nn.CrossEntropyLoss(weight=class_weights(labels[parts["train"]], len(codes), opts["loss"]))
+    y = torch.from_numpy(labels)
+    best = {"macro_f1": -1.0}
+    for epoch in range(1, int(opts["epochs"]) + 1):
+        model.train()
+        order = rng.permutation(parts["train"])
+        total = 0.0
+        for i in range(0, len(order), int(opts["batch_size"])):
+            rows = order[i : i + int(opts["batch_size"])]
+            loss = loss_fn(model({m: s[rows] for m, s in sketches.items()}), y[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += float(loss) * len(rows)
+        schedule.step()
+        valid_pred = _predict(model, sketches, parts["valid"])
+        scores = classification_metrics(labels[parts["valid"]], valid_pred, codes)
+        log(f"fuse epoch {epoch}: loss {total / max(len(order), 1):.4f}, valid macro-F1 {scores['macro_f1']:.4f}")
+        if scores["macro_f1"] > best["macro_f1"]:
+            best = scores | {"best_epoch": epoch}
+            best_state = {k: v.clone() for k, v in model.state_dict().items()}
+            best_valid = valid_pred
+    model.load_state_dict(best_state)
+
+    out.mkdir(parents=True, exist_ok=True)
+    test_pred = _predict(model, sketches, parts["test"])
+    code_of = np.array(codes)
+    pl.DataFrame({"": ids[parts["test"]], "prdtypecode": code_of[test_pred] if len(test_pred) else []}) \
+        .write_csv(out / "predictions.csv")
+    pl.DataFrame({"item_id": ids[parts["valid"]], "label": code_of[labels[parts["valid"]]],
+                  "predicted": code_of[best_valid]}).write_csv(out / "valid_predictions.csv")
+    save_pictures(out, labels[parts["valid"]], best_valid, codes, best, int(opts["worst_classes"]))
+    torch.save({"state_dict": model.state_dict(), "heads": opts["heads"], "codes": codes,
+                "dims": {m: s.shape[1] for m, s in sketches.items()}, "checkpoints": checkpoints}, out / "model.pt")
+    metrics = best | {"epochs": int(opts["epochs"]), "seconds": round(time.perf_counter() - started, 2),
+                      "heads": opts["heads"], "valid_items": len(parts["valid"]), "test_items": len(parts["test"]),
+                      "fingerprint": fingerprint}
+    metrics_path.write_text(json.dumps(metrics, indent=1))  # last: its fingerprint marks the stage done
+    log(summary_table(workdir, metrics))
+    return metrics
+
+
+def summary_table(workdir: Path, fused: dict) -> str:
+    """Table 3 of the paper beside this run: validation macro-F1 of every modality and of the fusion."""
+    rows = [("modality", "this run", "paper (Table 3)")]
+    for m in MODALITIES:
+        path = model_dir(workdir, m) / "metrics.json"
+        if path.exists():
+            rows.append((m, f"{100 * json.loads(path.read_text())['macro_f1']:.2f}", f"{100 * PAPER_TABLE3[m]:.2f}"))
+    rows.append(("fused", f"{100 * fused['macro_f1']:.2f}", f"{100 * PAPER_TABLE3['fusion']:.2f}"))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(width[i]) for i, cell in enumerate(r)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in width))
+    return "validation macro-F1 (%)\n" + "\n".join(lines)

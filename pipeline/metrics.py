@@ -1,0 +1,81 @@
+"""Scores and reports: macro-F1 (the challenge's metric), per-class F1, confusion of the worst classes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+# Paper, Table 3 (validation macro-F1 on the full Rakuten train set) and Table 2.
+PAPER_TABLE3 = {"image": 0.6861, "title_bpe": 0.8262, "title_cam": 0.8439, "desc_cam": 0.8258,
+                "fusion": 0.8972, "static": 0.8608}
+PAPER_TABLE2 = {"fusion-concat-all": 0.875, "fusion-single-title": 0.888, "fusion": 0.8972}
+
+
+def classification_metrics(labels: np.ndarray, preds: np.ndarray, codes: list[int]) -> dict:
+    """macro_f1 (unweighted mean over classes, as the challenge), per_class_f1 (code -> F1), accuracy."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    present = np.union1d(labels, preds)
+    per_class = f1_score(labels, preds, labels=present, average=None, zero_division=0)
+    return {
+        "macro_f1": float(f1_score(labels, preds, average="macro", zero_division=0)),
+        "per_class_f1": {str(codes[int(c)]): float(f) for c, f in zip(present, per_class)},
+        "accuracy": float(accuracy_score(labels, preds)),
+    }
+
+
+def class_weights(labels: np.ndarray, num_classes: int, kind: str):
+    """'balanced': n / (K * count_c) (sklearn's "balanced"); a class absent from train gets weight 1."""
+    import torch
+
+    if kind == "plain":
+        return None
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    w = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 1.0)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def worst_confusion(labels: np.ndarray, preds: np.ndarray, codes: list[int], per_class_f1: dict, k: int):
+    """Table 4: the confusion matrix (rows: target, columns: predicted) among the k worst classes."""
+    worst = sorted(per_class_f1, key=per_class_f1.get)[:k]
+    idx = [codes.index(int(c)) for c in sorted(worst, key=int)]
+    matrix = np.array([[int(((labels == t) & (preds == p)).sum()) for p in idx] for t in idx])
+    return [codes[i] for i in idx], matrix
+
+
+def save_pictures(out: Path, labels: np.ndarray, preds: np.ndarray, codes: list[int], metrics: dict, k: int) -> None:
+    """confusion_worst.png (Table 4) and per_class_f1.png in `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, matrix = worst_confusion(labels, preds, codes, metrics["per_class_f1"], k)
+    fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2, 1.1 * len(names) + 1.5))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(names)), [str(c) for c in names])
+    ax.set_yticks(range(len(names)), [str(c) for c in names])
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("target class")
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, matrix[i, j], ha="center", va="center",
+                    color="white" if matrix[i, j] > matrix.max() / 2 else "black",
+                    fontweight="bold" if i != j and matrix[i, j] > 0 else "normal")
+    ax.set_title(f"Confusion between the {len(names)} worst classes (validation)")
+    fig.tight_layout()
+    fig.savefig(out / "confusion_worst.png", dpi=120)
+    plt.close(fig)
+
+    f1 = metrics["per_class_f1"]
+    order = sorted(f1, key=f1.get)
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.bar(range(len(order)), [f1[c] for c in order], color="tab:blue")
+    ax.axhline(metrics["macro_f1"], color="tab:red", linestyle="--", label=f"macro-F1 {metrics['macro_f1']:.3f}")
+    ax.set_xticks(range(len(order)), order, rotation=90)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("F1 (validation)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "per_class_f1.png", dpi=120)
+    plt.close(fig)
