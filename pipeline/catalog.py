@@ -168,8 +168,11 @@ def _resolve_images(items: pl.DataFrame, directory: Path, layout: dict) -> pl.Da
         pl.col("has_image").fill_null(False), pl.col("image_path").fill_null(""))
 
 
-def load_catalog(directory: str | Path, cfg: dict) -> Catalog:
-    """Read the catalogue in `directory` with the layout the config names."""
+def load_catalog(directory: str | Path, cfg: dict, require_train: bool = True) -> Catalog:
+    """Read the catalogue in `directory` with the layout the config names.
+
+    Without `require_train` (new items to predict), a folder holding only test items is enough.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise CatalogError(f"catalogue folder not found: {directory}")
@@ -178,13 +181,17 @@ def load_catalog(directory: str | Path, cfg: dict) -> Catalog:
     if name not in layouts:
         raise CatalogError(f"{cfg.get('config_path')}: unknown catalogue layout '{name}' (have {sorted(layouts)})")
     layout = layouts[name]
-    x_train = _find(directory, layout["train"], "train", name, required=True)
-    y_train = _find(directory, layout["labels"], "label", name, required=True)
-    x_test = _find(directory, layout["test"], "test", name, required=False)
-    items = _read_items(x_train, layout, "train", with_label=y_train is None)
-    if y_train is not None:
-        items = _read_labels(y_train, layout, items, x_train)
-    files = {"train": x_train} | ({"labels": y_train} if y_train else {})
+    x_train = _find(directory, layout["train"], "train", name, required=require_train)
+    x_test = _find(directory, layout["test"], "test", name, required=x_train is None)
+    if x_train is not None:
+        y_train = _find(directory, layout["labels"], "label", name, required=True)
+        items = _read_items(x_train, layout, "train", with_label=y_train is None)
+        if y_train is not None:
+            items = _read_labels(y_train, layout, items, x_train)
+        files = {"train": x_train} | ({"labels": y_train} if y_train else {})
+    else:
+        items = _read_items(x_test, layout, "test", with_label=False).with_columns(label=pl.lit(None, pl.Int64))
+        files, x_test = {"test": x_test}, None
     if x_test is not None:
         test = _read_items(x_test, layout, "test", with_label=False).with_columns(label=pl.lit(None, pl.Int64))
         clash = test["item_id"].is_in(items["item_id"].implode())

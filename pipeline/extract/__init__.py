@@ -61,10 +61,17 @@ def extract(modality: str, catalog_dir: str | Path, workdir: str | Path, cfg: di
     for name in names:
         if name not in MODALITIES:
             raise PipelineError(f"unknown modality '{name}' (use one of {', '.join(MODALITIES)} or all)")
-    workdir = Path(workdir)
     catalog = load_catalog(catalog_dir, cfg)
     log(catalog.summary())
     split = make_split(catalog, cfg, workdir)
+    return extract_items(names, catalog, split, Path(workdir), cfg, backend=backend, shard=shard,
+                         rebuild=rebuild, progress=progress, log=log)
+
+
+def extract_items(names: list[str], catalog: Catalog, split: pl.DataFrame, workdir: Path, cfg: dict, *,
+                  backend: str | None = None, shard: str | None = None, rebuild: bool = False,
+                  progress: bool = True, log=print) -> list[Summary]:
+    """Extract the modalities `names` of every item of `catalog` (the split says what is train)."""
     summaries = []
     for name in names:
         # An existing store keeps its backend unless --backend asks for the other one.
@@ -73,7 +80,7 @@ def extract(modality: str, catalog_dir: str | Path, workdir: str | Path, cfg: di
                 else existing if existing.exists()
                 else feature_store_path(workdir, name, section(cfg, "stores")["backend"]))
         backend_name = "hdf5" if path.suffix == ".h5" else "zarr"
-        hint = (f"pipeline extract {name} --catalog {catalog_dir} --workdir {workdir} "
+        hint = (f"pipeline extract {name} --catalog {catalog.directory} --workdir {workdir} "
                 f"--config {cfg.get('config_path')} --backend {backend_name} --rebuild")
         extractor = _extractor(name, catalog, split, workdir, cfg, rebuild, hint)
         block_rows = int(section(cfg, name).get("block_items", section(cfg, "stores")["block_items"]))

@@ -1,0 +1,65 @@
+"""`pipeline predict`: classify the items of a catalogue with a trained work directory.
+
+Only what is missing is computed: the items' features go into the same feature stores (items
+already there are skipped, an item whose input changed is refused), their sketches into the same
+sketch stores, then the fusion heads of W/fusion/model.pt give a product type code per item,
+written in the challenge's submission format (`,prdtypecode` header; item id, code).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from pipeline.catalog import SPLIT_FILE, load_catalog
+from pipeline.config import section
+from pipeline.errors import PipelineError
+from pipeline.extract import extract_items
+from pipeline.extract.driver import run_extraction
+from pipeline.fuse import FusionHeads
+from pipeline.sketch import Sketcher, sketch_store_path
+from stores import FeatureStore
+
+
+def predict(catalog_dir: str | Path, workdir: str | Path, out_csv: str | Path, cfg: dict, *,
+            progress: bool = True, log=print) -> pl.DataFrame:
+    workdir = Path(workdir)
+    fusion_path = workdir / section(cfg, "fusion")["output"] / "model.pt"
+    if not fusion_path.exists() or not (workdir / SPLIT_FILE).exists():
+        raise PipelineError(f"{fusion_path} not found: train the work directory first (extract, pretrain, "
+                            f"sketch, fuse; or `pipeline demo --workdir {workdir}`)")
+    fusion = torch.load(fusion_path, map_location="cpu", weights_only=False)
+    catalog = load_catalog(catalog_dir, cfg, require_train=False)
+    log(catalog.summary())
+    split = pl.read_parquet(workdir / SPLIT_FILE)  # read, never changed: these items are not training data
+    modalities = list(fusion["dims"])
+    extract_items(modalities, catalog, split, workdir, cfg, progress=progress, log=log)
+
+    ids = catalog.items["item_id"].to_numpy()
+    sketches = {}
+    for m in modalities:
+        sketcher = Sketcher(m, workdir, cfg)
+        if sketcher.producer["checkpoint_sha256"] != fusion["checkpoints"][m]:
+            raise PipelineError(f"{fusion_path} was trained on sketches of another {m} checkpoint: run "
+                                f"`pipeline sketch {m} --workdir {workdir}` and `pipeline fuse` again")
+        path = sketch_store_path(workdir, m)
+        rows = sketcher.features.rows(ids)
+        items = pl.DataFrame({"item_id": ids[np.argsort(rows)]})  # feature-store order: sequential reads
+        summary = run_extraction(sketcher, items, path, block_rows=int(section(cfg, "sketch")["block_items"]),
+                                 rebuild_hint=f"pipeline sketch {m} --workdir {workdir}", progress=progress)
+        log(summary.line())
+        with FeatureStore(path) as store:
+            sketches[m] = torch.from_numpy(store.read("sketch", ids))
+
+    model = FusionHeads(fusion["heads"], fusion["dims"], len(fusion["codes"]))
+    model.load_state_dict(fusion["state_dict"])
+    model.eval()
+    with torch.inference_mode():
+        classes = model(sketches).argmax(-1).numpy()
+    table = pl.DataFrame({"": ids, "prdtypecode": np.array(fusion["codes"])[classes]})
+    Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
+    table.write_csv(out_csv)
+    log(f"predict: {len(table)} items -> {out_csv}")
+    return table
