@@ -53,6 +53,7 @@ class CamembertTokens:
         self.field = "title" if name == "title_cam" else "description"
         self.clean = bool(opts.get("clean_html", False))
         self.max_chars = int(opts.get("max_chars", 0))
+        self.prefix = str(model_opts.get("prefix", ""))  # e5 models expect "passage: " before a text
         self.tokenizer, self.model = load_text_model(model_dir)
         self.device = device
         self.model.to(device)
@@ -70,7 +71,7 @@ class CamembertTokens:
             "model": f"{cfg.model_type}:{Path(model_dir).resolve().name}",
             "weights_sha256": sha256_files(weights),
             "tokenizer_sha256": sha256_files(tokenizer_files),
-            "config": {"field": self.field, "clean_html": self.clean, "max_chars": self.max_chars,
+            "config": {"field": self.field, "clean_html": self.clean, "max_chars": self.max_chars, "prefix": self.prefix,
                        "max_len": self.max_len, "hidden_size": cfg.hidden_size},
         }
 
@@ -80,7 +81,7 @@ class CamembertTokens:
             texts = [clean_description(t, self.max_chars) for t in texts]
         elif self.max_chars:
             texts = [t[: self.max_chars] for t in texts]
-        return texts
+        return [self.prefix + t if t and self.prefix else t for t in texts]  # an empty text stays empty
 
     def windows(self, items: pl.DataFrame) -> list[list[list[int]]]:
         """Per item, its model inputs: windows of at most max_len ids, each <s> ... </s>."""
