@@ -19,7 +19,8 @@ app.add_typer(data_app, name="data")
 err = Console(stderr=True)
 out = Console()
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML config (default: configs/default.toml)")]
+ConfigOpt = Annotated[Optional[list[Path]], typer.Option(
+    "--config", help="TOML config (default: configs/default.toml); repeat to merge several in order")]
 WorkdirOpt = Annotated[Path, typer.Option("--workdir", help="work directory holding every stage's outputs")]
 
 
@@ -85,6 +86,53 @@ def models(
 
     for line in build_upstream(catalog, workdir, with_models(load_config(config), text_model, image_weights)):
         log(line)
+
+
+@app.command()
+def pretrain(
+    modality: Annotated[str, typer.Argument(help="title_cam, desc_cam, title_bpe or image")],
+    workdir: WorkdirOpt,
+    coder: Annotated[Optional[str], typer.Option(
+        help="trainable (paper 3.2) or static (the Table 3 baseline); default: the config's")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Train one modality's encoder + EMDE + head into W/models/<modality>/ (works under torchrun)."""
+    from pipeline.pretrain import pretrain as run
+
+    run(modality, workdir, load_config(config), coder=coder, progress=err.is_terminal, log=log)
+
+
+@app.command()
+def sketch(
+    modality: Annotated[str, typer.Argument(help="title_cam, desc_cam, title_bpe, image or all")] = "all",
+    workdir: WorkdirOpt = ...,
+    config: ConfigOpt = None,
+) -> None:
+    """Input sketches (encoder + EMDE coder) of every item into W/sketches/<modality>.zarr|h5."""
+    from pipeline.sketch import sketch as run
+
+    run(modality, workdir, load_config(config), progress=err.is_terminal, log=log)
+
+
+@app.command()
+def fuse(workdir: WorkdirOpt, config: ConfigOpt = None) -> None:
+    """Train the Figure-2 fusion heads over the sketches; metrics, pictures and predictions in W/fusion/."""
+    from pipeline.fuse import fuse as run
+
+    run(workdir, load_config(config), progress=err.is_terminal, log=log)
+
+
+@app.command()
+def predict(
+    catalog: Annotated[Path, typer.Option("--catalog", help="catalogue folder of the items to classify")],
+    workdir: WorkdirOpt,
+    out_csv: Annotated[Path, typer.Option("--out", help="CSV in the challenge's submission format")],
+    config: ConfigOpt = None,
+) -> None:
+    """Classify new items: extract and sketch only what is missing, then the fusion heads."""
+    from pipeline.predict import predict as run
+
+    run(catalog, workdir, out_csv, load_config(config), progress=err.is_terminal, log=log)
 
 
 @app.command()

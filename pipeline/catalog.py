@@ -252,3 +252,13 @@ def make_split(catalog: Catalog, cfg: dict, workdir: str | Path) -> pl.DataFrame
 def class_codes(split: pl.DataFrame) -> list[int]:
     """Product type codes of the training items, sorted: class index i <-> code class_codes[i]."""
     return sorted(split.filter(pl.col("split") != "test")["label"].unique().to_list())
+
+
+def write_submission(path: str | Path, ids, codes) -> None:
+    """Predictions in the challenge's submission format: a `,prdtypecode` header, then `item_id,code` rows."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fh.write(",prdtypecode\n")  # polars would quote the empty index name
+        pl.DataFrame({"item_id": np.asarray(ids, np.int64), "code": np.asarray(codes, np.int64)}) \
+            .write_csv(fh, include_header=False)

@@ -21,7 +21,7 @@ import polars as pl
 import torch
 from torch import nn
 
-from pipeline.catalog import SPLIT_FILE, class_codes
+from pipeline.catalog import SPLIT_FILE, class_codes, write_submission
 from pipeline.config import section
 from pipeline.errors import PipelineError
 from pipeline.extract.title_bpe import sha256_file
@@ -146,8 +146,7 @@ def fuse(workdir: str | Path, cfg: dict, *, progress: bool = True, log=print) ->
     out.mkdir(parents=True, exist_ok=True)
     test_pred = _predict(model, sketches, parts["test"])
     code_of = np.array(codes)
-    pl.DataFrame({"": ids[parts["test"]], "prdtypecode": code_of[test_pred] if len(test_pred) else []}) \
-        .write_csv(out / "predictions.csv")
+    write_submission(out / "predictions.csv", ids[parts["test"]], code_of[test_pred])
     pl.DataFrame({"item_id": ids[parts["valid"]], "label": code_of[labels[parts["valid"]]],
                   "predicted": code_of[best_valid]}).write_csv(out / "valid_predictions.csv")
     save_pictures(out, labels[parts["valid"]], best_valid, codes, best, int(opts["worst_classes"]))

