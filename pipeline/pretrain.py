@@ -67,6 +67,7 @@ from pipeline.config import section
 from pipeline.emde import DifferentiableEMDECoder, StaticEMDE
 from pipeline.encoders import BpeCNN, ImagePool, ModalityClassifier, TextCNN, TokenMeanPool
 from pipeline.errors import PipelineError
+from pipeline.metrics import class_weights, classification_metrics
 from pipeline.train_reader import TrainReader
 from pipeline.workdir import MODALITIES, feature_store_path
 from stores import FeatureStore
@@ -323,27 +324,6 @@ def _evaluate(module: nn.Module, reader: TrainReader, ctx: _Dist, autocast) -> t
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
 
 
-def _metrics(labels: np.ndarray, preds: np.ndarray, codes: list[int]) -> dict:
-    from sklearn.metrics import accuracy_score, f1_score
-
-    present = np.union1d(labels, preds)
-    per_class = f1_score(labels, preds, labels=present, average=None, zero_division=0)
-    return {
-        "macro_f1": float(f1_score(labels, preds, average="macro", zero_division=0)),
-        "per_class_f1": {str(codes[int(c)]): float(f) for c, f in zip(present, per_class)},
-        "accuracy": float(accuracy_score(labels, preds)),
-    }
-
-
-def _class_weights(labels: np.ndarray, num_classes: int, kind: str) -> torch.Tensor | None:
-    """'balanced': n / (K * count_c) (sklearn's "balanced"); a class absent from train gets weight 1."""
-    if kind == "plain":
-        return None
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    w = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 1.0)
-    return torch.tensor(w, dtype=torch.float32)
-
-
 def _fit_static(model: ModalityClassifier, reader: TrainReader, ctx: _Dist, autocast) -> None:
     """Fit the static coder on the encoder outputs of every train item (all ranks' shares)."""
     model.encoder.eval()
@@ -503,7 +483,7 @@ def _run(modality, opts, rcfg, model_config, fp, store, codes, parts, ctx, progr
         _fit_static(model, train, ctx, autocast)
         say(f"{modality}: static EMDE fitted on {train.total_items} train items in {time.perf_counter() - t:.1f} s")
 
-    weights = _class_weights(parts["train"][1], len(codes), opts["loss"])
+    weights = class_weights(parts["train"][1], len(codes), opts["loss"])
     weights = weights.to(ctx.device) if weights is not None else None
     net: nn.Module = model
     if ctx.active:
@@ -541,7 +521,7 @@ def _run(modality, opts, rcfg, model_config, fp, store, codes, parts, ctx, progr
         scheduler.step()
         loss_sum, seen = ctx.all_sum([float(loss_sum), float(seen)])
         ids, labels, preds = _evaluate(model, valid, ctx, autocast)
-        m = _metrics(labels, preds, codes)
+        m = classification_metrics(labels, preds, codes)
         seconds = time.perf_counter() - t0
         improved = m["macro_f1"] > best["macro_f1"]
         if improved:
