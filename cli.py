@@ -137,7 +137,7 @@ def predict(
 
 @app.command()
 def inspect(
-    store: Annotated[Path, typer.Argument(help="a .zarr or .h5 store")],
+    store: Annotated[str, typer.Argument(help="a .zarr or .h5 store (a Zarr store may be a URL: s3://, gs://, file://)")],
     item: Annotated[Optional[int], typer.Option(help="show this item's arrays")] = None,
     verify: Annotated[bool, typer.Option("--verify", help="read every chunk; report damaged items")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,

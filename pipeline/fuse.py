@@ -9,10 +9,13 @@ twice. Adam 1e-3 with decay 0.9 per epoch (Table 1); the best epoch by validatio
 Writes W/fusion/ (or `[fusion] output`): model.pt, metrics.json, predictions.csv (the challenge's
 submission format, one row per test item), valid_predictions.csv, confusion_worst.png (Table 4)
 and per_class_f1.png.
+
+Under torchrun (WORLD_SIZE > 1) rank 0 alone trains and writes; the other ranks return at once.
 """
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -92,6 +95,13 @@ def fuse(workdir: str | Path, cfg: dict, *, progress: bool = True, log=print) ->
     """`pipeline fuse`: train the fusion heads over the sketch stores; metrics, pictures, predictions."""
     started = time.perf_counter()
     workdir = Path(workdir)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if rank > 0:
+        # Under torchrun: the heads are a few linear layers over small in-memory sketches (seconds of
+        # CPU), so rank 0 trains them over the whole split, computes the metrics and writes; no DDP.
+        log(f"fuse: rank {rank} of {world} has nothing to do: rank 0 trains the fusion heads alone "
+            f"and writes {workdir / section(cfg, 'fusion')['output']}")
+        return {"rank": rank, "world_size": world, "skipped": True}
     opts = section(cfg, "fusion")
     out = workdir / opts["output"]
     if not (workdir / SPLIT_FILE).exists():

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 
 from pipeline.errors import PipelineError
-from stores.backends import backend_for
+from stores.backends import backend_for, local_path, store_location
 
 SCHEMA_VERSION = 1
 CHUNK_BYTES = 1 << 21  # aim for chunks of about 2 MiB
@@ -98,15 +98,30 @@ def fingerprint(texts) -> np.ndarray:
     )
 
 
-def sidecar(path: Path, what: str) -> Path:
-    """A small file about the store kept beside it, out of sight: <dir>/.locks/<store name>.<what>."""
-    return Path(path).parent / ".locks" / f"{Path(path).name}.{what}"
+def sidecar(path: str | Path, what: str) -> Path | None:
+    """A small file about the store kept beside it, out of sight: <dir>/.locks/<store name>.<what>.
+
+    None for a store on object storage (a non-file URL): there is no local file beside it.
+    """
+    local = local_path(path)
+    return None if local is None else local.parent / ".locks" / f"{local.name}.{what}"
 
 
 @contextmanager
-def store_lock(path: Path):
-    """Hold an exclusive lock beside the store while its layout changes (create, append items)."""
+def store_lock(path: str | Path):
+    """Hold an exclusive lock beside the store while its layout changes (create, append items).
+
+    A local path or a file:// URL gets a file lock (flock: every process of this machine, and of
+    other machines where the shared filesystem honours flock). A store on object storage (s3://,
+    gs://, memory://, ...) has no lock to take: this is then a no-op, and layout changes (creating
+    the store, appending new items) must be made by one process before the shard workers start.
+    The extraction driver does that itself (worker 0 plans, the others wait for the plan); writers of
+    disjoint shards need no lock, since each block owns whole chunks of every array.
+    """
     lock_path = sidecar(path, "lock")
+    if lock_path is None:
+        yield
+        return
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -135,6 +150,9 @@ def writer_claim(path: Path, shard: tuple[int, int]):
     import socket
 
     claims_path = sidecar(path, "writers.json")
+    if claims_path is None:  # object storage: no claims (nor liveness) to keep; shards are trusted to differ
+        yield
+        return
     me = {"host": socket.gethostname(), "pid": os.getpid(), "k": shard[0], "n": shard[1]}
 
     def alive(c: dict) -> bool:
@@ -182,7 +200,7 @@ class FeatureStore:
     """A feature store keyed by item id. Open with `FeatureStore(path)`; build with `create`."""
 
     def __init__(self, path: str | Path, mode: str = "r"):
-        self.path = Path(path)
+        self.path = store_location(path)  # a Path, or a URL string (a Zarr store through fsspec)
         backend = backend_for(self.path)
         if not backend.exists(self.path):
             raise StoreError(f"{self.path}: no such store")
@@ -201,11 +219,11 @@ class FeatureStore:
 
     @staticmethod
     def exists(path: str | Path) -> bool:
-        return backend_for(Path(path)).exists(Path(path))
+        return backend_for(path).exists(store_location(path))
 
     @staticmethod
     def remove(path: str | Path) -> None:
-        backend_for(Path(path)).remove(Path(path))
+        backend_for(path).remove(store_location(path))
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -213,14 +231,15 @@ class FeatureStore:
                ids: np.ndarray, input_hash: np.ndarray, lengths: dict[str, np.ndarray] | None = None,
                block_rows: int = 1024, chunk_bytes: int = CHUNK_BYTES) -> FeatureStore:
         """Create a store laid out for `ids` (rows planned, nothing computed yet)."""
-        path = Path(path)
+        path = store_location(path)
         backend = backend_for(path)
         if backend.exists(path):
             raise StoreError(f"{path}: already exists")
         if block_rows <= 0 or block_rows & (block_rows - 1):
             raise PipelineError(f"block_rows must be a power of two, not {block_rows}")
         lengths = lengths or {}
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(path, Path):
+            path.parent.mkdir(parents=True, exist_ok=True)
         b = backend(path, "w")
         layout = {"block_rows": block_rows, "arrays": {}}
         for name, spec in arrays.items():

@@ -1,6 +1,7 @@
 """Stage 1, extract: each modality's upstream representation into a feature store (paper 3.3-3.4)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import polars as pl
@@ -17,11 +18,14 @@ from pipeline.workdir import MODALITIES, feature_store_path, tokenizer_dir
 
 
 def pick_device(cfg: dict) -> torch.device:
+    """The [extract] device; on CUDA under torchrun, the GPU of this process's LOCAL_RANK (one GPU a worker)."""
     want = section(cfg, "extract")["device"]
     if want == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        want = "cuda" if torch.cuda.is_available() else "cpu"
     if want == "cuda" and not torch.cuda.is_available():
         raise PipelineError("[extract] device = \"cuda\" but torch sees no CUDA device")
+    if want == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
     return torch.device(want)
 
 

@@ -24,7 +24,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline.errors import PipelineError
 from stores import ArraySpec, FeatureStore, store_lock, writer_claim
+from stores.backends import local_path, store_location
 from stores.store import sidecar
+
+# A store on object storage has no lock: workers K > 0 wait this long for worker 0's layout.
+PLAN_WAIT_S = float(os.environ.get("EMDE_PLAN_WAIT_S", 900))
 
 
 class StaleStoreError(PipelineError):
@@ -125,17 +129,49 @@ def plan(store_path: Path, extractor: Extractor, items: pl.DataFrame, block_rows
         return store
 
 
+def _wait_for_plan(store_path: str, ids: np.ndarray, shard: tuple[int, int]) -> None:
+    """On object storage (no lock), wait until worker 0 has laid out a row for every item.
+
+    Worker 0 creates the store or appends the new items (`plan`); the others only start once every
+    id is planned and the `complete` array covers every row (add_items resizes it last), so their
+    own `plan` finds nothing to change and no two processes ever change the layout at once.
+    """
+    deadline, last = time.monotonic() + PLAN_WAIT_S, "the store does not exist yet"
+    while True:
+        try:
+            if FeatureStore.exists(store_path):
+                with FeatureStore(store_path, "r") as store:
+                    planned, _ = store.planned()
+                    covered = store.n_blocks * store.block_rows >= store.backend.array("ids").shape[0]
+                    if covered and np.isin(ids, planned).all():
+                        return
+                    last = "some items are not laid out yet"
+        except Exception as err:  # a store caught half created: look again
+            last = f"{type(err).__name__}: {err}"
+        if time.monotonic() > deadline:
+            raise PipelineError(f"{store_path}: worker {shard[0]}/{shard[1]} waited {PLAN_WAIT_S:.0f} s for "
+                                f"worker 0/{shard[1]} to lay out the store ({last}); a store on object storage "
+                                f"has no lock, so worker 0 (or one run with --shard 0/{shard[1]}) plans it first")
+        time.sleep(0.2)
+
+
 def run_extraction(extractor: Extractor, items: pl.DataFrame, store_path: Path, *, block_rows: int,
                    shard: tuple[int, int] = (0, 1), rebuild: bool = False, rebuild_hint: str = "",
                    progress: bool = True) -> Summary:
     """Extract every item's features into `store_path`, only what is not there yet."""
-    store_path = Path(store_path)
-    if shard[1] > 1 and store_path.suffix != ".zarr":
+    store_path = store_location(store_path)  # a local Path, or a Zarr URL (s3://, gs://, file://, memory://)
+    if shard[1] > 1 and not str(store_path).endswith(".zarr"):
         raise PipelineError(f"{store_path}: an HDF5 store takes one writer; use --backend zarr for --shard")
+    unlocked = local_path(store_path) is None
+    if rebuild and unlocked and shard[1] > 1:
+        raise PipelineError(f"{store_path}: --rebuild of a store on object storage: run it with one worker, "
+                            f"then start the {shard[1]} workers")
     if rebuild:
         with store_lock(store_path):
             FeatureStore.remove(store_path)
-            sidecar(store_path, "writers.json").unlink(missing_ok=True)
+            claims = sidecar(store_path, "writers.json")
+            if claims is not None:
+                claims.unlink(missing_ok=True)
     with writer_claim(store_path, shard):
         try:
             return _extract(extractor, items, store_path, block_rows, shard, rebuild_hint, progress)
@@ -149,6 +185,8 @@ def run_extraction(extractor: Extractor, items: pl.DataFrame, store_path: Path, 
 def _extract(extractor: Extractor, items: pl.DataFrame, store_path: Path, block_rows: int,
              shard: tuple[int, int], rebuild_hint: str, progress: bool) -> Summary:
     started = time.perf_counter()
+    if shard[0] > 0 and local_path(store_path) is None:
+        _wait_for_plan(store_path, items["item_id"].to_numpy(), shard)
     store = plan(store_path, extractor, items, block_rows, rebuild_hint)
     bytes_before = store.backend.nbytes_stored()
     pending = store.pending_blocks(shard)

@@ -16,7 +16,7 @@ import polars as pl
 import sentencepiece as spm
 
 from pipeline.extract.driver import StaleStoreError
-from stores import ArraySpec, fingerprint
+from stores import ArraySpec, fingerprint, store_lock
 
 
 def sha256_file(path: Path) -> str:
@@ -28,7 +28,16 @@ def sha256_file(path: Path) -> str:
 
 
 def train_tokenizer(titles: list[str], model_dir: Path, opts: dict, rebuild_hint: str) -> Path:
-    """Train the BPE model on `titles`, or reuse the one in `model_dir` trained with the same options."""
+    """Train the BPE model on `titles`, or reuse the one in `model_dir` trained with the same options.
+
+    Under a lock: workers started together (torchrun, --shard K/N) train it once, the first one,
+    and the others reuse it (they would otherwise write the same tmp files at once).
+    """
+    with store_lock(Path(model_dir) / "title_bpe.model"):
+        return _train_tokenizer(titles, Path(model_dir), opts, rebuild_hint)
+
+
+def _train_tokenizer(titles: list[str], model_dir: Path, opts: dict, rebuild_hint: str) -> Path:
     model_path = model_dir / "title_bpe.model"
     meta_path = model_dir / "title_bpe.json"
     options = {k: opts[k] for k in ("vocab_size", "character_coverage", "max_sentence_length")}
