@@ -73,13 +73,31 @@ def _read_table(path: Path, separator: str, needed: dict[str, str]) -> pl.DataFr
         df = pl.read_csv(path, separator=separator, infer_schema=False, encoding="utf8-lossy",
                          quote_char='"', truncate_ragged_lines=False)
     except Exception as err:  # polars raises several exception types for malformed text files
-        raise CatalogError(f"{path}: cannot be read as a '{separator}'-separated table ({err})") from None
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CatalogError(f"{path}{_ragged_row(path, separator)}: cannot be read as a '{separator}'-separated "
+                           f"table ({first})") from None
     for field, column in needed.items():
         if column not in df.columns:
             shown = [c if c else "(unnamed index)" for c in df.columns]
             raise CatalogError(f"{path}, header row: missing column '{column or '(unnamed index)'}' "
                                f"(for the item's {field}); columns found: {shown}")
     return df.select([pl.col(c).alias(f) for f, c in needed.items()])
+
+
+def _ragged_row(path: Path, separator: str) -> str:
+    """", row N: M fields where the header row has K" for the first row that does not fit the header, or ""."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+            rows = csv.reader(fh, delimiter=separator, quotechar='"')
+            header = next(rows, [])
+            for n, row in enumerate(rows, 1):
+                if row and len(row) != len(header):
+                    return f", row {n}: {len(row)} fields where the header row has {len(header)}"
+    except (OSError, csv.Error):
+        pass
+    return ""
 
 
 def _integer_column(df: pl.DataFrame, field: str, column: str, path: Path, what: str) -> pl.Series:
@@ -89,8 +107,8 @@ def _integer_column(df: pl.DataFrame, field: str, column: str, path: Path, what:
     bad = values.is_null()
     if bad.any():
         row = int(bad.arg_max())
-        raise CatalogError(f"{path}, row {row + 1}, column '{column or '(unnamed index)'}': "
-                           f"{what} {raw[row]!r} is not an integer")
+        problem = "is empty" if raw[row] is None or not raw[row] else f"{raw[row]!r} is not an integer"
+        raise CatalogError(f"{path}, row {row + 1}, column '{column or '(unnamed index)'}': {what} {problem}")
     return values
 
 
@@ -188,6 +206,8 @@ def load_catalog(directory: str | Path, cfg: dict, require_train: bool = True) -
         items = _read_items(x_train, layout, "train", with_label=y_train is None)
         if y_train is not None:
             items = _read_labels(y_train, layout, items, x_train)
+        if len(items) == 0:  # nothing to learn from, and no split to draw
+            raise CatalogError(f"{x_train}: no items below the header row")
         files = {"train": x_train} | ({"labels": y_train} if y_train else {})
     else:
         items = _read_items(x_test, layout, "test", with_label=False).with_columns(label=pl.lit(None, pl.Int64))

@@ -8,7 +8,7 @@ names the checkpoint's sha256 and the feature store it read. A new checkpoint re
 """
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import polars as pl
@@ -47,8 +47,11 @@ class Sketcher:
         self.array = FEATURE_ARRAY[modality]
         self.batch_size = int(section(cfg, "sketch")["batch_size"])
         self.arrays = {"sketch": ArraySpec("float32", (self.model.sketch_dim,))}
+        # The feature store by name, not by absolute path: a work directory that is moved or copied
+        # (to the machine that serves predictions) keeps its sketches.
         self.producer = {"checkpoint_sha256": sha256_file(checkpoint), "modality": modality,
-                         "features": str(self.features.path), "features_producer": self.features.provenance["producer"]}
+                         "features": PurePosixPath(str(self.features.path)).name,
+                         "features_producer": self.features.provenance["producer"]}
 
     def fingerprints(self, items: pl.DataFrame) -> np.ndarray:
         planned_ids, planned_hash = self.features.planned()
