@@ -142,7 +142,7 @@ def fuse(workdir: str | Path, cfg: dict, *, progress: bool = True, log=print) ->
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(rows)
+            total += loss.item() * len(rows)
         schedule.step()
         valid_pred = _predict(model, sketches, parts["valid"])
         scores = classification_metrics(labels[parts["valid"]], valid_pred, codes)
