@@ -10,13 +10,8 @@ from pipeline.emde import DifferentiableEMDECoder, StaticEMDE
 from pipeline.encoders import BpeCNN, ImagePool, ModalityClassifier, TextCNN, TokenMeanPool
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add barrier spinning (badly so on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny tensors: a second intra-op thread only spins (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _gen(seed: int) -> torch.Generator:

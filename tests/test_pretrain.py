@@ -26,13 +26,8 @@ SMALL = {"epochs": 4, "batch_size": 32, "channels": 16, "depth": 8, "width": 8, 
          "decay": 0.9, "loss": "balanced"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks: intra-op threads only add barrier spinning on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny tensors: a second intra-op thread only spins (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def demo_cfg(**pretrain_over) -> dict:

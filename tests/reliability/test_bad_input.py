@@ -37,12 +37,8 @@ HEADER = ["", "designation", "description", "productid", "imageid"]
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny tensors: a second intra-op thread only spins (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_rows(d: Path, rows: list[tuple[str, str]], labels: list[int] | None = None) -> Path:

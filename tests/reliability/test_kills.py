@@ -29,13 +29,8 @@ RNG = np.random.default_rng()  # random moments on purpose; the delays are in th
 KILLS = 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The subprocesses run under OMP_NUM_THREADS=1: so do the in-process reruns (the same floats)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny tensors: a second intra-op thread only spins (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def complete_blocks(store: Path) -> int:

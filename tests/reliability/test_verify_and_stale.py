@@ -15,7 +15,6 @@ import h5py
 import numpy as np
 import polars as pl
 import pytest
-import torch
 
 from pipeline.config import merge
 from pipeline.extract import extract
@@ -26,12 +25,8 @@ from stores import FeatureStore
 from .conftest import Tiny, copy_workdir, quiet, run_cli
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny tensors: a second intra-op thread only spins (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def items_in_token_chunk(store_path: Path, chunk: int) -> set[int]:
