@@ -10,6 +10,7 @@ and block b-1 written in background threads while the model computes block b.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import time
@@ -29,6 +30,25 @@ from stores.store import sidecar
 
 # A store on object storage has no lock: workers K > 0 wait this long for worker 0's layout.
 PLAN_WAIT_S = float(os.environ.get("EMDE_PLAN_WAIT_S", 900))
+
+
+def keep_freed_memory() -> None:
+    """Let glibc keep the big blocks a CPU forward frees instead of giving each back to the OS.
+
+    By default every allocation above 32 MiB is a fresh mmap, page-faulted (zeroed) on first touch and
+    unmapped when freed, so each large activation of a forward costs page faults: measured on 2 cores,
+    tf_efficientnet_lite0 at 224 runs 37 -> 119 img/s without them, CamemBERT-base 29 -> 33 seq/s.
+    Served from the heap and never trimmed, the model's working set (a few hundred MB) stays mapped and
+    is reused. Process-wide and idempotent; where there is no glibc `mallopt` it does nothing.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+    if not mallopt(M_MMAP_THRESHOLD, 1 << 30):  # a glibc that caps the threshold: no mmap at all then
+        mallopt(M_MMAP_MAX, 0)
+    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
 
 
 class StaleStoreError(PipelineError):
