@@ -40,6 +40,9 @@ class TextCNN(nn.Module):
     (left ``(k-1)//2``, right ``k//2``), ReLU, and a max over the *valid* positions only; branch outputs are
     concatenated, then dropout.
 
+    ``token_dropout`` (training only): each real token is hidden from the convolutions with this probability
+    ("word dropout"), so the network cannot lean on one token; a row keeps its tokens when all would go.
+
     Masking: padded token features are zeroed before the convolution, so a padded position contributes exactly
     what the convolution's own zero padding at the sequence ends contributes, whatever value it held; the max
     runs over positions whose centre token is real. A row with no real token gets the learned ``missing``
@@ -48,7 +51,8 @@ class TextCNN(nn.Module):
     forward: x (B, L, in_dim) float, mask (B, L) bool (True = real token) -> (B, len(kernel_sizes) * channels)
     """
 
-    def __init__(self, in_dim: int, kernel_sizes: Sequence[int], channels: int, dropout: float = 0.0):
+    def __init__(self, in_dim: int, kernel_sizes: Sequence[int], channels: int, dropout: float = 0.0,
+                 token_dropout: float = 0.0):
         super().__init__()
         kernel_sizes = [int(k) for k in kernel_sizes]
         if not kernel_sizes or min(kernel_sizes) < 1:
@@ -59,10 +63,15 @@ class TextCNN(nn.Module):
         self.output_dim = len(kernel_sizes) * self.channels
         self.convs = nn.ModuleList(nn.Conv1d(self.in_dim, self.channels, k) for k in kernel_sizes)
         self.dropout = nn.Dropout(dropout)
+        self.token_dropout = float(token_dropout)
         self.missing = nn.Parameter(torch.randn(self.output_dim))  # learned stand-in for "no tokens at all"
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         mask = mask.bool()
+        present = mask.any(dim=1)                                 # (B,) rows with at least one real token
+        if self.training and self.token_dropout > 0:
+            kept = mask & (torch.rand(mask.shape, device=mask.device) >= self.token_dropout)
+            mask = torch.where(kept.any(dim=1, keepdim=True), kept, mask)  # never empty a row
         x = x.masked_fill(~mask[..., None], 0.0)                  # (B, L, in_dim): padding -> zeros
         x = x.transpose(1, 2)                                     # (B, in_dim, L)
         invalid = ~mask[:, None, :]                               # (B, 1, L)
@@ -72,7 +81,7 @@ class TextCNN(nn.Module):
             h = h.masked_fill(invalid, float("-inf"))
             pooled.append(h.amax(dim=-1))                         # (B, channels); -inf for all-masked rows
         out = self.dropout(torch.cat(pooled, dim=-1))             # (B, output_dim)
-        return _replace_missing(out, mask.any(dim=1), self.missing)
+        return _replace_missing(out, present, self.missing)
 
 
 class BpeCNN(nn.Module):
@@ -85,11 +94,11 @@ class BpeCNN(nn.Module):
     """
 
     def __init__(self, vocab_size: int, embed_dim: int, kernel_sizes: Sequence[int], channels: int,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, token_dropout: float = 0.0):
         super().__init__()
         self.vocab_size = int(vocab_size)
         self.embed = nn.Embedding(self.vocab_size, int(embed_dim))
-        self.cnn = TextCNN(embed_dim, kernel_sizes, channels, dropout)
+        self.cnn = TextCNN(embed_dim, kernel_sizes, channels, dropout, token_dropout)
         self.output_dim = self.cnn.output_dim
 
     def forward(self, ids: Tensor, mask: Tensor) -> Tensor:

@@ -10,7 +10,9 @@ Writes W/fusion/ (or `[fusion] output`): model.pt, metrics.json, predictions.csv
 submission format, one row per test item), valid_predictions.csv, confusion_worst.png (Table 4)
 and per_class_f1.png.
 
-Under torchrun (WORLD_SIZE > 1) rank 0 alone trains and writes; the other ranks return at once.
+Under torchrun (WORLD_SIZE > 1) the heads train with DistributedDataParallel (gloo, on the CPU): each
+rank reads the sketches of its share of the split only (every WORLD_SIZE-th row of each part), the
+validation and test predictions of every rank are gathered before the metrics, and rank 0 alone writes.
 """
 from __future__ import annotations
 
@@ -23,9 +25,11 @@ import numpy as np
 import polars as pl
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline.catalog import SPLIT_FILE, class_codes, write_submission
 from pipeline.config import section
+from pipeline.distributed import Dist
 from pipeline.errors import PipelineError
 from pipeline.extract.title_bpe import sha256_file
 from pipeline.metrics import PAPER_TABLE3, class_weights, classification_metrics, save_pictures
@@ -61,11 +65,11 @@ class FusionHeads(nn.Module):
         return torch.stack(self.head_logits(sketches)).sum(0)  # (B, num_classes)
 
 
-def _load_sketches(workdir: Path, modalities: list[str], ids: np.ndarray) -> tuple[dict, dict]:
-    """Every item's sketch of each modality, refusing stores older than the modality's checkpoint."""
+def _load_sketches(workdir: Path, cfg: dict, modalities: list[str], ids: np.ndarray) -> tuple[dict, dict]:
+    """The sketch of each modality of the items `ids`, refusing stores older than the modality's checkpoint."""
     sketches, checkpoints = {}, {}
     for m in modalities:
-        path = sketch_store_path(workdir, m)
+        path = sketch_store_path(workdir, cfg, m)
         checkpoint = model_dir(workdir, m) / "model.pt"
         if not FeatureStore.exists(path) or not checkpoint.exists():
             raise PipelineError(f"{path} not found: run `pipeline pretrain {m} --workdir {workdir}` and "
@@ -91,17 +95,32 @@ def _predict(model: FusionHeads, sketches: dict, rows: np.ndarray, batch: int = 
                                for i in range(0, len(rows), batch)]) if len(rows) else np.zeros(0, np.int64)
 
 
+def _shares(parts: dict[str, np.ndarray], rank: int, world: int) -> dict[str, np.ndarray]:
+    """This rank's split rows of each part: every `world`-th row from `rank` on.
+
+    The train rows are first repeated cyclically up to a multiple of `world` (as torch's DistributedSampler
+    pads), so every rank has as many rows, makes as many steps per epoch, and DDP never waits on a missing
+    batch. Valid and test rows are not padded: their predictions are gathered back in order (`_gathered`).
+    """
+    train = parts["train"]
+    train = np.resize(train, -(-len(train) // world) * world)  # (ceil(n / world) * world,)
+    return {"train": train[rank::world], "valid": parts["valid"][rank::world], "test": parts["test"][rank::world]}
+
+
+def _gathered(ctx: Dist, mine: np.ndarray) -> np.ndarray:
+    """Every rank's predictions of its rows `part[rank::world]`, put back in the part's order."""
+    shares = ctx.gather(mine)
+    out = np.empty(sum(len(p) for p in shares), np.int64)
+    for rank, p in enumerate(shares):
+        out[rank :: len(shares)] = p
+    return out
+
+
 def fuse(workdir: str | Path, cfg: dict, *, progress: bool = True, log=print) -> dict:
     """`pipeline fuse`: train the fusion heads over the sketch stores; metrics, pictures, predictions."""
     started = time.perf_counter()
     workdir = Path(workdir)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if rank > 0:
-        # Under torchrun: the heads are a few linear layers over small in-memory sketches (seconds of
-        # CPU), so rank 0 trains them over the whole split, computes the metrics and writes; no DDP.
-        log(f"fuse: rank {rank} of {world} has nothing to do: rank 0 trains the fusion heads alone "
-            f"and writes {workdir / section(cfg, 'fusion')['output']}")
-        return {"rank": rank, "world_size": world, "skipped": True}
     opts = section(cfg, "fusion")
     out = workdir / opts["output"]
     if not (workdir / SPLIT_FILE).exists():
@@ -113,60 +132,88 @@ def fuse(workdir: str | Path, cfg: dict, *, progress: bool = True, log=print) ->
     if unknown:
         raise PipelineError(f"{cfg.get('config_path')}: [fusion] heads name unknown modalities {unknown}")
     ids = split["item_id"].to_numpy()
-    sketches, checkpoints = _load_sketches(workdir, modalities, ids)
+    parts = {name: np.flatnonzero(split["split"].to_numpy() == name) for name in ("train", "valid", "test")}
+    shares = _shares(parts, rank, world)
+    mine = np.unique(np.concatenate(list(shares.values())))  # split rows whose sketches this rank reads
+    sketches, checkpoints = _load_sketches(workdir, cfg, modalities, ids[mine])
     fingerprint = json.dumps({"fusion": opts, "checkpoints": checkpoints, "seed": cfg.get("seed", 0),
                               "items": len(ids)}, sort_keys=True)
     metrics_path = out / "metrics.json"
     if metrics_path.exists() and json.loads(metrics_path.read_text()).get("fingerprint") == fingerprint:
-        log(f"fuse: nothing to do, {out} is up to date (same sketches and config)")
+        if rank == 0:
+            log(f"fuse: nothing to do, {out} is up to date (same sketches and config)")
         return json.loads(metrics_path.read_text())
 
     label_index = {c: i for i, c in enumerate(codes)}
-    parts = {name: np.flatnonzero(split["split"].to_numpy() == name) for name in ("train", "valid", "test")}
     labels = np.array([label_index.get(c, -1) if c is not None else -1 for c in split["label"].to_list()])
-    torch.manual_seed(int(cfg.get("seed", 0)))
-    rng = np.random.default_rng(int(cfg.get("seed", 0)))
+    local = {name: np.searchsorted(mine, rows) for name, rows in shares.items()}  # rows of `sketches`
+    ctx = Dist("cpu")  # a few linear layers: the CPU, gloo
+    try:
+        return _train(workdir, cfg, opts, ctx, sketches, checkpoints, codes, ids, labels, parts, local, mine,
+                      fingerprint, started, log if ctx.main else (lambda *_a, **_k: None))
+    finally:
+        ctx.close()
+
+
+def _train(workdir, cfg, opts, ctx, sketches, checkpoints, codes, ids, labels, parts, local, mine, fingerprint,
+           started, say) -> dict:
+    """Train the heads on this rank's share (DDP under torchrun), score the gathered predictions, write."""
+    out = workdir / opts["output"]
+    seed = int(cfg.get("seed", 0))
+    torch.manual_seed(seed)  # the same initial heads on every rank
+    rng = np.random.default_rng(seed if ctx.world == 1 else [seed, ctx.rank])  # one process: its usual stream
     model = FusionHeads(opts["heads"], {m: s.shape[1] for m, s in sketches.items()}, len(codes))
+    net = DDP(model) if ctx.active else model
     optimizer = torch.optim.Adam(model.parameters(), lr=float(opts["lr"]))
     schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=float(opts["decay"]))
     loss_fn = nn.CrossEntropyLoss(weight=class_weights(labels[parts["train"]], len(codes), opts["loss"]))
-    y = torch.from_numpy(labels)
+    y = torch.from_numpy(labels[mine])  # (rows of `sketches`,)
+    valid_labels = labels[parts["valid"]]
+    if ctx.active:
+        say(f"fuse: {ctx.world} processes (DistributedDataParallel, gloo), {len(local['train'])} of "
+            f"{len(parts['train'])} train items per rank")
     best = {"macro_f1": -1.0}
     for epoch in range(1, int(opts["epochs"]) + 1):
         model.train()
-        order = rng.permutation(parts["train"])
+        order = rng.permutation(local["train"])
         total = 0.0
         for i in range(0, len(order), int(opts["batch_size"])):
             rows = order[i : i + int(opts["batch_size"])]
-            loss = loss_fn(model({m: s[rows] for m, s in sketches.items()}), y[rows])
+            loss = loss_fn(net({m: s[rows] for m, s in sketches.items()}), y[rows])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             total += loss.item() * len(rows)
         schedule.step()
-        valid_pred = _predict(model, sketches, parts["valid"])
-        scores = classification_metrics(labels[parts["valid"]], valid_pred, codes)
-        log(f"fuse epoch {epoch}: loss {total / max(len(order), 1):.4f}, valid macro-F1 {scores['macro_f1']:.4f}")
+        total, seen = ctx.all_sum([total, len(order)])
+        valid_pred = _gathered(ctx, _predict(model, sketches, local["valid"]))  # (len(parts["valid"]),)
+        scores = classification_metrics(valid_labels, valid_pred, codes)
+        say(f"fuse epoch {epoch}: loss {total / max(seen, 1):.4f}, valid macro-F1 {scores['macro_f1']:.4f}")
         if scores["macro_f1"] > best["macro_f1"]:
             best = scores | {"best_epoch": epoch}
             best_state = {k: v.clone() for k, v in model.state_dict().items()}
             best_valid = valid_pred
     model.load_state_dict(best_state)
-
-    out.mkdir(parents=True, exist_ok=True)
-    test_pred = _predict(model, sketches, parts["test"])
-    code_of = np.array(codes)
-    write_submission(out / "predictions.csv", ids[parts["test"]], code_of[test_pred])
-    pl.DataFrame({"item_id": ids[parts["valid"]], "label": code_of[labels[parts["valid"]]],
-                  "predicted": code_of[best_valid]}).write_csv(out / "valid_predictions.csv")
-    save_pictures(out, labels[parts["valid"]], best_valid, codes, best, int(opts["worst_classes"]))
-    torch.save({"state_dict": model.state_dict(), "heads": opts["heads"], "codes": codes,
-                "dims": {m: s.shape[1] for m, s in sketches.items()}, "checkpoints": checkpoints}, out / "model.pt")
+    test_pred = _gathered(ctx, _predict(model, sketches, local["test"]))  # (len(parts["test"]),)
+    support = np.bincount(valid_labels, minlength=len(codes))
     metrics = best | {"epochs": int(opts["epochs"]), "seconds": round(time.perf_counter() - started, 2),
                       "heads": opts["heads"], "valid_items": len(parts["valid"]), "test_items": len(parts["test"]),
-                      "fingerprint": fingerprint}
-    metrics_path.write_text(json.dumps(metrics, indent=1))  # last: its fingerprint marks the stage done
-    log(summary_table(workdir, metrics))
+                      "valid_support": {str(c): int(n) for c, n in zip(codes, support) if n},
+                      "world_size": ctx.world, "fingerprint": fingerprint}
+    if ctx.main:
+        out.mkdir(parents=True, exist_ok=True)
+        code_of = np.array(codes)
+        write_submission(out / "predictions.csv", ids[parts["test"]], code_of[test_pred])
+        pl.DataFrame({"item_id": ids[parts["valid"]], "label": code_of[valid_labels],
+                      "predicted": code_of[best_valid]}).write_csv(out / "valid_predictions.csv")
+        save_pictures(out, valid_labels, best_valid, codes, best, int(opts["worst_classes"]))
+        torch.save({"state_dict": model.state_dict(), "heads": opts["heads"], "codes": codes,
+                    "dims": {m: s.shape[1] for m, s in sketches.items()}, "checkpoints": checkpoints},
+                   out / "model.pt")
+        metrics_path = out / "metrics.json"
+        metrics_path.write_text(json.dumps(metrics, indent=1))  # last: its fingerprint marks the stage done
+        say(summary_table(workdir, metrics))
+    ctx.barrier()  # every rank returns once the outputs are written
     return metrics
 
 

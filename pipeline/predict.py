@@ -44,7 +44,7 @@ def predict(catalog_dir: str | Path, workdir: str | Path, out_csv: str | Path, c
         if sketcher.producer["checkpoint_sha256"] != fusion["checkpoints"][m]:
             raise PipelineError(f"{fusion_path} was trained on sketches of another {m} checkpoint: run "
                                 f"`pipeline sketch {m} --workdir {workdir}` and `pipeline fuse` again")
-        path = sketch_store_path(workdir, m)
+        path = sketch_store_path(workdir, cfg, m)
         rows = sketcher.features.rows(ids)
         items = pl.DataFrame({"item_id": ids[np.argsort(rows)]})  # feature-store order: sequential reads
         summary = run_extraction(sketcher, items, path, block_rows=int(section(cfg, "sketch")["block_items"]),

@@ -55,7 +55,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -64,6 +63,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pipeline.catalog import SPLIT_FILE, class_codes
 from pipeline.config import section
+from pipeline.distributed import Dist
 from pipeline.emde import DifferentiableEMDECoder, StaticEMDE
 from pipeline.encoders import BpeCNN, ImagePool, ModalityClassifier, TextCNN, TokenMeanPool
 from pipeline.errors import PipelineError
@@ -126,7 +126,7 @@ def _model_config(modality: str, opts: dict, store: FeatureStore, num_classes: i
         if coder == "trainable":
             encoder = {"type": "BpeCNN", "vocab_size": vocab, "embed_dim": int(opts["embed_dim"]),
                        "kernel_sizes": [int(k) for k in opts["kernel_sizes"]], "channels": int(opts["channels"]),
-                       "dropout": float(opts["dropout"])}
+                       "dropout": float(opts["dropout"]), "token_dropout": float(opts.get("token_dropout", 0.0))}
         else:
             encoder = {"type": "RandomBagOfIds", "vocab_size": vocab,
                        "embed_dim": int(opts.get("static_embed_dim", 256))}
@@ -134,7 +134,8 @@ def _model_config(modality: str, opts: dict, store: FeatureStore, num_classes: i
         hidden = int(spec.shape[-1])
         if coder == "trainable":
             encoder = {"type": "TextCNN", "in_dim": hidden, "kernel_sizes": [int(k) for k in opts["kernel_sizes"]],
-                       "channels": int(opts["channels"]), "dropout": float(opts["dropout"])}
+                       "channels": int(opts["channels"]), "dropout": float(opts["dropout"]),
+                       "token_dropout": float(opts.get("token_dropout", 0.0))}
         else:
             encoder = {"type": "TokenMeanPool", "in_dim": hidden}
     else:
@@ -191,62 +192,6 @@ def load_model(path: str | Path, map_location="cpu") -> tuple[ModalityClassifier
     return model.eval(), ckpt
 
 
-# ---------------------------------------------------------------------- distributed context
-class _Dist:
-    def __init__(self, want_device: str):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
-        cuda = torch.cuda.is_available() and want_device in ("auto", "cuda")
-        if want_device == "cuda" and not torch.cuda.is_available():
-            raise PipelineError("[pretrain] device = 'cuda' but no CUDA device is available")
-        if cuda:
-            self.device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
-            torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
-        self.owns_group = False
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo", device_id=self.device if cuda else None)
-            self.owns_group = True
-        self.active = self.world > 1 and dist.is_initialized()
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.active:
-            dist.barrier()
-
-    def gather(self, obj) -> list:
-        if not self.active:
-            return [obj]
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def all_sum(self, values: list[float]) -> list[float]:
-        if not self.active:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def describe(self) -> str:
-        if self.device.type == "cuda":
-            name = f"cuda ({torch.cuda.get_device_name(self.device)}, bf16 autocast)"
-        else:
-            n = torch.get_num_threads()
-            name = f"cpu ({n} thread{'s' if n != 1 else ''})"
-        return name + (f" x {self.world} processes" if self.world > 1 else "")
-
-    def close(self) -> None:
-        if self.owns_group:
-            dist.destroy_process_group()
-
-
 # ---------------------------------------------------------------------- inputs
 def _canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
@@ -263,10 +208,10 @@ def _read_split(workdir: Path, modality: str) -> pl.DataFrame:
     return split
 
 
-def _open_store(workdir: Path, modality: str) -> FeatureStore:
-    path = feature_store_path(workdir, modality)
+def _open_store(workdir: Path, cfg: dict, modality: str) -> FeatureStore:
+    path = feature_store_path(workdir, cfg, modality)
     if not FeatureStore.exists(path):
-        raise PipelineError(f"no {modality} features in {workdir / 'features'}: build them with "
+        raise PipelineError(f"no {modality} features at {path}: build them with "
                             f"`pipeline extract {modality} --catalog DIR --workdir {workdir}`")
     store = FeatureStore(path)
     name = FEATURE_ARRAY[modality]
@@ -309,7 +254,7 @@ def _atomic_write(text: str, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- training
-def _evaluate(module: nn.Module, reader: TrainReader, ctx: _Dist, autocast) -> tuple[np.ndarray, ...]:
+def _evaluate(module: nn.Module, reader: TrainReader, ctx: Dist, autocast) -> tuple[np.ndarray, ...]:
     """(item ids, true class, predicted class) over the whole split: every rank's share gathered."""
     module.eval()
     ids, labels, preds = [], [], []
@@ -324,7 +269,7 @@ def _evaluate(module: nn.Module, reader: TrainReader, ctx: _Dist, autocast) -> t
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
 
 
-def _fit_static(model: ModalityClassifier, reader: TrainReader, ctx: _Dist, autocast) -> None:
+def _fit_static(model: ModalityClassifier, reader: TrainReader, ctx: Dist, autocast) -> None:
     """Fit the static coder on the encoder outputs of every train item (all ranks' shares)."""
     model.encoder.eval()
     outs, ids = [], []
@@ -357,7 +302,7 @@ def pretrain(modality: str, workdir: Path, cfg: dict, *, coder: str | None = Non
     seed = int(opts.get("seed", cfg.get("seed", 0)))
     opts["seed"] = seed
     split = _read_split(workdir, modality)
-    store = _open_store(workdir, modality)
+    store = _open_store(workdir, cfg, modality)
     codes = class_codes(split)
     code_index = {c: i for i, c in enumerate(codes)}
     parts = {}
@@ -387,7 +332,7 @@ def pretrain(modality: str, workdir: Path, cfg: dict, *, coder: str | None = Non
             store.close()
             return done
 
-    ctx = _Dist(str(opts.get("device", "auto")))
+    ctx = Dist(str(opts.get("device", "auto")), "[pretrain] device")
     say = log if ctx.main else (lambda *_a, **_k: None)
     threads = torch.get_num_threads()
     if ctx.device.type == "cpu" and int(opts.get("cpu_threads", 0)) > 0:
@@ -452,7 +397,7 @@ def _run(modality, opts, rcfg, model_config, fp, store, codes, parts, ctx, progr
         for p in list(model.encoder.parameters()) + list(model.coder.parameters()):
             p.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=float(opts["lr"]))
+    optimizer = torch.optim.Adam(trainable, lr=float(opts["lr"]), weight_decay=float(opts.get("weight_decay", 0.0)))
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=float(opts["decay"]))
     history: list[dict] = []
     best = {"macro_f1": -1.0, "epoch": 0}
@@ -484,6 +429,7 @@ def _run(modality, opts, rcfg, model_config, fp, store, codes, parts, ctx, progr
         say(f"{modality}: static EMDE fitted on {train.total_items} train items in {time.perf_counter() - t:.1f} s")
 
     weights = class_weights(parts["train"][1], len(codes), opts["loss"])
+    smoothing = float(opts.get("label_smoothing", 0.0))
     weights = weights.to(ctx.device) if weights is not None else None
     net: nn.Module = model
     if ctx.active:
@@ -507,7 +453,7 @@ def _run(modality, opts, rcfg, model_config, fp, store, codes, parts, ctx, progr
                     batch = batch.to(ctx.device)
                     with autocast():
                         logits = net(*batch.inputs)
-                    loss = F.cross_entropy(logits.float(), batch.labels, weight=weights)
+                    loss = F.cross_entropy(logits.float(), batch.labels, weight=weights, label_smoothing=smoothing)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()

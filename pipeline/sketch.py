@@ -2,8 +2,8 @@
 
 "For multimodal fusion, we remove the last linear layer and feed representation obtained with EMDE
 (input sketches) to the linear layer in the final fusion classifier." The sketch of a modality is
-written to W/sketches/<modality>.zarr|h5 (array `sketch`, N x depth*width) through the same
-block driver as the extract stage: resumable, incremental (new items only), and its provenance
+written to W/sketches/<modality>.zarr|h5 (or <[stores] root>/sketches/; array `sketch`, N x depth*width)
+through the same block driver as the extract stage: resumable, incremental (new items only), and its provenance
 names the checkpoint's sha256 and the feature store it read. A new checkpoint rebuilds the store.
 """
 from __future__ import annotations
@@ -22,12 +22,13 @@ from pipeline.extract.driver import Summary, run_extraction
 from pipeline.extract.title_bpe import sha256_file
 from pipeline.pretrain import FEATURE_ARRAY, load_model, model_dir
 from pipeline.train_reader import TrainReader
-from pipeline.workdir import MODALITIES, feature_store_path, store_path
+from pipeline.workdir import MODALITIES, feature_store_path, store_path, stores_root
 from stores import ArraySpec, FeatureStore
 
 
-def sketch_store_path(workdir, modality: str, backend: str | None = None) -> Path:
-    return store_path(workdir, "sketches", modality, backend)
+def sketch_store_path(workdir, cfg: dict, modality: str, backend: str | None = None) -> Path | str:
+    """<root>/sketches/<modality>.zarr|h5, root being `[stores] root` or the work directory."""
+    return store_path(stores_root(workdir, cfg), "sketches", modality, backend)
 
 
 class Sketcher:
@@ -39,7 +40,7 @@ class Sketcher:
         self.model, ckpt = load_model(checkpoint)
         self.device = pick_device(cfg)
         self.model.to(self.device)
-        self.features = FeatureStore(feature_store_path(workdir, modality))
+        self.features = FeatureStore(feature_store_path(workdir, cfg, modality))
         trained_on = ckpt.get("store", {}).get("provenance", {}).get("producer")
         if trained_on is not None and trained_on != self.features.provenance["producer"]:
             raise PipelineError(f"{self.features.path} was rebuilt since {checkpoint} was trained; run "
@@ -100,7 +101,7 @@ def sketch(modality: str, workdir: str | Path, cfg: dict, *, progress: bool = Tr
         # Items in the feature store's row order: each sketch block reads contiguous feature rows.
         ids = sketcher.features.ids
         items = pl.DataFrame({"item_id": ids[np.isin(ids, split_ids.to_numpy())]})
-        path = sketch_store_path(workdir, name, section(cfg, "stores")["backend"])
+        path = sketch_store_path(workdir, cfg, name, section(cfg, "stores")["backend"])
         rebuild = False
         if FeatureStore.exists(path):
             with FeatureStore(path) as old:

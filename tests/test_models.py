@@ -170,6 +170,23 @@ def test_textcnn_all_masked_row_is_missing_vector_without_nan():
         assert bool(torch.isfinite(p.grad).all())
 
 
+def test_textcnn_token_dropout_hides_tokens_in_training_only():
+    torch.manual_seed(0)
+    enc = TextCNN(8, kernel_sizes=[1], channels=16, token_dropout=0.5)
+    x, mask = torch.randn(64, 10, 8), _mask([10] * 63 + [1], 10)
+    enc.eval()
+    reference = enc(x, mask)
+    torch.testing.assert_close(enc(x, mask), reference)  # off in eval: deterministic
+    enc.train()
+    out = enc(x, mask)
+    changed = (out - reference).abs().amax(dim=1) > 1e-6     # kernel 1 + max: hiding a token moves the max
+    assert 0.5 * 63 < int(changed[:63].sum()) <= 63          # most full rows lose a maximising token
+    assert not bool(changed[63])                             # a one-token row never loses its only token
+    assert bool(torch.isfinite(out).all())
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(enc(x, mask), out)        # a fresh draw every call
+
+
 def test_bpecnn_padding_ids_and_empty_rows():
     torch.manual_seed(0)
     enc = BpeCNN(vocab_size=50, embed_dim=8, kernel_sizes=[1, 2, 3, 4, 5], channels=4, dropout=0.2).eval()

@@ -1,5 +1,6 @@
 """Zarr stores addressed by URL through fsspec (memory://, file://): the store contract's basics, two
-processes writing disjoint shards of one file:// store, the driver's lock-free plan on object storage."""
+processes writing disjoint shards of one file:// store, the driver's lock-free plan on object storage, and
+the stages (extract, pretrain, sketch, fuse, predict) with their stores under a `[stores] root` URL."""
 from __future__ import annotations
 
 import subprocess
@@ -14,9 +15,15 @@ import numpy as np
 import polars as pl
 import pytest
 
+from pipeline.config import DEMO_CONFIG, load_config, merge
 from pipeline.errors import PipelineError
-from pipeline.extract import driver
+from pipeline.extract import driver, extract
 from pipeline.extract.driver import run_extraction
+from pipeline.fuse import fuse
+from pipeline.predict import predict
+from pipeline.pretrain import pretrain
+from pipeline.sketch import sketch
+from pipeline.synth import synthesize
 from stores import ArraySpec, FeatureStore, Ragged, StoreError, fingerprint, store_lock, writer_claim
 from stores.backends import local_path
 from tests.test_stores import build
@@ -161,3 +168,46 @@ def test_a_worker_without_a_plan_gives_up_with_the_remedy(monkeypatch):
     monkeypatch.setattr(driver, "PLAN_WAIT_S", 0.3)
     with pytest.raises(PipelineError, match=r"waited .* for worker 0/2 .*--shard 0/2"):
         run_extraction(Chars(), toy_items(), memory_url(), block_rows=32, shard=(1, 2), progress=False)
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_stages_keep_their_stores_under_a_url_root(tmp_path):
+    synthesize(tmp_path / "cat", items=600, seed=2)
+    tiny = {"epochs": 2, "embed_dim": 16, "channels": 16, "depth": 8, "width": 8}
+    cfg = merge(load_config(DEMO_CONFIG), {"pretrain": {"title_bpe": tiny}, "fusion": {
+        "epochs": 2, "heads": [{"name": "bpe", "inputs": ["title_bpe"]}]}})
+    with_root = merge(cfg, {"stores": {"root": f"file://{tmp_path}/shared/emde/"}})
+    quiet = lambda *_: None  # noqa: E731
+    results = {}
+    for name, c in (("plain", cfg), ("root", with_root)):
+        w = tmp_path / name
+        [features] = extract("title_bpe", tmp_path / "cat", w, c, progress=False, log=quiet)
+        metrics = pretrain("title_bpe", w, c, progress=False, log=quiet)
+        [sketches] = sketch("title_bpe", w, c, progress=False, log=quiet)
+        results[name] = (FeatureStore(features.store), metrics, FeatureStore(sketches.store))
+
+    shared = tmp_path / "shared" / "emde"
+    assert results["root"][0].path == f"file://{shared}/features/title_bpe.zarr"
+    assert results["root"][2].path == f"file://{shared}/sketches/title_bpe.zarr"
+    assert (shared / "features" / "title_bpe.zarr" / "zarr.json").is_file()
+    assert (shared / "sketches" / "title_bpe.zarr" / "zarr.json").is_file()
+    w = tmp_path / "root"
+    assert not (w / "features").exists() and not (w / "sketches").exists()  # the stores, elsewhere
+    assert (w / "split.parquet").is_file() and (w / "tokenizers" / "title_bpe.model").is_file()  # the rest, here
+    assert (w / "models" / "title_bpe" / "model.pt").is_file()
+    assert (tmp_path / "plain" / "features" / "title_bpe.zarr" / "zarr.json").is_file()  # no root: W/features/
+    # Same stores and model as without a root (the tokenizer differs only by the path SentencePiece records).
+    (plain_features, plain_metrics, plain_sketches), (features, metrics, sketches) = results["plain"], results["root"]
+    same_arrays(plain_features, features)
+    assert metrics["macro_f1"] == plain_metrics["macro_f1"] and metrics["history"][-1]["loss"] == \
+        plain_metrics["history"][-1]["loss"]
+    same_arrays(plain_sketches, sketches)
+
+    # fuse and predict find the sketches under the root too; predict adds nothing to the stores.
+    fused = fuse(w, with_root, progress=False, log=quiet)
+    assert fused["valid_items"] == sum(fused["valid_support"].values()) > 0
+    table = predict(tmp_path / "cat", w, tmp_path / "predicted.csv", with_root, progress=False, log=quiet)
+    assert len(table) == 600 and not (w / "features").exists() and not (w / "sketches").exists()
+
+    with pytest.raises(PipelineError, match=r"root = .*is a URL, and an HDF5 store must be a local file"):
+        extract("title_bpe", tmp_path / "cat", w, with_root, backend="hdf5", progress=False, log=quiet)

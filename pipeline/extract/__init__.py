@@ -15,6 +15,7 @@ from pipeline.extract.text_cam import CamembertTokens, clean_description
 from pipeline.extract.title_bpe import TitleBpe, train_tokenizer
 from pipeline.upstream import image_weights, text_model_dir
 from pipeline.workdir import MODALITIES, feature_store_path, tokenizer_dir
+from stores import FeatureStore
 
 
 def pick_device(cfg: dict) -> torch.device:
@@ -60,7 +61,9 @@ def _extractor(modality: str, catalog: Catalog, split: pl.DataFrame, workdir: Pa
 def extract(modality: str, catalog_dir: str | Path, workdir: str | Path, cfg: dict, *,
             backend: str | None = None, shard: str | None = None, rebuild: bool = False,
             progress: bool = True, log=print) -> list[Summary]:
-    """`pipeline extract MODALITY|all`: fill W/features/<modality>.zarr|h5 with what is missing."""
+    """`pipeline extract MODALITY|all`: fill W/features/<modality>.zarr|h5 with what is missing.
+
+    The stores go under `[stores] root` instead of W when it is set (a local directory or a URL)."""
     names = list(MODALITIES) if modality == "all" else [modality]
     for name in names:
         if name not in MODALITIES:
@@ -79,11 +82,11 @@ def extract_items(names: list[str], catalog: Catalog, split: pl.DataFrame, workd
     summaries = []
     for name in names:
         # An existing store keeps its backend unless --backend asks for the other one.
-        existing = feature_store_path(workdir, name)
-        path = (feature_store_path(workdir, name, backend) if backend
-                else existing if existing.exists()
-                else feature_store_path(workdir, name, section(cfg, "stores")["backend"]))
-        backend_name = "hdf5" if path.suffix == ".h5" else "zarr"
+        existing = feature_store_path(workdir, cfg, name)
+        path = (feature_store_path(workdir, cfg, name, backend) if backend
+                else existing if FeatureStore.exists(existing)
+                else feature_store_path(workdir, cfg, name, section(cfg, "stores")["backend"]))
+        backend_name = "hdf5" if str(path).endswith(".h5") else "zarr"
         hint = (f"pipeline extract {name} --catalog {catalog.directory} --workdir {workdir} "
                 f"--config {cfg.get('config_path')} --backend {backend_name} --rebuild")
         extractor = _extractor(name, catalog, split, workdir, cfg, rebuild, hint)

@@ -1,0 +1,79 @@
+"""The process group of a training stage under torchrun (`pipeline pretrain`, `pipeline fuse`).
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE; without it the run is one process
+(rank 0 of 1) and every collective below returns its input. With WORLD_SIZE > 1 :class:`Dist` starts
+the process group (nccl on CUDA, gloo on the CPU) unless one is already running, and ends it on
+:meth:`close` only if it started it.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from pipeline.errors import PipelineError
+
+__all__ = ["Dist"]
+
+
+class Dist:
+    """This process's rank, world and device, and the few collectives the training stages use.
+
+    want_device: "auto" (CUDA when there is one), "cpu" or "cuda"; `setting` names the config key
+    in the error raised when "cuda" is asked for and there is none.
+    """
+
+    def __init__(self, want_device: str, setting: str = "device"):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
+        cuda = torch.cuda.is_available() and want_device in ("auto", "cuda")
+        if want_device == "cuda" and not torch.cuda.is_available():
+            raise PipelineError(f"{setting} = 'cuda' but no CUDA device is available")
+        if cuda:
+            self.device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.owns_group = False
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo", device_id=self.device if cuda else None)
+            self.owns_group = True
+        self.active = self.world > 1 and dist.is_initialized()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj` (any picklable object), in rank order, on every rank."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        if not self.active:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def describe(self) -> str:
+        if self.device.type == "cuda":
+            name = f"cuda ({torch.cuda.get_device_name(self.device)}, bf16 autocast)"
+        else:
+            n = torch.get_num_threads()
+            name = f"cpu ({n} thread{'s' if n != 1 else ''})"
+        return name + (f" x {self.world} processes" if self.world > 1 else "")
+
+    def close(self) -> None:
+        if self.owns_group:
+            dist.destroy_process_group()
