@@ -318,7 +318,9 @@ def pretrain(modality: str, workdir: Path, cfg: dict, *, coder: str | None = Non
                             f"{f' ({pending} block(s) still pending)' if pending else ''}; complete it with "
                             f"`pipeline extract {modality} --catalog DIR --workdir {workdir}`")
     model_config = _model_config(modality, opts, store, len(codes))
-    fp = _fingerprint(opts, model_config, store, split, seed)
+    # how training batches are drawn changes the model too (length-sorted batches skew BatchNorm)
+    sort_window = int(section(cfg, "train_reader").get("length_sort_window", 0))
+    fp = _fingerprint(opts | {"length_sort_window": sort_window}, model_config, store, split, seed)
     epochs = int(opts["epochs"])
     out = model_dir(workdir, modality)
     metrics_path, model_path = out / "metrics.json", out / "model.pt"
@@ -356,7 +358,7 @@ def _run(modality, opts, rcfg, model_config, fp, store, codes, parts, ctx, progr
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
     budget = float(rcfg.get("memory_gb", 8.0)) * 1e9 / max(ctx.local_world, 1)
     common = dict(mode=rcfg.get("mode", "auto"), buffer_blocks=int(rcfg.get("buffer_blocks", 8)),
-                  prefetch=int(rcfg.get("prefetch_batches", 8)), sort_window=int(rcfg.get("length_sort_window", 16)),
+                  prefetch=int(rcfg.get("prefetch_batches", 8)), sort_window=int(rcfg.get("length_sort_window", 0)),
                   rank=ctx.rank, world_size=ctx.world, pin_memory=cuda, seed=seed)
     name = FEATURE_ARRAY[modality]
     train = TrainReader(store, name, *parts["train"], batch_size=int(opts["batch_size"]), shuffle=True,
