@@ -219,6 +219,16 @@ def test_rerun_with_unchanged_inputs_does_nothing(bpe_run):
     assert again["macro_f1"] == metrics["macro_f1"] and model_pt.stat().st_mtime_ns == before
 
 
+def test_batches_drawn_another_way_retrain(bpe_run, tmp_path):
+    """Length-sorted training batches give another model (they skew BatchNorm): not "nothing to do"."""
+    root, cfg, metrics, _ = bpe_run
+    shutil.copytree(root / "w", tmp_path / "w")
+    sorted_cfg = merge(cfg, {"train_reader": {"length_sort_window": 16}})
+    log = Log()
+    pretrain("title_bpe", tmp_path / "w", sorted_cfg, progress=False, log=log)
+    assert "nothing to do" not in log.text() and "starting afresh" in log.text()
+
+
 def test_trainable_coder_beats_static_on_title_bpe(bpe_run, tmp_path):
     root, cfg, trained, _ = bpe_run
     w = tmp_path / "w"
