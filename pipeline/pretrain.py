@@ -318,9 +318,10 @@ def pretrain(modality: str, workdir: Path, cfg: dict, *, coder: str | None = Non
                             f"{f' ({pending} block(s) still pending)' if pending else ''}; complete it with "
                             f"`pipeline extract {modality} --catalog DIR --workdir {workdir}`")
     model_config = _model_config(modality, opts, store, len(codes))
+    rcfg = dict(cfg.get("train_reader", {}))
     # how training batches are drawn changes the model too (length-sorted batches skew BatchNorm)
-    sort_window = int(section(cfg, "train_reader").get("length_sort_window", 0))
-    fp = _fingerprint(opts | {"length_sort_window": sort_window}, model_config, store, split, seed)
+    fp = _fingerprint(opts | {"length_sort_window": int(rcfg.get("length_sort_window", 0))}, model_config, store,
+                      split, seed)
     epochs = int(opts["epochs"])
     out = model_dir(workdir, modality)
     metrics_path, model_path = out / "metrics.json", out / "model.pt"
@@ -340,7 +341,7 @@ def pretrain(modality: str, workdir: Path, cfg: dict, *, coder: str | None = Non
     if ctx.device.type == "cpu" and int(opts.get("cpu_threads", 0)) > 0:
         torch.set_num_threads(int(opts["cpu_threads"]))
     try:
-        return _run(modality, opts, dict(cfg.get("train_reader", {})), model_config, fp, store, codes, parts,
+        return _run(modality, opts, rcfg, model_config, fp, store, codes, parts,
                     ctx, progress, say, out, epochs, seed)
     finally:
         torch.set_num_threads(threads)
