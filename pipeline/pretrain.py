@@ -37,8 +37,8 @@ projection of the length-normalised bag of BPE ids); for images the average-pool
 its initial, identity BatchNorm). The coder is fitted on the train split's encoder outputs (gathered over
 all ranks), then only the linear head is trained, with the same optimiser and schedule.
 
-Devices: CUDA with bf16 autocast when available (``device = "auto"``), the CPU otherwise (deterministic
-under the config's ``seed``). Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in
+Devices: CUDA when available (``device = "auto"``; training steps under bf16 autocast, validation in
+float32), the CPU otherwise (deterministic under the config's ``seed``). Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in
 DistributedDataParallel (nccl on CUDA, gloo on the CPU), each rank reads its own share of the store
 (:mod:`pipeline.train_reader`), validation predictions are gathered from every rank before the metrics
 are computed, and only rank 0 writes.
@@ -254,11 +254,14 @@ def _atomic_write(text: str, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- training
-def _evaluate(module: nn.Module, reader: TrainReader, ctx: Dist, autocast) -> tuple[np.ndarray, ...]:
-    """(item ids, true class, predicted class) over the whole split: every rank's share gathered."""
+def _evaluate(module: nn.Module, reader: TrainReader, ctx: Dist) -> tuple[np.ndarray, ...]:
+    """(item ids, true class, predicted class) over the whole split: every rank's share gathered.
+
+    In float32 also on CUDA (only training steps run under bf16 autocast): the checkpoint is chosen on, and
+    its predictions are, what `pipeline sketch` and `pipeline predict` compute with it."""
     module.eval()
     ids, labels, preds = [], [], []
-    with torch.no_grad(), autocast():
+    with torch.no_grad():
         for batch in reader.epoch(0):
             batch = batch.to(ctx.device)
             preds.append(module(*batch.inputs).argmax(1).cpu().numpy())
@@ -269,15 +272,15 @@ def _evaluate(module: nn.Module, reader: TrainReader, ctx: Dist, autocast) -> tu
     return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
 
 
-def _fit_static(model: ModalityClassifier, reader: TrainReader, ctx: Dist, autocast) -> None:
-    """Fit the static coder on the encoder outputs of every train item (all ranks' shares)."""
+def _fit_static(model: ModalityClassifier, reader: TrainReader, ctx: Dist) -> None:
+    """Fit the static coder on the encoder outputs of every train item (all ranks' shares), in float32."""
     model.encoder.eval()
     outs, ids = [], []
-    with torch.no_grad(), autocast():
+    with torch.no_grad():
         for batch in reader.epoch(0):
             batch = batch.to(ctx.device)
             outs.append(model.encoder(*batch.inputs).float().cpu())
-            ids.append(batch.ids)
+            ids.append(batch.ids.cpu())
     mine = (torch.cat(ids).numpy(), torch.cat(outs).numpy()) if outs else (np.zeros(0, np.int64), None)
     parts = [p for p in ctx.gather(mine) if p[1] is not None]
     all_ids = np.concatenate([p[0] for p in parts])
@@ -353,8 +356,8 @@ def _run(modality, opts, rcfg, model_config, fp, store, codes, parts, ctx, progr
          seed) -> dict:
     metrics_path, model_path, last_path = out / "metrics.json", out / "model.pt", out / "last.pt"
     cuda = ctx.device.type == "cuda"
-    # bf16 autocast on CUDA for the trainable networks; the static coder's hyperplane sides are compared
-    # in float32 (its encoders are cheap anyway)
+    # bf16 autocast on CUDA for the training steps of the trainable networks (the static coder's hyperplane
+    # sides are compared in float32; its encoders are cheap anyway); validation runs in float32
     amp = cuda and opts["coder"] == "trainable"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
     budget = float(rcfg.get("memory_gb", 8.0)) * 1e9 / max(ctx.local_world, 1)
@@ -428,7 +431,7 @@ def _run(modality, opts, rcfg, model_config, fp, store, codes, parts, ctx, progr
         say(f"{modality}: features loaded into memory in {time.perf_counter() - t:.1f} s (one sequential pass)")
     if opts["coder"] == "static" and state is None:
         t = time.perf_counter()
-        _fit_static(model, train, ctx, autocast)
+        _fit_static(model, train, ctx)
         say(f"{modality}: static EMDE fitted on {train.total_items} train items in {time.perf_counter() - t:.1f} s")
 
     weights = class_weights(parts["train"][1], len(codes), opts["loss"])
@@ -469,7 +472,7 @@ def _run(modality, opts, rcfg, model_config, fp, store, codes, parts, ctx, progr
                 batches.close()
         scheduler.step()
         loss_sum, seen = ctx.all_sum([float(loss_sum), float(seen)])
-        ids, labels, preds = _evaluate(model, valid, ctx, autocast)
+        ids, labels, preds = _evaluate(model, valid, ctx)
         m = classification_metrics(labels, preds, codes)
         seconds = time.perf_counter() - t0
         improved = m["macro_f1"] > best["macro_f1"]

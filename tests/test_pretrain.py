@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from pipeline.config import DEMO_CONFIG, PROJECT_ROOT, load_config, merge
+from pipeline.distributed import Dist
 from pipeline.errors import PipelineError
 from pipeline.pretrain import load_model, pretrain
 from pipeline.train_reader import TrainReader
@@ -201,11 +202,14 @@ def test_title_bpe_learns_and_writes_its_outputs(bpe_run):
     codes = np.asarray(ckpt["class_codes"])
     reader = TrainReader(FeatureStore(root / "w" / "features" / "title_bpe.zarr"), "tokens",
                          preds["item_id"].to_numpy(), np.zeros(len(preds)), batch_size=256, shuffle=False)
-    again = {}
+    logits = {}
     with torch.no_grad():
         for batch in reader.epoch(0):
-            again.update(zip(batch.ids.tolist(), codes[model(*batch.inputs).argmax(1).numpy()].tolist()))
-    assert [again[i] for i in preds["item_id"].to_list()] == preds["predicted"].to_list()
+            logits.update(zip(batch.ids.tolist(), model(*batch.inputs)))
+    col = {int(c): j for j, c in enumerate(codes)}
+    for item, predicted in zip(preds["item_id"].to_list(), preds["predicted"].to_list()):
+        # exact on the CPU; a run on a GPU (TF32 convolutions) may flip an argmax between near-tied classes
+        assert logits[item][col[predicted]] >= logits[item].max() - 1e-3 * (1 + logits[item].abs().max())
     assert any("epoch 12/12" in line and "valid macro-F1" in line for line in log)
 
 
@@ -329,7 +333,7 @@ def test_changed_store_is_not_resumed(tmp_path):
 def test_torchrun_two_processes_gloo(tmp_path):
     split = token_store(tmp_path / "w", "title_cam", n=800)
     config = tmp_path / "small.toml"
-    table = "\n".join(f"{k} = {json.dumps(v)}" for k, v in (SMALL | {"epochs": 2}).items())
+    table = "\n".join(f"{k} = {json.dumps(v)}" for k, v in (SMALL | {"epochs": 2, "device": "cpu"}).items())
     config.write_text(f'base = "{DEMO_CONFIG}"\n[pretrain.title_cam]\n{table}\n')
     env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -344,6 +348,17 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert all(h["valid_items"] == len(valid) for h in metrics["history"])
     assert pl.read_parquet(out / "valid_predictions.parquet")["item_id"].sort().to_list() == valid
     assert proc.stderr.count("epoch 2/2:") == 1  # one summary line per epoch: rank 0 speaks
+
+
+def test_more_processes_than_gpus_is_refused_before_nccl(monkeypatch):
+    # NCCL cannot put two ranks on one GPU ("Duplicate GPU detected"); the user gets what to run instead
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for k, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(PipelineError, match=r"2 processes on this machine but 1 CUDA device.*"
+                                            r"--nproc_per_node 1.*\[pretrain\] device = 'cpu'"):
+        Dist("auto", "[pretrain] device")
 
 
 # ---------------------------------------------------------------------- errors
