@@ -213,7 +213,7 @@ def warm_up(ex, items: pl.DataFrame, batch: int) -> None:
 def bench_title_cam(cfg: dict, tmp: Path, n: int, device: torch.device, repeats: int) -> dict:
     from pipeline.extract.text_cam import CamembertTokens
 
-    items = take(catalogue(cfg, tmp, n, image_size=32), n)
+    items = take(catalogue(cfg, tmp, min(n, 4000), image_size=32), n)  # titles repeat past 4000
     model_dir = camembert_base_shaped(items["title"].to_list(), tmp / "camembert-base-shaped")
     ex = CamembertTokens("title_cam", model_dir, section(cfg, "title_cam"), section(cfg, "text_model"), device)
     block_rows = int(section(cfg, "title_cam").get("block_items", section(cfg, "stores")["block_items"]))

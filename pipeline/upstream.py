@@ -16,7 +16,8 @@ from pathlib import Path
 
 from pipeline.config import section
 from pipeline.errors import PipelineError
-from pipeline.weights import build_tiny_camembert, convert_efficientnet_lite
+from pipeline.weights import (IMAGE_WEIGHTS_HINT, ModelNotFoundError, build_tiny_camembert,
+                              convert_efficientnet_lite)
 from stores import store_lock
 
 
@@ -56,8 +57,11 @@ def image_weights(cfg: dict, workdir: str | Path) -> Path | None:
     opts = section(cfg, "image")
     if opts["weights"] == "random":
         return None
+    if not str(opts["weights"]).strip():
+        raise ModelNotFoundError(f"no image weights given for '{opts['model']}' ([image] weights is empty): "
+                                 f"{IMAGE_WEIGHTS_HINT}")
     if opts["weights"] != "packaged":
-        return Path(opts["weights"]).expanduser() if opts["weights"] else Path("")
+        return Path(opts["weights"]).expanduser()
     match = re.fullmatch(r"tf_efficientnet_(lite[0-4])", opts["model"])
     if not match:
         raise PipelineError(f"[image] weights = \"packaged\" exists for tf_efficientnet_lite0..4, not "

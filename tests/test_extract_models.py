@@ -147,7 +147,7 @@ def test_missing_models_say_what_to_pass(tmp_path, catalog_dir):
     with pytest.raises(ModelNotFoundError, match=r"camembert-base.*--text-model DIR"):
         extract("title_cam", catalog_dir, tmp_path / "w", no_text, progress=False, log=quiet)
     b2 = merge(CFG, {"image": {"model": "efficientnet_b2", "weights": ""}})
-    with pytest.raises(ModelNotFoundError, match=r"--image-weights FILE"):
+    with pytest.raises(ModelNotFoundError, match=r"no image weights given for 'efficientnet_b2' .*--image-weights FILE"):
         extract("image", catalog_dir, tmp_path / "w", b2, progress=False, log=quiet)
 
 

@@ -45,6 +45,11 @@ def decode(path: str, transform, draft_size: int) -> tuple[torch.Tensor | None, 
         return None, UNREADABLE
 
 
+def decode_threads() -> int:
+    """``decode_workers = 0``: one thread per usable CPU core, shared among torchrun's local processes."""
+    return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 class NumpyTensorSteps:
     """A timm eval transform whose last steps (ToTensor, Normalize) run in numpy: the same values bit for
     bit, and no torch op in the decode threads (each thread's torch ops start an OpenMP team of their own,
@@ -86,7 +91,7 @@ class ImageMaps:
         size = self.data_cfg["input_size"][1]
         self.draft_size = int(size / self.data_cfg.get("crop_pct", 1.0)) + 1
         self.batch_size = int(opts["batch_size"])
-        self.workers = int(opts["decode_workers"])
+        self.workers = int(opts["decode_workers"]) or decode_threads()
         with torch.inference_mode():
             shape = tuple(self.model.forward_features(torch.zeros(1, 3, size, size, device=device)).shape[1:])
         self.arrays = {"maps": ArraySpec("float16", shape)}
