@@ -67,8 +67,29 @@ def _find(directory: Path, pattern: str, what: str, layout: str, required: bool)
     return found[0]
 
 
+_WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+              (b"\xfe\xff", "UTF-16"))
+
+
+def _check_text(path: Path) -> None:
+    """Refuse, saying what to do, the text files that would otherwise read as a wrong header: UTF-16/32
+    (with or without a byte-order mark) and line ends of a carriage return alone."""
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)
+    for bom, encoding in _WIDE_BOMS:
+        if head.startswith(bom):
+            raise CatalogError(f"{path}: {encoding} text; save it as UTF-8 (iconv -f {encoding} -t UTF-8)")
+    if b"\x00" in head.split(b"\n", 1)[0]:
+        raise CatalogError(f"{path}: NUL bytes in the header row (UTF-16 or UTF-32 text without a byte-order "
+                           "mark?); save it as UTF-8")
+    if b"\r" in head and b"\n" not in head:
+        raise CatalogError(f"{path}: lines end with a carriage return alone (old Mac line ends); convert them "
+                           "to \\n or \\r\\n")
+
+
 def _read_table(path: Path, separator: str, needed: dict[str, str]) -> pl.DataFrame:
     """Read every column as text, check the needed ones exist, rename them to our field names."""
+    _check_text(path)
     try:
         df = pl.read_csv(path, separator=separator, infer_schema=False, encoding="utf8-lossy",
                          quote_char='"', truncate_ragged_lines=False)

@@ -142,6 +142,30 @@ def test_bad_files_are_refused_naming_file_row_and_column(tmp_path, x, y, messag
     assert "\n" not in str(refused.value)
 
 
+GOOD = ",designation,description,productid,imageid\n0,a,,11,21\n"
+
+
+@pytest.mark.parametrize("raw, message", [
+    (GOOD.encode("utf-16"), r"X_train.csv: UTF-16 text; save it as UTF-8"),
+    (GOOD.encode("utf-16-be"), r"X_train.csv: NUL bytes in the header row \(UTF-16 or UTF-32 text without"),
+    (GOOD.encode("utf-32"), r"X_train.csv: UTF-32 text; save it as UTF-8"),
+    (GOOD.replace("\n", "\r").encode(), r"X_train.csv: lines end with a carriage return alone"),
+])
+def test_files_in_a_wide_encoding_or_with_old_mac_line_ends_say_so(tmp_path, raw, message):
+    # read as they are, these gave "missing column" errors listing garbled column names
+    (tmp_path / "X_train.csv").write_bytes(raw)
+    (tmp_path / "Y_train.csv").write_text(",prdtypecode\n0,10\n")
+    with pytest.raises(CatalogError, match=message):
+        load_catalog(tmp_path, CFG)
+
+
+def test_utf8_with_a_byte_order_mark_and_windows_line_ends_read_as_plain_utf8(tmp_path):
+    (tmp_path / "X_train.csv").write_bytes(GOOD.replace("\n", "\r\n").encode("utf-8-sig"))
+    (tmp_path / "Y_train.csv").write_text(",prdtypecode\n0,10\n")
+    items = load_catalog(tmp_path, CFG).items
+    assert items["title"].to_list() == ["a"] and items["item_id"].to_list() == [0]
+
+
 def test_a_renamed_column_is_one_line_from_the_cli(tmp_path):
     (tmp_path / "cat").mkdir()
     (tmp_path / "cat" / "X_train.csv").write_text(RENAMED)
