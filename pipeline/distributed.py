@@ -32,13 +32,17 @@ class Dist:
         cuda = torch.cuda.is_available() and want_device in ("auto", "cuda")
         if want_device == "cuda" and not torch.cuda.is_available():
             raise PipelineError(f"{setting} = 'cuda' but no CUDA device is available")
-        if cuda and self.world > 1 and self.local_world > torch.cuda.device_count():
+        # NCCL needs a GPU per process. A process bound to one GPU (CUDA_VISIBLE_DEVICES naming one device, as
+        # Slurm's --gpus-per-task=1 does) sees a single device whatever the number of local processes.
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        bound = visible != "" and "," not in visible
+        if cuda and self.world > 1 and self.local_world > torch.cuda.device_count() and not bound:
             n = torch.cuda.device_count()
             raise PipelineError(f"{self.local_world} processes on this machine but {n} CUDA device(s): NCCL needs "
                                 f"a GPU per process; start torchrun with --nproc_per_node {n}, or set "
                                 f"{setting} = 'cpu' (gloo)")
         if cuda:
-            self.device = torch.device("cuda", self.local_rank)
+            self.device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")

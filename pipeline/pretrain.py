@@ -38,10 +38,10 @@ its initial, identity BatchNorm). The coder is fitted on the train split's encod
 all ranks), then only the linear head is trained, with the same optimiser and schedule.
 
 Devices: CUDA when available (``device = "auto"``; training steps under bf16 autocast, validation in
-float32), the CPU otherwise (deterministic under the config's ``seed``). Under ``torchrun`` (``WORLD_SIZE`` > 1) the model is wrapped in
-DistributedDataParallel (nccl on CUDA, gloo on the CPU), each rank reads its own share of the store
-(:mod:`pipeline.train_reader`), validation predictions are gathered from every rank before the metrics
-are computed, and only rank 0 writes.
+float32), the CPU otherwise (deterministic under the config's ``seed``). Under ``torchrun``
+(``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel (nccl on CUDA, one GPU per process;
+gloo on the CPU), each rank reads its own share of the store (:mod:`pipeline.train_reader`), validation
+predictions are gathered from every rank before the metrics are computed, and only rank 0 writes.
 """
 from __future__ import annotations
 

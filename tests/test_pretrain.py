@@ -354,11 +354,17 @@ def test_more_processes_than_gpus_is_refused_before_nccl(monkeypatch):
     # NCCL cannot put two ranks on one GPU ("Duplicate GPU detected"); the user gets what to run instead
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # no process group started here
     for k, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(k, v)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     with pytest.raises(PipelineError, match=r"2 processes on this machine but 1 CUDA device.*"
                                             r"--nproc_per_node 1.*\[pretrain\] device = 'cpu'"):
         Dist("auto", "[pretrain] device")
+    # each process bound to its own GPU (Slurm's --gpus-per-task=1): one visible device each, and right
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert Dist("auto", "[pretrain] device").device == torch.device("cuda", 0)
 
 
 # ---------------------------------------------------------------------- errors
