@@ -47,7 +47,8 @@ def decode(path: str, transform, draft_size: int) -> tuple[torch.Tensor | None, 
 
 def decode_threads() -> int:
     """``decode_workers = 0``: one thread per usable CPU core, shared among torchrun's local processes."""
-    return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # Linux; macOS
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 class NumpyTensorSteps:
