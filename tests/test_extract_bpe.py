@@ -136,3 +136,43 @@ def test_cli_contract_inspect_json_and_errors(tmp_path, catalog_dir):
     assert missing.returncode == 1
     assert missing.stderr.strip().startswith("error: catalogue folder not found")
     assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_bpe_dropout_resegments_the_same_titles_reproducibly(tmp_path, catalog_dir):
+    """BPE-dropout: other splits of the same text, the same draw for the same (seed, epoch, step), ids that
+    do not round-trip through their text kept as stored, padding and mask consistent."""
+    import torch
+
+    from pipeline.extract.title_bpe import BpeDropout, train_tokenizer
+
+    titles = load_catalog(catalog_dir, CFG).items["title"].to_list()
+    model = train_tokenizer(titles, tmp_path, {**CFG["title_bpe"], "vocab_size": 300}, "rebuild")
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    batch = titles[:61] + ["", "Figurine \u2603 en r\u00e9sine", titles[61]]  # empty; an unknown character
+    stored = sp.encode(batch)
+    assert sp.unk_id() in stored[-2]
+    spm.set_random_generator_seed(5)
+    stored[-1] = sp.encode(titles[61], enable_sampling=True, alpha=0.5, nbest_size=-1)  # not what encode gives
+    assert stored[-1] != sp.encode(titles[61])
+    width = max(map(len, stored))
+    ids = torch.tensor([s + [7] * (width - len(s)) for s in stored])  # padding holds any id
+    mask = torch.tensor([[j < len(s) for j in range(width)] for s in stored])
+
+    aug = BpeDropout(model, 0.3, seed=0)
+    out_ids, out_mask = aug(ids, mask, epoch=0, step=1)
+    rows = [r[m].tolist() for r, m in zip(out_ids, out_mask)]
+    assert out_mask.sum(1).tolist() == [len(r) for r in rows] and out_ids.shape[1] == max(map(len, rows))
+    assert (out_ids[~out_mask] == 0).all()
+    assert sp.decode(rows) == sp.decode(stored)             # the same text...
+    changed = sum(r != s for r, s in zip(rows, stored))
+    assert changed > 40, changed                            # ...in other splits (dropped merges: more pieces)
+    assert sum(map(len, rows)) > sum(map(len, stored))
+    assert rows[-3] == [] and rows[-1] == stored[-1]        # empty stays empty; non-canonical ids kept
+    assert sp.unk_id() in rows[-2]
+
+    again_ids, again_mask = BpeDropout(model, 0.3, seed=0)(ids, mask, epoch=0, step=1)
+    assert torch.equal(again_ids, out_ids) and torch.equal(again_mask, out_mask)
+    other, _ = aug(ids, mask, epoch=0, step=2)
+    assert not torch.equal(other, out_ids)
+    with pytest.raises(ValueError, match="in \\(0, 1\\)"):
+        BpeDropout(model, 1.0, seed=0)
