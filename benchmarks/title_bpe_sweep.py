@@ -44,7 +44,6 @@ CANDIDATES = {
     "dropout0.4_30ep": {"dropout": 0.4, "epochs": 30},
     "token_dropout0.1": {"token_dropout": 0.1},
     "embed128": {"embed_dim": 128},
-    "bpe_dropout0.1_30ep": {"bpe_dropout": 0.1, "epochs": 30, "decay": 0.93},
 }
 
 

@@ -27,8 +27,6 @@ image      ImagePool: average pooling + BatchNorm over the maps  1e-4    0.9
 
 then :class:`~pipeline.emde.DifferentiableEMDECoder` (paper 3.2) and a linear head; Adam with the learning
 rate multiplied by ``decay`` after every epoch (``ExponentialLR``); plain or class-balanced cross-entropy.
-Not in the paper, off by default: ``bpe_dropout`` re-segments title_bpe's training batches at random with
-the store's own tokenizer (:class:`~pipeline.extract.title_bpe.BpeDropout`), for small catalogues.
 
 ``--coder static`` is the paper's "Baseline (Static EMDE)" (Table 3): a fitted, non-trainable
 :class:`~pipeline.emde.StaticEMDE` (data-dependent LSH of the original EMDE paper) cannot pass gradients
@@ -69,10 +67,9 @@ from pipeline.distributed import Dist
 from pipeline.emde import DifferentiableEMDECoder, StaticEMDE
 from pipeline.encoders import BpeCNN, ImagePool, ModalityClassifier, TextCNN, TokenMeanPool
 from pipeline.errors import PipelineError
-from pipeline.extract.title_bpe import BpeDropout, sha256_file
 from pipeline.metrics import class_weights, classification_metrics
-from pipeline.train_reader import Batch, TrainReader
-from pipeline.workdir import MODALITIES, feature_store_path, tokenizer_dir
+from pipeline.train_reader import TrainReader
+from pipeline.workdir import MODALITIES, feature_store_path
 from stores import FeatureStore
 
 __all__ = ["pretrain", "build_model", "load_model", "modality_options", "model_dir", "FEATURE_ARRAY"]
@@ -113,11 +110,6 @@ def modality_options(cfg: dict, modality: str, coder: str | None = None) -> dict
     missing = [k for k in needed if k not in opts]
     if missing:
         raise PipelineError(f"{where}: missing key(s) {', '.join(missing)}")
-    bpe_dropout = float(opts.get("bpe_dropout", 0.0))
-    if bpe_dropout and modality != "title_bpe":
-        raise PipelineError(f"{where}: bpe_dropout re-segments BPE ids; it applies to title_bpe only")
-    if not 0.0 <= bpe_dropout < 1.0:
-        raise PipelineError(f"{where}: bpe_dropout must be in [0, 1), not {bpe_dropout}")
     if opts["coder"] == "static" and int(opts["width"]) & (int(opts["width"]) - 1):
         raise PipelineError(f"{where}: the static coder needs a power-of-two width, not {opts['width']}")
     return opts
@@ -296,22 +288,6 @@ def _fit_static(model: ModalityClassifier, reader: TrainReader, ctx: Dist) -> No
     model.coder.fit(torch.from_numpy(feats).to(ctx.device))
 
 
-def _bpe_dropout(workdir: Path, modality: str, opts: dict, store: FeatureStore, seed: int) -> BpeDropout | None:
-    """The BPE-dropout of title_bpe's training batches (`bpe_dropout` > 0), with the store's own tokenizer."""
-    p = float(opts.get("bpe_dropout", 0.0))
-    if p == 0.0:
-        return None
-    where = f"[pretrain.{modality}] bpe_dropout"
-    path = tokenizer_dir(workdir) / "title_bpe.model"
-    if not path.is_file():
-        raise PipelineError(f"{where} needs the tokenizer that wrote {store.path}, and {path} is missing: "
-                            f"rebuild both with `pipeline extract title_bpe --rebuild ...`, or set bpe_dropout = 0")
-    if sha256_file(path) != store.provenance.get("producer", {}).get("tokenizer_sha256"):
-        raise PipelineError(f"{path} is not the tokenizer that wrote {store.path} (sha256 differs): rebuild "
-                            f"the store with `pipeline extract title_bpe --rebuild ...`")
-    return BpeDropout(path, p, seed)
-
-
 def _set_train_mode(model: ModalityClassifier, coder: str) -> None:
     model.train()
     if coder == "static":  # fitted parts stay as fitted: only the head learns
@@ -362,7 +338,6 @@ def pretrain(modality: str, workdir: Path, cfg: dict, *, coder: str | None = Non
             store.close()
             return done
 
-    augment = _bpe_dropout(workdir, modality, opts, store, seed)
     ctx = Dist(str(opts.get("device", "auto")), "[pretrain] device")
     say = log if ctx.main else (lambda *_a, **_k: None)
     threads = torch.get_num_threads()
@@ -370,7 +345,7 @@ def pretrain(modality: str, workdir: Path, cfg: dict, *, coder: str | None = Non
         torch.set_num_threads(int(opts["cpu_threads"]))
     try:
         return _run(modality, opts, rcfg, model_config, fp, store, codes, parts,
-                    ctx, progress, say, out, epochs, seed, augment)
+                    ctx, progress, say, out, epochs, seed)
     finally:
         torch.set_num_threads(threads)
         store.close()
@@ -378,7 +353,7 @@ def pretrain(modality: str, workdir: Path, cfg: dict, *, coder: str | None = Non
 
 
 def _run(modality, opts, rcfg, model_config, fp, store, codes, parts, ctx, progress, say, out, epochs,
-         seed, augment) -> dict:
+         seed) -> dict:
     metrics_path, model_path, last_path = out / "metrics.json", out / "model.pt", out / "last.pt"
     cuda = ctx.device.type == "cuda"
     # bf16 autocast on CUDA for the training steps of the trainable networks (the static coder's hyperplane
@@ -481,8 +456,6 @@ def _run(modality, opts, rcfg, model_config, fp, store, codes, parts, ctx, progr
             batches = train.epoch(epoch)
             try:
                 for step, batch in enumerate(batches, 1):
-                    if augment is not None:
-                        batch = Batch(augment(*batch.inputs, epoch=epoch, step=step), batch.labels, batch.ids)
                     batch = batch.to(ctx.device)
                     with autocast():
                         logits = net(*batch.inputs)

@@ -382,30 +382,3 @@ def test_missing_inputs_name_the_command_that_builds_them(tmp_path):
                           cwd=PROJECT_ROOT, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 1 and "pipeline extract image" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
-
-
-def test_bpe_dropout_trains_reproducibly_with_the_store_tokenizer(bpe_run, tmp_path):
-    """[pretrain.title_bpe] bpe_dropout: another model than without (not "nothing to do"), the same one on a
-    rerun, and clear errors when the tokenizer that wrote the store is missing or another one."""
-    root, cfg, _, _ = bpe_run
-    dropout_cfg = merge(cfg, {"pretrain": {"title_bpe": {"bpe_dropout": 0.1, "epochs": 2}}})
-    runs = []
-    for name in ("a", "b"):
-        shutil.copytree(root / "w", tmp_path / name, ignore=shutil.ignore_patterns("models"))
-        runs.append(pretrain("title_bpe", tmp_path / name, dropout_cfg, progress=False, log=Log()))
-    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
-    assert strip(runs[0]["history"]) == strip(runs[1]["history"])  # deterministic on the CPU
-    plain = pretrain("title_bpe", tmp_path / "a", merge(cfg, {"pretrain": {"title_bpe": {"epochs": 2}}}),
-                     progress=False, log=Log())
-    assert plain["history"][0]["loss"] != runs[0]["history"][0]["loss"]
-
-    tokenizer = tmp_path / "b" / "tokenizers" / "title_bpe.model"
-    tokenizer.write_bytes(tokenizer.read_bytes() + b"\0")
-    with pytest.raises(PipelineError, match="not the tokenizer that wrote .*title_bpe.zarr"):
-        pretrain("title_bpe", tmp_path / "b", merge(dropout_cfg, {"seed": 1}), progress=False, log=Log())
-    tokenizer.unlink()
-    with pytest.raises(PipelineError, match=r"title_bpe.model is missing.*bpe_dropout = 0"):
-        pretrain("title_bpe", tmp_path / "b", merge(dropout_cfg, {"seed": 1}), progress=False, log=Log())
-    with pytest.raises(PipelineError, match="title_bpe only"):
-        pretrain("title_cam", tmp_path / "b", merge(cfg, {"pretrain": {"title_cam": {"bpe_dropout": 0.1}}}),
-                 progress=False, log=Log())
