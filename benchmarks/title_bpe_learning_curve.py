@@ -74,9 +74,10 @@ def main() -> None:
         print("| train titles | TF-IDF titles | title_bpe (mean of seeds) | gap |")
         print("|---|---|---|---|")
         for row in rows:
-            scores = [r["macro_f1"] for r in runs if r["name"] == f"{row['fraction']:g}"]
+            mine = [r for r in runs if r["name"] == f"{row['fraction']:g}"]
+            scores = [r["macro_f1"] for r in mine]
             row |= {"title_bpe": scores, "title_bpe_mean": round(sum(scores) / len(scores), 2),
-                    "seconds": [r["seconds"] for r in runs if r["name"] == f"{row['fraction']:g}"]}
+                    "seconds": [r["seconds"] for r in mine]}
             fh.write(json.dumps(row) + "\n")
             print(f"| {row['train_items']} ({row['fraction']:g}) | {row['tfidf_title']:.2f} | "
                   f"{row['title_bpe_mean']:.2f} {sorted(scores)} | {row['title_bpe_mean'] - row['tfidf_title']:+.2f} |")
