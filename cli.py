@@ -6,35 +6,42 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
 from rich.console import Console
 
-from pipeline.config import load_config
 from pipeline.errors import PipelineError
+from stores import StoreError
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Multimodal product classification with trainable EMDE, one command per stage.")
 data_app = typer.Typer(no_args_is_help=True, help="Catalogue utilities.")
 app.add_typer(data_app, name="data")
 err = Console(stderr=True)
-out = Console()
 
 ConfigOpt = Annotated[Optional[list[Path]], typer.Option(
-    "--config", help="TOML config (default: configs/default.toml); repeat to merge several in order")]
+    "--config", help="TOML config over configs/default.toml; repeat to merge several in order "
+                     "(default: the one the work directory was built with)")]
 WorkdirOpt = Annotated[Path, typer.Option("--workdir", help="work directory holding every stage's outputs")]
-
-
-def with_models(cfg: dict, text_model: str | None, image_weights: str | None) -> dict:
-    """The config with --text-model / --image-weights applied."""
-    if text_model is not None:
-        cfg["text_model"] = cfg["text_model"] | {"path": text_model}
-    if image_weights is not None:
-        cfg["image"] = cfg["image"] | {"weights": image_weights}
-    return cfg
+TextModelOpt = Annotated[Optional[str], typer.Option(help="local Hugging Face dir (\\[text_model] path)")]
+ImageWeightsOpt = Annotated[Optional[str], typer.Option(help="local weights file (\\[image] weights)")]
 
 
 def log(message: str) -> None:
     err.print(message, highlight=False, markup=False, soft_wrap=True)
+
+
+def settings(workdir: Path | None, config: list[Path] | None, text_model: str | None = None,
+             image_weights: str | None = None):
+    """The command's configuration: --config files, else the work directory's own, with the model flags."""
+    from pipeline.workdir import load
+
+    overrides = {}
+    if text_model is not None:
+        overrides["text_model"] = {"path": text_model}
+    if image_weights is not None:
+        overrides["image"] = {"weights": image_weights}
+    return load(workdir, config, overrides or None)
 
 
 @data_app.command("synth")
@@ -47,7 +54,7 @@ def data_synth(
     """Write a synthetic catalogue in the Rakuten challenge layout."""
     from pipeline.synth import synthesize
 
-    load_config(config)  # accepted (and checked) like every command's
+    settings(None, config)  # accepted (and checked) like every command's
     summary = synthesize(directory, items=items, seed=seed)
     log(f"synthetic catalogue in {directory}: {summary['train_items']} train, {summary['test_items']} test "
         f"items, {summary['classes']} classes, {summary['missing_images']} missing images, "
@@ -62,29 +69,29 @@ def extract(
     backend: Annotated[Optional[str], typer.Option(help="zarr or hdf5 (default: the config's)")] = None,
     shard: Annotated[Optional[str], typer.Option(help="K/N: this worker's share of the blocks")] = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="discard the store and extract again")] = False,
-    text_model: Annotated[Optional[str], typer.Option(help="local Hugging Face dir ([text_model] path)")] = None,
-    image_weights: Annotated[Optional[str], typer.Option(help="local weights file ([image] weights)")] = None,
+    text_model: TextModelOpt = None,
+    image_weights: ImageWeightsOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Extract features into W/features/<modality>.zarr|h5 (only what is missing)."""
     from pipeline.extract import extract as run
 
-    run(modality, catalog, workdir, with_models(load_config(config), text_model, image_weights),
-        backend=backend, shard=shard, rebuild=rebuild, progress=err.is_terminal, log=log)
+    run(modality, catalog, workdir, settings(workdir, config, text_model, image_weights),
+        backend=backend, shard=shard, rebuild=rebuild, log=log)
 
 
 @app.command()
 def models(
     catalog: Annotated[Path, typer.Option("--catalog", help="catalogue folder (the tiny model learns its texts)")],
     workdir: WorkdirOpt,
-    text_model: Annotated[Optional[str], typer.Option(help="local Hugging Face dir ([text_model] path)")] = None,
-    image_weights: Annotated[Optional[str], typer.Option(help="local weights file ([image] weights)")] = None,
+    text_model: TextModelOpt = None,
+    image_weights: ImageWeightsOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Build the upstream models the config asks for: the tiny CamemBERT, the converted image weights."""
     from pipeline.upstream import build_upstream
 
-    for line in build_upstream(catalog, workdir, with_models(load_config(config), text_model, image_weights)):
+    for line in build_upstream(catalog, workdir, settings(workdir, config, text_model, image_weights)):
         log(line)
 
 
@@ -99,7 +106,7 @@ def pretrain(
     """Train one modality's encoder + EMDE + head into W/models/<modality>/ (works under torchrun)."""
     from pipeline.pretrain import pretrain as run
 
-    run(modality, workdir, load_config(config), coder=coder, progress=err.is_terminal, log=log)
+    run(modality, workdir, settings(workdir, config), coder=coder, log=log)
 
 
 @app.command()
@@ -111,7 +118,7 @@ def sketch(
     """Input sketches (encoder + EMDE coder) of every item into W/sketches/<modality>.zarr|h5."""
     from pipeline.sketch import sketch as run
 
-    run(modality, workdir, load_config(config), progress=err.is_terminal, log=log)
+    run(modality, workdir, settings(workdir, config), log=log)
 
 
 @app.command()
@@ -119,7 +126,7 @@ def fuse(workdir: WorkdirOpt, config: ConfigOpt = None) -> None:
     """Train the Figure-2 fusion heads over the sketches; metrics, pictures and predictions in W/fusion/."""
     from pipeline.fuse import fuse as run
 
-    run(workdir, load_config(config), progress=err.is_terminal, log=log)
+    run(workdir, settings(workdir, config), log=log)
 
 
 @app.command()
@@ -132,7 +139,7 @@ def predict(
     """Classify new items: extract and sketch only what is missing, then the fusion heads."""
     from pipeline.predict import predict as run
 
-    run(catalog, workdir, out_csv, load_config(config), progress=err.is_terminal, log=log)
+    run(catalog, workdir, out_csv, settings(workdir, config), log=log)
 
 
 @app.command()
@@ -150,7 +157,7 @@ def inspect(
     if as_json:
         print(json.dumps(report))
     else:
-        out.print_json(data=report)
+        Console().print_json(data=report)
     if verify and not report["verify"]["ok"]:
         v = report["verify"]
         log(f"{store}: NOT complete: {len(v['incomplete_blocks'])} incomplete block(s), "
@@ -161,19 +168,26 @@ def inspect(
 @app.command()
 def demo(
     workdir: WorkdirOpt = Path("work/demo"),
-    config: Annotated[Optional[Path], typer.Option("--config", help="TOML config")] = Path("configs/demo.toml"),
+    config: ConfigOpt = None,
 ) -> None:
-    """Synthetic catalogue + tiny models + every stage, with a summary at the end."""
+    """Synthetic catalogue + tiny models + every stage, with a summary at the end (configs/demo.toml)."""
     from pipeline.demo import demo as run
 
-    run(workdir, load_config(config), progress=err.is_terminal, log=log)
+    run(workdir, settings(workdir, config or [Path("configs/demo.toml")]), log=log)
 
 
 def main() -> None:
-    """Entry point: a PipelineError or an OS error becomes one line on stderr and exit status 1."""
+    """Entry point: any refusal (bad arguments, bad input, a busy output) is one line on stderr, exit 1."""
     try:
-        app()
-    except PipelineError as e:
+        code = app(standalone_mode=False)  # click returns the code of a typer.Exit here instead of exiting
+        sys.exit(code if isinstance(code, int) else 0)
+    except click.exceptions.Abort:
+        log("error: interrupted")
+        sys.exit(1)
+    except click.ClickException as e:
+        log(f"error: {e.format_message()}")
+        sys.exit(1)
+    except (PipelineError, StoreError) as e:
         log(f"error: {e}")
         sys.exit(1)
     except OSError as e:

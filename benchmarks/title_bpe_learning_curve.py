@@ -50,7 +50,7 @@ def main() -> None:
         sys.exit(f"no title_bpe store in {a.workdir}: run `python benchmarks/rakuten_real.py` first")
     cfg = load_config(a.config)
     split = pl.read_parquet(a.workdir / "split.parquet")
-    titles = load_catalog((ROOT / cfg["real_data"]["catalog"]).resolve(), cfg).items.select("item_id", "title")
+    titles = load_catalog((ROOT / cfg.real_data.catalog).resolve(), cfg).items.select("item_id", "title")
     codes = sorted(split.filter(pl.col("split") != "test")["label"].unique().to_list())
     out = a.workdir / "title_bpe_learning_curve"
     out.mkdir(parents=True, exist_ok=True)

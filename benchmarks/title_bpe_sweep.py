@@ -59,7 +59,7 @@ def train(name: str, over: dict, seed: int, run_dir: Path, split_file: Path, sou
     """One pretraining run in its own work directory (links to the source's store and tokenizer)."""
     import torch
 
-    from pipeline.config import load_config, merge
+    from pipeline.config import load_config
     from pipeline.pretrain import pretrain
 
     torch.set_num_threads(1)
@@ -68,7 +68,7 @@ def train(name: str, over: dict, seed: int, run_dir: Path, split_file: Path, sou
                          ("features/title_bpe.zarr", source / "features" / "title_bpe.zarr")):
         if not (run_dir / link).exists():
             (run_dir / link).symlink_to(target.resolve())
-    cfg = merge(load_config(config), {"seed": seed, "pretrain": {"title_bpe": over}})
+    cfg = load_config(config).merged({"seed": seed, "pretrain": {"title_bpe": over}})
     t = time.perf_counter()
     m = pretrain("title_bpe", run_dir, cfg, progress=False, log=lambda *_a, **_k: None)
     return {"name": name, "seed": seed, "macro_f1": round(100 * m["macro_f1"], 2), "best_epoch": m["best_epoch"],

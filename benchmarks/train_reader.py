@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.config import load_config  # noqa: E402
-from pipeline.pretrain import build_model, modality_options  # noqa: E402
+from pipeline.checkpoint import build_model  # noqa: E402
 from pipeline.train_reader import TrainReader  # noqa: E402
 from stores import ArraySpec, FeatureStore, fingerprint  # noqa: E402
 
@@ -65,9 +65,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
-    opts = modality_options(cfg, "title_cam")
-    channels = args.channels or int(opts["channels"])
-    batch_size = args.batch_size or int(opts["batch_size"])
+    opts = cfg.train_options("title_cam")
+    channels = args.channels or opts.channels
+    batch_size = args.batch_size or opts.batch_size
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
 
@@ -76,13 +76,12 @@ def main() -> None:
 
     classes = 27
     model_config = {"modality": "title_cam", "coder": "trainable", "num_classes": classes,
-                    "encoder": {"type": "TextCNN", "in_dim": args.hidden, "kernel_sizes": list(opts["kernel_sizes"]),
-                                "channels": channels, "dropout": float(opts["dropout"])},
-                    "emde": {"depth": int(opts["depth"]), "width": int(opts["width"]),
-                             "inner_dim": int(opts["inner_dim"])}}
+                    "encoder": {"type": "TextCNN", "in_dim": args.hidden, "kernel_sizes": opts.kernel_sizes,
+                                "channels": channels, "dropout": opts.dropout},
+                    "emde": {"depth": opts.depth, "width": opts.width, "inner_dim": opts.inner_dim}}
     torch.manual_seed(0)
     model = build_model(model_config).to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=float(opts["lr"]))
+    optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr)
 
     def step(batch):
         batch = batch.to(device)
@@ -119,7 +118,7 @@ def main() -> None:
         ids, labels = build_store(path, args.items, args.hidden, classes, rng)
         store_mb = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file()) / 1e6
         for mode in ("memory", "stream"):
-            reader = TrainReader(path, "tokens", ids, labels, batch_size=batch_size, mode=mode, buffer_blocks=4,
+            reader = TrainReader(path, "tokens", "tokens", ids, labels, batch_size=batch_size, mode=mode, buffer_blocks=4,
                                  prefetch=8, sort_window=16, pin_memory=cuda, seed=0)
             load_s = reader.load() if mode == "memory" else 0.0
             epoch = 1

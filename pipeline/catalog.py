@@ -23,8 +23,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from pipeline.config import section
+from pipeline.schema import Layout
+from pipeline.text import clean_description
 from pipeline.errors import PipelineError
+from pipeline.provenance import atomic_path
 
 FIELDS = ("id", "title", "description", "product_id", "image_id")
 SPLIT_FILE = "split.parquet"
@@ -141,35 +143,35 @@ def _first_duplicate(ids: pl.Series) -> tuple[int, int] | None:
     return int(rows[0]), int(rows[1])
 
 
-def _read_items(path: Path, layout: dict, part: str, with_label: bool) -> pl.DataFrame:
-    columns = layout["columns"]
-    needed = {f: columns[f] for f in FIELDS} | ({"label": columns["label"]} if with_label else {})
-    df = _read_table(path, layout["separator"], needed)
-    ids = _integer_column(df, "id", columns["id"], path, "item id")
+def _read_items(path: Path, layout: Layout, part: str, with_label: bool) -> pl.DataFrame:
+    columns = layout.columns
+    needed = {f: getattr(columns, f) for f in FIELDS} | ({"label": columns.label} if with_label else {})
+    df = _read_table(path, layout.separator, needed)
+    ids = _integer_column(df, "id", columns.id, path, "item id")
     if (dup := _first_duplicate(ids)) is not None:
-        raise CatalogError(f"{path}, row {dup[1] + 1}, column '{columns['id'] or '(unnamed index)'}': "
+        raise CatalogError(f"{path}, row {dup[1] + 1}, column '{columns.id or '(unnamed index)'}': "
                            f"duplicate item id {ids[dup[1]]} (first at row {dup[0] + 1})")
     out = df.with_columns(
         id=ids,
         title=pl.col("title").fill_null(""),
         description=pl.col("description").fill_null(""),
-        product_id=_integer_column(df, "product_id", columns["product_id"], path, "product id"),
-        image_id=_integer_column(df, "image_id", columns["image_id"], path, "image id"),
+        product_id=_integer_column(df, "product_id", columns.product_id, path, "product id"),
+        image_id=_integer_column(df, "image_id", columns.image_id, path, "image id"),
         part=pl.lit(part),
     ).rename({"id": "item_id"})
     if with_label:
-        out = out.with_columns(label=_integer_column(df, "label", columns["label"], path, "label"))
+        out = out.with_columns(label=_integer_column(df, "label", columns.label, path, "label"))
         if out["label"].is_null().any():
             row = int(out["label"].is_null().arg_max())
-            raise CatalogError(f"{path}, row {row + 1}, column '{columns['label']}': empty label")
+            raise CatalogError(f"{path}, row {row + 1}, column '{columns.label}': empty label")
     return out
 
 
-def _read_labels(path: Path, layout: dict, items: pl.DataFrame, x_path: Path) -> pl.DataFrame:
-    columns = layout["columns"]
-    df = _read_table(path, layout["separator"], {"id": columns["id"], "label": columns["label"]})
-    ids = _integer_column(df, "id", columns["id"], path, "item id")
-    labels = _integer_column(df, "label", columns["label"], path, "label")
+def _read_labels(path: Path, layout: Layout, items: pl.DataFrame, x_path: Path) -> pl.DataFrame:
+    columns = layout.columns
+    df = _read_table(path, layout.separator, {"id": columns.id, "label": columns.label})
+    ids = _integer_column(df, "id", columns.id, path, "item id")
+    labels = _integer_column(df, "label", columns.label, path, "label")
     if (dup := _first_duplicate(ids)) is not None:
         raise CatalogError(f"{path}, row {dup[1] + 1}: duplicate label for item id {ids[dup[1]]}")
     in_x = ids.is_in(items["item_id"].implode())
@@ -182,20 +184,20 @@ def _read_labels(path: Path, layout: dict, items: pl.DataFrame, x_path: Path) ->
         raise CatalogError(f"{x_path}, row {row + 1}: item id {items['item_id'][row]} has no label in {path.name}")
     if labels.is_null().any():
         row = int(labels.is_null().arg_max())
-        raise CatalogError(f"{path}, row {row + 1}, column '{columns['label']}': empty label")
+        raise CatalogError(f"{path}, row {row + 1}, column '{columns.label}': empty label")
     return items.join(pl.DataFrame({"item_id": ids, "label": labels}), on="item_id", how="left",
                       maintain_order="left")
 
 
-def _resolve_images(items: pl.DataFrame, directory: Path, layout: dict) -> pl.DataFrame:
+def _resolve_images(items: pl.DataFrame, directory: Path, layout: Layout) -> pl.DataFrame:
     """Image path of every item from its ids, and whether the file is there (one listing per folder)."""
-    name = layout["image_name"]
+    name = layout.image_name
     head, _, rest = name.partition("{image_id}")
     mid, _, tail = rest.partition("{product_id}")
     if "{" in head + mid + tail:
         raise CatalogError(f"image_name '{name}' may use only {{image_id}} and {{product_id}}, in that order")
     paths = []
-    for part, sub in layout["image_dirs"].items():
+    for part, sub in layout.image_dirs.items():
         folder = directory / sub
         present = pl.Series(os.listdir(folder) if folder.is_dir() else [], dtype=pl.String)
         rows = items.filter(pl.col("part") == part)
@@ -207,7 +209,7 @@ def _resolve_images(items: pl.DataFrame, directory: Path, layout: dict) -> pl.Da
         pl.col("has_image").fill_null(False), pl.col("image_path").fill_null(""))
 
 
-def load_catalog(directory: str | Path, cfg: dict, require_train: bool = True) -> Catalog:
+def load_catalog(directory: str | Path, cfg, require_train: bool = True) -> Catalog:
     """Read the catalogue in `directory` with the layout the config names.
 
     Without `require_train` (new items to predict), a folder holding only test items is enough.
@@ -215,15 +217,12 @@ def load_catalog(directory: str | Path, cfg: dict, require_train: bool = True) -
     directory = Path(directory)
     if not directory.is_dir():
         raise CatalogError(f"catalogue folder not found: {directory}")
-    name = section(cfg, "catalog")["layout"]
-    layouts = section(cfg, "catalog", "layouts")
-    if name not in layouts:
-        raise CatalogError(f"{cfg.get('config_path')}: unknown catalogue layout '{name}' (have {sorted(layouts)})")
-    layout = layouts[name]
-    x_train = _find(directory, layout["train"], "train", name, required=require_train)
-    x_test = _find(directory, layout["test"], "test", name, required=x_train is None)
+    name = cfg.catalog.layout
+    layout = cfg.catalog.layouts[name]
+    x_train = _find(directory, layout.train, "train", name, required=require_train)
+    x_test = _find(directory, layout.test, "test", name, required=x_train is None)
     if x_train is not None:
-        y_train = _find(directory, layout["labels"], "label", name, required=True)
+        y_train = _find(directory, layout.labels, "label", name, required=True)
         items = _read_items(x_train, layout, "train", with_label=y_train is None)
         if y_train is not None:
             items = _read_labels(y_train, layout, items, x_train)
@@ -248,17 +247,56 @@ def load_catalog(directory: str | Path, cfg: dict, require_train: bool = True) -
     ), files)
 
 
+def train_texts(train_items: pl.DataFrame) -> list[str]:
+    """Titles and cleaned descriptions of the train items (what a tiny text model learns from)."""
+    return train_items["title"].to_list() + [clean_description(d) for d in train_items["description"].to_list() if d]
+
+
 # ---------------------------------------------------------------------- the split table
-def make_split(catalog: Catalog, cfg: dict, workdir: str | Path) -> pl.DataFrame:
+def read_split(workdir: str | Path, hint: str = "") -> pl.DataFrame:
+    """W/split.parquet (item_id, split, label), or one line saying which command builds it."""
+    path = Path(workdir) / SPLIT_FILE
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: the first stage builds it, "
+                            f"`{hint or f'pipeline extract MODALITY --catalog DIR --workdir {workdir}'}`")
+    try:
+        split = pl.read_parquet(path)
+    except Exception as err:  # polars/arrow raise several kinds for a damaged file
+        raise PipelineError(f"{path}: unreadable ({type(err).__name__}); it is the work directory's split: "
+                            "restore it, or start a new --workdir") from None
+    if not {"item_id", "split", "label"} <= set(split.columns):
+        raise PipelineError(f"{path}: not a split table (needs item_id, split, label)")
+    return split
+
+
+def _draw_split(items: pl.DataFrame, opts) -> pl.DataFrame:
+    """Paper 3.3: `valid_items` train items held out with a fixed seed (a proportional share for a
+    catalogue smaller than `reference_train_items`)."""
+    train_ids = items.filter(pl.col("part") == "train")["item_id"].sort().to_numpy()
+    n_valid = opts.valid_items
+    if len(train_ids) < opts.reference_train_items:
+        n_valid = max(1, round(n_valid * len(train_ids) / opts.reference_train_items))
+    rng = np.random.default_rng(opts.seed)
+    valid = rng.choice(train_ids, size=min(n_valid, len(train_ids) - 1), replace=False)
+    return items.select(
+        "item_id",
+        split=pl.when(pl.col("item_id").is_in(valid)).then(pl.lit("valid")).otherwise(pl.col("part")),
+        label="label",
+    )
+
+
+def make_split(catalog: Catalog, cfg, workdir: str | Path) -> pl.DataFrame:
     """The split table (item_id, split, label), written once to W/split.parquet and reused.
 
-    Paper 3.3: `valid_items` train items are held out for validation with a fixed seed. A run on
-    a grown catalogue keeps every existing assignment and adds new items as train or test.
+    A run on a grown catalogue keeps every existing assignment and adds new items as train or test;
+    a relabelled item is refused (the work directory belongs to another catalogue).
     """
     path = Path(workdir) / SPLIT_FILE
     items = catalog.items.select("item_id", "part", "label")
-    if path.exists():
-        split = pl.read_parquet(path)
+    if not path.exists():
+        split = _draw_split(items, cfg.split)
+    else:
+        split = read_split(workdir)
         both = split.join(items, on="item_id", how="inner", suffix="_now")
         changed = both.filter(pl.col("label").ne_missing(pl.col("label_now")))
         if len(changed):
@@ -270,24 +308,15 @@ def make_split(catalog: Catalog, cfg: dict, workdir: str | Path) -> pl.DataFrame
         if len(new) == 0:
             return split
         split = pl.concat([split, new.select("item_id", split=pl.col("part"), label="label")])
-    else:
-        opts = section(cfg, "split")
-        train_ids = items.filter(pl.col("part") == "train")["item_id"].sort().to_numpy()
-        n_valid = int(opts["valid_items"])
-        if len(train_ids) < int(opts["reference_train_items"]):
-            n_valid = max(1, round(n_valid * len(train_ids) / int(opts["reference_train_items"])))
-        rng = np.random.default_rng(int(opts["seed"]))
-        valid = rng.choice(train_ids, size=min(n_valid, len(train_ids) - 1), replace=False)
-        split = items.select(
-            "item_id",
-            split=pl.when(pl.col("item_id").is_in(valid)).then(pl.lit("valid")).otherwise(pl.col("part")),
-            label="label",
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # shard workers starting together write the same table
-    split.write_parquet(tmp)
-    os.replace(tmp, path)  # never a half-written split table
+    with atomic_path(path) as tmp:  # shard workers starting together write the same table
+        split.write_parquet(tmp)
     return split
+
+
+def split_items(catalog: Catalog, split: pl.DataFrame, part: str) -> pl.DataFrame:
+    """The catalogue's items of one part of the split ("train", "valid", "test")."""
+    ids = split.filter(pl.col("split") == part)["item_id"].implode()
+    return catalog.items.filter(pl.col("item_id").is_in(ids))
 
 
 def class_codes(split: pl.DataFrame) -> list[int]:
@@ -297,9 +326,7 @@ def class_codes(split: pl.DataFrame) -> list[int]:
 
 def write_submission(path: str | Path, ids, codes) -> None:
     """Predictions in the challenge's submission format: a `,prdtypecode` header, then `item_id,code` rows."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
         fh.write(",prdtypecode\n")  # polars would quote the empty index name
         pl.DataFrame({"item_id": np.asarray(ids, np.int64), "code": np.asarray(codes, np.int64)}) \
             .write_csv(fh, include_header=False)

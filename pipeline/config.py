@@ -1,21 +1,37 @@
-"""Configuration: TOML files in configs/, one home for every hyperparameter.
+"""Configuration: TOML files in configs/, read once into typed, validated tables.
 
-A config may name a `base` file (relative to itself); its tables are merged over the base's, key by
-key, so `demo.toml` says only what differs from the paper's `default.toml`.
+`configs/default.toml` (the paper's setup) is the root of every config: a file says only what differs,
+and may name a `base` file (relative to itself) that it is merged over, key by key; several `--config`
+files are merged in order. Every value is then checked against pipeline.schema (and the modality
+registry for the `[<modality>]` and `[pretrain.<modality>]` tables) before any stage reads it: an
+unknown table or key, a wrong type or an out-of-range value is refused in one line naming the file,
+the key, what is expected, and the near miss when there is one.
 """
 from __future__ import annotations
 
+import difflib
+import json
 import tomllib
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from pipeline import modalities, schema
 from pipeline.errors import PipelineError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
 DEMO_CONFIG = CONFIG_DIR / "demo.toml"
+ROOT_KEYS = {"seed": int}
 
 
+class ConfigError(PipelineError):
+    """A config that cannot be used: the message names the file and the key."""
+
+
+# ---------------------------------------------------------------------- reading files
 def merge(base: dict, over: dict) -> dict:
     """`over` merged into a copy of `base`, tables recursively, everything else replaced."""
     out = dict(base)
@@ -24,40 +40,226 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_config(path: str | Path | list | None = None) -> dict:
-    """Read a config (default: configs/default.toml), following its `base` chain.
+def _origins(table: dict, source: str, prefix: tuple = ()) -> dict[tuple, str]:
+    """Which file set each key (and table) of `table`: {("pretrain", "title_bpe", "lr"): "x.toml", ...}."""
+    out = {}
+    for key, value in table.items():
+        out[prefix + (key,)] = source
+        if isinstance(value, dict):
+            out |= _origins(value, source, prefix + (key,))
+    return out
 
-    A list of configs is merged in order, each over the ones before (`--config a --config b`).
-    """
-    if isinstance(path, (list, tuple)):
-        if len(path) <= 1:
-            return load_config(path[0] if path else None)
-        cfg = load_config(path[0])
-        for more in path[1:]:
-            cfg = merge(cfg, load_config(more))
-        cfg["config_path"] = " --config ".join(str(p) for p in path)
-        return cfg
-    path = Path(path) if path is not None else DEFAULT_CONFIG
-    if not path.is_file() and not path.is_absolute() and (PROJECT_ROOT / path).is_file():
-        path = PROJECT_ROOT / path  # `--config configs/demo.toml` works from any directory
-    if not path.is_file():
-        raise PipelineError(f"config file not found: {path}")
+
+def find_config(path: str | Path) -> Path:
+    """A config file by path; `configs/demo.toml` (or just `demo.toml`) also from any directory."""
+    path = Path(path).expanduser()
+    for candidate in (path, PROJECT_ROOT / path, CONFIG_DIR / path.name):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file not found: {path}")
+
+
+def _read_chain(path: Path, seen: tuple = ()) -> tuple[dict, dict]:
+    """The tables of `path` merged over its `base` chain, and the origin of every key."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: its `base` chain comes back to itself")
     try:
-        cfg = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise PipelineError(f"{path}: not valid TOML ({err})") from None
-    base = cfg.pop("base", None)
-    if base is not None:
-        cfg = merge(load_config(path.parent / base), cfg)
-    cfg["config_path"] = str(path)
-    return cfg
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    base = raw.pop("base", None)
+    if base is None:
+        return raw, _origins(raw, str(path))
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
+    tables, origins = _read_chain((path.parent / base) if (path.parent / base).is_file() else find_config(base),
+                                  seen + (path.resolve(),))
+    return merge(tables, raw), origins | _origins(raw, str(path))
 
 
-def section(cfg: dict, *keys: str) -> dict:
-    """cfg[k1][k2]..., with a clear message naming the missing table."""
-    node = cfg
-    for i, key in enumerate(keys):
-        if not isinstance(node, dict) or key not in node:
-            raise PipelineError(f"{cfg.get('config_path', 'config')}: missing table [{'.'.join(keys[: i + 1])}]")
-        node = node[key]
-    return node
+def read_tables(paths: list[Path]) -> tuple[dict, dict]:
+    """default.toml, then every file (with its base chain) merged in order: (tables, origins)."""
+    tables, origins = _read_chain(DEFAULT_CONFIG)
+    for path in paths:
+        more, more_origins = _read_chain(path)
+        tables, origins = merge(tables, more), origins | more_origins
+    return tables, origins
+
+
+# ---------------------------------------------------------------------- the typed config
+@dataclass(frozen=True)
+class Config:
+    """Every table of a config, validated. `raw` is the merged TOML (what a work dir records)."""
+
+    raw: dict
+    sources: tuple[str, ...]
+    seed: int
+    catalog: schema.Catalog
+    split: schema.Split
+    stores: schema.Stores
+    extract: schema.Extract
+    text_model: schema.TextModel
+    train_reader: schema.TrainReader
+    sketch: schema.Sketch
+    fusion: schema.Fusion
+    demo: schema.Demo | None
+    real_data: schema.RealData | None
+    modality_tables: dict = field(repr=False)  # name -> its [<name>] options
+    train_tables: dict = field(repr=False)  # name -> its [pretrain.<name>] options, [pretrain] applied
+    origins: dict = field(repr=False, compare=False, default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        return " --config ".join(self.sources) or str(DEFAULT_CONFIG)
+
+    @property
+    def modality_names(self) -> list[str]:
+        """The registered modalities this config has a table for ("all" on the command line)."""
+        return [m for m in modalities.names() if m in self.modality_tables]
+
+    def options(self, modality: str):
+        """The `[<modality>]` table (how its features are extracted)."""
+        if modality not in self.modality_tables:
+            modalities.get(modality)  # an unknown name: say so
+            raise ConfigError(f"{self.source}: no [{modality}] table")
+        return self.modality_tables[modality]
+
+    def train_options(self, modality: str, coder: str | None = None) -> schema.TrainOptions:
+        """`[pretrain.<modality>]` over `[pretrain]`, with --coder applied."""
+        if modality not in self.train_tables:
+            modalities.get(modality)
+            raise ConfigError(f"{self.source}: no [pretrain.{modality}] table")
+        opts = self.train_tables[modality]
+        if coder is None or coder == opts.coder:
+            return opts
+        values = opts.model_dump() | {"coder": coder}
+        return _validate(type(opts), values, ("pretrain", modality), self.origins, f"--coder {coder}")
+
+    def block_items(self, modality: str) -> int:
+        return getattr(self.options(modality), "block_items", None) or self.stores.block_items
+
+    def merged(self, over: dict, source: str | None = None) -> Config:
+        """This config with `over` merged into its tables (validated again)."""
+        origins = self.origins | _origins(over, source or "(override)")
+        return build(merge(self.raw, over), self.sources + ((source,) if source else ()), origins)
+
+    def digest(self) -> str:
+        return json.dumps(self.raw, sort_keys=True)
+
+
+def _suggest(key: str, known) -> str:
+    near = difflib.get_close_matches(str(key), [str(k) for k in known], n=1, cutoff=0.6)
+    return f" (did you mean '{near[0]}'?)" if near else ""
+
+
+def _where(path: tuple, origins: dict, default: str) -> str:
+    for n in range(len(path), 0, -1):
+        if path[:n] in origins:
+            return origins[path[:n]]
+    return default
+
+
+def _key_text(path: tuple) -> str:
+    """("pretrain", "title_bpe", "lr") -> "[pretrain.title_bpe] lr"; ("fusion", "heads", 0, "name") ->
+    "[fusion] heads[0].name": the key starts at the last name before the first list index."""
+    first_int = next((i for i, p in enumerate(path) if isinstance(p, int)), len(path))
+    table, key = path[: first_int - 1], path[first_int - 1 :]
+    text = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if n else str(p)) for n, p in enumerate(key))
+    return f"[{'.'.join(table)}] {text}" if table else text
+
+
+def _validate(cls, values, path: tuple, origins: dict, default_source: str):
+    """cls(**values), or a ConfigError naming the file, the key, what is expected and the near miss."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{_where(path, origins, default_source)}: {_key_text(path)}: expected a table, "
+                          f"got {values!r}")
+    try:
+        return cls.model_validate(values)
+    except ValidationError as err:
+        # an unknown key first: a misspelt key also shows as the missing key it was meant to be
+        e = sorted(err.errors(include_url=False), key=lambda e: e["type"] != "extra_forbidden")[0]
+        loc = path + tuple(e["loc"])
+        where = _where(loc, origins, default_source)
+        if e["type"] == "extra_forbidden":
+            known = getattr(_table_class_at(cls, e["loc"][:-1]), "model_fields", {})
+            what = f"unknown key{_suggest(loc[-1], known)}"
+        elif e["type"] == "missing":
+            what = "missing key"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            what = f"{msg[0].lower()}{msg[1:]}, got {e['input']!r}" if e["loc"] else msg
+        key = _key_text(loc) if e["loc"] else f"[{'.'.join(map(str, path))}]"
+        raise ConfigError(f"{where}: {key}: {what}") from None
+
+
+def _table_class_at(cls, loc: tuple):
+    """The Section class of the table at `loc` inside `cls` (to suggest its keys)."""
+    for part in loc:
+        if isinstance(part, int) or not hasattr(cls, "model_fields") or part not in cls.model_fields:
+            return cls
+        ann = cls.model_fields[part].annotation
+        inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, schema.Section)]
+        cls = inner[-1] if inner else ann
+    return cls
+
+
+def _train_tables(raw: dict, origins: dict, default: str) -> dict:
+    """[pretrain.<modality>] over the [pretrain] keys that modality knows, validated per modality."""
+    pretrain = raw.get("pretrain", {})
+    common = {k: v for k, v in pretrain.items() if not isinstance(v, dict)}
+    known = set().union(*(m.train_options.model_fields for m in modalities.REGISTRY.values()))
+    for key in common:
+        if key not in known:
+            where = _where(("pretrain", key), origins, default)
+            raise ConfigError(f"{where}: [pretrain] {key}: unknown key{_suggest(key, known)}")
+    tables = {}
+    for name, table in pretrain.items():
+        if not isinstance(table, dict):
+            continue
+        if name not in modalities.REGISTRY:
+            where = _where(("pretrain", name), origins, default)
+            raise ConfigError(f"{where}: [pretrain.{name}]: unknown modality{_suggest(name, modalities.REGISTRY)}")
+        cls = modalities.REGISTRY[name].train_options
+        values = {k: v for k, v in common.items() if k in cls.model_fields} | table
+        tables[name] = _validate(cls, values, ("pretrain", name), origins, default)
+    return tables
+
+
+def build(raw: dict, sources: tuple[str, ...] = (), origins: dict | None = None) -> Config:
+    """Validate merged tables into a Config (refusing unknown tables, keys, types and values)."""
+    origins = origins or {}
+    default = sources[-1] if sources else str(DEFAULT_CONFIG)
+    known = set(schema.TABLES) | set(modalities.REGISTRY) | set(ROOT_KEYS) | {"pretrain"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{_where((key,), origins, default)}: [{key}]: unknown table or key{_suggest(key, known)}")
+    seed = raw.get("seed")
+    if type(seed) is not int:
+        raise ConfigError(f"{_where(('seed',), origins, default)}: seed: expected an integer, got {seed!r}")
+    tables = {name: _validate(cls, raw.get(name), (name,), origins, default) for name, cls in schema.TABLES.items()
+              if name in raw or name not in schema.OPTIONAL_TABLES}
+    tables |= {name: None for name in schema.OPTIONAL_TABLES if name not in raw}
+    modality_tables = {name: _validate(m.options, raw[name], (name,), origins, default)
+                       for name, m in modalities.REGISTRY.items() if name in raw}
+    train_tables = _train_tables(raw, origins, default)
+    for head in tables["fusion"].heads:
+        for m in head.inputs:
+            if m not in modalities.REGISTRY:
+                raise ConfigError(f"{_where(('fusion', 'heads'), origins, default)}: [fusion] heads: unknown modality "
+                                  f"'{m}'{_suggest(m, modalities.REGISTRY)}")
+    return Config(raw=raw, sources=tuple(sources), seed=seed, modality_tables=modality_tables,
+                  train_tables=train_tables, origins=origins, **tables)
+
+
+def load_config(paths: str | Path | list | tuple | None = None, overrides: dict | None = None) -> Config:
+    """Read, merge and validate configs (default.toml alone when none is given); `overrides` go last."""
+    if paths is None:
+        paths = []
+    elif isinstance(paths, (str, Path)):
+        paths = [paths]
+    files = [find_config(p) for p in paths]
+    tables, origins = read_tables(files)
+    sources = tuple(str(p) for p in paths)
+    if overrides:
+        tables, origins = merge(tables, overrides), origins | _origins(overrides, "(command line)")
+    return build(tables, sources, origins)

@@ -1,20 +1,51 @@
-"""The process group of a training stage under torchrun (`pipeline pretrain`, `pipeline fuse`).
+"""Where a process runs: the torchrun environment, the device, and the process group of a training stage.
 
-torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE; without it the run is one process
-(rank 0 of 1) and every collective below returns its input. With WORLD_SIZE > 1 :class:`Dist` starts
-the process group (nccl on CUDA, gloo on the CPU) unless one is already running, and ends it on
-:meth:`close` only if it started it.
+The one place that reads torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE; without
+torchrun the run is one process, rank 0 of 1) and that picks a device from a `device` setting. Under
+torchrun extraction shards by rank, and the training stages (`pipeline pretrain`, `pipeline fuse`) use
+:class:`Dist`: with WORLD_SIZE > 1 it starts the process group (nccl on CUDA, gloo on the CPU) unless
+one is already running, and ends it on :meth:`close` only if it started it; every collective returns its
+input in a single process.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from pipeline.errors import PipelineError
 
-__all__ = ["Dist"]
+__all__ = ["Dist", "Torchrun", "pick_device", "torchrun"]
+
+
+@dataclass(frozen=True)
+class Torchrun:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def torchrun() -> Torchrun:
+    """This process's place among torchrun's processes (rank 0 of 1 without torchrun)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return Torchrun(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")),
+                    int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+
+
+def pick_device(want: str, setting: str = "device") -> torch.device:
+    """"auto" (CUDA when there is one), "cpu" or "cuda"; on CUDA the GPU of this process's LOCAL_RANK."""
+    if want == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"{setting} = 'cuda' but torch sees no CUDA device")
+    if want == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torchrun().local_rank % torch.cuda.device_count())
 
 
 class Dist:
@@ -25,13 +56,10 @@ class Dist:
     """
 
     def __init__(self, want_device: str, setting: str = "device"):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(self.world)))
-        cuda = torch.cuda.is_available() and want_device in ("auto", "cuda")
-        if want_device == "cuda" and not torch.cuda.is_available():
-            raise PipelineError(f"{setting} = 'cuda' but no CUDA device is available")
+        env = torchrun()
+        self.world, self.rank, self.local_rank, self.local_world = env.world, env.rank, env.local_rank, env.local_world
+        self.device = pick_device(want_device, setting)
+        cuda = self.device.type == "cuda"
         # NCCL needs a GPU per process. A process bound to one GPU (CUDA_VISIBLE_DEVICES naming one device, as
         # Slurm's --gpus-per-task=1 does) sees a single device whatever the number of local processes.
         visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
@@ -42,10 +70,7 @@ class Dist:
                                 f"a GPU per process; start torchrun with --nproc_per_node {n}, or set "
                                 f"{setting} = 'cpu' (gloo)")
         if cuda:
-            self.device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
             torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
         self.owns_group = False
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if cuda else "gloo", device_id=self.device if cuda else None)

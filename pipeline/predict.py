@@ -13,27 +13,27 @@ import numpy as np
 import polars as pl
 import torch
 
-from pipeline.catalog import SPLIT_FILE, load_catalog, write_submission
-from pipeline.config import section
+from pipeline import checkpoint, workdir as wd
+from pipeline.catalog import load_catalog, read_split, write_submission
+from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.extract import extract_items
-from pipeline.extract.driver import run_extraction
-from pipeline.fuse import FusionHeads
-from pipeline.sketch import Sketcher, sketch_store_path
+from pipeline.heads import FusionHeads
+from pipeline.sketch import Sketcher, sketch_into_store
 from stores import FeatureStore
 
 
-def predict(catalog_dir: str | Path, workdir: str | Path, out_csv: str | Path, cfg: dict, *,
+def predict(catalog_dir: str | Path, workdir: str | Path, out_csv: str | Path, cfg: Config, *,
             progress: bool = True, log=print) -> pl.DataFrame:
     workdir = Path(workdir)
-    fusion_path = workdir / section(cfg, "fusion")["output"] / "model.pt"
-    if not fusion_path.exists() or not (workdir / SPLIT_FILE).exists():
+    fusion_path = wd.fusion_dir(workdir, cfg) / checkpoint.MODEL_FILE
+    if not fusion_path.exists():
         raise PipelineError(f"{fusion_path} not found: train the work directory first (extract, pretrain, "
                             f"sketch, fuse; or `pipeline demo --workdir {workdir}`)")
-    fusion = torch.load(fusion_path, map_location="cpu", weights_only=False)
+    fusion = checkpoint.load(fusion_path)
     catalog = load_catalog(catalog_dir, cfg, require_train=False)
     log(catalog.summary())
-    split = pl.read_parquet(workdir / SPLIT_FILE)  # read, never changed: these items are not training data
+    split = read_split(workdir)  # read, never changed: these items are not training data
     modalities = list(fusion["dims"])
     extract_items(modalities, catalog, split, workdir, cfg, progress=progress, log=log)
 
@@ -43,12 +43,9 @@ def predict(catalog_dir: str | Path, workdir: str | Path, out_csv: str | Path, c
         sketcher = Sketcher(m, workdir, cfg)
         if sketcher.producer["checkpoint_sha256"] != fusion["checkpoints"][m]:
             raise PipelineError(f"{fusion_path} was trained on sketches of another {m} checkpoint: run "
-                                f"`pipeline sketch {m} --workdir {workdir}` and `pipeline fuse` again")
-        path = sketch_store_path(workdir, cfg, m)
-        rows = sketcher.features.rows(ids)
-        items = pl.DataFrame({"item_id": ids[np.argsort(rows)]})  # feature-store order: sequential reads
-        summary = run_extraction(sketcher, items, path, block_rows=int(section(cfg, "sketch")["block_items"]),
-                                 rebuild_hint=f"pipeline sketch {m} --workdir {workdir}", progress=progress)
+                                f"`{wd.command(cfg, workdir, f'sketch {m}')}` and `{wd.command(cfg, workdir, 'fuse')}` again")
+        path = wd.sketch_store_path(workdir, cfg, m)
+        summary = sketch_into_store(sketcher, ids, path, cfg, wd.command(cfg, workdir, f"sketch {m}"), progress, log)
         log(summary.line())
         with FeatureStore(path) as store:
             sketches[m] = torch.from_numpy(store.read("sketch", ids))

@@ -1,278 +1,199 @@
 """Stage 2, pretrain: one classifier per modality, ``encoder -> EMDE coder -> linear head`` (paper 3.4).
 
-``pipeline pretrain MODALITY --workdir W [--config F] [--coder trainable|static]`` reads
-``W/features/<modality>.zarr|h5`` and ``W/split.parquet`` and writes ``W/models/<modality>/``:
+``pipeline pretrain MODALITY --workdir W [--config F] [--coder trainable|static]`` reads the modality's
+feature store and ``W/split.parquet`` and writes ``W/models/<modality>/``:
 
-* ``model.pt`` -- the best epoch's state dict (by validation macro-F1), the model config (enough for
-  :func:`build_model` to rebuild the network), class codes, coder kind, the input store's path and
-  provenance, the run fingerprint; load it back with :func:`load_model`;
+* ``model.pt`` -- the best epoch's weights (by validation macro-F1), the model config
+  (pipeline.checkpoint rebuilds the network from it), class codes, what it was trained on;
 * ``metrics.json`` -- ``macro_f1`` (0..1, validation split), ``per_class_f1`` (code -> F1), ``accuracy``,
-  ``epochs``, ``best_epoch``, ``seconds``, ``coder``, ``device``, the per-epoch history, ...; written last:
-  its presence with this run's fingerprint means the stage is done;
-* ``valid_predictions.parquet`` -- item_id, label and predicted code of every validation item (best epoch);
-* ``last.pt`` -- after every epoch: model, optimizer, scheduler, epoch, best so far, RNG states. A killed
-  run started again with the same config and store resumes after its last finished epoch; raising
-  ``epochs`` continues a finished run. Any other change of config, split or store starts afresh (and says so).
+  ``epochs``, ``best_epoch``, ``seconds``, ``coder``, ``device``, the per-epoch history, ...;
+* ``valid_predictions.parquet`` -- item_id, label and predicted code of every validation item;
+* ``last.pt`` -- the run state after its last epoch (raising ``epochs`` continues a finished run);
+* ``stamp.json`` -- what the model was computed from (settings, features, split): unchanged, the stage
+  does nothing.
 
-The networks (paper 3.4, Table 1):
+A run trains in ``W/models/.<modality>.partial/`` and swaps the finished directory in, so a refused,
+failed, killed or interrupted run leaves the last good model as it was; run again, a killed run resumes
+from its last finished epoch. One run per modality at a time: a second is refused at once.
 
-=========  ====================================================  ======  =====
-modality   encoder                                               lr      decay
-=========  ====================================================  ======  =====
-title_cam  TextCNN over CamemBERT token states, 4 kernel sizes   5e-3    0.7
-desc_cam   TextCNN, kernels 2, 3, 4, 5                           1e-2    0.7
-title_bpe  BpeCNN: learned embedding + TextCNN, kernels 1..5     1e-3    0.9
-image      ImagePool: average pooling + BatchNorm over the maps  1e-4    0.9
-=========  ====================================================  ======  =====
-
-then :class:`~pipeline.emde.DifferentiableEMDECoder` (paper 3.2) and a linear head; Adam with the learning
-rate multiplied by ``decay`` after every epoch (``ExponentialLR``); plain or class-balanced cross-entropy.
+The networks: the modality's encoder (its registry record: n-gram CNNs over token features, a learned
+BPE embedding + CNN, average pooling + BatchNorm over image maps), the trainable EMDE coder (paper 3.2)
+and a linear head; Adam with Table 1's learning rate and per-epoch decay.
 
 ``--coder static`` is the paper's "Baseline (Static EMDE)" (Table 3): a fitted, non-trainable
 :class:`~pipeline.emde.StaticEMDE` (data-dependent LSH of the original EMDE paper) cannot pass gradients
-to an encoder, so the encoder in front of it is one that needs no training: the masked mean of the token
-features (:class:`~pipeline.encoders.TokenMeanPool`) for title_cam/desc_cam; for title_bpe the masked mean
-of a *fixed* random N(0, 1) embedding of the BPE ids (``static_embed_dim`` wide: a Johnson-Lindenstrauss
-projection of the length-normalised bag of BPE ids); for images the average-pooled map (ImagePool left at
-its initial, identity BatchNorm). The coder is fitted on the train split's encoder outputs (gathered over
-all ranks), then only the linear head is trained, with the same optimiser and schedule.
-
-Devices: CUDA when available (``device = "auto"``; training steps under bf16 autocast, validation in
-float32), the CPU otherwise (deterministic under the config's ``seed``). Under ``torchrun``
-(``WORLD_SIZE`` > 1) the model is wrapped in DistributedDataParallel (nccl on CUDA, one GPU per process;
-gloo on the CPU), each rank reads its own share of the store (:mod:`pipeline.train_reader`), validation
-predictions are gathered from every rank before the metrics are computed, and only rank 0 writes.
+to an encoder, so the encoder in front of it needs no training (the masked mean of token features, a
+fixed random embedding of BPE ids, the pooled image map); the coder is fitted on the train items'
+encoder outputs (all ranks'), then only the head is trained.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
+import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-from pipeline.catalog import SPLIT_FILE, class_codes
-from pipeline.config import section
-from pipeline.distributed import Dist
-from pipeline.emde import DifferentiableEMDECoder, StaticEMDE
-from pipeline.encoders import BpeCNN, ImagePool, ModalityClassifier, TextCNN, TokenMeanPool
+from pipeline import checkpoint, modalities, workdir as wd
+from pipeline.catalog import class_codes, read_split
+from pipeline.config import Config
+from pipeline.distributed import Dist, torchrun
 from pipeline.errors import PipelineError
-from pipeline.metrics import class_weights, classification_metrics
+from pipeline.metrics import class_weights
+from pipeline.provenance import Stamp, digest, output_lock, partial_dir, read_json, recover, swap_in, write_json
+from pipeline.schema import RUN_ONLY_KEYS
 from pipeline.train_reader import TrainReader
-from pipeline.workdir import MODALITIES, feature_store_path
+from pipeline.trainer import RunSettings, RunState, train
 from stores import FeatureStore
 
-__all__ = ["pretrain", "build_model", "load_model", "modality_options", "model_dir", "FEATURE_ARRAY"]
-
-FEATURE_ARRAY = {"title_cam": "tokens", "desc_cam": "tokens", "title_bpe": "tokens", "image": "maps"}
-CODERS = ("trainable", "static")
-CHECKPOINT_FORMAT = 1
-# Keys whose change does not invalidate a checkpoint: more epochs continue a run; the rest only decide
-# how the run is executed, not what it computes.
-NOT_FINGERPRINTED = {"epochs", "eval_batch_size", "device", "cpu_threads"}
+__all__ = ["pretrain"]
 
 
-class _Interrupted(Exception):
-    pass
+@dataclass
+class Job:
+    """Everything a pretraining run is computed from, resolved and checked before anything is written."""
+
+    modality: modalities.Modality
+    opts: object  # the modality's TrainOptions
+    cfg: Config
+    workdir: Path
+    store: FeatureStore
+    codes: list[int]
+    parts: dict  # "train" / "valid" -> (item ids, class indices)
+    model_config: dict
+    stamp: Stamp
+
+    @property
+    def out(self) -> Path:
+        return wd.model_dir(self.workdir, self.modality.name)
 
 
-# ---------------------------------------------------------------------- configuration
-def model_dir(workdir: str | Path, modality: str) -> Path:
-    return Path(workdir) / "models" / modality
-
-
-def modality_options(cfg: dict, modality: str, coder: str | None = None) -> dict:
-    """[pretrain] defaults merged with [pretrain.<modality>], the coder override applied, checked."""
-    base = section(cfg, "pretrain")
-    opts = {k: v for k, v in base.items() if not isinstance(v, dict)}
-    opts.update(section(cfg, "pretrain", modality))
-    if coder is not None:
-        opts["coder"] = coder
-    where = f"{cfg.get('config_path', 'config')} [pretrain.{modality}]"
-    if opts.get("coder") not in CODERS:
-        raise PipelineError(f"{where}: coder must be one of {', '.join(CODERS)}, not {opts.get('coder')!r}")
-    if opts.get("loss") not in ("balanced", "plain"):
-        raise PipelineError(f"{where}: loss must be 'balanced' or 'plain', not {opts.get('loss')!r}")
-    needed = ["lr", "decay", "epochs", "batch_size", "depth", "width", "inner_dim", "dropout"]
-    needed += {"title_bpe": ["kernel_sizes", "channels", "embed_dim"],
-               "title_cam": ["kernel_sizes", "channels"], "desc_cam": ["kernel_sizes", "channels"],
-               "image": []}[modality]
-    missing = [k for k in needed if k not in opts]
-    if missing:
-        raise PipelineError(f"{where}: missing key(s) {', '.join(missing)}")
-    if opts["coder"] == "static" and int(opts["width"]) & (int(opts["width"]) - 1):
-        raise PipelineError(f"{where}: the static coder needs a power-of-two width, not {opts['width']}")
-    return opts
-
-
-def _model_config(modality: str, opts: dict, store: FeatureStore, num_classes: int) -> dict:
-    spec = store.specs[FEATURE_ARRAY[modality]]
-    coder = opts["coder"]
-    if modality == "title_bpe":
-        vocab = int(store.provenance.get("producer", {}).get("vocab_size") or 0)
-        if vocab <= 0:
-            raise PipelineError(f"{store.path}: provenance has no producer vocab_size; rebuild it with "
-                                f"`pipeline extract title_bpe --rebuild`")
-        if coder == "trainable":
-            encoder = {"type": "BpeCNN", "vocab_size": vocab, "embed_dim": int(opts["embed_dim"]),
-                       "kernel_sizes": [int(k) for k in opts["kernel_sizes"]], "channels": int(opts["channels"]),
-                       "dropout": float(opts["dropout"]), "token_dropout": float(opts.get("token_dropout", 0.0))}
-        else:
-            encoder = {"type": "RandomBagOfIds", "vocab_size": vocab,
-                       "embed_dim": int(opts.get("static_embed_dim", 256))}
-    elif modality in ("title_cam", "desc_cam"):
-        hidden = int(spec.shape[-1])
-        if coder == "trainable":
-            encoder = {"type": "TextCNN", "in_dim": hidden, "kernel_sizes": [int(k) for k in opts["kernel_sizes"]],
-                       "channels": int(opts["channels"]), "dropout": float(opts["dropout"]),
-                       "token_dropout": float(opts.get("token_dropout", 0.0))}
-        else:
-            encoder = {"type": "TokenMeanPool", "in_dim": hidden}
-    else:
-        encoder = {"type": "ImagePool", "channels": int(spec.shape[0])}
-    emde = {"depth": int(opts["depth"]), "width": int(opts["width"])}
-    emde |= {"inner_dim": int(opts["inner_dim"])} if coder == "trainable" else {"seed": int(opts.get("seed", 0))}
-    return {"modality": modality, "coder": coder, "encoder": encoder, "emde": emde, "num_classes": num_classes}
-
-
-class RandomBagOfIds(nn.Module):
-    """Static-baseline encoder for BPE ids: masked mean of a fixed N(0, 1) embedding (never trained).
-
-    The embedding is a buffer drawn from a seeded generator, so it is the same in every process and
-    is saved in the state dict. forward: ids (B, L) long, mask (B, L) bool -> (B, embed_dim).
-    """
-
-    def __init__(self, vocab_size: int, embed_dim: int, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.register_buffer("table", torch.randn(int(vocab_size), int(embed_dim), generator=g))
-        self.pool = TokenMeanPool(int(embed_dim))
-        self.output_dim = int(embed_dim)
-
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        mask = mask.bool()
-        return self.pool(F.embedding(ids.long().masked_fill(~mask, 0), self.table), mask)
-
-
-def build_model(config: dict) -> ModalityClassifier:
-    """The network described by a model config (as stored in model.pt)."""
-    enc = dict(config["encoder"])
-    kind = enc.pop("type")
-    encoder = {"BpeCNN": BpeCNN, "TextCNN": TextCNN, "TokenMeanPool": TokenMeanPool, "ImagePool": ImagePool,
-               "RandomBagOfIds": RandomBagOfIds}[kind](**enc)
-    emde = config["emde"]
-    if config["coder"] == "trainable":
-        coder = DifferentiableEMDECoder(encoder.output_dim, depth=emde["depth"], width=emde["width"],
-                                        inner_dim=emde["inner_dim"])
-    else:
-        coder = StaticEMDE(encoder.output_dim, depth=emde["depth"], width=emde["width"], seed=emde["seed"])
-    return ModalityClassifier(encoder, coder, config["num_classes"])
-
-
-def load_model(path: str | Path, map_location="cpu") -> tuple[ModalityClassifier, dict]:
-    """(model in eval mode with the best weights, checkpoint dict) from W/models/<modality>[/model.pt]."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.pt"
-    if not path.is_file():
-        raise PipelineError(f"{path}: no pretrained model; run `pipeline pretrain MODALITY --workdir W` first")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    model = build_model(ckpt["model_config"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), ckpt
-
-
-# ---------------------------------------------------------------------- inputs
-def _canonical(obj) -> str:
-    return json.dumps(obj, sort_keys=True, default=str)
-
-
-def _read_split(workdir: Path, modality: str) -> pl.DataFrame:
-    path = workdir / SPLIT_FILE
-    if not path.is_file():
-        raise PipelineError(f"{path} not found: build the split and the features first with "
-                            f"`pipeline extract {modality} --catalog DIR --workdir {workdir}`")
-    split = pl.read_parquet(path)
-    if not {"item_id", "split", "label"} <= set(split.columns):
-        raise PipelineError(f"{path}: not a split table (needs item_id, split, label)")
-    return split
-
-
-def _open_store(workdir: Path, cfg: dict, modality: str) -> FeatureStore:
-    path = feature_store_path(workdir, cfg, modality)
+def _open_store(workdir: Path, cfg: Config, m: modalities.Modality) -> FeatureStore:
+    path = wd.feature_store_path(workdir, cfg, m.name)
     if not FeatureStore.exists(path):
-        raise PipelineError(f"no {modality} features at {path}: build them with "
-                            f"`pipeline extract {modality} --catalog DIR --workdir {workdir}`")
+        raise PipelineError(f"no {m.name} features at {path}: build them with "
+                            f"`{wd.command(cfg, workdir, f'extract {m.name}', catalog=True)}`")
     store = FeatureStore(path)
-    name = FEATURE_ARRAY[modality]
-    if name not in store.specs:
-        raise PipelineError(f"{path} holds '{store.provenance.get('kind')}' features without a '{name}' "
-                            f"array; rebuild it with `pipeline extract {modality} --rebuild ...`")
+    if m.array not in store.specs:
+        raise PipelineError(f"{path} holds '{store.provenance.get('kind')}' features without a '{m.array}' "
+                            f"array; rebuild it with `{wd.command(cfg, workdir, f'extract {m.name}', True)} --rebuild`")
     return store
 
 
-def _fingerprint(opts: dict, model_config: dict, store: FeatureStore, split: pl.DataFrame, seed: int) -> str:
-    """What the trained model depends on: config (but epochs), store identity and contents, split."""
-    h = hashlib.sha256()
-    h.update(_canonical({k: v for k, v in opts.items() if k not in NOT_FINGERPRINTED}).encode())
-    h.update(_canonical(model_config).encode())
-    h.update(str(seed).encode())
-    prov = store.provenance
-    h.update(_canonical({k: prov.get(k) for k in ("kind", "producer", "created", "schema_version")}).encode())
-    used = split.filter(pl.col("split").is_in(["train", "valid"])).sort("item_id")
+def _parts(split: pl.DataFrame, codes: list[int], store: FeatureStore, job_hint: str) -> dict:
+    code_index = {c: i for i, c in enumerate(codes)}
+    parts = {}
+    for name in ("train", "valid"):
+        sub = split.filter(pl.col("split") == name)
+        if len(sub) == 0:
+            raise PipelineError(f"the split has no '{name}' items: the catalogue is too small to train on")
+        parts[name] = (sub["item_id"].to_numpy(), np.array([code_index[c] for c in sub["label"].to_list()]))
+    absent = sum(int((~store.contains(parts[n][0])).sum()) for n in parts)
+    if absent:
+        pending = len(store.pending_blocks())
+        raise PipelineError(f"{store.path}: {absent} train/valid item(s) are not in the store"
+                            f"{f' ({pending} block(s) still pending)' if pending else ''}; complete it with "
+                            f"`{job_hint}`")
+    return parts
+
+
+def prepare(modality: str, workdir: Path, cfg: Config, coder: str | None) -> Job:
+    """Resolve settings, split, features and the stamp; refuse bad input before anything is written."""
+    m = modalities.get(modality)
+    opts = cfg.train_options(modality, coder)
+    extract_hint = wd.command(cfg, workdir, f"extract {modality}", catalog=True)
+    split = read_split(workdir, extract_hint)
+    store = _open_store(workdir, cfg, m)
+    codes = class_codes(split)
+    parts = _parts(split, codes, store, extract_hint)
+    model_config = checkpoint.model_config(modality, opts, store.specs[m.array], store.provenance["producer"],
+                                           len(codes), cfg.seed)
+    used = np.concatenate([parts["train"][0], parts["valid"][0]])
+    order = np.argsort(used)
+    items = {"ids": used[order].tolist(), "labels": np.concatenate([parts["train"][1], parts["valid"][1]])[order]
+             .tolist(), "valid": len(parts["valid"][0]), "inputs": _input_hashes(store, used[order])}
+    settings = opts.model_dump(exclude=set(RUN_ONLY_KEYS) | {"epochs"})
+    stamp = Stamp("pretrain", {"settings": settings, "model": model_config, "seed": cfg.seed,
+                               "length_sort_window": cfg.train_reader.length_sort_window,
+                               "features": digest(store.provenance["producer"]), "items": digest(items),
+                               "epochs": opts.epochs})
+    return Job(m, opts, cfg, workdir, store, codes, parts, model_config, stamp)
+
+
+def _input_hashes(store: FeatureStore, ids: np.ndarray) -> str:
     planned_ids, planned_fp = store.planned()
     order = np.argsort(planned_ids)
-    pos = np.searchsorted(planned_ids[order], used["item_id"].to_numpy())
-    pos = np.minimum(pos, max(len(order) - 1, 0))
-    h.update(used["item_id"].to_numpy().astype(np.int64).tobytes())
-    h.update(used["label"].to_numpy().astype(np.int64).tobytes())
-    h.update((used["split"] == "valid").to_numpy().tobytes())
-    h.update(planned_fp[order][pos].astype(np.uint64).tobytes() if len(order) else b"")
-    return h.hexdigest()[:32]
+    return digest(planned_fp[order][np.searchsorted(planned_ids[order], ids)].tolist())
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def pretrain(modality: str, workdir: Path, cfg: Config, *, coder: str | None = None, progress: bool = True,
+             log=print) -> dict:
+    """`pipeline pretrain MODALITY`: train (or resume, or skip) W/models/<modality>/; return its metrics."""
+    workdir = Path(workdir)
+    job = prepare(modality, workdir, cfg, coder)
+    try:
+        if torchrun().main:
+            recover(job.out)
+        if job.stamp.matches(job.out):
+            done = read_json(job.out / "metrics.json", "metrics file")
+            if torchrun().main:
+                log(f"{modality}: nothing to do, {job.out} is up to date (store, split and config unchanged; "
+                    f"valid macro-F1 {done['macro_f1']:.4f})")
+            return done
+        wd.remember(workdir, cfg)
+        with output_lock(job.out) if torchrun().main else nullcontext():
+            return _run(job, progress, log)
+    finally:
+        job.store.close()
 
 
-def _atomic_write(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def _resume_state(job: Job, ctx: Dist, say) -> dict | None:
+    """A killed run of this job (in the partial directory), or a finished one with fewer epochs: resumable."""
+    partial = partial_dir(job.out)
+    for where in (partial, job.out):
+        path = where / checkpoint.RESUME_FILE
+        if not path.is_file():
+            continue
+        try:
+            state = checkpoint.load(path)
+        except PipelineError as err:
+            say(f"{job.modality.name}: not resuming from {path} ({err}); starting afresh")
+            continue
+        if state.get("format") != checkpoint.FORMAT or state.get("stamp") != job.stamp.without("epochs").digest:
+            say(f"{job.modality.name}: not resuming from {path}: the settings, split or features changed since "
+                "it was written; starting afresh")
+            continue
+        if state["progress"]["epoch"] > job.opts.epochs:
+            say(f"{job.modality.name}: not resuming from {path}: it is {state['progress']['epoch']} epochs in, "
+                f"the config asks for {job.opts.epochs}")
+            continue
+        p = state["progress"]
+        say(f"{job.modality.name}: resuming from {path} after epoch {p['epoch']}/{job.opts.epochs} (best valid "
+            f"macro-F1 so far {p['best_f1']:.4f} at epoch {p['best_epoch']})")
+        return state
+    return None
 
 
-# ---------------------------------------------------------------------- training
-def _evaluate(module: nn.Module, reader: TrainReader, ctx: Dist) -> tuple[np.ndarray, ...]:
-    """(item ids, true class, predicted class) over the whole split: every rank's share gathered.
-
-    In float32 also on CUDA (only training steps run under bf16 autocast): the checkpoint is chosen on, and
-    its predictions are, what `pipeline sketch` and `pipeline predict` compute with it."""
-    module.eval()
-    ids, labels, preds = [], [], []
-    with torch.no_grad():
-        for batch in reader.epoch(0):
-            batch = batch.to(ctx.device)
-            preds.append(module(*batch.inputs).argmax(1).cpu().numpy())
-            labels.append(batch.labels.cpu().numpy())
-            ids.append(batch.ids.cpu().numpy())
-    mine = tuple(np.concatenate(x) if x else np.zeros(0, np.int64) for x in (ids, labels, preds))
-    parts = ctx.gather(mine)
-    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+def _readers(job: Job, ctx: Dist) -> tuple[TrainReader, TrainReader]:
+    rc = job.cfg.train_reader
+    budget = rc.memory_gb * 1e9 / max(ctx.local_world, 1)
+    common = dict(mode=rc.mode, buffer_blocks=rc.buffer_blocks, prefetch=rc.prefetch_batches,
+                  sort_window=rc.length_sort_window, rank=ctx.rank, world_size=ctx.world,
+                  pin_memory=ctx.device.type == "cuda", seed=job.cfg.seed)
+    m = job.modality
+    train = TrainReader(job.store, m.array, m.batch, *job.parts["train"], batch_size=job.opts.batch_size,
+                        shuffle=True, memory_bytes=budget, **common)
+    valid = TrainReader(job.store, m.array, m.batch, *job.parts["valid"], shuffle=False,
+                        batch_size=job.opts.eval_batch_size,
+                        memory_bytes=max(budget - (train.nbytes if train.mode == "memory" else 0), 0), **common)
+    return train, valid
 
 
-def _fit_static(model: ModalityClassifier, reader: TrainReader, ctx: Dist) -> None:
+def _fit_static(model, reader: TrainReader, ctx: Dist) -> None:
     """Fit the static coder on the encoder outputs of every train item (all ranks' shares), in float32."""
     model.encoder.eval()
     outs, ids = [], []
@@ -288,246 +209,104 @@ def _fit_static(model: ModalityClassifier, reader: TrainReader, ctx: Dist) -> No
     model.coder.fit(torch.from_numpy(feats).to(ctx.device))
 
 
-def _set_train_mode(model: ModalityClassifier, coder: str) -> None:
-    model.train()
-    if coder == "static":  # fitted parts stay as fitted: only the head learns
-        model.encoder.eval()
-        model.coder.eval()
+def _build(job: Job, ctx: Dist, train_reader: TrainReader, fresh: bool, say):
+    torch.manual_seed(job.cfg.seed)
+    np.random.seed(job.cfg.seed % 2**32)
+    model = checkpoint.build_model(job.model_config).to(ctx.device)
+    static = job.opts.coder == "static"
+    if static:
+        for p in list(model.encoder.parameters()) + list(model.coder.parameters()):
+            p.requires_grad_(False)
+        if fresh:
+            t = time.perf_counter()
+            _fit_static(model, train_reader, ctx)
+            say(f"{job.modality.name}: static EMDE fitted on {train_reader.total_items} train items in "
+                f"{time.perf_counter() - t:.1f} s")
+    run = RunSettings(job.modality.name, job.opts.epochs, job.opts.lr, job.opts.decay, job.opts.weight_decay,
+                      job.opts.label_smoothing, amp=ctx.device.type == "cuda" and not static,
+                      fitted=("encoder", "coder") if static else (), stamp=job.stamp.without("epochs").digest)
+    return model, run
 
 
-def pretrain(modality: str, workdir: Path, cfg: dict, *, coder: str | None = None, progress: bool = True,
-             log=print) -> dict:
-    """`pipeline pretrain MODALITY`: train (or resume, or skip) W/models/<modality>/; return its metrics."""
-    if modality not in MODALITIES:
-        raise PipelineError(f"unknown modality '{modality}' (use one of {', '.join(MODALITIES)})")
-    workdir = Path(workdir)
-    opts = modality_options(cfg, modality, coder)
-    seed = int(opts.get("seed", cfg.get("seed", 0)))
-    opts["seed"] = seed
-    split = _read_split(workdir, modality)
-    store = _open_store(workdir, cfg, modality)
-    codes = class_codes(split)
-    code_index = {c: i for i, c in enumerate(codes)}
-    parts = {}
-    for name in ("train", "valid"):
-        sub = split.filter(pl.col("split") == name)
-        if len(sub) == 0:
-            raise PipelineError(f"{workdir / SPLIT_FILE}: no '{name}' items")
-        parts[name] = (sub["item_id"].to_numpy(), np.array([code_index[c] for c in sub["label"].to_list()]))
-    absent = sum(int((~store.contains(parts[n][0])).sum()) for n in parts)
-    if absent:
-        pending = len(store.pending_blocks())
-        raise PipelineError(f"{store.path}: {absent} train/valid item(s) are not in the store"
-                            f"{f' ({pending} block(s) still pending)' if pending else ''}; complete it with "
-                            f"`pipeline extract {modality} --catalog DIR --workdir {workdir}`")
-    model_config = _model_config(modality, opts, store, len(codes))
-    rcfg = dict(cfg.get("train_reader", {}))
-    # how training batches are drawn changes the model too (length-sorted batches skew BatchNorm)
-    fp = _fingerprint(opts | {"length_sort_window": int(rcfg.get("length_sort_window", 0))}, model_config, store,
-                      split, seed)
-    epochs = int(opts["epochs"])
-    out = model_dir(workdir, modality)
-    metrics_path, model_path = out / "metrics.json", out / "model.pt"
-
-    if metrics_path.is_file() and model_path.is_file():
-        done = json.loads(metrics_path.read_text())
-        if done.get("fingerprint") == fp and done.get("epochs") == epochs:
-            if int(os.environ.get("RANK", "0")) == 0:
-                log(f"{modality}: nothing to do, {out} is up to date (store, split and config unchanged; "
-                    f"valid macro-F1 {done['macro_f1']:.4f})")
-            store.close()
-            return done
-
-    ctx = Dist(str(opts.get("device", "auto")), "[pretrain] device")
+def _run(job: Job, progress: bool, log) -> dict:
+    ctx = Dist(job.opts.device, "[pretrain] device")
     say = log if ctx.main else (lambda *_a, **_k: None)
     threads = torch.get_num_threads()
-    if ctx.device.type == "cpu" and int(opts.get("cpu_threads", 0)) > 0:
-        torch.set_num_threads(int(opts["cpu_threads"]))
+    if ctx.device.type == "cpu" and job.opts.cpu_threads > 0:
+        torch.set_num_threads(job.opts.cpu_threads)
     try:
-        return _run(modality, opts, rcfg, model_config, fp, store, codes, parts,
-                    ctx, progress, say, out, epochs, seed)
+        state = _resume_state(job, ctx, say)
+        ctx.barrier()  # every rank has read the resume file before rank 0 touches the directory
+        partial = partial_dir(job.out)
+        if ctx.main:
+            _start_partial(partial, job.out, state)
+        train_reader, valid_reader = _readers(job, ctx)
+        model, run = _build(job, ctx, train_reader, state is None, say)
+        _describe(job, model, ctx, train_reader, valid_reader, say)
+        weights = class_weights(job.parts["train"][1], len(job.codes), job.opts.loss)
+        done = train(model, train_reader, valid_reader, run, ctx, job.codes,
+                     None if weights is None else weights.to(ctx.device), partial / checkpoint.RESUME_FILE,
+                     state, say, progress)
+        if done.best_epoch == 0:
+            raise PipelineError(f"{job.modality.name}: no epoch was trained (epochs = {job.opts.epochs})")
+        metrics = _metrics(job, done, ctx)
+        if ctx.main:
+            _finish(job, done, metrics, partial)
+        say(f"{job.modality.name}: best valid macro-F1 {done.best_f1:.4f} at epoch {done.best_epoch}/"
+            f"{job.opts.epochs} ({metrics['valid_items']} validation items), {metrics['seconds']:.1f} s training "
+            f"-> {job.out}")
+        ctx.barrier()
+        return metrics
     finally:
         torch.set_num_threads(threads)
-        store.close()
         ctx.close()
 
 
-def _run(modality, opts, rcfg, model_config, fp, store, codes, parts, ctx, progress, say, out, epochs,
-         seed) -> dict:
-    metrics_path, model_path, last_path = out / "metrics.json", out / "model.pt", out / "last.pt"
-    cuda = ctx.device.type == "cuda"
-    # bf16 autocast on CUDA for the training steps of the trainable networks (the static coder's hyperplane
-    # sides are compared in float32; its encoders are cheap anyway); validation runs in float32
-    amp = cuda and opts["coder"] == "trainable"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
-    budget = float(rcfg.get("memory_gb", 8.0)) * 1e9 / max(ctx.local_world, 1)
-    common = dict(mode=rcfg.get("mode", "auto"), buffer_blocks=int(rcfg.get("buffer_blocks", 8)),
-                  prefetch=int(rcfg.get("prefetch_batches", 8)), sort_window=int(rcfg.get("length_sort_window", 0)),
-                  rank=ctx.rank, world_size=ctx.world, pin_memory=cuda, seed=seed)
-    name = FEATURE_ARRAY[modality]
-    train = TrainReader(store, name, *parts["train"], batch_size=int(opts["batch_size"]), shuffle=True,
-                        memory_bytes=budget, **common)
-    valid = TrainReader(store, name, *parts["valid"], shuffle=False,
-                        batch_size=int(opts.get("eval_batch_size", 4 * int(opts["batch_size"]))),
-                        memory_bytes=max(budget - (train.nbytes if train.mode == "memory" else 0), 0), **common)
-
-    # ---- resume, or start afresh
-    state = None
-    if last_path.is_file():
-        try:
-            state = torch.load(last_path, map_location="cpu", weights_only=False)
-        except Exception as err:  # a torn or foreign file: not worth failing over, but say so
-            say(f"{modality}: {last_path} unreadable ({type(err).__name__}); starting afresh")
-            state = None
-        if state is not None:
-            why = None
-            if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != fp:
-                changed = state.get("coder") != opts["coder"] and f"coder {state.get('coder')} -> {opts['coder']}"
-                why = changed or "the config, split or feature store changed since it was written"
-            elif state["epoch"] > epochs:
-                why = f"it is {state['epoch']} epochs in, the config asks for {epochs}"
-            if why:
-                say(f"{modality}: not resuming from {last_path}: {why}; starting afresh")
-                state = None
-    ctx.barrier()  # every rank has decided before rank 0 touches the files
-    if state is None and ctx.main:
-        for p in (metrics_path, model_path, last_path, out / "valid_predictions.parquet"):
-            p.unlink(missing_ok=True)
-    if ctx.main:
-        out.mkdir(parents=True, exist_ok=True)
-
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    model = build_model(model_config).to(ctx.device)
-    if opts["coder"] == "static":
-        for p in list(model.encoder.parameters()) + list(model.coder.parameters()):
-            p.requires_grad_(False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=float(opts["lr"]), weight_decay=float(opts.get("weight_decay", 0.0)))
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=float(opts["decay"]))
-    history: list[dict] = []
-    best = {"macro_f1": -1.0, "epoch": 0}
-    start = 0
+def _start_partial(partial: Path, out: Path, state: dict | None) -> None:
+    """The directory this run writes into: a killed run's (resumed), or a fresh one (seeded with the finished
+    run's resume file when that run is being continued with more epochs)."""
+    if state is not None and (partial / checkpoint.RESUME_FILE).is_file():
+        return
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, best, start = state["history"], state["best"], int(state["epoch"])
-        rng = state["rng"][ctx.rank % len(state["rng"])]
-        torch.set_rng_state(rng["torch"])
-        if cuda and rng.get("cuda") is not None:
-            torch.cuda.set_rng_state(rng["cuda"], ctx.device)
-        say(f"{modality}: resuming from {last_path} after epoch {start}/{epochs} "
-            f"(best valid macro-F1 so far {best['macro_f1']:.4f} at epoch {best['epoch']})")
+        shutil.copy2(out / checkpoint.RESUME_FILE, partial / checkpoint.RESUME_FILE)
 
-    say(f"{modality}: {opts['coder']} EMDE (depth {opts['depth']}, width {opts['width']}), "
-        f"{type(model.encoder).__name__} encoder, {sum(p.numel() for p in trainable):,} trainable parameters, "
-        f"{len(codes)} classes on {ctx.describe()}")
-    say(f"{modality}: train {train.describe()}; valid {valid.describe()}")
-    if train.mode == "memory" or valid.mode == "memory":
-        t = time.perf_counter()
-        train.load() if train.mode == "memory" else None
-        valid.load() if valid.mode == "memory" else None
-        say(f"{modality}: features loaded into memory in {time.perf_counter() - t:.1f} s (one sequential pass)")
-    if opts["coder"] == "static" and state is None:
-        t = time.perf_counter()
-        _fit_static(model, train, ctx)
-        say(f"{modality}: static EMDE fitted on {train.total_items} train items in {time.perf_counter() - t:.1f} s")
 
-    weights = class_weights(parts["train"][1], len(codes), opts["loss"])
-    smoothing = float(opts.get("label_smoothing", 0.0))
-    weights = weights.to(ctx.device) if weights is not None else None
-    net: nn.Module = model
-    if ctx.active:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        net = DDP(model, device_ids=[ctx.device.index] if cuda else None)
+def _describe(job: Job, model, ctx: Dist, train_reader, valid_reader, say) -> None:
+    name, opts = job.modality.name, job.opts
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    say(f"{name}: {opts.coder} EMDE (depth {opts.depth}, width {opts.width}), {type(model.encoder).__name__} "
+        f"encoder, {trainable:,} trainable parameters, {len(job.codes)} classes on {ctx.describe()}")
+    say(f"{name}: train {train_reader.describe()}; valid {valid_reader.describe()}")
+    for reader in (train_reader, valid_reader):
+        if reader.mode == "memory":
+            reader.load()
 
-    for epoch in range(start, epochs):
-        t0 = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        _set_train_mode(model, opts["coder"])
-        loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
-        seen = 0
-        columns = [TextColumn(f"[bold]{modality}[/] epoch {epoch + 1}/{epochs}"), BarColumn(),
-                   MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn()]
-        with Progress(*columns, console=Console(stderr=True), transient=True,
-                      disable=not (progress and ctx.main)) as bar:
-            task = bar.add_task("train", total=len(train), loss="-")
-            batches = train.epoch(epoch)
-            try:
-                for step, batch in enumerate(batches, 1):
-                    batch = batch.to(ctx.device)
-                    with autocast():
-                        logits = net(*batch.inputs)
-                    loss = F.cross_entropy(logits.float(), batch.labels, weight=weights, label_smoothing=smoothing)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    n = len(batch)
-                    loss_sum += loss.detach().double() * n
-                    seen += n
-                    shown = {"loss": f"{float(loss_sum) / seen:.4f}"} if step % 10 == 0 or step == len(train) else {}
-                    bar.update(task, advance=1, **shown)
-            finally:
-                batches.close()
-        scheduler.step()
-        loss_sum, seen = ctx.all_sum([float(loss_sum), float(seen)])
-        ids, labels, preds = _evaluate(model, valid, ctx)
-        m = classification_metrics(labels, preds, codes)
-        seconds = time.perf_counter() - t0
-        improved = m["macro_f1"] > best["macro_f1"]
-        if improved:
-            best = {"macro_f1": m["macro_f1"], "epoch": epoch + 1, "metrics": m,
-                    "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                    "predictions": (ids, labels, preds)}
-        history.append({"epoch": epoch + 1, "loss": loss_sum / max(seen, 1), "valid_macro_f1": m["macro_f1"],
-                        "valid_accuracy": m["accuracy"], "lr": lr,
-                        "seconds": seconds, "valid_items": int(len(ids))})
-        rng = ctx.gather({"torch": torch.get_rng_state(),
-                          "cuda": torch.cuda.get_rng_state(ctx.device) if cuda else None})
-        if ctx.main:
-            _atomic_save({"format": CHECKPOINT_FORMAT, "fingerprint": fp, "coder": opts["coder"],
-                          "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "best": best, "history": history, "rng": rng,
-                          "model_config": model_config}, last_path)
-        say(f"{modality} epoch {epoch + 1}/{epochs}: loss {history[-1]['loss']:.4f}, valid macro-F1 "
-            f"{m['macro_f1']:.4f}{' (best)' if improved else ''}, accuracy {m['accuracy']:.4f}, {seconds:.1f} s")
-        ctx.barrier()
 
-    # ---- the best epoch -> model.pt, metrics.json (last: it marks the stage done)
-    if best["epoch"] == 0:
-        raise PipelineError(f"{modality}: no epoch was trained (epochs = {epochs})")
-    total_seconds = float(sum(h["seconds"] for h in history))
-    metrics = {
-        "modality": modality,
-        "macro_f1": best["macro_f1"],
-        "per_class_f1": best["metrics"]["per_class_f1"],
-        "accuracy": best["metrics"]["accuracy"],
-        "epochs": epochs,
-        "best_epoch": best["epoch"],
-        "seconds": total_seconds,
-        "coder": opts["coder"],
-        "device": ctx.describe(),
-        "world_size": ctx.world,
-        "train_items": int(len(parts["train"][0])),
-        "valid_items": int(len(best["predictions"][0])),
-        "class_codes": [int(c) for c in codes],
-        "history": history,
-        "fingerprint": fp,
-        "store": str(store.path),
+def _metrics(job: Job, done: RunState, ctx: Dist) -> dict:
+    return {
+        "modality": job.modality.name, "macro_f1": done.best_f1, "per_class_f1": done.best_metrics["per_class_f1"],
+        "accuracy": done.best_metrics["accuracy"], "epochs": job.opts.epochs, "best_epoch": done.best_epoch,
+        "seconds": float(sum(h["seconds"] for h in done.history)), "coder": job.opts.coder,
+        "device": ctx.describe(), "world_size": ctx.world, "train_items": int(len(job.parts["train"][0])),
+        "valid_items": int(len(done.best_predictions["ids"])), "class_codes": [int(c) for c in job.codes],
+        "history": done.history, "fingerprint": job.stamp.digest, "store": str(job.store.path),
     }
-    if ctx.main:
-        _atomic_save({"format": CHECKPOINT_FORMAT, "modality": modality, "coder": opts["coder"],
-                      "model_config": model_config, "state_dict": best["state"], "class_codes": codes,
-                      "store": {"path": str(store.path), "provenance": store.provenance},
-                      "train_config": opts,
-                      "fingerprint": fp, "best_epoch": best["epoch"], "macro_f1": best["macro_f1"]}, model_path)
-        ids, labels, preds = best["predictions"]
-        cc = np.asarray(codes, dtype=np.int64)
-        pl.DataFrame({"item_id": ids, "label": cc[labels], "predicted": cc[preds]}).sort("item_id") \
-            .write_parquet(out / "valid_predictions.parquet")
-        _atomic_write(json.dumps(metrics, indent=1), metrics_path)
-    say(f"{modality}: best valid macro-F1 {best['macro_f1']:.4f} at epoch {best['epoch']}/{epochs} "
-        f"({metrics['valid_items']} validation items), {total_seconds:.1f} s training -> {out}")
-    ctx.barrier()
-    return metrics
+
+
+def _finish(job: Job, done: RunState, metrics: dict, partial: Path) -> None:
+    """The best epoch into the partial directory, then the directory swapped in (stamp last)."""
+    checkpoint.save({"format": checkpoint.FORMAT, "modality": job.modality.name, "coder": job.opts.coder,
+                     "model_config": job.model_config, "state_dict": done.best_state, "class_codes": job.codes,
+                     "store": {"path": str(job.store.path), "provenance": job.store.provenance},
+                     "train_config": job.opts.model_dump(), "fingerprint": job.stamp.digest,
+                     "best_epoch": done.best_epoch, "macro_f1": done.best_f1}, partial / checkpoint.MODEL_FILE)
+    p = {k: v.numpy() for k, v in done.best_predictions.items()}
+    cc = np.asarray(job.codes, dtype=np.int64)
+    pl.DataFrame({"item_id": p["ids"], "label": cc[p["labels"]], "predicted": cc[p["preds"]]}).sort("item_id") \
+        .write_parquet(partial / "valid_predictions.parquet")
+    write_json(partial / "metrics.json", metrics)
+    job.stamp.write(partial)
+    swap_in(partial, job.out)

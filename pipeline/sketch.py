@@ -3,8 +3,9 @@
 "For multimodal fusion, we remove the last linear layer and feed representation obtained with EMDE
 (input sketches) to the linear layer in the final fusion classifier." The sketch of a modality is
 written to W/sketches/<modality>.zarr|h5 (or <[stores] root>/sketches/; array `sketch`, N x depth*width)
-through the same block driver as the extract stage: resumable, incremental (new items only), and its provenance
-names the checkpoint's sha256 and the feature store it read. A new checkpoint rebuilds the store.
+through the same block driver as the extract stage: resumable, incremental (new items only), and its
+provenance names the checkpoint's sha256 and the feature store it read. A new checkpoint rebuilds the
+store (beside the old one, swapped in when complete).
 """
 from __future__ import annotations
 
@@ -14,43 +15,50 @@ import numpy as np
 import polars as pl
 import torch
 
-from pipeline.catalog import SPLIT_FILE
-from pipeline.config import section
+from pipeline import checkpoint, modalities, workdir as wd
+from pipeline.catalog import read_split
+from pipeline.config import Config
+from pipeline.distributed import pick_device
 from pipeline.errors import PipelineError
-from pipeline.extract import pick_device
 from pipeline.extract.driver import Summary, run_extraction
-from pipeline.extract.title_bpe import sha256_file
-from pipeline.pretrain import FEATURE_ARRAY, load_model, model_dir
-from pipeline.train_reader import TrainReader
-from pipeline.workdir import MODALITIES, feature_store_path, store_path, stores_root
+from pipeline.provenance import sha256_file
+from pipeline.train_reader import inference_batches
 from stores import ArraySpec, FeatureStore
 
 
-def sketch_store_path(workdir, cfg: dict, modality: str, backend: str | None = None) -> Path | str:
-    """<root>/sketches/<modality>.zarr|h5, root being `[stores] root` or the work directory."""
-    return store_path(stores_root(workdir, cfg), "sketches", modality, backend)
+@torch.inference_mode()
+def sketches(model, store: FeatureStore, modality: str, ids: np.ndarray, batch_size: int,
+             device: torch.device) -> np.ndarray:
+    """The input sketch (n, depth * width) float32 of the items `ids` of a feature store, in that order."""
+    m = modalities.get(modality)
+    out = np.zeros((len(ids), model.sketch_dim), np.float32)
+    start = 0
+    for batch in inference_batches(store, m.array, m.batch, ids, batch_size, pin_memory=device.type == "cuda"):
+        batch = batch.to(device)
+        out[start : start + len(batch)] = model.sketch(*batch.inputs).float().cpu().numpy()
+        start += len(batch)
+    return out
 
 
 class Sketcher:
     """An Extractor whose "model" is a pretrained encoder + EMDE coder, reading a feature store."""
 
-    def __init__(self, modality: str, workdir: Path, cfg: dict):
+    def __init__(self, modality: str, workdir: Path, cfg: Config, features: FeatureStore | None = None):
         self.name = modality
-        checkpoint = model_dir(workdir, modality) / "model.pt"
-        self.model, ckpt = load_model(checkpoint)
-        self.device = pick_device(cfg)
+        path = wd.model_dir(workdir, modality) / checkpoint.MODEL_FILE
+        self.model, ckpt = checkpoint.load_model(path)
+        self.device = pick_device(cfg.extract.device, "[extract] device")
         self.model.to(self.device)
-        self.features = FeatureStore(feature_store_path(workdir, cfg, modality))
+        self.features = features or FeatureStore(wd.feature_store_path(workdir, cfg, modality))
         trained_on = ckpt.get("store", {}).get("provenance", {}).get("producer")
         if trained_on is not None and trained_on != self.features.provenance["producer"]:
-            raise PipelineError(f"{self.features.path} was rebuilt since {checkpoint} was trained; run "
-                                f"`pipeline pretrain {modality} --workdir {workdir}` again first")
-        self.array = FEATURE_ARRAY[modality]
-        self.batch_size = int(section(cfg, "sketch")["batch_size"])
+            raise PipelineError(f"{self.features.path} was rebuilt since {path} was trained; run "
+                                f"`{wd.command(cfg, workdir, f'pretrain {modality}')}` again first")
+        self.batch_size = cfg.sketch.batch_size
         self.arrays = {"sketch": ArraySpec("float32", (self.model.sketch_dim,))}
         # The feature store by name, not by absolute path: a work directory that is moved or copied
         # (to the machine that serves predictions) keeps its sketches.
-        self.producer = {"checkpoint_sha256": sha256_file(checkpoint), "modality": modality,
+        self.producer = {"checkpoint_sha256": sha256_file(path), "modality": modality,
                          "features": PurePosixPath(str(self.features.path)).name,
                          "features_producer": self.features.provenance["producer"]}
 
@@ -62,55 +70,48 @@ class Sketcher:
     def lengths(self, items: pl.DataFrame) -> dict:
         return {}
 
-    def prepare(self, items: pl.DataFrame) -> tuple[np.ndarray, TrainReader]:
-        ids = items["item_id"].to_numpy()
-        return ids, TrainReader(self.features, self.array, ids, np.zeros(len(ids), np.int64),
-                                batch_size=self.batch_size, shuffle=False, mode="memory",
-                                pin_memory=self.device.type == "cuda")
+    def prepare(self, items: pl.DataFrame) -> np.ndarray:
+        return items["item_id"].to_numpy()  # the block's items, in the order the sketch store wants them
 
-    @torch.inference_mode()
-    def compute(self, prepared) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        ids, reader = prepared  # the block's items, in the order the sketch store wants them
-        out = np.zeros((len(ids), self.model.sketch_dim), np.float32)
-        sorter = np.argsort(ids)
-        for batch in reader.epoch(0):  # batches come length-sorted: put each row back in its place
-            batch = batch.to(self.device)
-            rows = sorter[np.searchsorted(ids, batch.ids.cpu().numpy(), sorter=sorter)]
-            out[rows] = self.model.sketch(*batch.inputs).float().cpu().numpy()
+    def compute(self, ids: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        out = sketches(self.model, self.features, self.name, ids, self.batch_size, self.device)
         return {"sketch": out}, self.features.read_missing(ids)
 
 
-def sketch(modality: str, workdir: str | Path, cfg: dict, *, progress: bool = True, log=print) -> list[Summary]:
+def sketch_into_store(sketcher: Sketcher, ids: np.ndarray, path, cfg: Config, hint: str, progress: bool,
+                      log=print) -> Summary:
+    """The sketches of `ids` into the store at `path` (rebuilt beside it when the checkpoint changed)."""
+    rebuild = False
+    if FeatureStore.exists(path):
+        with FeatureStore(path) as old:
+            rebuild = old.provenance["producer"] != sketcher.producer
+        if rebuild:
+            log(f"{sketcher.name}: the checkpoint or its features changed since {path} was written: rebuilding it")
+    # Items in the feature store's row order: each sketch block reads contiguous feature rows.
+    rows = sketcher.features.rows(ids)
+    items = pl.DataFrame({"item_id": ids[np.argsort(rows, kind="stable")]})
+    return run_extraction(sketcher, items, path, block_rows=cfg.sketch.block_items, rebuild=rebuild,
+                          rebuild_hint=hint, progress=progress)
+
+
+def sketch(modality: str, workdir: str | Path, cfg: Config, *, progress: bool = True, log=print) -> list[Summary]:
     """`pipeline sketch [MODALITY|all]`: the input sketch of every item, for each pretrained modality."""
     workdir = Path(workdir)
-    if not (workdir / SPLIT_FILE).exists():
-        raise PipelineError(f"{workdir / SPLIT_FILE} not found: run `pipeline extract ... --workdir {workdir}` first")
+    split_ids = read_split(workdir)["item_id"].to_numpy()
     if modality == "all":
-        names = [m for m in MODALITIES if (model_dir(workdir, m) / "model.pt").exists()]
+        names = [m for m in cfg.modality_names if (wd.model_dir(workdir, m) / checkpoint.MODEL_FILE).exists()]
         if not names:
-            raise PipelineError(f"no pretrained model in {workdir / 'models'}: run `pipeline pretrain MODALITY "
-                                f"--workdir {workdir}` first")
-    elif modality in MODALITIES:
-        names = [modality]
+            raise PipelineError(f"no pretrained model in {workdir / 'models'}: run "
+                                f"`{wd.command(cfg, workdir, 'pretrain MODALITY')}` first")
     else:
-        raise PipelineError(f"unknown modality '{modality}' (use one of {', '.join(MODALITIES)} or all)")
-    split_ids = pl.read_parquet(workdir / SPLIT_FILE)["item_id"]
+        names = [modalities.get(modality).name]
     summaries = []
     for name in names:
         sketcher = Sketcher(name, workdir, cfg)
-        # Items in the feature store's row order: each sketch block reads contiguous feature rows.
         ids = sketcher.features.ids
-        items = pl.DataFrame({"item_id": ids[np.isin(ids, split_ids.to_numpy())]})
-        path = sketch_store_path(workdir, cfg, name, section(cfg, "stores")["backend"])
-        rebuild = False
-        if FeatureStore.exists(path):
-            with FeatureStore(path) as old:
-                rebuild = old.provenance["producer"] != sketcher.producer
-            if rebuild:
-                log(f"{name}: the checkpoint or its features changed since {path} was written: rebuilding it")
-        summary = run_extraction(sketcher, items, path, block_rows=int(section(cfg, "sketch")["block_items"]),
-                                 rebuild=rebuild, rebuild_hint=f"pipeline sketch {name} --workdir {workdir}",
-                                 progress=progress)
+        path = wd.sketch_store_path(workdir, cfg, name, cfg.stores.backend)
+        summary = sketch_into_store(sketcher, ids[np.isin(ids, split_ids)], path, cfg,
+                                    wd.command(cfg, workdir, f"sketch {name}"), progress, log)
         log(summary.line())
         summaries.append(summary)
     return summaries

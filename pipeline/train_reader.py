@@ -1,7 +1,7 @@
 """The training reader: batches from a feature store, fast enough that the model never waits.
 
-Random row access over row-chunked, compressed stores is the trap (DESIGN.md: random 256-row batches
-read at 5-42 MB/s against 9,200 MB/s from RAM), so a reader never reads by random id. It reads the
+Random row access over row-chunked, compressed stores is the trap (random 256-row batches read at
+5-42 MB/s against 9,200 MB/s from RAM, docs/design.md), so a reader never reads by random id. It reads the
 store in its own order, block by block (each block one sequential slice), and shuffles in memory:
 
 * **memory** -- when this rank's share of the features fits the budget, one sequential pass loads it
@@ -15,14 +15,15 @@ In both modes a background thread assembles batches ahead of the model (``prefet
 each batch is padded to its own longest row, and within windows of ``sort_window`` batches rows are
 sorted by length before being cut into batches (the batches themselves are then shuffled), so little
 is spent on padding. On CUDA the batches are built in pinned memory and ``Batch.to`` copies them with
-``non_blocking=True``; token features stay float16 until they are on the device.
+``non_blocking=True``; token features stay float16 until they are on the device. Each batch owns its
+pinned tensors (allocated by torch, never reused while a copy from them may be in flight).
 
-Batches (``Batch.inputs`` matches the encoders of ``pipeline.encoders``):
+Batches (``Batch.inputs`` matches the encoders of ``pipeline.encoders``), by the modality's batch kind:
 
-* ``ids``    (ragged integer store, title_bpe):  ids (B, L) int64, mask (B, L) bool;
-* ``tokens`` (ragged float store, *_cam):        x (B, L, H) float, mask (B, L) bool (an empty row,
+* ``ids``    (ragged integer ids, title_bpe):    ids (B, L) int64, mask (B, L) bool;
+* ``tokens`` (ragged float vectors, *_cam):      x (B, L, H) float, mask (B, L) bool (an empty row,
   e.g. a missing description, is all False);
-* ``maps``   (fixed-shape float store, image):   maps (B, C, h, w) float, present (B,) bool (False where
+* ``fixed``  (one array per item, image):        x (B, *shape) float, present (B,) bool (False where
   the store's ``missing`` flag is set: the zeros stored for it are not data);
 
 plus ``labels`` (B,) int64 and the item ``ids`` (B,) int64.
@@ -53,7 +54,8 @@ from pipeline.errors import PipelineError
 from stores import FeatureStore
 from stores.store import _gather
 
-__all__ = ["Batch", "TrainReader"]
+__all__ = ["Batch", "TrainReader", "inference_batches"]
+KINDS = ("ids", "tokens", "fixed")
 
 
 class Batch(NamedTuple):
@@ -176,22 +178,18 @@ class TrainReader:
     length sort still applied within windows: evaluation does not care about order).
     """
 
-    def __init__(self, store: FeatureStore | str | Path, name: str, ids, labels, *, batch_size: int,
+    def __init__(self, store: FeatureStore | str | Path, name: str, kind: str, ids, labels, *, batch_size: int,
                  shuffle: bool = True, seed: int = 0, mode: str = "auto", memory_bytes: float = 8e9,
                  buffer_blocks: int = 8, prefetch: int = 8, sort_window: int = 16, rank: int = 0,
                  world_size: int = 1, pin_memory: bool = False):
         self._own_store = not isinstance(store, FeatureStore)
         self.store = FeatureStore(store) if self._own_store else store
-        if name not in self.store.specs:
-            raise PipelineError(f"{self.store.path}: no feature array '{name}' (has {sorted(self.store.specs)})")
+        self.spec = _spec(self.store, name, kind)
         if mode not in ("auto", "memory", "stream"):
             raise PipelineError(f"train_reader mode must be auto, memory or stream, not '{mode}'")
         if batch_size < 1:
             raise PipelineError(f"batch_size must be positive, not {batch_size}")
-        self.name = name
-        self.spec = self.store.specs[name]
-        self.kind = ("ids" if np.issubdtype(np.dtype(self.spec.dtype), np.integer) else "tokens") \
-            if self.spec.ragged else "maps"
+        self.name, self.kind = name, kind
         self.batch_size = int(batch_size)
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
@@ -200,9 +198,6 @@ class TrainReader:
         self.sort_window = max(int(sort_window), 0) if self.spec.ragged else 0
         self.rank, self.world_size = int(rank), int(world_size)
         self.pin_memory = bool(pin_memory)
-        # On the CPU the producer thread also converts float16 -> float32 (off the training thread);
-        # on CUDA the batch stays float16 (half the bytes to copy) and is converted on the device.
-        self.out_float = np.dtype(self.spec.dtype) if pin_memory else np.dtype(np.float32)
 
         ids = np.asarray(ids, dtype=np.int64)
         labels = np.asarray(labels, dtype=np.int64)
@@ -260,27 +255,10 @@ class TrainReader:
     def _read_blocks(self, blocks: np.ndarray) -> _Pool:
         """The rows of this share that lie in `blocks`, in store order: one sequential slice per block."""
         sel = np.flatnonzero(np.isin(self.blocks, blocks))
-        ids, labels = self.ids[sel], self.labels[sel]
-        if self.spec.ragged:
-            lens = self.lengths[sel]
-            offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-            values = np.empty((int(offsets[-1]),) + self.spec.shape, dtype=self.spec.dtype)
-        else:
-            values = np.empty((len(sel),) + self.spec.shape, dtype=self.spec.dtype)
-            present = np.empty(len(sel), bool)
         bounds = np.flatnonzero(np.diff(self.blocks[sel])) + 1
-        for part in np.split(np.arange(len(sel)), bounds):
-            if not len(part):
-                continue
-            got = self.store.read(self.name, ids[part])
-            if self.spec.ragged:
-                values[offsets[part[0]] : offsets[part[-1] + 1]] = got.values
-            else:
-                values[part] = got
-                present[part] = self.store.read_missing(ids[part]) == 0
-        if self.spec.ragged:
-            return _Pool(ids, labels, values, offsets, None)
-        return _Pool(ids, labels, values, None, present)
+        parts = [read_pool(self.store, self.name, self.ids[sel][p], self.labels[sel][p])
+                 for p in np.split(np.arange(len(sel)), bounds) if len(p)]
+        return _concat(parts) if len(parts) != 1 else parts[0]
 
     def load(self) -> float:
         """Memory mode: read this share once, block after block in store order (idempotent)."""
@@ -312,43 +290,8 @@ class TrainReader:
             batches += win
         return batches
 
-    def _alloc(self, shape: tuple, dtype) -> np.ndarray:
-        if self.pin_memory:
-            tdtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
-            return torch.zeros(shape, dtype=tdtype, pin_memory=True).numpy()
-        return np.zeros(shape, dtype=dtype)
-
     def _assemble(self, parts: list[tuple[_Pool, np.ndarray]]) -> Batch:
-        """One padded batch from rows `idx` of each pool (padded to the batch's longest row)."""
-        b = sum(len(idx) for _, idx in parts)
-        ids = np.concatenate([p.ids[i] for p, i in parts])
-        labels = np.concatenate([p.labels[i] for p, i in parts])
-        if self.spec.ragged:
-            L = max(1, max(int(p.lengths[i].max(initial=0)) for p, i in parts))
-            dtype = np.int64 if self.kind == "ids" else self.out_float
-            x = self._alloc((b, L) + self.spec.shape, dtype)
-            mask = self._alloc((b, L), np.bool_)
-            r = 0
-            for pool, idx in parts:
-                lens = pool.lengths[idx]
-                total = int(lens.sum())
-                row = np.repeat(np.arange(r, r + len(idx)), lens)
-                col = np.arange(total) - np.repeat(np.cumsum(lens) - lens, lens)
-                x[row, col] = pool.values[np.repeat(pool.offsets[idx], lens) + col]
-                mask[row, col] = True
-                r += len(idx)
-            inputs = (torch.from_numpy(x), torch.from_numpy(mask))
-        else:
-            x = self._alloc((b,) + self.spec.shape, self.out_float)
-            present = self._alloc((b,), np.bool_)
-            r = 0
-            for pool, idx in parts:
-                np.copyto(x[r : r + len(idx)], pool.values[idx], casting="unsafe")
-                present[r : r + len(idx)] = pool.present[idx]
-                r += len(idx)
-            x[~present] = 0  # whatever the store holds for a missing image, it is not data
-            inputs = (torch.from_numpy(x), torch.from_numpy(present))
-        return Batch(inputs, torch.from_numpy(labels), torch.from_numpy(ids))
+        return assemble(parts, self.kind, self.spec, self.pin_memory)
 
     def _memory_batches(self, epoch: int) -> Iterator[Batch]:
         pool = self._pool
@@ -410,6 +353,80 @@ class TrainReader:
         self._pool = None
         if self._own_store:
             self.store.close()
+
+
+def _spec(store: FeatureStore, name: str, kind: str):
+    """The spec of array `name`, checked against the batch kind the modality declares."""
+    if kind not in KINDS:
+        raise PipelineError(f"batch kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    if name not in store.specs:
+        raise PipelineError(f"{store.path}: no feature array '{name}' (has {sorted(store.specs)})")
+    spec = store.specs[name]
+    if spec.ragged != (kind != "fixed"):
+        raise PipelineError(f"{store.path}: array '{name}' is {'ragged' if spec.ragged else 'fixed-shape'}, "
+                            f"which a '{kind}' modality cannot read; rebuild the store")
+    return spec
+
+
+def read_pool(store: FeatureStore, name: str, ids: np.ndarray, labels: np.ndarray | None = None) -> _Pool:
+    """Array `name` of the items `ids` into memory (ragged: values back to back with offsets)."""
+    labels = np.zeros(len(ids), np.int64) if labels is None else labels
+    got = store.read(name, ids)
+    if store.specs[name].ragged:
+        return _Pool(ids, labels, got.values, np.asarray(got.offsets, np.int64), None)
+    return _Pool(ids, labels, got, None, store.read_missing(ids) == 0)
+
+
+def _alloc(shape: tuple, dtype, pin: bool) -> tuple[Tensor, np.ndarray]:
+    """A zeroed tensor (pinned when `pin`) and a numpy view to fill it through. The batch keeps the tensor
+    itself: torch's pinned-memory cache then knows when a non-blocking copy from it has finished, and
+    never hands the memory to the next batch before that."""
+    t = torch.zeros(shape, dtype=torch.from_numpy(np.empty(0, dtype=dtype)).dtype, pin_memory=pin)
+    return t, t.numpy()
+
+
+def assemble(parts: list[tuple[_Pool, np.ndarray]], kind: str, spec, pin: bool = False) -> Batch:
+    """One batch from rows `idx` of each pool: ragged rows padded to the batch's longest.
+
+    On the CPU float16 features become float32 here (off the training thread); on CUDA (`pin`) they stay
+    float16, half the bytes to copy, and `Batch.to` converts them on the device."""
+    b = sum(len(idx) for _, idx in parts)
+    ids = np.concatenate([p.ids[i] for p, i in parts])
+    labels = np.concatenate([p.labels[i] for p, i in parts])
+    out_float = np.dtype(spec.dtype) if pin else np.dtype(np.float32)
+    if kind != "fixed":
+        L = max(1, max(int(p.lengths[i].max(initial=0)) for p, i in parts))
+        xt, x = _alloc((b, L) + spec.shape, np.int64 if kind == "ids" else out_float, pin)
+        mt, mask = _alloc((b, L), np.bool_, pin)
+        r = 0
+        for pool, idx in parts:
+            lens = pool.lengths[idx]
+            row = np.repeat(np.arange(r, r + len(idx)), lens)
+            col = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+            x[row, col] = pool.values[np.repeat(pool.offsets[idx], lens) + col]
+            mask[row, col] = True
+            r += len(idx)
+        return Batch((xt, mt), torch.from_numpy(labels), torch.from_numpy(ids))
+    xt, x = _alloc((b,) + spec.shape, out_float, pin)
+    pt, present = _alloc((b,), np.bool_, pin)
+    r = 0
+    for pool, idx in parts:
+        np.copyto(x[r : r + len(idx)], pool.values[idx], casting="unsafe")
+        present[r : r + len(idx)] = pool.present[idx]
+        r += len(idx)
+    x[~present] = 0  # whatever the store holds for a missing input, it is not data
+    return Batch((xt, pt), torch.from_numpy(labels), torch.from_numpy(ids))
+
+
+def inference_batches(store: FeatureStore, name: str, kind: str, ids, batch_size: int,
+                      pin_memory: bool = False) -> Iterator[Batch]:
+    """Batches of the items `ids` in the order given, for inference (labels are zeros); each batch is read
+    with one store read (give ids in store row order for sequential reads)."""
+    spec = _spec(store, name, kind)
+    ids = np.asarray(ids, dtype=np.int64)
+    for start in range(0, len(ids), batch_size):
+        pool = read_pool(store, name, ids[start : start + batch_size])
+        yield assemble([(pool, np.arange(len(pool)))], kind, spec, pin_memory)
 
 
 def _concat(pools: list[_Pool]) -> _Pool:

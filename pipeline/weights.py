@@ -19,14 +19,12 @@ import importlib.resources
 import importlib.util
 import io
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
 from pipeline.errors import PipelineError
+from pipeline.provenance import atomic_path, staged_dir
 
 __all__ = [
     "ModelNotFoundError",
@@ -99,25 +97,6 @@ def _train_sentencepiece(texts: list[str], vocab_size: int) -> bytes:
     return buf.getvalue()
 
 
-def _umask_mode(mode: int) -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move a finished build onto out_dir (replacing what is there), as atomically as a directory allows."""
-    try:
-        os.rename(tmp, out_dir)  # succeeds when out_dir is absent or an empty directory
-        return
-    except OSError:
-        pass
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def build_tiny_camembert(
     texts: Iterable[str],
     out_dir: str | Path,
@@ -139,70 +118,48 @@ def build_tiny_camembert(
     Deterministic: the same texts, sizes and seed give byte-identical files. The directory loads with
     ``load_text_model`` / ``AutoTokenizer`` / ``AutoModel`` offline. Returns out_dir.
     """
-    import torch
-    from transformers import CamembertConfig, CamembertModel, CamembertTokenizer
-
     texts = [t for t in (str(x) for x in texts if x is not None) if t.strip()]
     if not texts:
         raise PipelineError("cannot build the tiny text model: no non-empty text to train its tokenizer on")
-    total = sum(len(t) for t in texts)
-    stride = max(1, -(-total // max_train_chars)) if max_train_chars and max_train_chars > 0 else 1
-    train_texts = texts[::stride]
     if hidden_size % num_heads:
         raise PipelineError(f"tiny text model: hidden_size {hidden_size} is not a multiple of num_heads {num_heads}")
-
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    os.chmod(tmp, _umask_mode(0o777))  # mkdtemp makes it 0700
-    try:
-        spm_bytes = _train_sentencepiece(train_texts, vocab_size)
+    total = sum(len(t) for t in texts)
+    stride = max(1, -(-total // max_train_chars)) if max_train_chars and max_train_chars > 0 else 1
+    sizes = {"vocab_size_requested": vocab_size, "hidden_size": hidden_size, "num_layers": num_layers,
+             "num_heads": num_heads, "intermediate_size": intermediate_size, "max_position": max_position}
+    with staged_dir(out_dir) as tmp:  # built beside out_dir, swapped in whole
+        spm_bytes = _train_sentencepiece(texts[::stride], vocab_size)
         (tmp / SPM_FILE).write_bytes(spm_bytes)
-        tokenizer = CamembertTokenizer.from_pretrained(
-            str(tmp), local_files_only=True, model_max_length=max_position - 2
-        )
-        config = CamembertConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            intermediate_size=intermediate_size,
-            max_position_embeddings=max_position,
-            type_vocab_size=1,
-            layer_norm_eps=1e-5,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
-            torch.manual_seed(seed)
-            model = CamembertModel(config, add_pooling_layer=False)
-        model.eval()
-        with _quiet_transformers():
-            model.save_pretrained(str(tmp))
-            tokenizer.save_pretrained(str(tmp))
-        info = {
-            "kind": "tiny-camembert",
-            "seed": seed,
-            "vocab_size_requested": vocab_size,
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden_size,
-            "num_layers": num_layers,
-            "num_heads": num_heads,
-            "intermediate_size": intermediate_size,
-            "max_position": max_position,
-            "texts": len(texts),
-            "train_texts": len(train_texts),
-            "max_train_chars": max_train_chars,
-            "texts_sha256": hashlib.sha256("\n".join(texts).encode("utf-8", "surrogatepass")).hexdigest(),
-            "sentencepiece_sha256": hashlib.sha256(spm_bytes).hexdigest(),
-        }
+        vocab = _save_tiny_camembert(tmp, sizes, seed)
+        info = {"kind": "tiny-camembert", "seed": seed, "vocab_size": vocab, **sizes, "texts": len(texts),
+                "train_texts": len(texts[::stride]), "max_train_chars": max_train_chars,
+                "texts_sha256": hashlib.sha256("\n".join(texts).encode("utf-8", "surrogatepass")).hexdigest(),
+                "sentencepiece_sha256": hashlib.sha256(spm_bytes).hexdigest()}
         (tmp / TINY_INFO_FILE).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-        _replace_dir(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
+
+
+def _save_tiny_camembert(directory: Path, sizes: dict, seed: int) -> int:
+    """A seeded random CamemBERT over the SentencePiece model in `directory`, saved there; its vocabulary size."""
+    import torch
+    from transformers import CamembertConfig, CamembertModel, CamembertTokenizer
+
+    tokenizer = CamembertTokenizer.from_pretrained(str(directory), local_files_only=True,
+                                                   model_max_length=sizes["max_position"] - 2)
+    config = CamembertConfig(
+        vocab_size=len(tokenizer), hidden_size=sizes["hidden_size"], num_hidden_layers=sizes["num_layers"],
+        num_attention_heads=sizes["num_heads"], intermediate_size=sizes["intermediate_size"],
+        max_position_embeddings=sizes["max_position"], type_vocab_size=1, layer_norm_eps=1e-5,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        model = CamembertModel(config, add_pooling_layer=False)
+    model.eval()
+    with quiet_transformers():
+        model.save_pretrained(str(directory))
+        tokenizer.save_pretrained(str(directory))
+    return len(tokenizer)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -234,14 +191,14 @@ def load_text_model(path: str | Path | None):
     from transformers import AutoModel, AutoTokenizer
 
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any failure here is "this directory is not usable"
         raise ModelNotFoundError(
             f"cannot load the tokenizer at '{path}' ({type(e).__name__}: {_one_line(e)}): {TEXT_MODEL_HINT}"
         ) from e
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             try:
                 model, info = AutoModel.from_pretrained(
                     str(p), local_files_only=True, add_pooling_layer=False, output_loading_info=True
@@ -265,7 +222,7 @@ def load_text_model(path: str | Path | None):
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """No load reports or progress bars from transformers (the CLI prints one line per problem)."""
     from transformers.utils import logging as hf_logging
 
@@ -382,18 +339,9 @@ def convert_efficientnet_lite(variant: str = "lite0", out_path: str | Path | Non
     if out_path is None:
         raise TypeError("convert_efficientnet_lite() needs out_path")
     sd = efficientnet_lite_state_dict(variant)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(sd, f)
-        os.chmod(tmp, _umask_mode(0o666))  # mkstemp makes it 0600
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out_path
+    with atomic_path(out_path) as tmp:
+        torch.save(sd, tmp)
+    return Path(out_path)
 
 
 # --------------------------------------------------------------------------------------------------------------

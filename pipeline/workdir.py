@@ -1,30 +1,37 @@
-"""Where each stage's outputs live in a work directory (the paths outside scripts rely on).
+"""A work directory: where each stage's outputs live (the paths outside scripts rely on), and the
+configuration and catalogue it was built with.
 
-The feature and sketch stores go under `[stores] root` when it is set (a local directory, or a URL
-such as s3://bucket/emde or file:///mnt/shared/emde: <root>/features/<name>.zarr,
-<root>/sketches/<name>.zarr), else under the work directory; everything else stays in the work directory.
+    W/config.json                 the resolved configuration (and catalogue) W was built with
+    W/split.parquet               item_id, split, label
+    W/features/<modality>.zarr|h5 feature stores          (under [stores] root when it is set)
+    W/sketches/<modality>.zarr|h5 sketch stores           (under [stores] root when it is set)
+    W/tokenizers/, W/upstream/    title_bpe's SentencePiece model, tiny or converted upstream models
+    W/models/<modality>/          model.pt, metrics.json, valid_predictions.parquet, last.pt, stamp.json
+    W/<[fusion] output>/          the fusion heads, metrics, pictures, predictions
+
+The first command that writes into W records its configuration there; a later command on W without
+`--config` uses it, so a work directory is always read with the settings it was built with. Hints
+that send the user to another command repeat the options it needs (`command`).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from pipeline.config import section
+from pipeline import config as config_module
+from pipeline.config import Config
 from pipeline.errors import PipelineError
+from pipeline.provenance import read_json, write_json
 from stores.backends import is_url
 
-MODALITIES = ("title_cam", "desc_cam", "title_bpe", "image")
 SUFFIX = {"zarr": ".zarr", "hdf5": ".h5"}
+RECORD = "config.json"
 
 
-def backend_suffix(backend: str) -> str:
-    if backend not in SUFFIX:
-        raise PipelineError(f"unknown store backend '{backend}' (use one of {sorted(SUFFIX)})")
-    return SUFFIX[backend]
-
-
-def stores_root(workdir: str | Path, cfg: dict) -> Path | str:
+# ---------------------------------------------------------------------- paths
+def stores_root(workdir: str | Path, cfg: Config) -> Path | str:
     """`[stores] root` (a local directory as a Path, a URL as its string), or the work directory if empty."""
-    root = str(section(cfg, "stores").get("root", "") or "")
+    root = cfg.stores.root
     if not root:
         return Path(workdir)
     return root.rstrip("/") if is_url(root) else Path(root).expanduser()
@@ -36,23 +43,87 @@ def store_path(root: str | Path, kind: str, name: str, backend: str | None = Non
     A URL root holds Zarr stores only (an HDF5 store is a local file).
     """
     if is_url(root):
-        if backend is not None and backend_suffix(backend) != SUFFIX["zarr"]:
+        if backend is not None and backend != "zarr":
             raise PipelineError(f"[stores] root = {root!r} is a URL, and an HDF5 store must be a local file: "
                                 f"use [stores] backend = \"zarr\" (or --backend zarr) with it, or a local root")
         return f"{root.rstrip('/')}/{kind}/{name}{SUFFIX['zarr']}"
-    base = Path(root) / kind / name
+    if backend is not None and backend not in SUFFIX:
+        raise PipelineError(f"unknown store backend '{backend}' (use one of {sorted(SUFFIX)})")
+    base = Path(root) / kind
     if backend is not None:
-        return base.with_name(name + backend_suffix(backend))
+        return base / (name + SUFFIX[backend])
     for suffix in SUFFIX.values():
-        if base.with_name(name + suffix).exists():
-            return base.with_name(name + suffix)
-    return base.with_name(name + SUFFIX["zarr"])
+        if (base / (name + suffix)).exists():
+            return base / (name + suffix)
+    return base / (name + SUFFIX["zarr"])
 
 
-def feature_store_path(workdir, cfg: dict, modality: str, backend: str | None = None) -> Path | str:
-    """<root>/features/<modality>.zarr|h5, root being `[stores] root` or the work directory."""
+def feature_store_path(workdir, cfg: Config, modality: str, backend: str | None = None) -> Path | str:
     return store_path(stores_root(workdir, cfg), "features", modality, backend)
+
+
+def sketch_store_path(workdir, cfg: Config, modality: str, backend: str | None = None) -> Path | str:
+    return store_path(stores_root(workdir, cfg), "sketches", modality, backend)
+
+
+def model_dir(workdir, modality: str) -> Path:
+    return Path(workdir) / "models" / modality
+
+
+def fusion_dir(workdir, cfg: Config) -> Path:
+    return Path(workdir) / cfg.fusion.output
 
 
 def tokenizer_dir(workdir) -> Path:
     return Path(workdir) / "tokenizers"
+
+
+def upstream_dir(workdir) -> Path:
+    return Path(workdir) / "upstream"
+
+
+# ---------------------------------------------------------------------- the recorded configuration
+def recorded(workdir) -> dict | None:
+    path = Path(workdir) / RECORD
+    return read_json(path, "work-directory record") if path.is_file() else None
+
+
+def remember(workdir, cfg: Config, catalog: str | Path | None = None) -> None:
+    """Record `cfg` (and the catalogue) in W, if W has no record yet; add the catalogue if it lacks one."""
+    record = recorded(workdir)
+    if record is not None and (catalog is None or record.get("catalog")):
+        return
+    if record is None:
+        record = {"sources": list(cfg.sources), "tables": cfg.raw}
+    if catalog is not None:
+        record["catalog"] = str(Path(catalog).resolve())
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    write_json(Path(workdir) / RECORD, record)
+
+
+def load(workdir, configs: list | None = None, overrides: dict | None = None) -> Config:
+    """The configuration of a command on W: `--config` files when given, else W's record, else default.toml."""
+    record = recorded(workdir) if workdir is not None else None
+    if configs or record is None:
+        return config_module.load_config(configs, overrides)
+    source = str(Path(workdir) / RECORD)
+    cfg = config_module.build(record["tables"], (source,), {})
+    return cfg.merged(overrides, "(command line)") if overrides else cfg
+
+
+def command(cfg: Config, workdir, verb: str, catalog: bool = False) -> str:
+    """`pipeline VERB --workdir W` with the options that make it run as this command did: `--catalog` from
+    W's record (when the command needs one) and `--config` unless `cfg` is W's own record."""
+    parts = ["pipeline", verb]
+    record = recorded(workdir) or {}
+    if catalog:
+        parts += ["--catalog", record.get("catalog", "DIR")]
+    parts += ["--workdir", str(workdir)]
+    own = str(Path(workdir) / RECORD)
+    if cfg.sources and cfg.sources != (own,):
+        parts += [arg for s in cfg.sources if not s.startswith("(") for arg in ("--config", s)]
+    return " ".join(parts)
+
+
+def describe(record: dict) -> str:
+    return json.dumps({k: record[k] for k in ("sources", "catalog") if k in record})

@@ -18,3 +18,31 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------- helpers shared by the test files
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def quiet(*_a, **_k) -> None:
+    """A `log` that drops every line."""
+
+
+class Log(list):
+    """A `log` that keeps every line."""
+
+    def __call__(self, msg: str) -> None:
+        self.append(msg)
+
+    def text(self) -> str:
+        return "\n".join(self)
+
+
+def cli(*args, timeout: float | None = None):
+    """`pipeline ARGS...` in a subprocess from the project root: a CompletedProcess with text output."""
+    import subprocess
+    import sys
+
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=timeout)

@@ -51,7 +51,7 @@ def test_sigir_tsv_layout_through_the_column_mapping(tmp_path):
     (tmp_path / "data_train.tsv").write_text(
         "Integer_id\tTitle\tDescription\tImage_id\tProduct_id\tPrdtypecode\n"
         "5\tTitre un\t\t31\t41\t10\n6\tTitre deux\tDesc\t32\t42\t40\n")
-    cfg = CFG | {"catalog": CFG["catalog"] | {"layout": "sigir"}}
+    cfg = CFG.merged({"catalog": {"layout": "sigir"}})
     items = load_catalog(tmp_path, cfg).items
     assert items["item_id"].to_list() == [5, 6] and items["label"].to_list() == [10, 40]
     assert items["title"].to_list() == ["Titre un", "Titre deux"]
@@ -111,7 +111,7 @@ def test_split_is_proportional_seeded_and_written_once(tmp_path):
     assert split.filter(pl.col("split") == "test")["label"].is_null().all()
     again = make_split(load_catalog(d, cfg), cfg, tmp_path / "w2")
     assert again.equals(split)  # same seed, same split
-    reseeded = cfg | {"split": cfg["split"] | {"seed": 1}}
+    reseeded = cfg.merged({"split": {"seed": 1}})
     assert make_split(load_catalog(d, cfg), reseeded, tmp_path / "w").equals(split)  # written once, reused
     assert not make_split(load_catalog(d, cfg), reseeded, tmp_path / "w3").equals(split)
     assert class_codes(split) == [10, 40, 50]

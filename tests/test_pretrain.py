@@ -14,12 +14,14 @@ import polars as pl
 import pytest
 import torch
 
-from pipeline.config import DEMO_CONFIG, PROJECT_ROOT, load_config, merge
+from pipeline.config import DEMO_CONFIG, PROJECT_ROOT, load_config
 from pipeline.distributed import Dist
 from pipeline.errors import PipelineError
-from pipeline.pretrain import load_model, pretrain
+from pipeline.checkpoint import load_model
+from pipeline.pretrain import pretrain
 from pipeline.train_reader import TrainReader
 from stores import ArraySpec, FeatureStore, fingerprint
+from tests.conftest import Log
 
 CODES = [10, 40, 50, 60, 1140, 1160]  # a few real product type codes
 # Small networks for the directly-built stores: each run takes a second or two.
@@ -31,16 +33,8 @@ SMALL = {"epochs": 4, "batch_size": 32, "channels": 16, "depth": 8, "width": 8, 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def demo_cfg(**pretrain_over) -> dict:
-    return merge(load_config(DEMO_CONFIG), {"pretrain": pretrain_over}) if pretrain_over else load_config(DEMO_CONFIG)
-
-
-class Log(list):
-    def __call__(self, msg: str) -> None:
-        self.append(msg)
-
-    def text(self) -> str:
-        return "\n".join(self)
+def demo_cfg(**pretrain_over):
+    return load_config(DEMO_CONFIG).merged({"pretrain": pretrain_over}) if pretrain_over else load_config(DEMO_CONFIG)
 
 
 # ---------------------------------------------------------------------- directly-built stores
@@ -102,8 +96,9 @@ def image_store(workdir: Path, n: int = 600, channels: int = 16, seed: int = 0, 
     return write_split(workdir, ids, labels, rng), ids[missing > 0]
 
 
-def small_cfg(modality: str, **over) -> dict:
-    return demo_cfg(**{modality: SMALL | over})
+def small_cfg(modality: str, **over):
+    small = {k: v for k, v in SMALL.items() if modality != "image" or k not in ("channels", "dropout")}
+    return demo_cfg(**{modality: small | over})
 
 
 # ---------------------------------------------------------------------- the reader
@@ -119,7 +114,7 @@ def test_reader_serves_every_item_once_with_its_own_tokens(tmp_path, suffix):
         for world in (1, 2, 3):
             seen, steps = [], set()
             for rank in range(world):
-                reader = TrainReader(store, "tokens", ids, labels, batch_size=16, mode=mode, buffer_blocks=2,
+                reader = TrainReader(store, "tokens", "tokens", ids, labels, batch_size=16, mode=mode, buffer_blocks=2,
                                      rank=rank, world_size=world, seed=3)
                 steps.add(len(reader))
                 n = 0
@@ -138,7 +133,7 @@ def test_reader_serves_every_item_once_with_its_own_tokens(tmp_path, suffix):
             assert len(steps) == 1, "every rank must make the same number of steps"
             assert sorted(seen) == sorted(by_id), f"{mode}, {world} ranks: items lost or repeated"
     # Shuffled by (seed, epoch): the same epoch twice is the same, another epoch differs.
-    reader = TrainReader(store, "tokens", ids, labels, batch_size=16, mode="stream", buffer_blocks=2)
+    reader = TrainReader(store, "tokens", "tokens", ids, labels, batch_size=16, mode="stream", buffer_blocks=2)
     first = [b.ids.tolist() for b in reader.epoch(5)]
     assert first == [b.ids.tolist() for b in reader.epoch(5)] != [b.ids.tolist() for b in reader.epoch(6)]
 
@@ -146,8 +141,8 @@ def test_reader_serves_every_item_once_with_its_own_tokens(tmp_path, suffix):
 def test_reader_picks_streaming_over_budget_and_flags_missing_images(tmp_path):
     split, missing_ids = image_store(tmp_path, n=300)
     ids = split["item_id"].to_numpy()
-    small = TrainReader(tmp_path / "features" / "image.zarr", "maps", ids, np.zeros(len(ids)), batch_size=50)
-    tight = TrainReader(tmp_path / "features" / "image.zarr", "maps", ids, np.zeros(len(ids)), batch_size=50,
+    small = TrainReader(tmp_path / "features" / "image.zarr", "maps", "fixed", ids, np.zeros(len(ids)), batch_size=50)
+    tight = TrainReader(tmp_path / "features" / "image.zarr", "maps", "fixed", ids, np.zeros(len(ids)), batch_size=50,
                         memory_bytes=small.nbytes // 2)
     assert small.mode == "memory" and tight.mode == "stream"
     for reader in (small, tight):
@@ -200,7 +195,7 @@ def test_title_bpe_learns_and_writes_its_outputs(bpe_run):
     preds = pl.read_parquet(out / "valid_predictions.parquet")
     assert sorted(preds["item_id"].to_list()) == sorted(valid["item_id"].to_list())
     codes = np.asarray(ckpt["class_codes"])
-    reader = TrainReader(FeatureStore(root / "w" / "features" / "title_bpe.zarr"), "tokens",
+    reader = TrainReader(FeatureStore(root / "w" / "features" / "title_bpe.zarr"), "tokens", "ids",
                          preds["item_id"].to_numpy(), np.zeros(len(preds)), batch_size=256, shuffle=False)
     logits = {}
     with torch.no_grad():
@@ -227,7 +222,7 @@ def test_batches_drawn_another_way_retrain(bpe_run, tmp_path):
     """Length-sorted training batches give another model (they skew BatchNorm): not "nothing to do"."""
     root, cfg, metrics, _ = bpe_run
     shutil.copytree(root / "w", tmp_path / "w")
-    sorted_cfg = merge(cfg, {"train_reader": {"length_sort_window": 16}})
+    sorted_cfg = cfg.merged({"train_reader": {"length_sort_window": 16}})
     log = Log()
     pretrain("title_bpe", tmp_path / "w", sorted_cfg, progress=False, log=log)
     assert "nothing to do" not in log.text() and "starting afresh" in log.text()
@@ -269,7 +264,7 @@ def test_image_like_store_trains_and_ignores_missing_photos(tmp_path):
     store = FeatureStore(tmp_path / "w" / "features" / "image.zarr")
     all_ids = split["item_id"].to_numpy()
     ids = np.concatenate([missing_ids[:20], all_ids[~np.isin(all_ids, missing_ids)][:20]])
-    reader = TrainReader(store, "maps", ids, np.zeros(len(ids)), batch_size=64, shuffle=False)
+    reader = TrainReader(store, "maps", "fixed", ids, np.zeros(len(ids)), batch_size=64, shuffle=False)
     with torch.no_grad():
         batch = next(iter(reader.epoch(0)))
         sketches = model.sketch(*batch.inputs)
@@ -298,8 +293,8 @@ def test_killed_run_resumes_from_its_last_epoch_and_matches_an_uninterrupted_one
     with pytest.raises(Killed):
         pretrain("title_cam", tmp_path / "b", cfg, progress=False, log=killer)
     out = tmp_path / "b" / "models" / "title_cam"
-    assert torch.load(out / "last.pt", weights_only=False)["epoch"] == 2
-    assert not (out / "metrics.json").exists()
+    assert torch.load(out.parent / ".title_cam.partial" / "last.pt", weights_only=True)["progress"]["epoch"] == 2
+    assert not out.exists()  # nothing is swapped in before the run completes
     log = Log()
     resumed = pretrain("title_cam", tmp_path / "b", cfg, progress=False, log=log)
     assert "resuming" in log.text() and "after epoch 2/4" in log.text()
@@ -316,6 +311,27 @@ def test_killed_run_resumes_from_its_last_epoch_and_matches_an_uninterrupted_one
     log = Log()
     pretrain("title_cam", tmp_path / "b", small_cfg("title_cam", dropout=0.1, lr=5e-3), progress=False, log=log)
     assert "starting afresh" in log.text() and "epoch 1/4:" in log.text()
+
+
+def test_a_killed_retraining_leaves_the_previous_model_in_place(tmp_path):
+    token_store(tmp_path / "w", "title_cam")
+    pretrain("title_cam", tmp_path / "w", small_cfg("title_cam", epochs=2), progress=False, log=Log())
+    out = tmp_path / "w" / "models" / "title_cam"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    class Killed(Exception):
+        pass
+
+    def killer(msg):
+        if "epoch 1/3:" in msg:
+            raise Killed
+
+    with pytest.raises(Killed):  # another config: a new run, interrupted after its first epoch
+        pretrain("title_cam", tmp_path / "w", small_cfg("title_cam", epochs=3, lr=5e-3), progress=False, log=killer)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    log = Log()
+    pretrain("title_cam", tmp_path / "w", small_cfg("title_cam", epochs=2), progress=False, log=log)
+    assert "nothing to do" in log.text()
 
 
 def test_changed_store_is_not_resumed(tmp_path):
@@ -374,7 +390,7 @@ def test_missing_inputs_name_the_command_that_builds_them(tmp_path):
     token_store(tmp_path / "w", "title_cam")
     with pytest.raises(PipelineError, match=r"no desc_cam features .*pipeline extract desc_cam"):
         pretrain("desc_cam", tmp_path / "w", demo_cfg(), progress=False, log=Log())
-    with pytest.raises(PipelineError, match="coder must be one of"):
+    with pytest.raises(PipelineError, match=r"\[pretrain.title_cam\] coder: input should be 'trainable' or 'static'"):
         pretrain("title_cam", tmp_path / "w", demo_cfg(), coder="magic", progress=False, log=Log())
     with pytest.raises(PipelineError, match="unknown modality"):
         pretrain("sound", tmp_path / "w", demo_cfg(), progress=False, log=Log())

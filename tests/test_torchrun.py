@@ -16,7 +16,7 @@ import pytest
 
 from pipeline.config import DEMO_CONFIG, load_config
 from pipeline.extract import extract
-from pipeline.extract.title_bpe import sha256_file
+from pipeline.provenance import sha256_file
 from pipeline.fuse import fuse
 from pipeline.metrics import classification_metrics
 from pipeline.synth import synthesize
@@ -43,7 +43,7 @@ def test_torchrun_extraction_fills_one_store_like_one_process(tmp_path):
         _, stderr = proc.communicate(timeout=300)
         assert proc.returncode == 0, stderr[-3000:]
         lines = [x for x in stderr.splitlines() if "items extracted" in x]
-        assert len(lines) == n  # every rank took a share: RANK/WORLD_SIZE became --shard K/N
+        assert len(lines) == n, stderr  # every rank took a share: RANK/WORLD_SIZE became --shard K/N
         assert sum(int(x.split("title_bpe: ")[1].split(" items")[0]) for x in lines) == 600
         store = FeatureStore(tmp_path / f"w{n}" / "features" / "title_bpe.zarr")
         assert store.verify()["ok"] and len(store) == 600

@@ -1,32 +1,37 @@
 """The extraction driver: one modality's features into its store, block by block.
 
-A modality (title_bpe, title_cam, desc_cam, image) is an `Extractor`: it says which arrays it
-writes, who produced them (model, weights and tokenizer hashes, config), each item's input
-fingerprint and token lengths, and how to process a block of items in two steps: `prepare`
-(CPU work: tokenising, JPEG decoding) and `compute` (the model). Everything else is the same for
-every modality and lives here: lay out the store, skip what is already there, refuse a stale cache,
-split blocks among shards, show progress, report, and keep the model busy: block b+1 is prepared
-and block b-1 written in background threads while the model computes block b.
+A modality's `Extractor` (pipeline.modalities) says which arrays it writes, who produced them (its
+stamp: model, weights and tokenizer hashes, settings), each item's input fingerprint and token
+lengths, and how to process a block of items in two steps: `prepare` (CPU work: tokenising, JPEG
+decoding) and `compute` (the model). Everything else is the same for every modality (and for the
+sketch stage, whose "model" is a pretrained encoder) and lives here: lay out the store, skip what is
+already there, refuse a stale cache, split blocks among shards, show progress, report, and keep the
+model busy: block b+1 is prepared and block b-1 written in background threads while the model
+computes block b.
+
+A store whose inputs and producer are unchanged is left alone without taking any lock (a read-only
+work directory works). `--rebuild` builds the new store beside the old one and swaps it in when it is
+complete, so a killed rebuild leaves the old store as it was (a second `--rebuild` resumes it).
 """
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import polars as pl
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from pipeline.distributed import torchrun
 from pipeline.errors import PipelineError
-from stores import ArraySpec, FeatureStore, store_lock, writer_claim
+from pipeline.modalities import Extractor
+from pipeline.progress import Progress
+from pipeline.provenance import Stamp, canonical_json, recover, swap_in
+from stores import FeatureStore, StoreError, store_lock, writer_claim
 from stores.backends import local_path, store_location
-from stores.store import sidecar
 
 # A store on object storage has no lock: workers K > 0 wait this long for worker 0's layout.
 PLAN_WAIT_S = float(os.environ.get("EMDE_PLAN_WAIT_S", 900))
@@ -55,24 +60,10 @@ class StaleStoreError(PipelineError):
     """A store built from other inputs, another model or another config than this run's."""
 
 
-class Extractor(Protocol):
-    name: str
-    arrays: dict[str, ArraySpec]
-    producer: dict  # model, weights_sha256, tokenizer_sha256, config: what the features depend on
-
-    def fingerprints(self, items: pl.DataFrame) -> np.ndarray: ...
-
-    def lengths(self, items: pl.DataFrame) -> dict[str, np.ndarray]: ...
-
-    def prepare(self, items: pl.DataFrame): ...  # -> whatever compute takes
-
-    def compute(self, prepared) -> tuple[dict[str, np.ndarray], np.ndarray | None]: ...
-
-
 @dataclass
 class Summary:
     modality: str
-    store: Path
+    store: Path | str
     items: int  # in the store once this run is done
     computed: int  # items extracted by this run
     skipped: int  # items of this run's shard already in the store
@@ -91,9 +82,10 @@ class Summary:
 
 
 def parse_shard(shard: str | None) -> tuple[int, int]:
-    """'K/N' -> (K, N); without one, torchrun's RANK/WORLD_SIZE if set, else (0, 1)."""
+    """'K/N' -> (K, N); without one, torchrun's RANK/WORLD_SIZE (0/1 without torchrun)."""
     if shard is None:
-        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        env = torchrun()
+        return env.rank, env.world
     try:
         k, n = (int(x) for x in shard.split("/"))
     except ValueError:
@@ -103,58 +95,87 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
     return k, n
 
 
-def _canonical(obj) -> str:
-    return json.dumps(obj, sort_keys=True, default=str)
+def partial_store_path(path: Path | str) -> Path | str:
+    """Where a rebuild of the store `path` is built before it is swapped in: `.<name>.partial.<suffix>`."""
+    if isinstance(path, Path):
+        return path.with_name(f".{path.stem}.partial{path.suffix}")
+    head, _, name = path.rpartition("/")
+    stem, _, suffix = name.rpartition(".")
+    return f"{head}/.{stem}.partial.{suffix}"
 
 
-def _check_producer(store: FeatureStore, extractor: Extractor, rebuild_hint: str) -> None:
-    old, new = store.provenance["producer"], extractor.producer
-    if _canonical(old) == _canonical(new):
-        return
-    keys = sorted(k for k in set(old) | set(new) if _canonical(old.get(k)) != _canonical(new.get(k)))
-    raise StaleStoreError(f"{store.path} was built with another {', '.join(keys)} than this run's "
-                          f"(store: {_canonical({k: old.get(k) for k in keys})}); refusing to mix them: "
-                          f"rebuild with `{rebuild_hint}`")
+# ---------------------------------------------------------------------- planning
+class _Plan:
+    """What a run has to do with a store: nothing, new items to lay out, or a store to create."""
 
+    def __init__(self, extractor: Extractor, items: pl.DataFrame):
+        self.extractor, self.items = extractor, items
+        self.ids = items["item_id"].to_numpy()
+        self.fp = extractor.fingerprints(items)  # (n,) uint64, each item's input
+        self.stamp = Stamp(extractor.name, extractor.producer)
 
-def plan(store_path: Path, extractor: Extractor, items: pl.DataFrame, block_rows: int,
-         rebuild_hint: str) -> FeatureStore:
-    """Open (or create) the store with a row for every item; new items get new blocks.
-
-    Runs under a lock so that shard workers starting together agree on one layout.
-    """
-    fp = extractor.fingerprints(items)
-    ids = items["item_id"].to_numpy()
-    with store_lock(store_path):
-        if not FeatureStore.exists(store_path):
-            return FeatureStore.create(store_path, extractor.name, extractor.arrays, extractor.producer,
-                                       ids, fp, extractor.lengths(items), block_rows=block_rows)
-        store = FeatureStore(store_path, "a")
-        if store.provenance["kind"] != extractor.name:
-            raise StaleStoreError(f"{store_path} holds '{store.provenance['kind']}' features, not "
-                                  f"'{extractor.name}'")
-        _check_producer(store, extractor, rebuild_hint)
+    def check(self, store: FeatureStore, rebuild_hint: str) -> np.ndarray:
+        """Refuse a store of other features, producer or inputs; return the mask of items it lacks."""
+        if store.provenance["kind"] != self.extractor.name:
+            raise StaleStoreError(f"{store.path} holds '{store.provenance['kind']}' features, not "
+                                  f"'{self.extractor.name}'")
+        changed = self.stamp.changed(store.provenance["producer"])
+        if changed:
+            old = store.provenance["producer"]
+            raise StaleStoreError(f"{store.path} was built with another {', '.join(changed)} than this run's "
+                                  f"(store: {canonical_json({k: old.get(k) for k in changed})}); refusing to mix "
+                                  f"them: rebuild with `{rebuild_hint}`")
         planned_ids, planned_fp = store.planned()
         order = np.argsort(planned_ids)
-        pos = np.minimum(np.searchsorted(planned_ids[order], ids), max(len(order) - 1, 0))
-        known = planned_ids[order][pos] == ids if len(order) else np.zeros(len(ids), bool)
-        changed = known & (planned_fp[order][pos] != fp)
-        if changed.any():
-            raise StaleStoreError(f"{store_path}: the input of {int(changed.sum())} stored item(s) changed "
-                                  f"since extraction (e.g. item {int(ids[changed][0])}); refusing to mix "
-                                  f"versions: rebuild with `{rebuild_hint}`")
-        new = items.filter(pl.Series(~known))
-        if len(new):
-            store.add_items(new["item_id"].to_numpy(), fp[~known], extractor.lengths(new))
-        return store
+        pos = np.minimum(np.searchsorted(planned_ids[order], self.ids), max(len(order) - 1, 0))
+        known = planned_ids[order][pos] == self.ids if len(order) else np.zeros(len(self.ids), bool)
+        changed_items = known & (planned_fp[order][pos] != self.fp)
+        if changed_items.any():
+            raise StaleStoreError(f"{store.path}: the input of {int(changed_items.sum())} stored item(s) changed "
+                                  f"since extraction (e.g. item {int(self.ids[changed_items][0])}); refusing to "
+                                  f"mix versions: rebuild with `{rebuild_hint}`")
+        return ~known
+
+    def open(self, path, block_rows: int, rebuild_hint: str) -> FeatureStore:
+        """The store with a row for every item (created, or new items appended), under the store lock so
+        that shard workers starting together agree on one layout."""
+        with store_lock(path):
+            if not FeatureStore.exists(path):
+                return FeatureStore.create(path, self.extractor.name, self.extractor.arrays, self.stamp.inputs,
+                                           self.ids, self.fp, self.extractor.lengths(self.items),
+                                           block_rows=block_rows)
+            store = FeatureStore(path, "a")
+            new = self.check(store, rebuild_hint)
+            if new.any():
+                added = self.items.filter(pl.Series(new))
+                store.add_items(self.ids[new], self.fp[new], self.extractor.lengths(added))
+            return store
+
+
+def _up_to_date(path, plan: _Plan, shard: tuple[int, int], rebuild_hint: str) -> int | None:
+    """The store's item count when it already holds every item of this shard, else None.
+
+    Without a lock (a read-only work directory works), so it may look while another worker lays the store
+    out: any doubt (a store half created, rows planned but not yet covered by `complete`, hashes not yet
+    written) answers None, and the locked path decides (and refuses a really stale store)."""
+    if not FeatureStore.exists(path):
+        return None
+    try:
+        with FeatureStore(path, "r") as store:
+            covered = store.n_blocks * store.block_rows >= store.backend.array("ids").shape[0]
+            if not covered or plan.check(store, rebuild_hint).any() or store.pending_blocks(shard):
+                return None
+            return len(store)
+    except (PipelineError, StoreError):  # half laid out, or stale: the locked path says which
+        return None
 
 
 def _wait_for_plan(store_path: str, ids: np.ndarray, shard: tuple[int, int]) -> None:
     """On object storage (no lock), wait until worker 0 has laid out a row for every item.
 
-    Worker 0 creates the store or appends the new items (`plan`); the others only start once every
-    id is planned and the `complete` array covers every row (add_items resizes it last), so their
-    own `plan` finds nothing to change and no two processes ever change the layout at once.
+    Worker 0 creates the store or appends the new items; the others only start once every id is planned
+    and the `complete` array covers every row (add_items resizes it last), so their own planning finds
+    nothing to change and no two processes ever change the layout at once.
     """
     deadline, last = time.monotonic() + PLAN_WAIT_S, "the store does not exist yet"
     while True:
@@ -175,40 +196,75 @@ def _wait_for_plan(store_path: str, ids: np.ndarray, shard: tuple[int, int]) -> 
         time.sleep(0.2)
 
 
-def run_extraction(extractor: Extractor, items: pl.DataFrame, store_path: Path, *, block_rows: int,
+# ---------------------------------------------------------------------- running
+def run_extraction(extractor: Extractor, items: pl.DataFrame, store_path: Path | str, *, block_rows: int,
                    shard: tuple[int, int] = (0, 1), rebuild: bool = False, rebuild_hint: str = "",
                    progress: bool = True) -> Summary:
     """Extract every item's features into `store_path`, only what is not there yet."""
-    keep_freed_memory()  # CPU forwards: no page faults on every big activation (3x on EfficientNet)
+    started = time.perf_counter()
     store_path = store_location(store_path)  # a local Path, or a Zarr URL (s3://, gs://, file://, memory://)
     if shard[1] > 1 and not str(store_path).endswith(".zarr"):
         raise PipelineError(f"{store_path}: an HDF5 store takes one writer; use --backend zarr for --shard")
-    unlocked = local_path(store_path) is None
-    if rebuild and unlocked and shard[1] > 1:
-        raise PipelineError(f"{store_path}: --rebuild of a store on object storage: run it with one worker, "
-                            f"then start the {shard[1]} workers")
+    if rebuild and shard[1] > 1:
+        raise PipelineError(f"{store_path}: run --rebuild with one worker (it replaces the whole store), then "
+                            f"start the {shard[1]} workers")
+    plan = _Plan(extractor, items)
+    target = store_path
     if rebuild:
+        target = _prepare_rebuild(store_path, plan, rebuild_hint)
+    else:
+        if local_path(store_path) is not None:
+            recover(local_path(store_path))
+        stored = _up_to_date(store_path, plan, shard, rebuild_hint)
+        if stored is not None:
+            return Summary(extractor.name, store_path, stored, 0, int(len(items)), 0,
+                           time.perf_counter() - started, 0)
+    keep_freed_memory()  # CPU forwards: no page faults on every big activation (3x on EfficientNet)
+    with writer_claim(target, shard):
+        summary = _fill(plan, target, block_rows, shard, rebuild_hint, progress, started)
+    if target != store_path:
         with store_lock(store_path):
-            FeatureStore.remove(store_path)
-            claims = sidecar(store_path, "writers.json")
-            if claims is not None:
-                claims.unlink(missing_ok=True)
-    with writer_claim(store_path, shard):
+            swap_in(local_path(target), local_path(store_path))
+        summary.store = store_path
+    return summary
+
+
+def _prepare_rebuild(store_path, plan: _Plan, rebuild_hint: str):
+    """Where `--rebuild` writes: beside the store (swapped in at the end), or in place on object storage."""
+    local = local_path(store_path)
+    if local is None:  # object storage has no rename: the old store goes first
+        FeatureStore.remove(store_path)
+        return store_path
+    partial = partial_store_path(store_path)
+    if FeatureStore.exists(partial):
         try:
-            return _extract(extractor, items, store_path, block_rows, shard, rebuild_hint, progress)
-        except OSError as err:  # a full disk, a lost mount, a permission change mid-run
-            raise PipelineError(
-                f"{store_path}: writing failed ({err.strerror or err}{': ' + str(err.filename) if err.filename else ''}); "
-                f"every block written before is kept: fix the cause and run the same command to resume"
-            ) from None
+            with FeatureStore(partial, "r") as old:
+                plan.check(old, rebuild_hint)  # a killed rebuild of the same inputs: resume it
+        except PipelineError:
+            FeatureStore.remove(partial)
+    return partial
 
 
-def _extract(extractor: Extractor, items: pl.DataFrame, store_path: Path, block_rows: int,
-             shard: tuple[int, int], rebuild_hint: str, progress: bool) -> Summary:
-    started = time.perf_counter()
-    if shard[0] > 0 and local_path(store_path) is None:
-        _wait_for_plan(store_path, items["item_id"].to_numpy(), shard)
-    store = plan(store_path, extractor, items, block_rows, rebuild_hint)
+def _fill(plan: _Plan, store_path, block_rows: int, shard: tuple[int, int], rebuild_hint: str, progress: bool,
+          started: float) -> Summary:
+    try:
+        if shard[0] > 0 and local_path(store_path) is None:
+            _wait_for_plan(store_path, plan.ids, shard)
+        store = plan.open(store_path, block_rows, rebuild_hint)
+        try:
+            return _write_blocks(plan.extractor, plan.items, store, shard, progress, started)
+        finally:
+            store.close()
+    except OSError as err:  # a full disk, a lost mount, a permission change mid-run
+        raise PipelineError(
+            f"{store_path}: writing failed ({err.strerror or err}{': ' + str(err.filename) if err.filename else ''}); "
+            f"every block written before is kept: fix the cause and run the same command to resume"
+        ) from None
+
+
+def _write_blocks(extractor: Extractor, items: pl.DataFrame, store: FeatureStore, shard: tuple[int, int],
+                  progress: bool, started: float) -> Summary:
+    """Prepare block b+1 and write block b-1 in background threads while the model computes block b."""
     bytes_before = store.backend.nbytes_stored()
     pending = store.pending_blocks(shard)
     counts = store.block_counts()
@@ -216,22 +272,19 @@ def _extract(extractor: Extractor, items: pl.DataFrame, store_path: Path, block_
     skipped = int(counts[shard[0] :: shard[1]].sum()) - todo
     by_id = items.with_row_index("_row").select("item_id", "_row")
 
-    def block_items(block: int) -> pl.DataFrame:
+    def prepare(block: int):
         rows = by_id.join(pl.DataFrame({"item_id": store.block_ids(block)}), on="item_id", how="right")
-        return items[rows["_row"].to_numpy()]
+        return extractor.prepare(items[rows["_row"].to_numpy()])
 
     computed = missing = 0
-    columns = [TextColumn(f"[bold]{extractor.name}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[rate]} items/s"), TimeRemainingColumn()]
-    with Progress(*columns, disable=not progress, transient=False) as bar, \
+    with Progress(extractor.name, todo, enabled=progress) as bar, \
             ThreadPoolExecutor(max_workers=1) as preparer, ThreadPoolExecutor(max_workers=1) as writer:
-        task = bar.add_task("extract", total=todo, rate="-")
-        next_prepared = preparer.submit(lambda b: extractor.prepare(block_items(b)), pending[0]) if pending else None
+        next_prepared = preparer.submit(prepare, pending[0]) if pending else None
         written = None
         for i, block in enumerate(pending):
             prepared = next_prepared.result()
             if i + 1 < len(pending):
-                next_prepared = preparer.submit(lambda b: extractor.prepare(block_items(b)), pending[i + 1])
+                next_prepared = preparer.submit(prepare, pending[i + 1])
             data, miss = extractor.compute(prepared)
             if written is not None:
                 written.result()  # at most one block waiting to be written
@@ -239,11 +292,9 @@ def _extract(extractor: Extractor, items: pl.DataFrame, store_path: Path, block_
             n = len(store.block_ids(block))
             computed += n
             missing += 0 if miss is None else int((np.asarray(miss) > 0).sum())
-            bar.update(task, advance=n, rate=f"{computed / max(time.perf_counter() - started, 1e-9):.1f}")
+            bar.advance(n)
         if written is not None:
             written.result()
-    total = len(store)
     bytes_written = store.backend.nbytes_stored() - bytes_before
-    store.close()
-    return Summary(extractor.name, store_path, total, computed, skipped, missing,
+    return Summary(extractor.name, store.path, len(store), computed, skipped, missing,
                    time.perf_counter() - started, max(bytes_written, 0))

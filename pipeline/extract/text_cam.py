@@ -9,51 +9,27 @@ costs little; the forward runs under `torch.inference_mode`, in bf16 on CUDA.
 """
 from __future__ import annotations
 
-import hashlib
-import html
-import re
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import torch
 
+from pipeline.provenance import sha256_files
+from pipeline.text import clean_description
 from pipeline.weights import load_text_model
 from stores import ArraySpec, fingerprint
-
-_TAG = re.compile(r"<[^>]*>")
-_SPACE = re.compile(r"\s+")
-
-
-def clean_description(text: str, max_chars: int) -> str:
-    """HTML residues out (entities unescaped until stable, so `&amp;amp;` -> `&`), cut to max_chars."""
-    for _ in range(3):
-        unescaped = html.unescape(text)
-        if unescaped == text:
-            break
-        text = unescaped
-    text = _SPACE.sub(" ", _TAG.sub(" ", text)).strip()
-    return text[:max_chars].rstrip()
-
-
-def sha256_files(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 class CamembertTokens:
     """Extractor for title_cam / desc_cam: one ragged float16 array `tokens` (hidden size per token)."""
 
-    def __init__(self, name: str, model_dir: Path, opts: dict, model_opts: dict, device: torch.device):
+    def __init__(self, name: str, model_dir: Path, opts, model_opts, device: torch.device):
         self.name = name
         self.field = "title" if name == "title_cam" else "description"
-        self.clean = bool(opts.get("clean_html", False))
-        self.max_chars = int(opts.get("max_chars", 0))
-        self.prefix = str(model_opts.get("prefix", ""))  # e5 models expect "passage: " before a text
+        self.clean = opts.clean_html
+        self.max_chars = opts.max_chars
+        self.prefix = model_opts.prefix  # e5 models expect "passage: " before a text
         self.tokenizer, self.model = load_text_model(model_dir)
         self.device = device
         self.model.to(device)
@@ -61,8 +37,8 @@ class CamembertTokens:
         # RoBERTa-style position ids start after the padding index: 514 positions -> 512 tokens.
         self.max_len = min(int(self.tokenizer.model_max_length),
                            cfg.max_position_embeddings - (cfg.pad_token_id or 0) - 1)
-        self.batch_tokens = int(model_opts["batch_tokens"])
-        self.max_batch = int(model_opts["max_batch"])
+        self.batch_tokens = model_opts.batch_tokens
+        self.max_batch = model_opts.max_batch
         self.arrays = {"tokens": ArraySpec("float16", (cfg.hidden_size,), ragged=True)}
         weights = sorted(p for p in Path(model_dir).iterdir() if p.suffix in (".safetensors", ".bin"))
         tokenizer_files = sorted(p for p in Path(model_dir).iterdir()

@@ -6,64 +6,75 @@ sha256 is in the store's provenance. Each item's ids are stored whole (titles ar
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import sentencepiece as spm
 
+from pipeline.errors import PipelineError
 from pipeline.extract.driver import StaleStoreError
+from pipeline.provenance import atomic_path, sha256_file
 from stores import ArraySpec, fingerprint, store_lock
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+TRAINED_WITH = ("vocab_size", "character_coverage", "max_sentence_length")
 
 
-def train_tokenizer(titles: list[str], model_dir: Path, opts: dict, rebuild_hint: str) -> Path:
+def _trained(model_dir: Path, options: dict, rebuild_hint: str) -> Path | None:
+    """The tokenizer in `model_dir` if one was trained with `options`; a StaleStoreError if with others."""
+    model_path, meta_path = model_dir / "title_bpe.model", model_dir / "title_bpe.json"
+    if not (model_path.exists() and meta_path.exists()):
+        return None
+    trained_with = json.loads(meta_path.read_text())
+    if trained_with != options:
+        raise StaleStoreError(f"{model_path} was trained with {trained_with}, the config asks for "
+                              f"{options}; rebuild with `{rebuild_hint}`")
+    return model_path
+
+
+def train_tokenizer(titles: list[str] | None, model_dir: Path, opts, rebuild: bool = False,
+                    rebuild_hint: str = "") -> Path:
     """Train the BPE model on `titles`, or reuse the one in `model_dir` trained with the same options.
 
-    Under a lock: workers started together (torchrun, --shard K/N) train it once, the first one,
-    and the others reuse it (they would otherwise write the same tmp files at once).
+    Under a lock: workers started together (torchrun, --shard K/N) train it once, the first one, and the
+    others reuse it. A tokenizer that is there already is used without the lock (read-only work dirs).
     """
-    with store_lock(Path(model_dir) / "title_bpe.model"):
-        return _train_tokenizer(titles, Path(model_dir), opts, rebuild_hint)
+    model_dir = Path(model_dir)
+    options = {k: getattr(opts, k) for k in TRAINED_WITH}
+    if not rebuild and (found := _trained(model_dir, options, rebuild_hint)) is not None:
+        return found
+    if titles is None:
+        raise PipelineError(f"{model_dir / 'title_bpe.model'}: no title_bpe tokenizer trained with {options}; "
+                            "run `pipeline extract title_bpe` on the training catalogue first")
+    with store_lock(model_dir / "title_bpe.model"):
+        if rebuild:
+            for f in model_dir.glob("title_bpe.*"):
+                f.unlink()
+        return _trained(model_dir, options, rebuild_hint) or _train(titles, model_dir, opts, options)
 
 
-def _train_tokenizer(titles: list[str], model_dir: Path, opts: dict, rebuild_hint: str) -> Path:
-    model_path = model_dir / "title_bpe.model"
-    meta_path = model_dir / "title_bpe.json"
-    options = {k: opts[k] for k in ("vocab_size", "character_coverage", "max_sentence_length")}
-    if model_path.exists() and meta_path.exists():
-        trained_with = json.loads(meta_path.read_text())
-        if trained_with != options:
-            raise StaleStoreError(f"{model_path} was trained with {trained_with}, the config asks for "
-                                  f"{options}; rebuild with `{rebuild_hint}`")
-        return model_path
+def _train(titles: list[str], model_dir: Path, opts, options: dict) -> Path:
     model_dir.mkdir(parents=True, exist_ok=True)
-    sentences = [t for t in titles if t.strip()]
+    tmp = model_dir / "title_bpe.tmp"
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences),
-        model_prefix=str(model_dir / "title_bpe.tmp"),
+        sentence_iterator=iter([t for t in titles if t.strip()]),
+        model_prefix=str(tmp),
         model_type="bpe",
         vocab_size=options["vocab_size"],
         character_coverage=options["character_coverage"],
         max_sentence_length=options["max_sentence_length"],
         hard_vocab_limit=False,  # a small catalogue gets the codes it has, not an error
-        num_threads=int(opts.get("threads", 1)),
+        num_threads=opts.threads,
         minloglevel=2,
     )
     for suffix in (".model", ".vocab"):
-        (model_dir / f"title_bpe.tmp{suffix}").replace(model_dir / f"title_bpe{suffix}")
-    meta_path.write_text(json.dumps(options))
-    return model_path
+        shutil.move(f"{tmp}{suffix}", model_dir / f"title_bpe{suffix}")
+    with atomic_path(model_dir / "title_bpe.json") as meta:  # last: it marks the tokenizer complete
+        meta.write_text(json.dumps(options))
+    return model_dir / "title_bpe.model"
 
 
 class TitleBpe:
@@ -71,16 +82,16 @@ class TitleBpe:
 
     name = "title_bpe"
 
-    def __init__(self, model_path: Path, opts: dict):
+    def __init__(self, model_path: Path, opts):
         self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
-        self.threads = int(opts.get("threads", 1))
+        self.threads = opts.threads
         vocab = self.sp.vocab_size()
         self.arrays = {"tokens": ArraySpec("int16" if vocab < 2**15 else "int32", (), ragged=True)}
         self.producer = {
             "model": "sentencepiece-bpe",
             "vocab_size": vocab,
             "tokenizer_sha256": sha256_file(model_path),
-            "config": {k: opts[k] for k in ("vocab_size", "character_coverage", "max_sentence_length")},
+            "config": {k: getattr(opts, k) for k in TRAINED_WITH},
         }
 
     def _encode(self, items: pl.DataFrame) -> list[list[int]]:

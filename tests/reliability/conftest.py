@@ -24,6 +24,7 @@ from pipeline.fuse import fuse
 from pipeline.pretrain import pretrain
 from pipeline.sketch import sketch
 from pipeline.synth import synthesize
+from tests.conftest import Log, quiet  # noqa: F401  (re-exported to the reliability tests)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "demo.toml"
@@ -48,18 +49,6 @@ batch_size = 64
 heads = [{ name = "bpe", inputs = ["title_bpe"] }]
 epochs = 3
 """
-
-
-def quiet(*_):
-    pass
-
-
-class Log(list):
-    def __call__(self, msg: str) -> None:
-        self.append(msg)
-
-    def text(self) -> str:
-        return "\n".join(self)
 
 
 def write_config(directory: Path, extra: str = "") -> Path:

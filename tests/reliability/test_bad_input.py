@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pipeline.catalog import CatalogError, load_catalog
-from pipeline.config import load_config, merge
+from pipeline.config import load_config
 from pipeline.extract import extract
 from pipeline.predict import predict
 from pipeline.synth import synthesize
@@ -194,7 +194,7 @@ def test_title_and_description_extraction_over_nasty_text_completes(tmp_path):
     assert raw.count(b"BADUTF8") == 2
     (d / "X_train.csv").write_bytes(raw.replace(b"BADUTF8", b"bad \xff\xfe utf \xc3 8"))
 
-    cfg = merge(CFG, {"stores": {"block_items": 32}, "title_bpe": {"block_items": 32}})
+    cfg = CFG.merged({"stores": {"block_items": 32}, "title_bpe": {"block_items": 32}})
     summaries = extract("title_bpe", d, tmp_path / "w", cfg, progress=False, log=quiet) + \
         extract("desc_cam", d, tmp_path / "w", cfg, progress=False, log=quiet)
     assert [s.items for s in summaries] == [96, 96]
@@ -265,7 +265,7 @@ def test_webp_is_decoded_and_decompression_bombs_are_recorded_unreadable(tmp_pat
             warnings.simplefilter("error")  # and no warning escapes
             assert decode(str(path[i]), lambda im: im, 64) == (None, UNREADABLE)
 
-    cfg = merge(CFG, {"image": {"input_size": 64, "block_items": 16}})
+    cfg = CFG.merged({"image": {"input_size": 64, "block_items": 16}})
     [summary] = extract("image", d, tmp_path / "w", cfg, progress=False, log=quiet)
     assert summary.items == 40 and summary.missing == 4  # counted in the stage summary, the run went on
     assert "4 missing inputs" in summary.line()

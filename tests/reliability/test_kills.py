@@ -128,25 +128,25 @@ def test_killed_extraction_resumes_to_the_same_store(tmp_path, tiny: Tiny, modal
 
 def test_killed_pretraining_resumes_from_its_last_epoch_and_matches(tmp_path, tiny: Tiny):
     w = copy_workdir(tiny.workdir, tmp_path / "w", ("features", "split.parquet"))
-    out = w / "models" / "title_bpe"
+    out, partial = w / "models" / "title_bpe", w / "models" / ".title_bpe.partial"
     args = ["pretrain", "title_bpe", "--workdir", w, "--config", tiny.config]
     epochs = []
     for _ in range(KILLS):
-        kill_at_random_progress(args, Epochs(out / "last.pt"), 3)  # of 10 epochs
-        assert not (out / "metrics.json").exists()
-        epochs.append(torch.load(out / "last.pt", weights_only=False)["epoch"])  # never a torn checkpoint
+        kill_at_random_progress(args, Epochs(partial / "last.pt"), 3)  # of 10 epochs
+        assert not out.exists()  # no model until a run completes
+        epochs.append(torch.load(partial / "last.pt", weights_only=True)["progress"]["epoch"])  # never torn
     assert 1 <= epochs[0] < epochs[1] < 10, epochs
     log = Log()
     pretrain("title_bpe", w, tiny.cfg, progress=False, log=log)
-    assert f"resuming from {out / 'last.pt'} after epoch {epochs[-1]}/10" in log.text()
+    assert f"resuming from {partial / 'last.pt'} after epoch {epochs[-1]}/10" in log.text()
     assert f"epoch {epochs[-1]}/10:" not in log.text()  # it did not start over
     got = json.loads((out / "metrics.json").read_text())
     ref = json.loads((tiny.workdir / "models" / "title_bpe" / "metrics.json").read_text())
     strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
     assert strip(got["history"]) == strip(ref["history"])  # deterministic on the CPU: exactly equal
     assert (got["macro_f1"], got["best_epoch"]) == (ref["macro_f1"], ref["best_epoch"])
-    a = torch.load(out / "model.pt", weights_only=False)["state_dict"]
-    b = torch.load(tiny.workdir / "models" / "title_bpe" / "model.pt", weights_only=False)["state_dict"]
+    a = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(tiny.workdir / "models" / "title_bpe" / "model.pt", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

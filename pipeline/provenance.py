@@ -1,0 +1,203 @@
+"""Provenance: how an output is identified, written and guarded, in one place for every stage.
+
+* ``canonical_json`` / ``digest``: one serialisation of settings, so equal settings give equal digests.
+* ``sha256_file(s)``: streaming file hashes (a weights file is never read into memory whole).
+* ``atomic_path``: write a file beside its destination, then rename it over (never a torn file).
+* ``Stamp``: what an output was computed from (settings, upstream digests); a stage whose stamp is
+  unchanged does nothing, and a changed one names what changed.
+* ``staged_dir``: a stage's output directory is built next to the current one and swapped in whole
+  when complete, so a refused, failed or killed run leaves the last good result as it was.
+* ``output_lock``: one runner per output; a second is refused at once, naming the first.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+
+STAMP_FILE = "stamp.json"
+
+
+def canonical_json(obj) -> str:
+    """One text per value: sorted keys, no spaces, tuples as lists, anything else by its str()."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def sha256_files(paths) -> str:
+    """One digest of several files' bytes, in the order given."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside `path`; once the block succeeds it replaces `path` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str | Path, what: str = "file"):
+    """The JSON in `path`, or a one-line error saying the file is damaged and what it is."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise PipelineError(f"{path}: damaged {what} ({type(err).__name__}); delete it and run the stage again") from None
+
+
+class Stamp:
+    """What a stage output was computed from: named inputs (settings, digests of upstream outputs)."""
+
+    def __init__(self, stage: str, inputs: dict):
+        self.stage = stage
+        self.inputs = json.loads(canonical_json(inputs))  # plain JSON values: compares equal after a round trip
+
+    @property
+    def digest(self) -> str:
+        return digest({"stage": self.stage, "inputs": self.inputs})
+
+    def without(self, *keys: str) -> Stamp:
+        return Stamp(self.stage, {k: v for k, v in self.inputs.items() if k not in keys})
+
+    def changed(self, other: Stamp | dict | None) -> list[str]:
+        """The input names whose values differ from `other`'s (every name when there is no other)."""
+        theirs = other.inputs if isinstance(other, Stamp) else (other or {})
+        keys = set(self.inputs) | set(theirs)
+        return sorted(k for k in keys if canonical_json(self.inputs.get(k)) != canonical_json(theirs.get(k)))
+
+    def to_json(self) -> dict:
+        return {"stage": self.stage, "inputs": self.inputs, "digest": self.digest}
+
+    def write(self, directory: str | Path) -> None:
+        write_json(Path(directory) / STAMP_FILE, self.to_json())
+
+    @classmethod
+    def read(cls, directory: str | Path) -> Stamp | None:
+        path = Path(directory) / STAMP_FILE
+        if not path.is_file():
+            return None
+        data = read_json(path, "stage stamp")
+        return cls(data.get("stage", ""), data.get("inputs", {}))
+
+    def matches(self, directory: str | Path) -> bool:
+        """Whether `directory` holds a complete output of exactly these inputs."""
+        old = Stamp.read(directory)
+        return old is not None and old.digest == self.digest
+
+
+# ---------------------------------------------------------------------- whole outputs, swapped in
+def partial_dir(final: Path) -> Path:
+    """Where the output `final` is built (and a killed run's progress waits to be resumed)."""
+    return final.parent / f".{final.name}.partial"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def recover(final: Path) -> None:
+    """Finish a swap that a kill interrupted between its two renames (the old output is put back)."""
+    old = final.parent / f".{final.name}.old"
+    if old.exists() and not final.exists():
+        os.rename(old, final)
+    elif old.exists():
+        _remove(old)
+
+
+def swap_in(partial: Path, final: Path) -> None:
+    """Replace `final` (a directory or a file) by the complete `partial` (two renames, recoverable)."""
+    old = final.parent / f".{final.name}.old"
+    if final.exists():
+        os.rename(final, old)
+    os.rename(partial, final)
+    _remove(old)
+
+
+@contextmanager
+def staged_dir(final: str | Path, fresh: bool = True):
+    """Yield the partial directory of `final`; swap it in when the block completes, else leave all as is.
+
+    fresh: start from an empty partial directory (False keeps what a killed run left there to resume)."""
+    final = Path(final)
+    recover(final)
+    partial = partial_dir(final)
+    if fresh and partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    yield partial
+    swap_in(partial, final)
+
+
+# ---------------------------------------------------------------------- one runner per output
+def lock_path(target: str | Path) -> Path:
+    target = Path(target)
+    return target.parent / ".locks" / f"{target.name}.lock"
+
+
+@contextmanager
+def output_lock(target: str | Path):
+    """Hold the lock of output `target` for this process; a second runner is refused at once.
+
+    The lock file says who holds it (pid, host, command, since when), for the refusal message.
+    flock is released by the kernel when the process dies, so a killed run never leaves a stale lock."""
+    path = lock_path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            raise PipelineError(f"{target} is being written by {_holder(fh.read())}; wait for it to finish "
+                                "(or stop it) before running this again") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(canonical_json({"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+                                 "since": dt.datetime.now().isoformat(timespec="seconds")}))
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _holder(text: str) -> str:
+    try:
+        who = json.loads(text)
+        return f"process {who['pid']} on {who['host']} (`{who['command']}`, since {who['since']})"
+    except (ValueError, KeyError, TypeError):
+        return "another process"

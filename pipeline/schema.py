@@ -1,0 +1,178 @@
+"""The typed tables of a configuration: what each key means, its type and its range (no defaults here).
+
+Every value comes from the TOML files in configs/ (`default.toml` is the root of every config), so each
+hyperparameter has one home; these classes only say what a value may be. A table refuses unknown keys,
+wrong types and out-of-range values; `pipeline.config` turns the refusal into one line naming the
+file, the table and the key.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    """A config table: known keys only, exact types (an int is accepted where a float is expected)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _power_of_two(v: int) -> int:
+    if v & (v - 1):
+        raise ValueError("expected a power of two")
+    return v
+
+
+Positive = Annotated[int, Field(ge=1)]
+NonNegative = Annotated[int, Field(ge=0)]
+PowerOfTwo = Annotated[int, Field(ge=1), AfterValidator(_power_of_two)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Probability = Annotated[float, Field(ge=0, lt=1)]
+Decay = Annotated[float, Field(gt=0, le=1)]
+Device = Literal["auto", "cpu", "cuda"]
+Loss = Literal["balanced", "plain"]
+KernelSizes = Annotated[list[Positive], Field(min_length=1)]
+
+
+# ---------------------------------------------------------------------- catalogue, split, stores
+class Columns(Section):
+    id: str  # "" = the CSV's unnamed index column
+    title: str
+    description: str
+    product_id: str
+    image_id: str
+    label: str
+
+
+class Layout(Section):
+    train: str
+    labels: str  # "" when the label column is in the train file
+    test: str
+    separator: Annotated[str, Field(min_length=1, max_length=1)]
+    image_dirs: dict[str, str]
+    image_name: str
+    columns: Columns
+
+
+class Catalog(Section):
+    layout: str
+    layouts: dict[str, Layout]
+
+    @model_validator(mode="after")
+    def _known_layout(self):
+        if self.layout not in self.layouts:
+            raise ValueError(f"layout '{self.layout}' is not a table of [catalog.layouts] (have {sorted(self.layouts)})")
+        return self
+
+
+class Split(Section):
+    valid_items: Positive
+    reference_train_items: Positive
+    seed: int
+
+
+class Stores(Section):
+    backend: Literal["zarr", "hdf5"]
+    block_items: PowerOfTwo
+    root: str
+
+
+class Extract(Section):
+    device: Device
+
+
+class TinyModel(Section):
+    vocab_size: Annotated[int, Field(ge=16)]
+    hidden_size: Positive
+    num_layers: Positive
+    num_heads: Positive
+    intermediate_size: Positive
+
+
+class TextModel(Section):
+    path: str
+    batch_tokens: Positive
+    max_batch: Positive
+    prefix: str
+    tiny: TinyModel
+
+
+class TrainReader(Section):
+    memory_gb: Annotated[float, Field(ge=0)]
+    mode: Literal["auto", "memory", "stream"]
+    buffer_blocks: Positive
+    prefetch_batches: Positive
+    length_sort_window: NonNegative
+
+
+# ---------------------------------------------------------------------- pretraining
+class TrainOptions(Section):
+    """[pretrain] (defaults of every modality) and [pretrain.<modality>]: one modality's network and run.
+
+    A modality's table is this plus the keys of its own options class (see pipeline.modalities)."""
+
+    coder: Literal["trainable", "static"]
+    loss: Loss
+    device: Device
+    eval_batch_size: Positive
+    cpu_threads: NonNegative
+    inner_dim: Positive
+    depth: Positive
+    width: Positive
+    weight_decay: Annotated[float, Field(ge=0)]
+    label_smoothing: Probability
+    batch_size: Positive
+    epochs: Positive
+    lr: PositiveFloat
+    decay: Decay
+
+    @model_validator(mode="after")
+    def _static_width(self):
+        if self.coder == "static" and self.width & (self.width - 1):
+            raise ValueError(f"the static coder needs a power-of-two width, not {self.width}")
+        return self
+
+
+# Keys that decide how a run is executed, not what it computes: they are not part of a model's stamp.
+RUN_ONLY_KEYS = ("eval_batch_size", "device", "cpu_threads")
+
+
+# ---------------------------------------------------------------------- sketch, fusion, demo
+class Sketch(Section):
+    batch_size: Positive
+    block_items: PowerOfTwo
+
+
+class Head(Section):
+    name: str
+    inputs: Annotated[list[str], Field(min_length=1)]
+
+
+class Fusion(Section):
+    output: Annotated[str, Field(min_length=1)]
+    heads: Annotated[list[Head], Field(min_length=1)]
+    lr: PositiveFloat
+    decay: Decay
+    epochs: Positive
+    batch_size: Positive
+    loss: Loss
+    worst_classes: Annotated[int, Field(ge=2)]
+
+
+class Demo(Section):
+    items: Annotated[int, Field(ge=100)]
+    seed: int
+
+
+class RealData(Section):
+    catalog: str
+
+
+# The general tables of a config (modality tables come from the registry); the optional ones are None
+# where no file has them ([demo] is in demo.toml, [real_data] in rakuten-real.toml).
+TABLES: dict[str, type[Section]] = {
+    "catalog": Catalog, "split": Split, "stores": Stores, "extract": Extract, "text_model": TextModel,
+    "train_reader": TrainReader, "sketch": Sketch, "fusion": Fusion, "demo": Demo, "real_data": RealData,
+}
+OPTIONAL_TABLES = ("demo", "real_data")

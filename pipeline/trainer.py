@@ -1,0 +1,160 @@
+"""The training loop of one modality's network (paper 3.4, Table 1).
+
+Adam with the learning rate multiplied by `decay` after every epoch, cross-entropy (plain or class
+weighted), validation macro-F1 after every epoch, the best epoch kept. After every epoch the whole run
+state (model, optimiser, schedule, best so far, history, RNG states) goes to a resume file, so a killed
+run continues from its last finished epoch and ends as an uninterrupted one would.
+
+Devices and processes come in a `Dist` (pipeline.distributed): under torchrun the model is wrapped in
+DistributedDataParallel, each rank reads its share, validation predictions are gathered from every
+rank, and only rank 0 writes. On CUDA the training steps run under bf16 autocast; validation always
+runs in float32, so the checkpoint is chosen on what `sketch` and `predict` compute with it.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline import checkpoint
+from pipeline.distributed import Dist
+from pipeline.metrics import classification_metrics
+from pipeline.progress import Progress
+from pipeline.train_reader import TrainReader
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a network is trained (the settings of its [pretrain.<modality>] table that the loop uses)."""
+
+    name: str  # what the log lines call the run (the modality)
+    epochs: int
+    lr: float
+    decay: float
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    amp: bool = False  # bf16 autocast for the training steps (CUDA)
+    fitted: tuple[str, ...] = ()  # submodules that stay as fitted (eval mode, no gradients)
+    stamp: str = ""  # the digest a resume file must carry to be resumed
+
+
+@dataclass
+class RunState:
+    """Where a run stands: the epochs done, the best epoch so far (its weights and predictions), the history."""
+
+    epoch: int = 0
+    best_f1: float = -1.0
+    best_epoch: int = 0
+    best_metrics: dict = field(default_factory=dict)
+    best_state: dict = field(default_factory=dict)
+    best_predictions: dict = field(default_factory=dict)  # ids, labels, preds: (valid items,) int64 tensors
+    history: list = field(default_factory=list)
+
+
+def evaluate(model: nn.Module, reader: TrainReader, ctx: Dist) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(item ids, true class, predicted class) over the whole split, every rank's share gathered, in float32."""
+    model.eval()
+    ids, labels, preds = [], [], []
+    with torch.no_grad():
+        for batch in reader.epoch(0):
+            batch = batch.to(ctx.device)
+            preds.append(model(*batch.inputs).argmax(1).cpu().numpy())
+            labels.append(batch.labels.cpu().numpy())
+            ids.append(batch.ids.cpu().numpy())
+    mine = tuple(np.concatenate(x) if x else np.zeros(0, np.int64) for x in (ids, labels, preds))
+    parts = ctx.gather(mine)
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+
+
+def _set_train_mode(model: nn.Module, run: RunSettings) -> None:
+    model.train()
+    for name in run.fitted:
+        getattr(model, name).eval()
+
+
+def _train_epoch(net: nn.Module, model: nn.Module, reader: TrainReader, optimizer, run: RunSettings, ctx: Dist,
+                 weights, epoch: int, progress: bool) -> float:
+    """One pass over this rank's batches; the mean loss over every rank's items."""
+    _set_train_mode(model, run)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if run.amp else nullcontext
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    seen = 0
+    with Progress(f"{run.name} epoch {epoch + 1}/{run.epochs}", len(reader), progress and ctx.main, "batches",
+                  transient=True) as bar:
+        batches = reader.epoch(epoch)
+        try:
+            for step, batch in enumerate(batches, 1):
+                batch = batch.to(ctx.device)
+                with autocast():
+                    logits = net(*batch.inputs)  # (B, classes)
+                loss = F.cross_entropy(logits.float(), batch.labels, weight=weights,
+                                       label_smoothing=run.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach().double() * len(batch)
+                seen += len(batch)
+                bar.advance(1, **({"loss": f"{float(loss_sum) / seen:.4f}"} if step % 10 == 0 else {}))
+        finally:
+            batches.close()
+    total, n = ctx.all_sum([float(loss_sum), float(seen)])
+    return total / max(n, 1)
+
+
+def train(model: nn.Module, train_reader: TrainReader, valid_reader: TrainReader, run: RunSettings, ctx: Dist,
+          codes: list[int], weights, resume_file: Path, state: dict | None, say, progress: bool = False) -> RunState:
+    """Train `model` for `run.epochs` (from `state`, a resume file's contents, when given); return the best."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=run.lr, weight_decay=run.weight_decay)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=run.decay)
+    done = _restore(state, model, optimizer, scheduler, ctx) if state is not None else RunState()
+    net = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
+                                              else None) if ctx.active else model
+    for epoch in range(done.epoch, run.epochs):
+        t0, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
+        loss = _train_epoch(net, model, train_reader, optimizer, run, ctx, weights, epoch, progress)
+        scheduler.step()
+        ids, labels, preds = evaluate(model, valid_reader, ctx)
+        m = classification_metrics(labels, preds, codes)
+        improved = m["macro_f1"] > done.best_f1
+        if improved:
+            done.best_f1, done.best_epoch, done.best_metrics = m["macro_f1"], epoch + 1, m
+            done.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            done.best_predictions = {k: torch.from_numpy(v) for k, v in zip(("ids", "labels", "preds"),
+                                                                              (ids, labels, preds))}
+        done.epoch = epoch + 1
+        done.history.append({"epoch": epoch + 1, "loss": loss, "valid_macro_f1": m["macro_f1"],
+                             "valid_accuracy": m["accuracy"], "lr": lr, "seconds": time.perf_counter() - t0,
+                             "valid_items": int(len(ids))})
+        _save(resume_file, done, model, optimizer, scheduler, run, ctx)
+        say(f"{run.name} epoch {epoch + 1}/{run.epochs}: loss {loss:.4f}, valid macro-F1 {m['macro_f1']:.4f}"
+            f"{' (best)' if improved else ''}, accuracy {m['accuracy']:.4f}, {done.history[-1]['seconds']:.1f} s")
+        ctx.barrier()
+    return done
+
+
+def _save(path: Path, done: RunState, model, optimizer, scheduler, run: RunSettings, ctx: Dist) -> None:
+    """The resume file: everything an interrupted run needs to go on as if it had not stopped."""
+    rng = ctx.gather({"torch": torch.get_rng_state(),
+                      "cuda": torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None})
+    if ctx.main:
+        checkpoint.save({"format": checkpoint.FORMAT, "stamp": run.stamp, "progress": vars(done),
+                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "rng": rng}, path)
+
+
+def _restore(state: dict, model, optimizer, scheduler, ctx: Dist) -> RunState:
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"][ctx.rank % len(state["rng"])]
+    torch.set_rng_state(rng["torch"])
+    if ctx.device.type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"], ctx.device)
+    return RunState(**state["progress"])

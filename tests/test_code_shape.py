@@ -1,0 +1,70 @@
+"""The shape of the code, held by tests: functions that fit on a screen, stages that do not reach into
+each other, a store layer that knows nothing of the pipeline."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = [ROOT / "cli.py", *sorted((ROOT / "pipeline").rglob("*.py")), *sorted((ROOT / "stores").rglob("*.py"))]
+MAX_FUNCTION_LINES = 80
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(module, names) of every import in `path`, function-level imports included."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(a.name, []) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            base = node.module
+            if node.level:  # from . import x
+                base = ".".join(module_name(path).split(".")[: -node.level] + [node.module])
+            out.append((base, [a.name for a in node.names]))
+    return out
+
+
+def reachable(start: str) -> set[str]:
+    """Every project module `start` imports, directly or through others."""
+    graph = {module_name(p): {m for m, _ in imports(p)} for p in SOURCES}
+    seen, todo = set(), [start]
+    while todo:
+        for dep in graph.get(todo.pop(), ()):
+            for candidate in (dep, dep.rsplit(".", 1)[0]):
+                if candidate in graph and candidate not in seen:
+                    seen.add(candidate)
+                    todo.append(candidate)
+    return seen
+
+
+def test_no_function_is_longer_than_a_screen():
+    long = []
+    for path in SOURCES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, long
+
+
+def test_sketch_fuse_and_predict_use_no_trainer_code():
+    for stage in ("pipeline.sketch", "pipeline.fuse", "pipeline.predict"):
+        assert not reachable(stage) & {"pipeline.pretrain", "pipeline.trainer"}, stage
+
+
+def test_no_module_takes_another_modules_private_names():
+    private = [f"{path.relative_to(ROOT)}: {name} from {module}" for path in SOURCES
+               for module, names in imports(path) if module.split(".")[0] in ("pipeline", "stores")
+               for name in names if name.startswith("_") and module != module_name(path)]
+    assert not private, private
+
+
+def test_the_store_layer_knows_nothing_of_the_pipeline():
+    for path in sorted((ROOT / "stores").rglob("*.py")):
+        assert not [m for m, _ in imports(path) if m.split(".")[0] == "pipeline"], path
