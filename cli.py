@@ -27,6 +27,22 @@ TextModelOpt = Annotated[Optional[str], typer.Option(help="local Hugging Face di
 ImageWeightsOpt = Annotated[Optional[str], typer.Option(help="local weights file (\\[image] weights)")]
 
 
+def version(show: bool) -> None:
+    if show:
+        from pipeline import __version__
+
+        print(f"emde-pipeline {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    _version: Annotated[bool, typer.Option("--version", callback=version, is_eager=True,
+                                           help="print the version and exit")] = False,
+) -> None:
+    """Multimodal product classification with trainable EMDE, one command per stage."""
+
+
 def log(message: str) -> None:
     err.print(message, highlight=False, markup=False, soft_wrap=True)
 
@@ -133,13 +149,28 @@ def fuse(workdir: WorkdirOpt, config: ConfigOpt = None) -> None:
 def predict(
     catalog: Annotated[Path, typer.Option("--catalog", help="catalogue folder of the items to classify")],
     workdir: WorkdirOpt,
-    out_csv: Annotated[Path, typer.Option("--out", help="CSV in the challenge's submission format")],
+    out_csv: Annotated[Path, typer.Option("--out", help="CSV in the challenge's submission format "
+                                                       "(probabilities in the .parquet beside it)")],
+    cache: Annotated[Optional[Path], typer.Option(help="keep new items' features in this folder for later runs")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Classify new items: extract and sketch only what is missing, then the fusion heads."""
-    from pipeline.predict import predict as run
+    """Classify the items of any catalogue (the training stores and split are never changed)."""
+    from pipeline.predict import check_output, predict as run
 
-    run(catalog, workdir, out_csv, settings(workdir, config), log=log)
+    check_output(out_csv)
+    run(catalog, workdir, out_csv, settings(workdir, config), cache=cache, log=log)
+
+
+@app.command()
+def export(
+    workdir: WorkdirOpt,
+    out: Annotated[Optional[Path], typer.Option("--out", help="folder for the .pt2 files (default: W/export)")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Every network of W's fusion as torch.export programs (.pt2) for serving without this project."""
+    from pipeline.export import export as run
+
+    run(workdir, settings(workdir, config), out, log=log)
 
 
 @app.command()
@@ -151,13 +182,13 @@ def inspect(
     config: ConfigOpt = None,
 ) -> None:
     """Shapes, chunks, provenance, one item, integrity of a store."""
-    from pipeline.inspect import inspect_store
+    from pipeline.inspect import inspect_store, summary
 
     report = inspect_store(store, item=item, verify=verify)
     if as_json:
         print(json.dumps(report))
     else:
-        Console().print_json(data=report)
+        print(summary(report))
     if verify and not report["verify"]["ok"]:
         v = report["verify"]
         log(f"{store}: NOT complete: {len(v['incomplete_blocks'])} incomplete block(s), "

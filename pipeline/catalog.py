@@ -330,3 +330,11 @@ def write_submission(path: str | Path, ids, codes) -> None:
         fh.write(",prdtypecode\n")  # polars would quote the empty index name
         pl.DataFrame({"item_id": np.asarray(ids, np.int64), "code": np.asarray(codes, np.int64)}) \
             .write_csv(fh, include_header=False)
+
+
+def probabilities_table(ids, probs: np.ndarray, codes: list[int]) -> pl.DataFrame:
+    """Predictions with their probabilities: item_id, prdtypecode (the most probable code), probability (of
+    that code), and p_<code> for every class (probs: (items, classes), column j for codes[j])."""
+    probs = np.asarray(probs, np.float32)
+    return pl.DataFrame({"item_id": np.asarray(ids, np.int64), "prdtypecode": np.asarray(codes, np.int64)[probs.argmax(-1)],
+                         "probability": probs.max(-1)} | {f"p_{c}": probs[:, i] for i, c in enumerate(codes)})

@@ -10,6 +10,7 @@ the key, what is expected, and the near miss when there is one.
 from __future__ import annotations
 
 import difflib
+import importlib.resources
 import json
 import tomllib
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from pipeline import modalities, schema
 from pipeline.errors import PipelineError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = PROJECT_ROOT / "configs"
+CONFIG_DIR = Path(str(importlib.resources.files("pipeline.configs")))  # configs/ in a checkout, package data in a wheel
 DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
 DEMO_CONFIG = CONFIG_DIR / "demo.toml"
 ROOT_KEYS = {"seed": int}

@@ -126,17 +126,25 @@ class ImagePool(nn.Module):
         self.missing = nn.Parameter(torch.randn(self.channels))
 
     def forward(self, fmap: Tensor, present: Tensor) -> Tensor:
-        b = fmap.shape[0]
         present = present.bool()
+        if self.training:
+            return self._train_forward(fmap, present)
+        # Inference: BatchNorm uses its running statistics, row by row, so every row goes through it (no
+        # data-dependent shapes: the module exports with torch.export) and missing rows are replaced after.
+        out = self.bn(fmap.mean(dim=(2, 3)))                      # (B, C)
+        return _replace_missing(out, present, self.missing)
+
+    def _train_forward(self, fmap: Tensor, present: Tensor) -> Tensor:
+        b = fmap.shape[0]
         idx = present.nonzero().squeeze(1)                        # (P,)
         sub = fmap.index_select(0, idx).mean(dim=(2, 3))          # (P, C) global average pool
         if idx.numel() == 0:
             return self.missing.to(fmap.dtype).expand(b, self.channels).clone()
-        if self.training and idx.numel() < 2:                     # batch stats undefined for one row
+        if idx.numel() < 2:                                       # batch stats undefined for one row
             bn = self.bn
             sub = F.batch_norm(sub, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
         else:
-            sub = self.bn(sub)
+            sub = self.bn(sub)                                    # statistics of the present rows only
         out = sub.new_zeros(b, self.channels).index_copy(0, idx, sub)  # (B, C), missing rows still 0 here
         return _replace_missing(out, present, self.missing)
 

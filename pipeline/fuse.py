@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline import checkpoint, modalities, workdir as wd
-from pipeline.catalog import class_codes, read_split, write_submission
+from pipeline.catalog import class_codes, probabilities_table, read_split, write_submission
 from pipeline.config import Config
 from pipeline.distributed import Dist, torchrun
 from pipeline.errors import PipelineError
@@ -215,7 +215,8 @@ def _write(job: FuseJob, model: FusionHeads, dims: dict, valid_pred: np.ndarray,
     code_of = np.array(job.codes)
     test_ids = job.ids[job.parts["test"]]
     write_submission(out / "predictions.csv", test_ids, code_of[test_logits.argmax(-1)])
-    probabilities_table(test_ids, test_logits, job.codes).write_parquet(out / "predictions.parquet")
+    test_probs = torch.softmax(torch.from_numpy(test_logits), dim=-1).numpy()  # (test items, classes)
+    probabilities_table(test_ids, test_probs, job.codes).write_parquet(out / "predictions.parquet")
     valid_labels = job.labels[job.parts["valid"]]
     pl.DataFrame({"item_id": job.ids[job.parts["valid"]], "label": code_of[valid_labels],
                   "predicted": code_of[valid_pred]}).write_csv(out / "valid_predictions.csv")
@@ -226,13 +227,6 @@ def _write(job: FuseJob, model: FusionHeads, dims: dict, valid_pred: np.ndarray,
     write_json(out / "metrics.json", metrics)
     job.stamp.write(out)
     swap_in(out, job.out)
-
-
-def probabilities_table(ids: np.ndarray, logits: np.ndarray, codes: list[int]) -> pl.DataFrame:
-    """item_id, prdtypecode (the argmax), probability (of that code), and p_<code> for every class."""
-    probs = torch.softmax(torch.from_numpy(np.asarray(logits, np.float32)), dim=-1).numpy()  # (n, classes)
-    return pl.DataFrame({"item_id": np.asarray(ids, np.int64), "prdtypecode": np.asarray(codes, np.int64)[probs.argmax(-1)],
-                         "probability": probs.max(-1)} | {f"p_{c}": probs[:, i] for i, c in enumerate(codes)})
 
 
 def summary_table(workdir: Path, fused: dict) -> str:

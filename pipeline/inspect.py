@@ -33,3 +33,27 @@ def inspect_store(path: str | Path, item: int | None = None, verify: bool = Fals
         if verify:
             report["verify"] = store.verify()
     return report
+
+
+def summary(report: dict) -> str:
+    """A few lines for people: what the store holds, how complete it is, who made it (`--json` has it all)."""
+    prov = report["provenance"]
+    producer = prov.get("producer", {})
+    made_by = ", ".join(f"{k} {str(v)[:24]}" for k, v in producer.items() if not isinstance(v, dict))  # a glance; --json has all
+    lines = [f"{report['path']}: {prov.get('kind')} features, {report['items']} items "
+             f"({report['blocks']['complete']}/{report['blocks']['total']} blocks complete, "
+             f"{report['missing_inputs']} missing inputs), {report['bytes_on_disk'] / 1e6:.1f} MB, "
+             f"{prov.get('backend')} schema {prov.get('schema_version')}, created {prov.get('created')}",
+             f"  made by: {made_by}"]
+    for name, a in report["arrays"].items():
+        lines.append(f"  {name:<16} {str(tuple(a['shape'])):<22} {a['dtype']:<8} chunks {tuple(a['chunks'])}")
+    if "item" in report:
+        item = report["item"]
+        lines.append(f"  item {item['item_id']} (missing code {item['missing']}): " + "; ".join(
+            f"{k} {v['shape']} {v['dtype']}" for k, v in item.items() if isinstance(v, dict)))
+    if "verify" in report:
+        v = report["verify"]
+        lines.append("  verify: ok, every chunk read" if v["ok"] else
+                     f"  verify: {len(v['problems'])} problem(s), {len(v['damaged_items'])} damaged item(s), "
+                     f"{len(v['incomplete_blocks'])} incomplete block(s): " + "; ".join(v["problems"][:5]))
+    return "\n".join(lines)

@@ -1,61 +1,57 @@
-"""`pipeline predict`: classify the items of a catalogue with a trained work directory.
+"""`pipeline predict`: classify the items of any catalogue with a trained work directory.
 
-Only what is missing is computed: the items' features go into the same feature stores (items
-already there are skipped, an item whose input changed is refused), their sketches into the same
-sketch stores, then the fusion heads of W/fusion/model.pt give a product type code per item,
-written in the challenge's submission format (`,prdtypecode` header; item id, code).
+The work directory's fusion and every model it reads are loaded once (`pipeline.predictor.Predictor`);
+the catalogue's items are computed in memory, reusing what W already holds for the same inputs, and
+never written into the training stores or the split (ids may overlap W's: a new catalogue numbered from
+0 is fine). Writes `--out` in the challenge's submission format (`,prdtypecode` header; item id, code)
+and, beside it, `<out>.parquet`: item id, code, its probability and the probability of every class.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import polars as pl
-import torch
 
-from pipeline import checkpoint, workdir as wd
-from pipeline.catalog import load_catalog, read_split, write_submission
+from pipeline.catalog import load_catalog, probabilities_table, write_submission
 from pipeline.config import Config
 from pipeline.errors import PipelineError
-from pipeline.extract import extract_items
-from pipeline.heads import FusionHeads
-from pipeline.sketch import Sketcher, sketch_into_store
-from stores import FeatureStore
+from pipeline.predictor import Predictor
+from pipeline.progress import Progress
+
+BATCH_ROWS = 4096
+
+
+def check_output(out_csv: Path) -> None:
+    """Refuse an output path that cannot be written, before any work is done."""
+    if out_csv.is_dir():
+        raise PipelineError(f"--out {out_csv}: is a directory; give a file name (e.g. {out_csv / 'predictions.csv'})")
+    folder = out_csv.parent if str(out_csv.parent) else Path(".")
+    if not folder.is_dir():
+        raise PipelineError(f"--out {out_csv}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise PipelineError(f"--out {out_csv}: the folder {folder} is not writable")
 
 
 def predict(catalog_dir: str | Path, workdir: str | Path, out_csv: str | Path, cfg: Config, *,
-            progress: bool = True, log=print) -> pl.DataFrame:
-    workdir = Path(workdir)
-    fusion_path = wd.fusion_dir(workdir, cfg) / checkpoint.MODEL_FILE
-    if not fusion_path.exists():
-        raise PipelineError(f"{fusion_path} not found: train the work directory first (extract, pretrain, "
-                            f"sketch, fuse; or `pipeline demo --workdir {workdir}`)")
-    fusion = checkpoint.load(fusion_path)
+            cache: str | Path | None = None, progress: bool = True, log=print) -> pl.DataFrame:
+    """Predictions for every item of the catalogue: the table written to `<out>.parquet`."""
+    out_csv = Path(out_csv)
+    check_output(out_csv)
+    predictor = Predictor.open(Path(workdir), cfg, cache=cache)
     catalog = load_catalog(catalog_dir, cfg, require_train=False)
     log(catalog.summary())
-    split = read_split(workdir)  # read, never changed: these items are not training data
-    modalities = list(fusion["dims"])
-    extract_items(modalities, catalog, split, workdir, cfg, progress=progress, log=log)
-
-    ids = catalog.items["item_id"].to_numpy()
-    sketches = {}
-    for m in modalities:
-        sketcher = Sketcher(m, workdir, cfg)
-        if sketcher.producer["checkpoint_sha256"] != fusion["checkpoints"][m]:
-            raise PipelineError(f"{fusion_path} was trained on sketches of another {m} checkpoint: run "
-                                f"`{wd.command(cfg, workdir, f'sketch {m}')}` and `{wd.command(cfg, workdir, 'fuse')}` again")
-        path = wd.sketch_store_path(workdir, cfg, m)
-        summary = sketch_into_store(sketcher, ids, path, cfg, wd.command(cfg, workdir, f"sketch {m}"), progress, log)
-        log(summary.line())
-        with FeatureStore(path) as store:
-            sketches[m] = torch.from_numpy(store.read("sketch", ids))
-
-    model = FusionHeads(fusion["heads"], fusion["dims"], len(fusion["codes"]))
-    model.load_state_dict(fusion["state_dict"])
-    model.eval()
-    with torch.inference_mode():
-        classes = model(sketches).argmax(-1).numpy()
-    table = pl.DataFrame({"item_id": ids, "prdtypecode": np.array(fusion["codes"])[classes]})
+    items = catalog.items.select("item_id", "title", "description", image=pl.col("image_path"))
+    probs = np.zeros((len(items), len(predictor.classes)), np.float32)
+    with Progress("predict", len(items), progress) as bar:
+        for start in range(0, len(items), BATCH_ROWS):
+            chunk = items[start : start + BATCH_ROWS]
+            probs[start : start + len(chunk)] = predictor.predict_proba(chunk)
+            bar.advance(len(chunk))
+    ids = items["item_id"].to_numpy()
+    table = probabilities_table(ids, probs, predictor.classes.tolist())
     write_submission(out_csv, ids, table["prdtypecode"])
-    log(f"predict: {len(table)} items -> {out_csv}")
+    table.write_parquet(out_csv.with_suffix(".parquet"))
+    log(f"predict: {len(table)} items -> {out_csv} and {out_csv.with_suffix('.parquet')}")
     return table

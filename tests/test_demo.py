@@ -90,31 +90,86 @@ def test_a_second_demo_recomputes_nothing(demo_dir, demo_config):
     assert run.stderr.count("nothing to do") >= 4 + 4 + 4 + 1  # extract, pretrain, sketch (per modality), fuse
 
 
-def test_predict_extracts_and_sketches_only_new_items(demo_dir, demo_config, tmp_path):
-    catalog = demo_dir / "catalog"
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_predictor_agrees_with_fuse_and_explains_its_decisions(demo_dir):
+    from pipeline import Predictor
+    from pipeline.catalog import load_catalog
+
+    valid = pl.read_csv(demo_dir / "fusion" / "valid_predictions.csv")
+    items = load_catalog(demo_dir / "catalog", load_config("configs/demo.toml")).items
+    rows = valid.join(items, on="item_id", how="left").select("item_id", "title", "description", image="image_path")
+    predictor = Predictor.load(demo_dir)  # the work directory's own configuration
+    assert predictor.predict(rows).tolist() == valid["predicted"].to_list()  # stored sketches, found by input
+    fresh = Predictor.load(demo_dir, reuse=False)  # every feature and sketch computed anew, in memory
+    some = rows[::12]
+    pandas = pytest.importorskip("pandas")
+    assert fresh.predict(pandas.DataFrame(some.to_dict(as_series=False))).tolist() == valid["predicted"].to_list()[::12]
+    proba = fresh.predict_proba(some)
+    assert proba.shape == (len(some), len(fresh.classes)) and np.allclose(proba.sum(1), 1, atol=1e-5)
+    why = fresh.explain(some)
+    heads = [c for c in why.columns if c not in ("item_id", "prdtypecode", "logit")]
+    assert heads == ["concat (desc_cam+image+title_bpe)", "title (title_cam)"]
+    np.testing.assert_allclose(why.select(heads).sum_horizontal().to_numpy(), why["logit"].to_numpy(), rtol=1e-5)
+    assert why["prdtypecode"].to_list() == fresh.predict(some).tolist()
+    photo = Path(some["image"][0]).read_bytes()  # a photo as bytes, no title: still a prediction
+    one = fresh.predict_proba(pl.DataFrame({"title": [some["title"][0]], "image": [photo]}))
+    by_path = fresh.predict_proba(some[:1].select("title", "image"))
+    np.testing.assert_allclose(one, by_path, rtol=1e-5, atol=1e-6)
+
+
+def test_predict_on_an_overlapping_catalogue_leaves_every_training_store_unchanged(demo_dir, demo_config, tmp_path):
+    # A new catalogue numbered from 0, as any new Rakuten-layout file is: its ids are the training items'.
     new = tmp_path / "new"
     (new / "image_test").mkdir(parents=True)
-    x_test = pl.read_csv(catalog / "X_test.csv")
-    known = x_test.head(5)
-    fresh = x_test.tail(3).with_columns(pl.col("").add(100_000), pl.col("imageid").add(1))
-    for row, shift in [(r, 0) for r in known.iter_rows(named=True)] + [(r, 1) for r in fresh.iter_rows(named=True)]:
-        # The known items keep their photos; the new ones get old photos under new names.
-        old = catalog / "image_test" / f"image_{row['imageid'] - shift}_product_{row['productid']}.jpg"
+    x_test = pl.read_csv(demo_dir / "catalog" / "X_test.csv")
+    renumbered = x_test.head(8).with_columns(pl.Series("", range(8)), pl.col("designation") + " neuf")
+    for row in renumbered.iter_rows(named=True):
+        old = demo_dir / "catalog" / "image_test" / f"image_{row['imageid']}_product_{row['productid']}.jpg"
         if old.exists():
-            shutil.copy(old, new / "image_test" / f"image_{row['imageid']}_product_{row['productid']}.jpg")
-    pl.concat([known, fresh]).write_csv(new / "X_test.csv")
+            shutil.copy(old, new / "image_test" / old.name)
+    renumbered.write_csv(new / "X_test.csv")
+    before = {d: snapshot(demo_dir / d) for d in ("features", "sketches")}
+    split = (demo_dir / "split.parquet").read_bytes()
     out = tmp_path / "pred.csv"
-    run = cli("predict", "--catalog", str(new), "--workdir", str(demo_dir), "--out", str(out),
-              "--config", demo_config)
+    run = cli("predict", "--catalog", str(new), "--workdir", str(demo_dir), "--out", str(out))
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stderr.count("3 items extracted") == 2 * len(MODALITIES), run.stderr  # features, then sketches
+    assert {d: snapshot(demo_dir / d) for d in ("features", "sketches")} == before
+    assert (demo_dir / "split.parquet").read_bytes() == split
     lines = out.read_text().splitlines()
-    assert lines[0] == ",prdtypecode" and len(lines) == 9
-    expected = dict(tuple(map(int, line.split(","))) for line in
-                    (demo_dir / "fusion" / "predictions.csv").read_text().splitlines()[1:])
-    for line in lines[1:6]:  # items the work directory already knew: the same predictions as fuse's
-        item, code = map(int, line.split(","))
-        assert expected[item] == code
+    assert lines[0] == ",prdtypecode" and [int(x.split(",")[0]) for x in lines[1:]] == list(range(8))
+    table = pl.read_parquet(out.with_suffix(".parquet"))
+    probs = table.select([c for c in table.columns if c.startswith("p_")]).to_numpy()
+    assert np.allclose(probs.sum(1), 1, atol=1e-5) and table["prdtypecode"].to_list() == \
+        [int(x.split(",")[1]) for x in lines[1:]]
+
+
+def test_exported_networks_give_the_same_outputs(demo_dir, tmp_path):
+    from pipeline.export import export
+
+    files = export(demo_dir, load_config("configs/demo.toml"), tmp_path, log=lambda *_: None)
+    sketches = {}
+    with FeatureStore(demo_dir / "features" / "image.zarr") as images:  # items with a photo and without
+        ids = np.concatenate([images.ids[:5], images.ids[np.flatnonzero(images.read_missing(images.ids))[:3]]])
+    for modality in MODALITIES:
+        program = torch.export.load(files[modality]).module()
+        model, _ = load_model(demo_dir / "models" / modality)
+        m = modalities.get(modality)
+        with FeatureStore(demo_dir / "features" / f"{modality}.zarr") as features:
+            batch = next(inference_batches(features, m.array, m.batch, ids, batch_size=len(ids)))  # another batch size
+        with torch.inference_mode():
+            sketches[modality] = model.sketch(*batch.inputs)
+            np.testing.assert_allclose(program(*batch.inputs).numpy(), sketches[modality].numpy(), rtol=1e-5, atol=1e-6)
+    heads = torch.export.load(files["fusion"]).module()
+    fusion = torch.load(demo_dir / "fusion" / "model.pt", weights_only=True)
+    from pipeline.heads import FusionHeads
+
+    reference = FusionHeads(fusion["heads"], fusion["dims"], len(fusion["codes"]))
+    reference.load_state_dict(fusion["state_dict"])
+    with torch.inference_mode():
+        np.testing.assert_allclose(heads(sketches).numpy(), reference.eval()(sketches).numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_fuse_refuses_sketches_of_an_older_checkpoint(demo_dir, demo_config, tmp_path):

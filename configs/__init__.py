@@ -1,0 +1,1 @@
+"""The TOML configs, shipped inside the package as `pipeline.configs` (see pyproject.toml)."""

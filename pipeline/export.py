@@ -1,0 +1,79 @@
+"""Export a trained work directory for serving: each modality's encoder + EMDE coder, and the fusion heads,
+as `torch.export` programs (`.pt2`, loadable with `torch.export.load` without this project's classes).
+
+    W/export/<modality>.pt2   (*inputs) -> sketch (B, depth * width); inputs as pipeline.train_reader makes them:
+                              ids (B, L) int64 + mask (B, L) bool | x (B, L, H) float32 + mask | x (B, *shape) + present (B,)
+    W/export/fusion.pt2       {modality: sketch} -> fused logits (B, classes)
+
+The batch size and the sequence length are dynamic. Only networks with the trainable coder export (the
+static coder's fitted-or-not check is Python control flow on a buffer).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline import checkpoint, modalities, workdir as wd
+from pipeline.config import Config
+from pipeline.errors import PipelineError
+from pipeline.heads import FusionHeads
+from stores import ArraySpec
+
+
+class Sketcher(nn.Module):
+    """A modality's network up to its input sketch (the head left out, as in paper 3.5)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.model.sketch(x, mask)
+
+
+def example_inputs(modality: str, spec, batch: int = 4, length: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs shaped as the reader makes them for this modality's store array."""
+    kind = modalities.get(modality).batch
+    if kind == "ids":
+        return torch.ones(batch, length, dtype=torch.long), torch.ones(batch, length, dtype=torch.bool)
+    if kind == "tokens":
+        return torch.zeros(batch, length, *spec.shape), torch.ones(batch, length, dtype=torch.bool)
+    return torch.zeros(batch, *spec.shape), torch.ones(batch, dtype=torch.bool)
+
+
+def export_sketcher(model: nn.Module, modality: str, spec) -> torch.export.ExportedProgram:
+    x, mask = example_inputs(modality, spec)
+    b, length = torch.export.Dim("batch", min=1), torch.export.Dim("length", min=1)
+    dims = ({0: b}, {0: b}) if modalities.get(modality).batch == "fixed" else ({0: b, 1: length}, {0: b, 1: length})
+    return torch.export.export(Sketcher(model.eval()), (x, mask), dynamic_shapes=dims)
+
+
+def export_heads(heads: FusionHeads, dims: dict[str, int]) -> torch.export.ExportedProgram:
+    b = torch.export.Dim("batch", min=1)
+    sketches = {m: torch.zeros(3, d) for m, d in dims.items()}
+    return torch.export.export(heads.eval(), (sketches,), dynamic_shapes=({m: {0: b} for m in dims},))
+
+
+def export(workdir: str | Path, cfg: Config, out: str | Path | None = None, log=print) -> dict[str, Path]:
+    """Every network of W's fusion into `out` (default W/export/); returns name -> file."""
+    workdir = Path(workdir)
+    out = Path(out) if out else workdir / "export"
+    fusion = checkpoint.load(wd.fusion_dir(workdir, cfg) / checkpoint.MODEL_FILE)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for m in fusion["dims"]:
+        model, ckpt = checkpoint.load_model(wd.model_dir(workdir, m))
+        if ckpt["coder"] != "trainable":
+            raise PipelineError(f"{m}: a static-coder network does not export; only trainable ones do")
+        spec_json = ckpt["store"]["provenance"]["layout"]["arrays"][modalities.get(m).array]
+        files[m] = out / f"{m}.pt2"
+        torch.export.save(export_sketcher(model, m, ArraySpec.from_json(spec_json)), files[m])
+        log(f"export: {m} -> {files[m]}")
+    heads = FusionHeads(fusion["heads"], fusion["dims"], len(fusion["codes"]))
+    heads.load_state_dict(fusion["state_dict"])
+    files["fusion"] = out / "fusion.pt2"
+    torch.export.save(export_heads(heads, fusion["dims"]), files["fusion"])
+    log(f"export: fusion -> {files['fusion']}")
+    return files
