@@ -123,7 +123,7 @@ def test_provenance_round_trip_and_reopen(tmp_path, suffix):
     store.close()
     with FeatureStore(path) as again:
         prov = again.provenance
-        assert prov["schema_version"] == 1 and prov["kind"] == "test"
+        assert prov["schema_version"] == 2 and prov["kind"] == "test"
         assert prov["producer"] == {"model": "m", "weights_sha256": "abc"}
         np.testing.assert_array_equal(again.planned()[1], fingerprint([str(i) for i in ids]))
         info = again.info()
