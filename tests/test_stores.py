@@ -184,11 +184,11 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def _writer(tmp_path: Path, path: Path, shard="0/1", delay=0.0) -> subprocess.Popen:
-    script = tmp_path / "writer.py"
-    script.write_text(WRITER.format(root=str(Path(__file__).resolve().parent.parent)))
-    return subprocess.Popen([sys.executable, str(script), str(path), shard, str(delay)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _writer(path: Path, shard="0/1", delay=0.0) -> subprocess.Popen:
+    # The script goes on the command line: a script file rewritten for the next writer could be read
+    # empty by the one starting, which then ran nothing and exited 0.
+    return subprocess.Popen([sys.executable, "-c", WRITER.format(root=str(Path(__file__).resolve().parent.parent)),
+                             str(path), shard, str(delay)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.parametrize("suffix", BACKENDS)
@@ -196,7 +196,7 @@ def test_killed_writer_resumes_to_the_same_store(tmp_path, suffix):
     reference, (ids, *_rest) = build(tmp_path / f"ref{suffix}")
     path = tmp_path / f"s{suffix}"
     build(path, blocks=[])[0].close()  # laid out, nothing written
-    proc = _writer(tmp_path, path, delay=0.2)
+    proc = _writer(path, delay=0.2)
     for _ in range(3):  # let it write three blocks, then kill it between or inside a block
         proc.stdout.readline()
     time.sleep(np.random.default_rng().uniform(0, 0.2))
@@ -206,7 +206,7 @@ def test_killed_writer_resumes_to_the_same_store(tmp_path, suffix):
     done = store.n_blocks - len(store.pending_blocks())
     assert 3 <= done < store.n_blocks
     store.close()
-    rerun = _writer(tmp_path, path)
+    rerun = _writer(path)
     assert rerun.wait(60) == 0, rerun.stderr.read()
     resumed = FeatureStore(path)
     assert resumed.verify()["ok"]
@@ -218,7 +218,7 @@ def test_zarr_shards_written_concurrently_equal_one_writer(tmp_path):
     reference, (ids, *_rest) = build(tmp_path / "ref.zarr")
     path = tmp_path / "s.zarr"
     build(path, blocks=[])[0].close()
-    procs = [_writer(tmp_path, path, shard=f"{k}/3") for k in range(3)]
+    procs = [_writer(path, shard=f"{k}/3") for k in range(3)]
     for p in procs:
         assert p.wait(60) == 0, p.stderr.read()
     store = FeatureStore(path)
@@ -230,8 +230,8 @@ def test_zarr_shards_written_concurrently_equal_one_writer(tmp_path):
 def test_hdf5_refuses_a_second_writer(tmp_path):
     path = tmp_path / "s.h5"
     store, _ = build(path, blocks=[])  # held open for writing by this process
-    proc = _writer(tmp_path, path)
+    proc = _writer(path)
     assert proc.wait(60) != 0
     assert "takes one writer at a time" in proc.stderr.read()
     store.close()
-    assert _writer(tmp_path, path).wait(60) == 0  # once released, the next writer gets it
+    assert _writer(path).wait(60) == 0  # once released, the next writer gets it
