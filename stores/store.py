@@ -331,8 +331,8 @@ class FeatureStore:
         for name, spec in self.specs.items():
             arr = np.asarray(data[name], dtype=spec.dtype)
             if spec.ragged:
-                start = int(self.backend.array(f"{name}/starts")[r0])
-                expected = (int(self.backend.array(f"{name}/lengths")[r0 : r0 + n].sum()),) + spec.shape
+                start = int(self._read_range(f"{name}/starts", r0, r0 + 1)[0])
+                expected = (int(self._read_range(f"{name}/lengths", r0, r0 + n).sum()),) + spec.shape
                 writes.append((f"{name}/values", start, arr))
             else:
                 expected = (n,) + spec.shape
@@ -371,17 +371,17 @@ class FeatureStore:
         """(n_blocks,) items in each block."""
         n, B = self.n_blocks, self.block_rows
         if self.schema_version == 1:  # no `counts` yet: id -1 marked the unused rows
-            return (self._slice("ids", 0, n * B) >= 0).reshape(n, B).sum(1)
-        return self._slice("counts", 0, n).astype(np.int64)
+            return (self._read_range("ids", 0, n * B) >= 0).reshape(n, B).sum(1)
+        return self._read_range("counts", 0, n).astype(np.int64)
 
     def _block_count(self, block: int) -> int:
         if self.schema_version == 1:
-            return int((self._slice("ids", block * self.block_rows, (block + 1) * self.block_rows) >= 0).sum())
-        return int(self._slice("counts", block, block + 1)[0])
+            return int((self._read_range("ids", block * self.block_rows, (block + 1) * self.block_rows) >= 0).sum())
+        return int(self._read_range("counts", block, block + 1)[0])
 
     def block_ids(self, block: int) -> np.ndarray:
         r0 = block * self.block_rows
-        return self._slice("ids", r0, r0 + self._block_count(block))
+        return self._read_range("ids", r0, r0 + self._block_count(block))
 
     def block_counts(self) -> np.ndarray:
         """Number of items planned in each block."""
@@ -389,12 +389,12 @@ class FeatureStore:
 
     def block_lengths(self, name: str, block: int) -> np.ndarray:
         r0 = block * self.block_rows
-        return self._slice(f"{name}/lengths", r0, r0 + self._block_count(block))
+        return self._read_range(f"{name}/lengths", r0, r0 + self._block_count(block))
 
     def pending_blocks(self, shard: tuple[int, int] = (0, 1)) -> list[int]:
         """Blocks not yet complete that belong to shard k of n (round robin over blocks)."""
         k, n = shard
-        complete = self._slice("complete", 0, self.n_blocks)
+        complete = self._read_range("complete", 0, self.n_blocks)
         return [int(blk) for blk in np.flatnonzero(complete == 0) if blk % n == k]
 
     def planned(self) -> tuple[np.ndarray, np.ndarray]:
@@ -404,16 +404,16 @@ class FeatureStore:
         """
         counts = self._counts()
         used = _used_rows(counts, self.block_rows)
-        return (self._slice("ids", 0, len(used))[used], self._slice("input_hash", 0, len(used))[used])
+        return (self._read_range("ids", 0, len(used))[used], self._read_range("input_hash", 0, len(used))[used])
 
     # ------------------------------------------------------------------ reading
     def _load_index(self):
         if self._index is None:
             counts = self._counts()
-            complete = self._slice("complete", 0, len(counts)).astype(bool)
+            complete = self._read_range("complete", 0, len(counts)).astype(bool)
             valid = _used_rows(counts, self.block_rows) & np.repeat(complete, self.block_rows)
             rows = np.flatnonzero(valid)
-            ids = self._slice("ids", 0, len(valid))[rows]
+            ids = self._read_range("ids", 0, len(valid))[rows]
             order = np.argsort(ids, kind="stable")
             self._index = (ids[order], rows[order])
         return self._index
@@ -455,40 +455,40 @@ class FeatureStore:
         spec = self._spec(name)
         rows = self.rows(ids)
         if not spec.ragged:
-            return self._gather(name, rows)
-        starts = self._gather(f"{name}/starts", rows)
-        lengths = self._gather(f"{name}/lengths", rows).astype(np.int64)
+            return self._read_at(name, rows)
+        starts = self._read_at(f"{name}/starts", rows)
+        lengths = self._read_at(f"{name}/lengths", rows).astype(np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         positions = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])  # (tokens,)
-        return Ragged(self._gather(f"{name}/values", positions), offsets)
+        return Ragged(self._read_at(f"{name}/values", positions), offsets)
 
     def lengths(self, name: str, ids) -> np.ndarray:
         """(n,) int64: the number of tokens of ragged feature `name` for each item of `ids`."""
         if not self._spec(name).ragged:
             raise StoreError(f"{self.path}: '{name}' is not ragged: every item has shape {self.specs[name].shape}")
-        return self._gather(f"{name}/lengths", self.rows(ids)).astype(np.int64)
+        return self._read_at(f"{name}/lengths", self.rows(ids)).astype(np.int64)
 
     def input_hashes(self, ids) -> np.ndarray:
         """(n,) uint64: the fingerprint of each item's input, as stored when it was planned."""
-        return self._gather("input_hash", self.rows(ids))
+        return self._read_at("input_hash", self.rows(ids))
 
     def read_missing(self, ids) -> np.ndarray:
-        return self._gather("missing", self.rows(ids))
+        return self._read_at("missing", self.rows(ids))
 
     def _spec(self, name: str) -> ArraySpec:
         if name not in self.specs:
             raise StoreError(f"{self.path}: no feature '{name}' (has {sorted(self.specs)})")
         return self.specs[name]
 
-    def _gather(self, array: str, positions: np.ndarray) -> np.ndarray:
-        """_gather(array, positions), a damaged chunk raised as DamagedStoreError."""
+    def _read_at(self, array: str, positions: np.ndarray) -> np.ndarray:
+        """array[positions] (through _gather), a damaged chunk raised as DamagedStoreError."""
         arr = self.backend.array(array)
         try:
             return _gather(arr, positions, arr.chunks[0])
         except _UnreadableChunks as err:
             raise self._damaged(array, err.chunks, err.cause) from None
 
-    def _slice(self, array: str, lo: int, hi: int) -> np.ndarray:
+    def _read_range(self, array: str, lo: int, hi: int) -> np.ndarray:
         """array[lo:hi], a damaged chunk raised as DamagedStoreError."""
         try:
             return _read(self.backend.array(array), lo, hi)
@@ -525,7 +525,7 @@ class FeatureStore:
         lo, hi = 0, self.n_blocks  # the last block starting at or before `token` lies in [lo, hi)
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            first = int(self._slice(f"{feature}/starts", mid * B, mid * B + 1)[0])
+            first = int(self._read_range(f"{feature}/starts", mid * B, mid * B + 1)[0])
             lo, hi = (mid, hi) if first <= token else (lo, mid)
         return lo
 
@@ -534,18 +534,18 @@ class FeatureStore:
         if array == "ids":
             return np.zeros(0, np.int64)  # the ids themselves are what is lost
         B, chunks = self.block_rows, np.asarray(list(chunks))
-        rows = np.concatenate([np.arange(b * B, b * B + self._block_count(b)) for b in blocks] + [[]])
-        rows = rows.astype(np.int64)
+        rows = np.concatenate([np.arange(b * B, b * B + self._block_count(b)) for b in blocks]
+                              + [np.zeros(0, np.int64)])
         clen = self.backend.array(array).chunks[0]
         if array.endswith("/values"):
             feature = array.rsplit("/", 1)[0]
-            first = self._gather(f"{feature}/starts", rows)
-            last = first + self._gather(f"{feature}/lengths", rows) - 1  # last < first: no tokens
+            first = self._read_at(f"{feature}/starts", rows)
+            last = first + self._read_at(f"{feature}/lengths", rows) - 1  # last < first: no tokens
             hit = (first[:, None] // clen <= chunks) & (last[:, None] // clen >= chunks)
             rows = rows[hit.any(1) & (last >= first)]
         elif array not in ("complete", "counts"):
             rows = rows[np.isin(rows // clen, chunks)]
-        return self._gather("ids", rows)
+        return self._read_at("ids", rows)
 
     # ------------------------------------------------------------------ reporting
     def _plan_arrays(self) -> list[str]:
@@ -575,12 +575,12 @@ class FeatureStore:
         report = {"path": str(self.path), "schema_version": self.schema_version, "checksummed": self.checksummed}
         try:
             counts = self._counts()
-            complete = self._slice("complete", 0, len(counts))
+            complete = self._read_range("complete", 0, len(counts))
             report |= {
                 "items": len(self),
                 "planned_items": int(counts.sum()),
                 "blocks": {"complete": int(complete.sum()), "total": len(complete)},
-                "missing_inputs": int((self._slice("missing", 0, len(counts) * self.block_rows) > 0).sum()),
+                "missing_inputs": int((self._read_range("missing", 0, len(counts) * self.block_rows) > 0).sum()),
             }
         except DamagedStoreError as err:  # still describe the rest; verify() says what is damaged
             report["damaged"] = str(err)
@@ -599,7 +599,7 @@ class FeatureStore:
         found["complete"], complete = self._scan("complete", range(n), keep=True, missing_ok=True)
         complete = complete[:n].astype(bool)  # a damaged flag reads 0: its block is written again anyway
         for name in self._plan_arrays():
-            found[name], kept[name] = self._scan(name, range(self._n_chunks(name, n)), keep=True)
+            found[name], kept[name] = self._scan(name, range(self._n_chunks(name, n)), keep=name != "input_hash")
         counts = kept["counts"][:n] if "counts" in kept else (kept["ids"][: n * B] >= 0).reshape(n, B).sum(1)
         for name in self._data_arrays():
             found[name], _ = self._scan(name, self._chunks_used(name, np.flatnonzero(complete), counts, kept))

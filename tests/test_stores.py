@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,8 +16,7 @@ import pytest
 import zarr
 
 from stores import (
-    ArraySpec, FeatureStore, Ragged, StoreBusyError, StoreError, WriterConflictError, fingerprint, store_lock,
-    writer_claim,
+    ArraySpec, FeatureStore, Ragged, StoreBusyError, StoreError, WriterConflictError, fingerprint, writer_claim,
 )
 
 BACKENDS = [".zarr", ".h5"]
