@@ -88,7 +88,7 @@ def main() -> None:
                         "store_mb_per_s": round(b / s / 1e6, 1), "ram_mb_per_s": round(b / m / 1e6, 1),
                         "store_items_per_s": round(items / s), "ram_items_per_s": round(items / m),
                         "store_over_ram_time": round(s / m, 2),
-                        "disk_mb": round(store.backend.nbytes_stored() / 1e6, 1),
+                        "disk_mb": round(store.bytes_stored() / 1e6, 1),
                     }), flush=True)
                 store.close()
 

@@ -4,72 +4,43 @@ A backend knows arrays, chunks and attributes; it knows nothing about items, blo
 (that is `stores.store.FeatureStore`). Both expose arrays that slice like numpy (`a[i:j]`,
 `a[i:j] = x`) and have `.shape`, `.dtype`, `.chunks` and `.resize(shape)`.
 
-A Zarr store may also be a URL read and written through fsspec: `memory://`, `file://`, `s3://`
-(needs `s3fs`), `gs://` (needs `gcsfs`), any protocol fsspec knows. A local path stays a `Path`; a
-URL stays the string it is (`Path("s3://b/x")` would eat a slash). An HDF5 store is a local file.
+Every chunk carries a checksum, so that a damaged byte fails the read instead of coming back as data:
+Zarr chunks are zstd-compressed then CRC32C-checksummed; HDF5 chunks are shuffled, gzip-compressed and
+Fletcher-32-checksummed, filters that every HDF5 reader has (h5dump, R, MATLAB: lzf is h5py's own).
+Stores written before schema version 2 have no checksum in Zarr and lzf in HDF5; they read as before.
+
+A Zarr store may also be a URL read and written through fsspec (see `stores.paths`).
 """
 from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import h5py
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
-from pipeline.errors import PipelineError
+from stores.errors import StoreBusyError, StoreError
+from stores.locks import writer_of
+from stores.paths import is_hdf5, is_url, local_path, storage_options, store_location, suffix, url_to_fs
 
+__all__ = ["H5Backend", "ZarrBackend", "backend_for", "is_url", "local_path", "store_location"]
 
-class StoreBusyError(PipelineError):
-    """Another process holds the store for writing."""
-
-
-def is_url(path) -> bool:
-    """Whether `path` names a store by URL (`memory://...`, `file://...`, `s3://...`), not a local path."""
-    return isinstance(path, str) and "://" in path
-
-
-def store_location(path: str | Path) -> Path | str:
-    """A local store path as a Path; a store URL as its string (no trailing slash)."""
-    return path.rstrip("/") if is_url(path) else Path(path)
-
-
-def local_path(path: str | Path) -> Path | None:
-    """Where the store lies on this machine's filesystem: a path, a file:// URL's path; None for other URLs."""
-    loc = store_location(path)
-    if isinstance(loc, Path):
-        return loc
-    if loc.startswith("file://"):
-        return Path(_url_to_fs(loc)[1])
-    return None
-
-
-def _url_to_fs(url: str):
-    import fsspec
-
-    try:
-        return fsspec.core.url_to_fs(url, **_storage_options(url))
-    except (ImportError, ValueError) as err:  # no s3fs/gcsfs installed, an unknown protocol
-        raise PipelineError(f"{url}: cannot open this URL ({err})") from None
-
-
-def _storage_options(url: str) -> dict:
-    # A local filesystem through fsspec does not create parent folders unless asked.
-    return {"auto_mkdir": True} if url.startswith("file://") else {}
+# gzip level 1: float16 features gain ~1% more at level 4 and 6, for half the write speed (see the README).
+GZIP_LEVEL = 1
 
 
 def backend_for(path: str | Path) -> type[ZarrBackend] | type[H5Backend]:
-    loc = store_location(path)
-    suffix = PurePosixPath(loc.split("?", 1)[0]).suffix if isinstance(loc, str) else loc.suffix
-    if suffix == ".zarr":
+    if suffix(path) == ".zarr":
         return ZarrBackend
-    if suffix in (".h5", ".hdf5"):
-        if isinstance(loc, str):
-            raise PipelineError(f"{path}: an HDF5 store must be a local file; a store URL must end in .zarr")
+    if is_hdf5(path):
+        if is_url(path):
+            raise StoreError(f"{path}: an HDF5 store must be a local file; a store URL must end in .zarr")
         return H5Backend
-    raise PipelineError(f"{path}: a store path must end in .zarr (Zarr directory) or .h5 (HDF5 file)")
+    raise StoreError(f"{path}: a store path must end in .zarr (Zarr directory) or .h5 (HDF5 file)")
 
 
 class ZarrBackend:
@@ -81,14 +52,14 @@ class ZarrBackend:
         # A URL opens an fsspec store (zarr.storage.FsspecStore.from_url under zarr.open_group).
         url = self.path if isinstance(self.path, str) else None
         self.group = zarr.open_group(url or str(self.path), mode="r" if mode == "r" else "a",
-                                     storage_options=_storage_options(url) if url else None)
+                                     storage_options=storage_options(url) if url else None)
 
     @staticmethod
     def exists(path: str | Path) -> bool:
         loc = store_location(path)
         if isinstance(loc, Path):
             return (loc / "zarr.json").exists()
-        fs, root = _url_to_fs(loc)
+        fs, root = url_to_fs(loc)
         return fs.exists(f"{root}/zarr.json")
 
     @staticmethod
@@ -97,18 +68,24 @@ class ZarrBackend:
         if isinstance(loc, Path):
             shutil.rmtree(loc, ignore_errors=True)
             return
-        fs, root = _url_to_fs(loc)
+        fs, root = url_to_fs(loc)
         if fs.exists(root):
             fs.rm(root, recursive=True)
 
-    def create_array(self, name: str, shape: tuple, dtype, chunks: tuple, fill_value):
-        # write_empty_chunks: an all-fill chunk (a block of empty masks, say) is still a file, so
-        # "chunk file present" means "written" and verify can tell a deleted chunk from a blank one.
-        self.group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, fill_value=fill_value)
+    def create_array(self, name: str, shape: tuple, dtype, chunks: tuple, fill_value, dims: tuple[str, ...]):
+        # Dimension names let any Zarr v3 reader (xarray.open_zarr) label the axes. The checksum goes
+        # last: it covers the compressed bytes as stored.
+        self.group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, fill_value=fill_value,
+                                compressors=(ZstdCodec(), Crc32cCodec()), dimension_names=dims)
 
     def array(self, name: str):
-        # The setting is not kept in the array's metadata: apply it on every open.
+        # write_empty_chunks: an all-fill chunk (a block of empty masks, say) is still a file, so "chunk
+        # file present" means "written" and verify can tell a deleted chunk from a blank one. The
+        # setting is not kept in the array's metadata: apply it on every open.
         return self.group[name].with_config({"write_empty_chunks": True})
+
+    def checksummed(self, name: str) -> bool:
+        return any(isinstance(c, Crc32cCodec) for c in self.group[name].metadata.codecs)
 
     def has_array(self, name: str) -> bool:
         return name in self.group
@@ -134,7 +111,7 @@ class ZarrBackend:
     def nbytes_stored(self) -> int:
         if isinstance(self.path, Path):
             return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
-        fs, root = _url_to_fs(self.path)  # one listing of every object: slow on a big bucket
+        fs, root = url_to_fs(self.path)  # one listing of every object: slow on a big bucket
         return int(fs.du(root, total=True))
 
 
@@ -147,11 +124,12 @@ class H5Backend:
             self.file = h5py.File(self.path, "r" if mode == "r" else "a")
         except (BlockingIOError, OSError) as err:
             if "lock" in str(err).lower():
-                raise StoreBusyError(
-                    f"{self.path}: another process has this HDF5 store open for writing; an HDF5 store "
-                    "takes one writer at a time (use a .zarr store for --shard K/N workers)"
-                ) from None
-            raise PipelineError(f"{self.path}: cannot open HDF5 store ({err})") from None
+                # HDF5's own file lock: a writer excludes everyone, a reader excludes writers.
+                writer = writer_of(self.path)
+                who = f"{writer} is writing this HDF5 store" if writer else "another process has this HDF5 store open"
+                raise StoreBusyError(f"{self.path}: {who}, and an HDF5 store takes one writer at a time, never "
+                                     "beside readers (use a .zarr store for --shard K/N workers)") from None
+            raise StoreError(f"{self.path}: cannot open HDF5 store ({err})") from None
 
     @staticmethod
     def exists(path: Path) -> bool:
@@ -161,17 +139,19 @@ class H5Backend:
     def remove(path: Path) -> None:
         Path(path).unlink(missing_ok=True)
 
-    def create_array(self, name: str, shape: tuple, dtype, chunks: tuple, fill_value):
-        return self.file.create_dataset(
+    def create_array(self, name: str, shape: tuple, dtype, chunks: tuple, fill_value, dims: tuple[str, ...]):
+        # (HDF5 has no dimension names short of dimension scales; the README's layout table names them.)
+        self.file.create_dataset(
             name, shape=shape, maxshape=(None,) + tuple(shape[1:]), dtype=dtype, chunks=chunks,
-            fillvalue=fill_value, compression="lzf", shuffle=np.dtype(dtype).itemsize > 1,
-            # lzf is skipped for a chunk it cannot shrink (float16 states mostly): without a checksum
-            # such a chunk overwritten with garbage reads back as data; with it, verify() catches it.
-            fletcher32=True,
+            fillvalue=fill_value, compression="gzip", compression_opts=GZIP_LEVEL,
+            shuffle=np.dtype(dtype).itemsize > 1, fletcher32=True,
         )
 
     def array(self, name: str):
         return self.file[name]
+
+    def checksummed(self, name: str) -> bool:
+        return self.file[name].fletcher32
 
     def has_array(self, name: str) -> bool:
         return name in self.file

@@ -1,8 +1,8 @@
 """The store contract, run against both backends."""
 from __future__ import annotations
 
-import os
-import shutil
+import json
+import re
 import signal
 import subprocess
 import sys
@@ -10,10 +10,14 @@ import textwrap
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
+import zarr
 
-from stores import ArraySpec, FeatureStore, Ragged, StoreError, fingerprint
+from stores import (
+    ArraySpec, FeatureStore, Ragged, StoreBusyError, StoreError, WriterConflictError, fingerprint, writer_claim,
+)
 
 BACKENDS = [".zarr", ".h5"]
 SPECS = {"tokens": ArraySpec("float16", (4,), ragged=True), "vec": ArraySpec("float32", (3, 2))}
@@ -36,8 +40,10 @@ def block_data(store: FeatureStore, block: int, ids, tokens, vec):
     return {"tokens": flat.reshape(-1, 4), "vec": vec[rows]}
 
 
-def build(path: Path, n=700, block_rows=64, seed=0, blocks=None):
-    ids, lengths, tokens, vec = make_items(n, seed)
+def build(path: Path, n=700, block_rows=64, seed=0, blocks=None, ids=None):
+    """A store of n items (or of `ids`), with the blocks listed in `blocks` written (all by default)."""
+    made_ids, lengths, tokens, vec = make_items(n if ids is None else len(ids), seed)
+    ids = made_ids if ids is None else np.asarray(ids, dtype=np.int64)
     store = FeatureStore.create(path, "test", SPECS, {"model": "m", "weights_sha256": "abc"}, ids,
                                 fingerprint([str(i) for i in ids]), {"tokens": lengths}, block_rows=block_rows)
     for b in store.pending_blocks() if blocks is None else blocks:
@@ -123,7 +129,7 @@ def test_provenance_round_trip_and_reopen(tmp_path, suffix):
     store.close()
     with FeatureStore(path) as again:
         prov = again.provenance
-        assert prov["schema_version"] == 1 and prov["kind"] == "test"
+        assert prov["schema_version"] == 2 and prov["kind"] == "test"
         assert prov["producer"] == {"model": "m", "weights_sha256": "abc"}
         np.testing.assert_array_equal(again.planned()[1], fingerprint([str(i) for i in ids]))
         info = again.info()
@@ -160,6 +166,133 @@ def test_both_backends_store_the_same(tmp_path):
     np.testing.assert_array_equal(a.read("vec", ids), b.read("vec", ids))
 
 
+INT64 = np.iinfo(np.int64)
+
+
+def test_any_int64_is_an_item_id(tmp_path, suffix):
+    # -1 (what unused rows read), 0, the extremes and negative ids, the last block half empty: every
+    # one is an item, before and after an append.
+    path = tmp_path / f"s{suffix}"
+    negative = -np.random.default_rng(3).choice(10**12, 96, replace=False) - 3
+    ids = np.concatenate([[-1, 0, INT64.min, INT64.max], negative])  # 100 items: blocks of 64 and 36
+    store, (_, lengths, tokens, vec) = build(path, ids=ids)
+    assert len(store) == 100 and store.block_counts().tolist() == [64, 36]
+    assert store.ids.tolist() == ids.tolist() and store.planned()[0].tolist() == ids.tolist()
+    assert store.contains([-1, INT64.min, INT64.max, -2]).tolist() == [True, True, True, False]
+    np.testing.assert_array_equal(store.read("vec", ids[::-1]), vec[::-1])
+
+    more = np.array([-2, 1, INT64.min + 1, INT64.max - 1] + list(range(-100, -70)), dtype=np.int64)
+    _, _, more_tokens, more_vec = make_items(len(more), seed=9)
+    blocks = store.add_items(more, fingerprint([str(i) for i in more]), {"tokens": [len(t) for t in more_tokens]})
+    for b in blocks:
+        store.write_block(b, block_data(store, b, more, more_tokens, more_vec))
+    store.close()
+    with FeatureStore(path) as again:
+        everything = np.concatenate([ids, more])
+        assert len(again) == 134 and again.verify()["ok"] and again.verify()["items"] == 134
+        got = again.read("tokens", everything)
+        for k, truth in enumerate(tokens + more_tokens):
+            np.testing.assert_array_equal(got[k], truth)
+        np.testing.assert_array_equal(again.read("vec", everything), np.concatenate([vec, more_vec]))
+
+
+def test_refused_items_leave_the_store_as_it_was(tmp_path, suffix):
+    path = tmp_path / f"s{suffix}"
+    store, (ids, *_rest) = build(path, n=100)
+    arrays_before = {name: store.backend.array(name)[:] for name in store.array_names()}
+
+    def add(new_ids, n_hashes=None, n_lengths=None):
+        n = len(new_ids)
+        store.add_items(new_ids, np.arange(n if n_hashes is None else n_hashes, dtype=np.uint64),
+                        {"tokens": np.ones(n if n_lengths is None else n_lengths, dtype=np.int64)})
+
+    for call, message in ((lambda: add([ids[3], 10**11]), r"1 item id\(s\) given twice or already in the store"),
+                          (lambda: add([5, 6, 5]), r"given twice.*\[5\]"),
+                          (lambda: add([5, 6], n_hashes=3), "2 item ids but"),
+                          (lambda: add([5, 6], n_lengths=1), "one token count"),
+                          (lambda: add(np.array([1.0, 2.0])), "64-bit signed integers"),
+                          (lambda: add(np.array([2**63], dtype=np.uint64)), "64-bit signed integers")):
+        with pytest.raises(StoreError, match=message):
+            call()
+    for name, before in arrays_before.items():
+        np.testing.assert_array_equal(store.backend.array(name)[:], before, err_msg=name)
+    with pytest.raises(StoreError, match="given twice"):
+        build(tmp_path / f"new{suffix}", ids=[1, 2, 1])
+    assert not FeatureStore.exists(tmp_path / f"new{suffix}")
+
+
+def test_lengths_input_hashes_and_bytes_stored(tmp_path, suffix):
+    store, (ids, lengths, *_rest) = build(tmp_path / f"s{suffix}", n=200)
+    pick = ids[::-3]
+    got = store.lengths("tokens", pick)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, lengths[::-3])
+    np.testing.assert_array_equal(store.input_hashes(pick), fingerprint([str(i) for i in pick]))
+    assert store.bytes_stored() == store.info()["bytes_on_disk"] > 0
+    with pytest.raises(StoreError, match="'vec' is not ragged"):
+        store.lengths("vec", pick)
+
+
+def test_xarray_opens_a_store(tmp_path):
+    import xarray as xr
+
+    path = tmp_path / "s.zarr"
+    store, (ids, *_rest) = build(path, n=100)
+    root = xr.open_zarr(path, consolidated=False, chunks=None)
+    assert root["ids"].dims == ("item",) and root["complete"].dims == root["counts"].dims == ("block",)
+    assert root["vec"].dims == ("item", "vec_dim1", "vec_dim2")
+    assert root["ids"].values[:100].tolist() == ids.tolist()  # int64 as stored, no fill value masked
+    tokens = xr.open_zarr(path, group="tokens", consolidated=False, chunks=None)
+    assert tokens["values"].dims == ("token", "tokens_dim1") and tokens["starts"].dims == ("item",)
+    assert set(xr.open_datatree(path, engine="zarr", consolidated=False, chunks=None).groups) == {"/", "/tokens"}
+    assert store.backend.array("complete").chunks == (1,)  # one chunk per block: shard workers write it
+
+
+def as_schema_1(path: Path) -> None:
+    """Rewrite a store as schema 1 wrote it: no `counts` (id -1 marks an unused row), Zarr chunks
+    without checksums or dimension names, HDF5 chunks in lzf."""
+    with FeatureStore(path) as store:
+        arrays = {name: (store.backend.array(name)[:], store.backend.array(name).chunks)
+                  for name in store.array_names() if name != "counts"}
+        provenance = store.provenance | {"schema_version": 1}
+    FeatureStore.remove(path)
+    if path.suffix == ".zarr":
+        group = zarr.open_group(path, mode="w")
+        for name, (values, chunks) in arrays.items():
+            arr = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=chunks,
+                                     fill_value=-1 if name == "ids" else 0)
+            arr.with_config({"write_empty_chunks": True})[:] = values
+        group.attrs["provenance"] = provenance
+        return
+    with h5py.File(path, "w") as f:
+        for name, (values, chunks) in arrays.items():
+            f.create_dataset(name, data=values, chunks=chunks, maxshape=(None,) + values.shape[1:],
+                             fillvalue=-1 if name == "ids" else 0, compression="lzf",
+                             shuffle=values.dtype.itemsize > 1, fletcher32=True)
+        f.attrs["provenance"] = json.dumps(provenance)
+
+
+def test_a_schema_1_store_still_reads_and_takes_new_items(tmp_path, suffix):
+    path = tmp_path / f"s{suffix}"
+    store, (ids, lengths, tokens, vec) = build(path, n=100)
+    store.close()
+    as_schema_1(path)
+    with FeatureStore(path, "a") as old:
+        # Schema 1 HDF5 stores had Fletcher-32 already; its Zarr stores had no checksum.
+        assert old.schema_version == 1 and old.checksummed == (suffix == ".h5") == old.info()["checksummed"]
+        assert len(old) == 100 and old.block_counts().tolist() == [64, 36] and old.verify()["ok"]
+        np.testing.assert_array_equal(old.read("tokens", ids).values, np.concatenate(tokens))
+        new_ids, new_lengths, new_tokens, new_vec = make_items(40, seed=4)
+        new_ids += 10**10
+        blocks = old.add_items(new_ids, fingerprint([str(i) for i in new_ids]), {"tokens": new_lengths})
+        for b in blocks:
+            old.write_block(b, block_data(old, b, new_ids, new_tokens, new_vec))
+        assert len(old) == 140 and old.verify()["ok"]
+        np.testing.assert_array_equal(old.read("vec", new_ids), new_vec)
+        with pytest.raises(StoreError, match="cannot hold negative ids"):
+            old.add_items([-5], [0], {"tokens": [1]})
+
+
 def test_wrong_suffix_and_missing_store(tmp_path):
     with pytest.raises(Exception, match="must end in .zarr"):
         FeatureStore(tmp_path / "x.npy")
@@ -184,11 +317,11 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def _writer(tmp_path: Path, path: Path, shard="0/1", delay=0.0) -> subprocess.Popen:
-    script = tmp_path / "writer.py"
-    script.write_text(WRITER.format(root=str(Path(__file__).resolve().parent.parent)))
-    return subprocess.Popen([sys.executable, str(script), str(path), shard, str(delay)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _writer(path: Path, shard="0/1", delay=0.0) -> subprocess.Popen:
+    # The script goes on the command line: a script file rewritten for the next writer could be read
+    # empty by the one starting, which then ran nothing and exited 0.
+    return subprocess.Popen([sys.executable, "-c", WRITER.format(root=str(Path(__file__).resolve().parent.parent)),
+                             str(path), shard, str(delay)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.parametrize("suffix", BACKENDS)
@@ -196,7 +329,7 @@ def test_killed_writer_resumes_to_the_same_store(tmp_path, suffix):
     reference, (ids, *_rest) = build(tmp_path / f"ref{suffix}")
     path = tmp_path / f"s{suffix}"
     build(path, blocks=[])[0].close()  # laid out, nothing written
-    proc = _writer(tmp_path, path, delay=0.2)
+    proc = _writer(path, delay=0.2)
     for _ in range(3):  # let it write three blocks, then kill it between or inside a block
         proc.stdout.readline()
     time.sleep(np.random.default_rng().uniform(0, 0.2))
@@ -206,7 +339,7 @@ def test_killed_writer_resumes_to_the_same_store(tmp_path, suffix):
     done = store.n_blocks - len(store.pending_blocks())
     assert 3 <= done < store.n_blocks
     store.close()
-    rerun = _writer(tmp_path, path)
+    rerun = _writer(path)
     assert rerun.wait(60) == 0, rerun.stderr.read()
     resumed = FeatureStore(path)
     assert resumed.verify()["ok"]
@@ -218,7 +351,7 @@ def test_zarr_shards_written_concurrently_equal_one_writer(tmp_path):
     reference, (ids, *_rest) = build(tmp_path / "ref.zarr")
     path = tmp_path / "s.zarr"
     build(path, blocks=[])[0].close()
-    procs = [_writer(tmp_path, path, shard=f"{k}/3") for k in range(3)]
+    procs = [_writer(path, shard=f"{k}/3") for k in range(3)]
     for p in procs:
         assert p.wait(60) == 0, p.stderr.read()
     store = FeatureStore(path)
@@ -230,8 +363,68 @@ def test_zarr_shards_written_concurrently_equal_one_writer(tmp_path):
 def test_hdf5_refuses_a_second_writer(tmp_path):
     path = tmp_path / "s.h5"
     store, _ = build(path, blocks=[])  # held open for writing by this process
-    proc = _writer(tmp_path, path)
+    proc = _writer(path)
     assert proc.wait(60) != 0
     assert "takes one writer at a time" in proc.stderr.read()
     store.close()
-    assert _writer(tmp_path, path).wait(60) == 0  # once released, the next writer gets it
+    assert _writer(path).wait(60) == 0  # once released, the next writer gets it
+
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {root!r})
+    from contextlib import nullcontext
+    from stores import store_lock, writer_claim
+    path, shard, planning = sys.argv[1], tuple(map(int, sys.argv[2].split("/"))), sys.argv[3] == "planning"
+    with writer_claim(path, shard), (store_lock(path) if planning else nullcontext()):
+        print("holding", flush=True)
+        time.sleep(120)
+""")
+
+
+def _holder(path: Path, shard: str, planning: bool) -> subprocess.Popen:
+    """A writer process that has claimed shard K/N (and holds the layout lock, as when it plans)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER.format(root=str(Path(__file__).resolve().parent.parent)),
+                             str(path), shard, "planning" if planning else "writing"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "holding\n", proc.stderr.read()
+    return proc
+
+
+def test_a_second_hdf5_writer_is_refused_at_once_naming_the_first(tmp_path):
+    path = tmp_path / "s.h5"
+    build(path, blocks=[])[0].close()
+    first = _holder(path, "0/1", planning=True)  # the layout lock is held: a claim used to wait on it
+
+    def claim():
+        with writer_claim(path, (0, 1)):
+            pass
+
+    try:
+        for attempt in (claim, lambda: FeatureStore(path, "a"), lambda: FeatureStore.remove(path)):
+            started = time.monotonic()
+            refusal = rf"^{re.escape(str(path))}: process {first.pid} on .* is writing this HDF5 store"
+            with pytest.raises(StoreBusyError, match=refusal):
+                attempt()
+            assert time.monotonic() - started < 2
+        assert FeatureStore.exists(path)
+    finally:
+        first.kill()
+        first.wait()
+    with writer_claim(path, (0, 1)), FeatureStore(path, "a") as store:  # the lock went with its process
+        assert store.pending_blocks() == list(range(11))
+
+
+def test_zarr_writers_of_disjoint_shards_run_side_by_side(tmp_path):
+    path = tmp_path / "s.zarr"
+    build(path, blocks=[])[0].close()
+    first = _holder(path, "0/2", planning=False)
+    try:
+        with writer_claim(path, (1, 2)), FeatureStore(path, "a") as store:
+            assert store.pending_blocks((1, 2)) == [1, 3, 5, 7, 9]
+        with pytest.raises(WriterConflictError, match=rf"process {first.pid} on .* is writing the same shard"):
+            with writer_claim(path, (0, 2)):
+                pass
+    finally:
+        first.kill()
+        first.wait()

@@ -88,7 +88,7 @@ def test_locks_on_urls(tmp_path):
         assert local_path(u) is None
         with store_lock(u), writer_claim(u, (0, 2)), writer_claim(u, (0, 2)):
             pass
-    with pytest.raises(PipelineError, match="HDF5 store must be a local file"):
+    with pytest.raises(StoreError, match="HDF5 store must be a local file"):
         FeatureStore.exists("s3://bucket/a.h5")
 
 
