@@ -85,6 +85,7 @@ def extract(
     backend: Annotated[Optional[str], typer.Option(help="zarr or hdf5 (default: the config's)")] = None,
     shard: Annotated[Optional[str], typer.Option(help="K/N: this worker's share of the blocks")] = None,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="discard the store and extract again")] = False,
+    repair: Annotated[bool, typer.Option("--repair", help="extract again the blocks whose chunks are damaged")] = False,
     text_model: TextModelOpt = None,
     image_weights: ImageWeightsOpt = None,
     config: ConfigOpt = None,
@@ -93,7 +94,7 @@ def extract(
     from pipeline.extract import extract as run
 
     run(modality, catalog, workdir, settings(workdir, config, text_model, image_weights),
-        backend=backend, shard=shard, rebuild=rebuild, log=log)
+        backend=backend, shard=shard, rebuild=rebuild, repair=repair, log=log)
 
 
 @app.command()
@@ -129,12 +130,13 @@ def pretrain(
 def sketch(
     modality: Annotated[str, typer.Argument(help="title_cam, desc_cam, title_bpe, image or all")] = "all",
     workdir: WorkdirOpt = ...,
+    repair: Annotated[bool, typer.Option("--repair", help="sketch again the blocks whose chunks are damaged")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Input sketches (encoder + EMDE coder) of every item into W/sketches/<modality>.zarr|h5."""
     from pipeline.sketch import sketch as run
 
-    run(modality, workdir, settings(workdir, config), log=log)
+    run(modality, workdir, settings(workdir, config), repair=repair, log=log)
 
 
 @app.command()

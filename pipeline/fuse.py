@@ -137,7 +137,7 @@ def fuse(workdir: str | Path, cfg: Config, *, progress: bool = True, log=print) 
             log(f"fuse: nothing to do, {job.out} is up to date (same sketches and config)")
         return read_json(job.out / "metrics.json", "metrics file")
     wd.remember(workdir, cfg)
-    with output_lock(job.out) if main else nullcontext():
+    with output_lock(job.out) if main else nullcontext(), wd.repair_hint(cfg, workdir):
         ctx = Dist("cpu")  # a few linear layers: the CPU, gloo
         try:
             return _run(job, ctx, time.perf_counter(), log if ctx.main else (lambda *_a, **_k: None))

@@ -35,12 +35,21 @@ def class_weights(labels: np.ndarray, num_classes: int, kind: str):
     return torch.tensor(w, dtype=torch.float32)
 
 
-def worst_confusion(labels: np.ndarray, preds: np.ndarray, codes: list[int], per_class_f1: dict, k: int):
-    """Table 4: the confusion matrix (rows: target, columns: predicted) among the k worst classes."""
-    worst = sorted(per_class_f1, key=per_class_f1.get)[:k]
-    idx = [codes.index(int(c)) for c in sorted(worst, key=int)]
-    matrix = np.array([[int(((labels == t) & (preds == p)).sum()) for p in idx] for t in idx])
-    return [codes[i] for i in idx], matrix
+def most_confused(labels: np.ndarray, preds: np.ndarray, codes: list[int], k: int):
+    """Table 4: the confusion matrix (rows: target, columns: predicted) among the k classes most confused
+    with each other: pairs taken by their mistakes both ways, most first, until k classes are in."""
+    n = len(codes)
+    full = np.bincount(np.asarray(labels) * n + np.asarray(preds), minlength=n * n).reshape(n, n)
+    both = full + full.T
+    np.fill_diagonal(both, 0)
+    i, j = np.triu_indices(n, 1)
+    chosen: list[int] = []
+    for p in np.argsort(-both[i, j], kind="stable"):
+        if both[i[p], j[p]] == 0 or len(chosen) >= k:
+            break
+        chosen += [c for c in (int(i[p]), int(j[p])) if c not in chosen][: k - len(chosen)]
+    idx = sorted(chosen)
+    return [codes[c] for c in idx], full[np.ix_(idx, idx)]
 
 
 def save_pictures(out: Path, labels: np.ndarray, preds: np.ndarray, codes: list[int], metrics: dict, k: int) -> None:
@@ -50,9 +59,10 @@ def save_pictures(out: Path, labels: np.ndarray, preds: np.ndarray, codes: list[
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names, matrix = worst_confusion(labels, preds, codes, metrics["per_class_f1"], k)
+    names, matrix = most_confused(labels, preds, codes, k)
     fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2, 1.1 * len(names) + 1.5))
-    ax.imshow(matrix, cmap="Blues")
+    if names:  # none when the validation split holds no mistake at all
+        ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(names)), [str(c) for c in names])
     ax.set_yticks(range(len(names)), [str(c) for c in names])
     ax.set_xlabel("predicted class")
@@ -62,7 +72,8 @@ def save_pictures(out: Path, labels: np.ndarray, preds: np.ndarray, codes: list[
             ax.text(j, i, matrix[i, j], ha="center", va="center",
                     color="white" if matrix[i, j] > matrix.max() / 2 else "black",
                     fontweight="bold" if i != j and matrix[i, j] > 0 else "normal")
-    ax.set_title(f"Confusion between the {len(names)} worst classes (validation)")
+    ax.set_title(f"The {len(names)} classes most confused with each other (validation)" if names
+                 else "No confusion on the validation split")
     fig.tight_layout()
     fig.savefig(out / "confusion_worst.png", dpi=120)
     plt.close(fig)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from pipeline import workdir as wd
 from pipeline.catalog import load_catalog, probabilities_table, write_submission
 from pipeline.config import Config
 from pipeline.errors import PipelineError
@@ -39,7 +40,12 @@ def predict(catalog_dir: str | Path, workdir: str | Path, out_csv: str | Path, c
     """Predictions for every item of the catalogue: the table written to `<out>.parquet`."""
     out_csv = Path(out_csv)
     check_output(out_csv)
-    predictor = Predictor.open(Path(workdir), cfg, cache=cache)
+    with wd.repair_hint(cfg, workdir):
+        return _predict(catalog_dir, Path(workdir), out_csv, cfg, cache, progress, log)
+
+
+def _predict(catalog_dir, workdir: Path, out_csv: Path, cfg: Config, cache, progress: bool, log) -> pl.DataFrame:
+    predictor = Predictor.open(workdir, cfg, cache=cache)
     catalog = load_catalog(catalog_dir, cfg, require_train=False)
     log(catalog.summary())
     items = catalog.items.select("item_id", "title", "description", image=pl.col("image_path"))

@@ -145,7 +145,7 @@ def pretrain(modality: str, workdir: Path, cfg: Config, *, coder: str | None = N
                     f"valid macro-F1 {done['macro_f1']:.4f})")
             return done
         wd.remember(workdir, cfg)
-        with output_lock(job.out) if torchrun().main else nullcontext():
+        with output_lock(job.out) if torchrun().main else nullcontext(), wd.repair_hint(cfg, workdir):
             return _run(job, progress, log)
     finally:
         job.store.close()

@@ -79,7 +79,7 @@ class Sketcher:
 
 
 def sketch_into_store(sketcher: Sketcher, ids: np.ndarray, path, cfg: Config, hint: str, progress: bool,
-                      log=print) -> Summary:
+                      log=print, repair: bool = False) -> Summary:
     """The sketches of `ids` into the store at `path` (rebuilt beside it when the checkpoint changed)."""
     rebuild = False
     if FeatureStore.exists(path):
@@ -91,12 +91,19 @@ def sketch_into_store(sketcher: Sketcher, ids: np.ndarray, path, cfg: Config, hi
     rows = sketcher.features.rows(ids)
     items = pl.DataFrame({"item_id": ids[np.argsort(rows, kind="stable")]})
     return run_extraction(sketcher, items, path, block_rows=cfg.sketch.block_items, rebuild=rebuild,
-                          rebuild_hint=hint, progress=progress)
+                          repair=repair and not rebuild, rebuild_hint=hint, progress=progress)
 
 
-def sketch(modality: str, workdir: str | Path, cfg: Config, *, progress: bool = True, log=print) -> list[Summary]:
-    """`pipeline sketch [MODALITY|all]`: the input sketch of every item, for each pretrained modality."""
+def sketch(modality: str, workdir: str | Path, cfg: Config, *, repair: bool = False, progress: bool = True,
+           log=print) -> list[Summary]:
+    """`pipeline sketch [MODALITY|all]`: the input sketch of every item, for each pretrained modality
+    (`repair`: sketch again the blocks whose chunks are damaged)."""
     workdir = Path(workdir)
+    with wd.repair_hint(cfg, workdir):
+        return _sketch_all(modality, workdir, cfg, repair, progress, log)
+
+
+def _sketch_all(modality: str, workdir: Path, cfg: Config, repair: bool, progress: bool, log) -> list[Summary]:
     split_ids = read_split(workdir)["item_id"].to_numpy()
     if modality == "all":
         names = [m for m in cfg.modality_names if (wd.model_dir(workdir, m) / checkpoint.MODEL_FILE).exists()]
@@ -111,7 +118,7 @@ def sketch(modality: str, workdir: str | Path, cfg: Config, *, progress: bool = 
         ids = sketcher.features.ids
         path = wd.sketch_store_path(workdir, cfg, name, cfg.stores.backend)
         summary = sketch_into_store(sketcher, ids[np.isin(ids, split_ids)], path, cfg,
-                                    wd.command(cfg, workdir, f"sketch {name}"), progress, log)
+                                    wd.command(cfg, workdir, f"sketch {name}"), progress, log, repair)
         log(summary.line())
         summaries.append(summary)
     return summaries

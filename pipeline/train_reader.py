@@ -52,7 +52,6 @@ from torch import Tensor
 
 from pipeline.errors import PipelineError
 from stores import FeatureStore
-from stores.store import _gather
 
 __all__ = ["Batch", "TrainReader", "inference_batches"]
 KINDS = ("ids", "tokens", "fixed")
@@ -203,7 +202,7 @@ class TrainReader:
         labels = np.asarray(labels, dtype=np.int64)
         if ids.shape != labels.shape:
             raise PipelineError(f"{len(ids)} ids but {len(labels)} labels")
-        rows = self.store.rows(ids)  # StoreError (a PipelineError) names absent items
+        rows = self.store.rows(ids)  # StoreError names absent items
         order = np.argsort(rows, kind="stable")
         rows, ids, labels = rows[order], ids[order], labels[order]
         blocks = rows // self.store.block_rows
@@ -233,8 +232,7 @@ class TrainReader:
                                 "too few items for this many processes")
 
         if self.spec.ragged:
-            lengths = self.store.backend.array(f"{name}/lengths")
-            self.lengths = _gather(lengths, self.rows, self.store.block_rows).astype(np.int64)
+            self.lengths = self.store.lengths(name, self.ids)
             self.nbytes = int(self.lengths.sum()) * self.spec.row_bytes + 16 * len(self.ids)
         else:
             self.lengths = None

@@ -15,14 +15,15 @@ that send the user to another command repeat the options it needs (`command`).
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
 
 from pipeline import config as config_module
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.provenance import read_json, write_json
-from stores.backends import is_url
+from stores import DamagedStoreError
+from stores.paths import is_url
 
 SUFFIX = {"zarr": ".zarr", "hdf5": ".h5"}
 RECORD = "config.json"
@@ -125,5 +126,15 @@ def command(cfg: Config, workdir, verb: str, catalog: bool = False) -> str:
     return " ".join(parts)
 
 
-def describe(record: dict) -> str:
-    return json.dumps({k: record[k] for k in ("sources", "catalog") if k in record})
+@contextmanager
+def repair_hint(cfg: Config, workdir):
+    """A damaged store met while reading ends the stage with one line naming the command that repairs it
+    (the stage that wrote the store extracts its damaged blocks again)."""
+    try:
+        yield
+    except DamagedStoreError as err:
+        where = PurePosixPath(str(err.path))
+        name = where.name.rsplit(".", 1)[0]
+        verb = f"extract {name}" if where.parent.name == "features" else f"sketch {name}"
+        fix = f"{command(cfg, workdir, verb, catalog=verb.startswith('extract'))} --repair"
+        raise PipelineError(f"{err}; repair it with `{fix}`") from None

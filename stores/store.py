@@ -221,6 +221,10 @@ class FeatureStore:
         backend = backend_for(path)
         if block_rows <= 0 or block_rows & (block_rows - 1):
             raise StoreError(f"{path}: block_rows must be a power of two, not {block_rows}")
+        taken = sorted(set(arrays) & set(INDEX_ARRAYS))
+        if taken:
+            raise StoreError(f"{path}: a feature array may not be called {', '.join(taken)} (the store's own arrays: "
+                             f"{', '.join(INDEX_ARRAYS)})")
         ids, input_hash, lengths = _check_new_items(path, arrays, ids, input_hash, lengths, np.zeros(0, np.int64))
         with sole_writer(path):
             if backend.exists(path):
@@ -669,6 +673,9 @@ class FeatureStore:
 
     def __exit__(self, *exc):
         self.close()
+
+
+INDEX_ARRAYS = ("ids", "input_hash", "missing", "counts", "complete")  # the layout's own, beside the features
 
 
 def _create_arrays(b, arrays: dict[str, ArraySpec], lengths: dict[str, np.ndarray], block_rows: int,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import numpy as np
 import torch
 
 from pipeline.config import load_config
@@ -52,3 +53,18 @@ def test_ablation_configs_are_runs_of_the_same_code(config, names):
 def test_one_name_for_heads_of_different_sizes_is_refused():
     with pytest.raises(PipelineError, match="two heads named 'x'"):
         FusionHeads([{"name": "x", "inputs": ["image"]}, {"name": "x", "inputs": ["title_cam"]}], DIMS, 3)
+
+
+def test_the_confusion_picture_shows_the_classes_most_confused_with_each_other():
+    from pipeline.metrics import most_confused
+
+    codes = [10, 20, 30, 40, 50, 60]
+    labels = np.array([0] * 10 + [1] * 10 + [2] * 10 + [3] * 10 + [4] * 10 + [5] * 10)
+    preds = labels.copy()
+    preds[[20, 21, 22]] = 3  # class 30 read as 40 three times,
+    preds[[30]] = 2  # 40 as 30 once,
+    preds[[40, 41]] = 5  # 50 as 60 twice; classes 10 and 20 never wrong (their F1 ties at 1.0)
+    names, matrix = most_confused(labels, preds, codes, 4)
+    assert names == [30, 40, 50, 60]
+    assert matrix.tolist() == [[7, 3, 0, 0], [1, 9, 0, 0], [0, 0, 8, 2], [0, 0, 0, 10]]
+    assert most_confused(labels, labels, codes, 4)[0] == []  # no mistake: nothing to show

@@ -38,7 +38,7 @@ class WordHashes:
 
     def __init__(self, buckets: int):
         self.buckets = buckets
-        self.arrays = {"counts": ArraySpec("float32", (buckets,))}
+        self.arrays = {"hashes": ArraySpec("float32", (buckets,))}
         self.producer = {"model": "crc32 word hashes", "buckets": buckets}
 
     def fingerprints(self, items: pl.DataFrame) -> np.ndarray:
@@ -55,7 +55,7 @@ class WordHashes:
         for row, title in enumerate(titles):
             for word in title.lower().split():
                 counts[row, zlib.crc32(word.encode()) % self.buckets] += 1
-        return {"counts": counts}, None
+        return {"hashes": counts}, None
 
 
 class HashEncoder(nn.Module):
@@ -71,7 +71,7 @@ class HashEncoder(nn.Module):
 
 
 TOY = modalities.Modality(
-    name="toy", array="counts", batch="fixed", options=WordHashOptions, train_options=WordHashTrainOptions,
+    name="toy", array="hashes", batch="fixed", options=WordHashOptions, train_options=WordHashTrainOptions,
     extractor=lambda ctx: WordHashes(ctx.cfg.options("toy").buckets),
     encoder=lambda opts, spec, producer: {"buckets": int(spec.shape[0]), "hidden": opts.hidden},
     build_encoder=lambda config: HashEncoder(**config),

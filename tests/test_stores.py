@@ -428,3 +428,10 @@ def test_zarr_writers_of_disjoint_shards_run_side_by_side(tmp_path):
     finally:
         first.kill()
         first.wait()
+
+
+def test_a_feature_may_not_take_the_name_of_the_stores_own_arrays(tmp_path):
+    with pytest.raises(StoreError, match=r"a feature array may not be called counts"):
+        FeatureStore.create(tmp_path / "s.zarr", "test", {"counts": ArraySpec("float32", (2,))}, {}, np.arange(3),
+                            fingerprint(["a", "b", "c"]))
+    assert not FeatureStore.exists(tmp_path / "s.zarr")

@@ -15,13 +15,14 @@ from pipeline.config import Config
 from pipeline.distributed import pick_device
 from pipeline.extract.driver import Summary, parse_shard, run_extraction
 from pipeline.modalities import ExtractContext
-from stores import FeatureStore
+from stores import SCHEMA_VERSION, FeatureStore
 
 
 def extract(modality: str, catalog_dir: str | Path, workdir: str | Path, cfg: Config, *,
-            backend: str | None = None, shard: str | None = None, rebuild: bool = False,
+            backend: str | None = None, shard: str | None = None, rebuild: bool = False, repair: bool = False,
             progress: bool = True, log=print) -> list[Summary]:
-    """`pipeline extract MODALITY|all`: fill W/features/<modality>.zarr|h5 with what is missing.
+    """`pipeline extract MODALITY|all`: fill W/features/<modality>.zarr|h5 with what is missing
+    (`repair`: extract again the blocks whose chunks are damaged).
 
     The stores go under `[stores] root` instead of W when it is set (a local directory or a URL)."""
     names = cfg.modality_names if modality == "all" else [modalities.get(modality).name]
@@ -33,7 +34,7 @@ def extract(modality: str, catalog_dir: str | Path, workdir: str | Path, cfg: Co
     wd.remember(workdir, cfg, catalog_dir)
     split = make_split(catalog, cfg, workdir)
     return extract_items(names, catalog, split, Path(workdir), cfg, backend=backend, shard=shard_kn,
-                         rebuild=rebuild, progress=progress, log=log)
+                         rebuild=rebuild, repair=repair, progress=progress, log=log)
 
 
 def _store_for(workdir: Path, cfg: Config, name: str, backend: str | None) -> Path | str:
@@ -46,7 +47,7 @@ def _store_for(workdir: Path, cfg: Config, name: str, backend: str | None) -> Pa
 
 def extract_items(names: list[str], catalog: Catalog, split: pl.DataFrame, workdir: Path, cfg: Config, *,
                   backend: str | None = None, shard: tuple[int, int] = (0, 1), rebuild: bool = False,
-                  progress: bool = True, log=print) -> list[Summary]:
+                  repair: bool = False, progress: bool = True, log=print) -> list[Summary]:
     """Extract the modalities `names` of every item of `catalog` (the split says what is train)."""
     summaries = []
     train = split_items(catalog, split, "train")
@@ -57,7 +58,16 @@ def extract_items(names: list[str], catalog: Catalog, split: pl.DataFrame, workd
         ctx = ExtractContext(cfg, workdir, pick_device(cfg.extract.device, "[extract] device"), train, rebuild, hint)
         extractor = modalities.get(name).extractor(ctx)
         summary = run_extraction(extractor, catalog.items, path, block_rows=cfg.block_items(name), shard=shard,
-                                 rebuild=rebuild, rebuild_hint=hint, progress=progress)
+                                 rebuild=rebuild, repair=repair, rebuild_hint=hint, progress=progress)
         log(summary.line())
+        _say_if_old(path, hint, log)
         summaries.append(summary)
     return summaries
+
+
+def _say_if_old(path, rebuild_hint: str, log) -> None:
+    """A store of an older schema still reads; say what its upgrade costs and how to run it."""
+    with FeatureStore(path) as store:
+        if store.schema_version < SCHEMA_VERSION:
+            log(f"{path}: schema {store.schema_version} (chunks without checksums: damage can go unnoticed); "
+                f"upgrade it with `{rebuild_hint}`")

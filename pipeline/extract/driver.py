@@ -152,18 +152,17 @@ class _Plan:
             return store
 
 
-def _up_to_date(path, plan: _Plan, shard: tuple[int, int], rebuild_hint: str) -> int | None:
-    """The store's item count when it already holds every item of this shard, else None.
+def _up_to_date(path, plan: _Plan, rebuild_hint: str) -> int | None:
+    """The store's item count when every item is in it already (complete), else None.
 
     Without a lock (a read-only work directory works), so it may look while another worker lays the store
-    out: any doubt (a store half created, rows planned but not yet covered by `complete`, hashes not yet
-    written) answers None, and the locked path decides (and refuses a really stale store)."""
+    out or writes its blocks: anything short of "every item complete" answers None, and the locked path
+    decides (and refuses a really stale store)."""
     if not FeatureStore.exists(path):
         return None
     try:
         with FeatureStore(path, "r") as store:
-            covered = store.n_blocks * store.block_rows >= store.backend.array("ids").shape[0]
-            if not covered or plan.check(store, rebuild_hint).any() or store.pending_blocks(shard):
+            if not store.contains(plan.ids).all() or plan.check(store, rebuild_hint).any():
                 return None
             return len(store)
     except (PipelineError, StoreError):  # half laid out, or stale: the locked path says which
@@ -183,8 +182,7 @@ def _wait_for_plan(store_path: str, ids: np.ndarray, shard: tuple[int, int]) -> 
             if FeatureStore.exists(store_path):
                 with FeatureStore(store_path, "r") as store:
                     planned, _ = store.planned()
-                    covered = store.n_blocks * store.block_rows >= store.backend.array("ids").shape[0]
-                    if covered and np.isin(ids, planned).all():
+                    if np.isin(ids, planned).all():  # planned(): the rows of blocks fully laid out
                         return
                     last = "some items are not laid out yet"
         except Exception as err:  # a store caught half created: look again
@@ -198,9 +196,10 @@ def _wait_for_plan(store_path: str, ids: np.ndarray, shard: tuple[int, int]) -> 
 
 # ---------------------------------------------------------------------- running
 def run_extraction(extractor: Extractor, items: pl.DataFrame, store_path: Path | str, *, block_rows: int,
-                   shard: tuple[int, int] = (0, 1), rebuild: bool = False, rebuild_hint: str = "",
-                   progress: bool = True) -> Summary:
-    """Extract every item's features into `store_path`, only what is not there yet."""
+                   shard: tuple[int, int] = (0, 1), rebuild: bool = False, repair: bool = False,
+                   rebuild_hint: str = "", progress: bool = True) -> Summary:
+    """Extract every item's features into `store_path`, only what is not there yet (`repair`: first mark
+    the blocks whose chunks fail their checksum as not written, so that they are extracted again)."""
     started = time.perf_counter()
     store_path = store_location(store_path)  # a local Path, or a Zarr URL (s3://, gs://, file://, memory://)
     if shard[1] > 1 and not str(store_path).endswith(".zarr"):
@@ -210,12 +209,14 @@ def run_extraction(extractor: Extractor, items: pl.DataFrame, store_path: Path |
                             f"start the {shard[1]} workers")
     plan = _Plan(extractor, items)
     target = store_path
+    if repair:
+        _mark_damaged(store_path, rebuild_hint)
     if rebuild:
         target = _prepare_rebuild(store_path, plan, rebuild_hint)
     else:
         if local_path(store_path) is not None:
             recover(local_path(store_path))
-        stored = _up_to_date(store_path, plan, shard, rebuild_hint)
+        stored = _up_to_date(store_path, plan, rebuild_hint)
         if stored is not None:
             return Summary(extractor.name, store_path, stored, 0, int(len(items)), 0,
                            time.perf_counter() - started, 0)
@@ -227,6 +228,18 @@ def run_extraction(extractor: Extractor, items: pl.DataFrame, store_path: Path |
             swap_in(local_path(target), local_path(store_path))
         summary.store = store_path
     return summary
+
+
+def _mark_damaged(store_path, rebuild_hint: str) -> None:
+    """Verify every chunk; the blocks with damaged data become pending (their layout is intact)."""
+    if not FeatureStore.exists(store_path):
+        raise PipelineError(f"{store_path}: no store to repair")
+    with store_lock(store_path), FeatureStore(store_path, "a") as store:
+        report = store.verify()
+        if not report["repairable"]:
+            raise PipelineError(f"{store_path}: damaged where its layout is kept ({'; '.join(report['problems'][:3])}"
+                                f"): only a rebuild restores it: `{rebuild_hint}`")
+        store.invalidate_blocks(report["damaged_blocks"])
 
 
 def _prepare_rebuild(store_path, plan: _Plan, rebuild_hint: str):
@@ -265,7 +278,7 @@ def _fill(plan: _Plan, store_path, block_rows: int, shard: tuple[int, int], rebu
 def _write_blocks(extractor: Extractor, items: pl.DataFrame, store: FeatureStore, shard: tuple[int, int],
                   progress: bool, started: float) -> Summary:
     """Prepare block b+1 and write block b-1 in background threads while the model computes block b."""
-    bytes_before = store.backend.nbytes_stored()
+    bytes_before = store.bytes_stored()
     pending = store.pending_blocks(shard)
     counts = store.block_counts()
     todo = int(counts[pending].sum())
@@ -295,6 +308,6 @@ def _write_blocks(extractor: Extractor, items: pl.DataFrame, store: FeatureStore
             bar.advance(n)
         if written is not None:
             written.result()
-    bytes_written = store.backend.nbytes_stored() - bytes_before
+    bytes_written = store.bytes_stored() - bytes_before
     return Summary(extractor.name, store.path, len(store), computed, skipped, missing,
                    time.perf_counter() - started, max(bytes_written, 0))

@@ -114,3 +114,28 @@ def test_a_store_built_with_another_text_model_is_refused(tmp_path, tiny: Tiny):
         extract("title_cam", tiny.catalog, w, cfg, progress=False, log=quiet)
     with FeatureStore(w / "features" / "title_cam.zarr") as store:  # refused, and left as it was
         assert len(store) == 300 and store.provenance["producer"]["model"] == "camembert:tiny-camembert"
+
+
+def test_damage_met_by_a_stage_names_the_repair_which_extracts_only_the_damaged_blocks(tmp_path, tiny: Tiny):
+    from tests.reliability.test_store_damage import damage
+
+    w = copy_workdir(tiny.workdir, tmp_path / "w", ("features", "models", "split.parquet", "config.json",
+                                                     "tokenizers", "upstream"))
+    store = w / "features" / "title_bpe.zarr"
+    damage(store, "tokens/values", 3)  # 8 bytes in the middle of one chunk of token ids
+    rc, report, _ = verify_cli(store)
+    assert rc == 1 and report["verify"]["damaged_blocks"] and report["verify"]["repairable"], report["verify"]
+    done = run_cli("sketch", "title_bpe", "--workdir", w)  # reads every item's features
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    repair = f"pipeline extract title_bpe --catalog {tiny.catalog.resolve()} --workdir {w} --repair"
+    assert "title_bpe.zarr: array 'tokens/values' is damaged" in done.stderr and f"`{repair}`" in done.stderr
+    done = run_cli(*repair.split()[1:])
+    assert done.returncode == 0, done.stderr
+    damaged_items = len(report["verify"]["damaged_blocks"]) * 16  # blocks of 16 items (the suite's config)
+    assert f"title_bpe: {damaged_items} items extracted" in done.stderr, done.stderr
+    with FeatureStore(store) as repaired, FeatureStore(tiny.workdir / "features" / "title_bpe.zarr") as good:
+        assert repaired.verify()["ok"]
+        ids = good.ids
+        a, b = repaired.read("tokens", ids), good.read("tokens", ids)
+        np.testing.assert_array_equal(a.values, b.values) and np.testing.assert_array_equal(a.offsets, b.offsets)
+    assert run_cli("sketch", "title_bpe", "--workdir", w).returncode == 0
