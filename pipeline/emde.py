@@ -53,6 +53,13 @@ class DifferentiableEMDECoder(nn.Module):
         self.centroids = nn.Parameter(torch.randn(n))  # (depth*width*inner_dim,) ~ N(0, 1)
 
     def forward(self, x: Tensor) -> Tensor:
+        # In float32 even under autocast: the softmax reads squared distances of order 10-100, which bf16
+        # (8-bit mantissa) rounds by up to +-0.5 -- enough to move the soft assignments, so a coder trained
+        # under bf16 would sketch differently from the float32 sketch and predict stages.
+        with torch.autocast(x.device.type, enabled=False):
+            return self._assign(x.float())
+
+    def _assign(self, x: Tensor) -> Tensor:
         b = x.shape[0]
         x = self.bn(self.lin(x))                                   # (B, depth*width*inner_dim)
         d = (x - self.centroids) ** 2                              # (B, depth*width*inner_dim)

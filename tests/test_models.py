@@ -295,3 +295,15 @@ def test_classifier_checks_dims():
     enc = TextCNN(8, [1, 2], 4)
     with pytest.raises(ValueError):
         ModalityClassifier(enc, DifferentiableEMDECoder(7, depth=2, width=4), num_classes=3)
+
+
+def test_the_emde_coder_computes_in_float32_under_autocast():
+    torch.manual_seed(0)
+    coder = DifferentiableEMDECoder(32, depth=4, width=16).eval()
+    x = torch.randn(64, 32) * 3
+    exact = coder(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = coder(x.bfloat16())  # an encoder under autocast hands over bf16 features
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, coder(x.bfloat16().float()), rtol=0, atol=0)  # only the input was rounded
+    assert (mixed - exact).abs().max() < 0.1
