@@ -3,3 +3,7 @@
 
 class PipelineError(Exception):
     """An error the user can act on; the CLI prints its message in one line."""
+
+
+class StaleStoreError(PipelineError):
+    """An output built from other inputs, another model or other settings than this run's."""

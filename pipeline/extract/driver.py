@@ -26,7 +26,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.distributed import torchrun
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, StaleStoreError
 from pipeline.modalities import Extractor
 from pipeline.progress import Progress
 from pipeline.provenance import Stamp, canonical_json, recover, swap_in
@@ -54,10 +54,6 @@ def keep_freed_memory() -> None:
     if not mallopt(M_MMAP_THRESHOLD, 1 << 30):  # a glibc that caps the threshold: no mmap at all then
         mallopt(M_MMAP_MAX, 0)
     mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
-
-
-class StaleStoreError(PipelineError):
-    """A store built from other inputs, another model or another config than this run's."""
 
 
 @dataclass

@@ -15,8 +15,7 @@ import numpy as np
 import polars as pl
 import sentencepiece as spm
 
-from pipeline.errors import PipelineError
-from pipeline.extract.driver import StaleStoreError
+from pipeline.errors import PipelineError, StaleStoreError
 from pipeline.provenance import atomic_path, sha256_file
 from stores import ArraySpec, fingerprint, store_lock
 
