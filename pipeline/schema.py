@@ -7,6 +7,7 @@ file, the table and the key.
 """
 from __future__ import annotations
 
+import codecs
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -55,8 +56,17 @@ class Layout(Section):
     columns: Columns
 
 
+def _text_encoding(v: str) -> str:
+    try:
+        codecs.lookup(v)
+    except LookupError:
+        raise ValueError("expected a text encoding Python knows (\"utf-8\", \"cp1252\", \"latin-1\", ...)") from None
+    return v
+
+
 class Catalog(Section):
     layout: str
+    encoding: Annotated[str, AfterValidator(_text_encoding)]
     layouts: dict[str, Layout]
 
     @model_validator(mode="after")
