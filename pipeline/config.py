@@ -221,8 +221,11 @@ def _train_tables(raw: dict, origins: dict, default: str) -> dict:
             where = _where(("pretrain", name), origins, default)
             raise ConfigError(f"{where}: [pretrain.{name}]: unknown modality{_suggest(name, modalities.REGISTRY)}")
         cls = modalities.REGISTRY[name].train_options
-        values = {k: v for k, v in common.items() if k in cls.model_fields} | table
-        tables[name] = _validate(cls, values, ("pretrain", name), origins, default)
+        inherited = {k: v for k, v in common.items() if k in cls.model_fields and k not in table}
+        # a refused value names the file that set it: [pretrain] for the keys this table inherits
+        where = origins | {("pretrain", name, k): origins[("pretrain", k)] for k in inherited
+                           if ("pretrain", k) in origins}
+        tables[name] = _validate(cls, inherited | table, ("pretrain", name), where, default)
     return tables
 
 
