@@ -114,6 +114,7 @@ class TrainReader(Section):
     buffer_blocks: Positive
     prefetch_batches: Positive
     length_sort_window: NonNegative
+    max_tokens: NonNegative
 
 
 # ---------------------------------------------------------------------- pretraining
@@ -132,7 +133,7 @@ class TrainOptions(Section):
     width: Positive
     weight_decay: Annotated[float, Field(ge=0)]
     label_smoothing: Probability
-    batch_size: Positive
+    batch_size: Annotated[int, Field(ge=2)]  # the BatchNorm of a training batch needs 2 items
     epochs: Positive
     lr: PositiveFloat
     decay: Decay
