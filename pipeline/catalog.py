@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from pipeline.schema import Catalog as CatalogSettings
+from pipeline.schema import Catalog as CatalogSettings, Layout
 from pipeline.text import clean_description
 from pipeline.errors import PipelineError
 from pipeline.provenance import atomic_path
@@ -76,7 +76,6 @@ def _find(directory: Path, pattern: str, what: str, layout: str, required: bool)
 _WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
               (b"\xfe\xff", "UTF-16"))
 _SEPARATORS = (",", ";", "\t", "|")
-NEWLINE = b"\n"
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # a byte that did not decode, under errors="surrogateescape"
 
 
@@ -117,7 +116,8 @@ def _utf8_bytes(path: Path, encoding: str, separator: str) -> bytes:
 
 def _not_in_encoding(path: Path, raw: bytes, err: UnicodeDecodeError, encoding: str, separator: str) -> str:
     """"FILE, row N, column 'C': byte 0xE9 is not valid utf-8 text; ... [catalog] encoding = ..."."""
-    where = f"line {raw.count(NEWLINE, 0, err.start) + 1}"
+    line = raw.count(b"\n", 0, err.start) + 1
+    where = f"line {line}"
     try:  # the row and column of the first bad byte (surrogateescape marks it with a lone surrogate)
         text = raw.decode(encoding, "surrogateescape")
         rows = csv.reader(io.StringIO(text, newline=""), delimiter=separator, quotechar='"')
@@ -284,7 +284,7 @@ def _read_labels(path: Path, catalog: CatalogSettings, items: pl.DataFrame, x_pa
                       maintain_order="left")
 
 
-def _resolve_images(items: pl.DataFrame, directory: Path, layout) -> pl.DataFrame:
+def _resolve_images(items: pl.DataFrame, directory: Path, layout: Layout) -> pl.DataFrame:
     """Image path of every item from its ids, and whether the file is there (one listing per folder)."""
     name = layout.image_name
     head, _, rest = name.partition("{image_id}")

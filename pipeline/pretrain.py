@@ -259,9 +259,9 @@ def _run(job: Job, progress: bool, log) -> dict:
         if ctx.main:
             _start_partial(partial, job.out, state)
         train_reader, valid_reader = _readers(job, ctx)
+        _check_batches(job, ctx, train_reader)
         model, run = _build(job, ctx, train_reader, state is None, say)
         cut = _describe(job, model, ctx, train_reader, valid_reader, say)
-        _check_batches(job, ctx, train_reader)
         weights = class_weights(job.parts["train"][1], len(job.codes), job.opts.loss)
         done = train(model, train_reader, valid_reader, run, ctx, job.codes,
                      None if weights is None else weights.to(ctx.device), partial / checkpoint.RESUME_FILE,
