@@ -29,6 +29,7 @@ from pipeline.config import load_config
 from pipeline.extract import extract
 from pipeline.predict import predict
 from pipeline.synth import synthesize
+from pipeline.text import clean_description
 from stores import FeatureStore
 
 from .conftest import DEMO, Tiny, copy_workdir, quiet, run_cli
@@ -316,3 +317,14 @@ def test_webp_is_decoded_and_decompression_bombs_are_recorded_unreadable(tmp_pat
         maps = store.read("maps", [0, 1, 5]).astype(np.float32)
         assert maps[0].any() and not maps[1].any() and maps[2].any()
         assert store.provenance["missing_reasons"][str(UNREADABLE)] == "input unreadable"
+
+
+# ---------------------------------------------------------------------- description cleaning
+@pytest.mark.parametrize("raw, cleaned", [
+    ("Prix &lt; 10€ et &gt; 5€ garanti", "Prix < 10€ et > 5€ garanti"),  # escaped comparisons are text
+    ("taille <5 cm> et poids", "taille <5 cm> et poids"),  # not a tag: `<` is not followed by a tag name
+    ("<p>Prix < 10€ et > 5€</p>", "Prix < 10€ et > 5€"),
+    ("a&lt;br /&gt;b", "a b"),  # a tag written as entities goes too
+])
+def test_description_cleaning_removes_tags_only(raw, cleaned):
+    assert clean_description(raw) == cleaned
