@@ -68,7 +68,8 @@ def arguments(catalog: str, workdir: str, config: str):
     ).map(lambda parts: [arg for part in parts for arg in part])
 
 
-def test_any_arguments_get_an_answer_not_a_traceback(catalogue, tmp_path):
+def test_any_arguments_get_an_answer_not_a_traceback(catalogue, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths ("", ".", "x") land here
     config = tmp_path / "demo.toml"
     config.write_text(f'base = "{DEMO}"\n[stores]\nblock_items = 16\n[title_bpe]\nblock_items = 16\n')
 
@@ -108,7 +109,8 @@ def toml_value(value) -> str:
     return "{}" if isinstance(value, dict) else str(value)
 
 
-def test_any_config_value_is_refused_in_one_line_or_used(catalogue, tmp_path):
+def test_any_config_value_is_refused_in_one_line_or_used(catalogue, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths ([stores] root = "x") land here
     @settings(FUZZ, max_examples=40)
     @given(st.sampled_from(DEFAULT_KEYS), VALUES)
     def check(key, value):
@@ -139,7 +141,8 @@ def mutations(good: bytes):
     return st.lists(edit, min_size=1, max_size=4).map(apply)
 
 
-def test_any_catalogue_bytes_are_read_or_refused_in_one_line(catalogue, tmp_path):
+def test_any_catalogue_bytes_are_read_or_refused_in_one_line(catalogue, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     good_x = (catalogue / "X_train.csv").read_bytes()[:3000]
     good_x = good_x[: good_x.rindex(b"\n") + 1]  # whole rows only: ~15 items
     good_y = (catalogue / "Y_train.csv").read_bytes()
