@@ -22,7 +22,10 @@ from pipeline import modalities, schema
 from pipeline.errors import PipelineError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = Path(str(importlib.resources.files("pipeline.configs")))  # configs/ in a checkout, package data in a wheel
+# configs/ beside the code in a checkout (even when another checkout is the one installed in editable mode:
+# importlib would then find that one's), the package data in a wheel
+CONFIG_DIR = (PROJECT_ROOT / "configs" if (PROJECT_ROOT / "configs" / "default.toml").is_file()
+              else Path(str(importlib.resources.files("pipeline.configs"))))
 DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
 DEMO_CONFIG = CONFIG_DIR / "demo.toml"
 ROOT_KEYS = {"seed": int}
