@@ -18,6 +18,7 @@ from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.extract import extract
 from pipeline.fuse import fuse
+from pipeline.predict import predict
 from pipeline.pretrain import pretrain
 from pipeline.sketch import sketch, sketches
 from pipeline.synth import synthesize
@@ -147,8 +148,6 @@ def renumber(directory: Path, new_id) -> None:
         table.with_columns(new_id(pl.col("").cast(pl.Int64)).cast(pl.String).alias("")).write_csv(directory / name)
 
 
-@pytest.mark.xfail(strict=True, raises=(PipelineError, AssertionError),
-                   reason="the store marks an unused row with id -1 (fixed on the stores-integrity branch)")
 @pytest.mark.parametrize("new_id", [lambda i: -1 - i, lambda i: pl.when(i == 0).then(-1).otherwise(i)],
                          ids=["every id negative", "one id is -1"])
 def test_negative_item_ids_work_end_to_end(tmp_path, new_id):
@@ -165,6 +164,8 @@ def test_negative_item_ids_work_end_to_end(tmp_path, new_id):
     fuse(w, cfg, progress=False, log=quiet)
     predicted = pl.read_csv(w / "fusion" / "predictions.csv")
     assert sorted(predicted[""].to_list()) == sorted(items.filter(pl.col("part") == "test")["item_id"].to_list())
+    table = predict(d, w, tmp_path / "out.csv", cfg, progress=False, log=quiet)
+    assert sorted(table["item_id"].to_list()) == sorted(items["item_id"].to_list())
 
 
 # ---------------------------------------------------------------------- arguments checked before any write
@@ -189,8 +190,9 @@ def test_bad_arguments_are_refused_in_one_line_before_anything_is_written(tmp_pa
         assert one_error_line(code, err) == f"error: {message}", args
         assert not w.exists(), f"{args} wrote into the work directory before refusing"
     (tmp_path / "out").mkdir()
-    for out, message in [(tmp_path / "out", "a folder; name a file (e.g. {out}/predictions.csv)"),
-                         (tmp_path / "nope" / "p.csv", f"the folder {tmp_path / 'nope'} does not exist")]:
+    for out, message in [(tmp_path / "out", "is a directory; give a file name (e.g. {out}/predictions.csv)"),
+                         (tmp_path / "nope" / "p.csv", f"the folder {tmp_path / 'nope'} does not exist; create it "
+                                                       "first")]:
         code, err = run_main("predict", "--catalog", cat, "--workdir", w, "--out", out)
         assert one_error_line(code, err) == f"error: --out {out}: {message.format(out=out)}"
     for args, message in [
