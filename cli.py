@@ -249,6 +249,8 @@ def main() -> None:
         refuse(str(e))
     except OSError as e:
         refuse(f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else ""))
+    except MemoryError as e:  # a setting far too large for this machine (a batch size, a model width, ...)
+        refuse(f"out of memory ({e or 'MemoryError'}); lower the setting that sizes the largest array")
 
 
 if __name__ == "__main__":

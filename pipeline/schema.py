@@ -27,7 +27,7 @@ def _power_of_two(v: int) -> int:
 
 Positive = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[int, Field(ge=0)]
-PowerOfTwo = Annotated[int, Field(ge=1), AfterValidator(_power_of_two)]
+PowerOfTwo = Annotated[int, Field(ge=1, le=2**20), AfterValidator(_power_of_two)]  # block sizes: at most 1M rows
 PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, lt=1)]
 Decay = Annotated[float, Field(gt=0, le=1)]

@@ -72,7 +72,7 @@ def _train(titles: list[str], model_dir: Path, opts, options: dict) -> Path:
             num_threads=opts.threads,
             minloglevel=2,
         )
-    except RuntimeError as err:  # SentencePiece refuses a setting or the data (no title at all, ...)
+    except (RuntimeError, ValueError) as err:  # SentencePiece refuses a setting or the data (no title, ...)
         settings = ", ".join(f"{k} = {v}" for k, v in options.items())
         raise PipelineError(f"{model_dir / 'title_bpe.model'}: SentencePiece cannot learn a BPE from the "
                             f"{len(titles)} non-empty train titles with [title_bpe] {settings} "

@@ -96,7 +96,7 @@ def _keys(table: dict, prefix: tuple = ()) -> list[tuple]:
 
 
 DEFAULT_KEYS = _keys(tomllib.loads((ROOT / "configs" / "default.toml").read_text()))
-VALUES = st.sampled_from([-1, 0, 1, 3, 17, 0.5, -2.5, float("inf"), float("nan"), True, "", "x", "auto", "../..",
+VALUES = st.sampled_from([-1, 0, 1, 3, 17, 2**40, 0.5, -2.5, float("inf"), float("nan"), True, "", "x", "auto", "../..",
                           "utf8-lossy", "latin-1", ";", [], [0], ["x"], {}])
 
 

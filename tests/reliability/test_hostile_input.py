@@ -208,6 +208,18 @@ def test_bad_arguments_are_refused_in_one_line_before_anything_is_written(tmp_pa
     assert not w.exists()
 
 
+def test_a_setting_too_large_for_memory_is_one_line(tmp_path, monkeypatch):
+    def too_big(*_a, **_k):
+        raise MemoryError("Unable to allocate 8.00 TiB for an array with shape (1099511627776,) and data type int64")
+
+    monkeypatch.setattr("pipeline.synth.synthesize", too_big)
+    assert one_error_line(*run_main("data", "synth", tmp_path / "cat")) == (
+        "error: out of memory (Unable to allocate 8.00 TiB for an array with shape (1099511627776,) and data type "
+        "int64); lower the setting that sizes the largest array")
+    with pytest.raises(PipelineError, match=r"\[stores\] block_items: input should be less than or equal to 1048576"):
+        load_config(DEMO).merged({"stores": {"block_items": 2**40}})
+
+
 # ---------------------------------------------------------------------- a read-only work directory
 def tree(directory: Path) -> dict[str, tuple[int, int]]:
     """Every file and folder under `directory`: (mtime in ns, size)."""
