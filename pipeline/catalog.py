@@ -16,14 +16,18 @@ are counted and reported, and the image stage records them as missing.
 """
 from __future__ import annotations
 
+import codecs
+import csv
+import io
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from pipeline.schema import Layout
+from pipeline.schema import Catalog as CatalogSettings, Layout
 from pipeline.text import clean_description
 from pipeline.errors import PipelineError
 from pipeline.provenance import atomic_path
@@ -71,16 +75,18 @@ def _find(directory: Path, pattern: str, what: str, layout: str, required: bool)
 
 _WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
               (b"\xfe\xff", "UTF-16"))
+_SEPARATORS = (",", ";", "\t", "|")
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # a byte that did not decode, under errors="surrogateescape"
 
 
-def _check_text(path: Path) -> None:
-    """Refuse, saying what to do, the text files that would otherwise read as a wrong header: UTF-16/32
-    (with or without a byte-order mark) and line ends of a carriage return alone."""
-    with open(path, "rb") as fh:
-        head = fh.read(1 << 16)
+def _check_text(path: Path, data: bytes) -> None:
+    """Refuse, saying what to do, the text that would otherwise read as a wrong header: UTF-16/32 (with or
+    without a byte-order mark) and line ends of a carriage return alone."""
+    head = data[: 1 << 16]
     for bom, encoding in _WIDE_BOMS:
         if head.startswith(bom):
-            raise CatalogError(f"{path}: {encoding} text; save it as UTF-8 (iconv -f {encoding} -t UTF-8)")
+            raise CatalogError(f"{path}: {encoding} text; save it as UTF-8 (iconv -f {encoding} -t UTF-8) or "
+                               f"set [catalog] encoding = \"{encoding.lower()}\"")
     if b"\x00" in head.split(b"\n", 1)[0]:
         raise CatalogError(f"{path}: NUL bytes in the header row (UTF-16 or UTF-32 text without a byte-order "
                            "mark?); save it as UTF-8")
@@ -89,38 +95,122 @@ def _check_text(path: Path) -> None:
                            "to \\n or \\r\\n")
 
 
-def _read_table(path: Path, separator: str, needed: dict[str, str]) -> pl.DataFrame:
-    """Read every column as text, check the needed ones exist, rename them to our field names."""
-    _check_text(path)
+def _utf8_bytes(path: Path, encoding: str, separator: str) -> bytes:
+    """The file's text as UTF-8 bytes: checked when `encoding` is UTF-8, decoded from `encoding` otherwise.
+
+    Never lossy: a byte that is not valid in `encoding` is refused, naming its row and the setting to use."""
+    raw = path.read_bytes()
+    utf8 = codecs.lookup(encoding).name == "utf-8"
+    if utf8:  # a wide encoding would otherwise read as bad bytes: say what it is
+        _check_text(path, raw)
     try:
-        df = pl.read_csv(path, separator=separator, infer_schema=False, encoding="utf8-lossy",
-                         quote_char='"', truncate_ragged_lines=False)
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as err:
+        raise CatalogError(_not_in_encoding(path, raw, err, encoding, separator)) from None
+    if utf8:
+        return raw
+    data = text.encode("utf-8")
+    _check_text(path, data)
+    return data
+
+
+def _not_in_encoding(path: Path, raw: bytes, err: UnicodeDecodeError, encoding: str, separator: str) -> str:
+    """"FILE, row N, column 'C': byte 0xE9 is not valid utf-8 text; ... [catalog] encoding = ..."."""
+    line = raw.count(b"\n", 0, err.start) + 1
+    where = f"line {line}"
+    try:  # the row and column of the first bad byte (surrogateescape marks it with a lone surrogate)
+        text = raw.decode(encoding, "surrogateescape")
+        rows = csv.reader(io.StringIO(text, newline=""), delimiter=separator, quotechar='"')
+        header = None
+        for n, row in enumerate(rows):
+            header = row if header is None else header
+            bad = [i for i, field in enumerate(row) if _has_surrogate(field)]
+            if bad:
+                column = header[bad[0]] if bad[0] < len(header) else f"#{bad[0] + 1}"
+                where = "header row" if n == 0 else f"row {n}, column '{column or '(unnamed index)'}'"
+                break
+    except (csv.Error, UnicodeError):
+        pass
+    guess = next(e for e in ("cp1252", "latin-1") if _decodes(raw, e))
+    return (f"{path}, {where}: byte 0x{raw[err.start]:02X} is not valid {encoding}; name the file's encoding "
+            f"in the config ([catalog] encoding = \"{guess}\", say), or save the file as {encoding}")
+
+
+def _has_surrogate(text: str) -> bool:
+    return _ESCAPED_BYTE.search(text) is not None
+
+
+def _decodes(raw: bytes, encoding: str) -> bool:
+    try:
+        raw.decode(encoding)
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def _read_table(path: Path, catalog: CatalogSettings, needed: dict[str, str]) -> pl.DataFrame:
+    """Read every column as text, check the needed ones exist, rename them to our field names."""
+    separator = catalog.layouts[catalog.layout].separator
+    data = _utf8_bytes(path, catalog.encoding, separator)
+    try:
+        df = pl.read_csv(data, separator=separator, infer_schema=False, quote_char='"', truncate_ragged_lines=False)
     except Exception as err:  # polars raises several exception types for malformed text files
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CatalogError(f"{path}{_ragged_row(path, separator)}: cannot be read as a '{separator}'-separated "
-                           f"table ({first})") from None
+        problem = _first_bad_row(data.decode("utf-8"), separator)
+        if not problem:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            problem = f": cannot be read as a '{separator}'-separated table ({first})"
+        raise CatalogError(f"{path}{problem}{_separator_hint(data, catalog)}") from None
     for field, column in needed.items():
         if column not in df.columns:
             shown = [c if c else "(unnamed index)" for c in df.columns]
             raise CatalogError(f"{path}, header row: missing column '{column or '(unnamed index)'}' "
-                               f"(for the item's {field}); columns found: {shown}")
+                               f"(for the item's {field}); columns found: {shown}{_separator_hint(data, catalog)}")
     return df.select([pl.col(c).alias(f) for f, c in needed.items()])
 
 
-def _ragged_row(path: Path, separator: str) -> str:
-    """", row N: M fields where the header row has K" for the first row that does not fit the header, or ""."""
-    import csv
+def _separator_hint(data: bytes, catalog: CatalogSettings) -> str:
+    """When the header row is one field holding another separator: the setting that reads the file."""
+    separator = catalog.layouts[catalog.layout].separator
+    header = data.split(b"\n", 1)[0].decode("utf-8", "replace")
+    if separator in header:
+        return ""
+    counts = {s: header.count(s) for s in _SEPARATORS if s != separator}
+    other = max(counts, key=counts.get)
+    if not counts[other]:
+        return ""
+    return (f" (the header row is one field: if the file is {other!r}-separated, set "
+            f"[catalog.layouts.{catalog.layout}] separator = {other!r} in the config)")
 
+
+def _first_bad_row(text: str, separator: str) -> str:
+    """", row N: what is wrong" for the first row that does not parse or does not fit the header, or ""."""
+    line = _unclosed_quote_line(text)
+    if line is not None:
+        before = "\n".join(text.split("\n")[: line - 1])  # balanced: every quote before it is closed
+        n = len(list(csv.reader(io.StringIO(before, newline=""), delimiter=separator, quotechar='"')))
+        where = "header row" if n == 0 else f"row {n}"
+        return (f", {where}: the '\"' on line {line} is never closed (an unbalanced quote); a field holding the "
+                f"separator, a quote or a line break must be quoted, with its own quotes doubled")
     try:
-        with open(path, newline="", encoding="utf-8", errors="replace") as fh:
-            rows = csv.reader(fh, delimiter=separator, quotechar='"')
-            header = next(rows, [])
-            for n, row in enumerate(rows, 1):
-                if row and len(row) != len(header):
-                    return f", row {n}: {len(row)} fields where the header row has {len(header)}"
-    except (OSError, csv.Error):
-        pass
+        rows = csv.reader(io.StringIO(text, newline=""), delimiter=separator, quotechar='"', strict=True)
+        header = next(rows, [])
+        for n, row in enumerate(rows, 1):
+            if row and len(row) != len(header):
+                return f", row {n}: {len(row)} fields where the header row has {len(header)}"
+    except csv.Error as err:
+        return f", line {rows.line_num}: {err}"
     return ""
+
+
+def _unclosed_quote_line(text: str) -> int | None:
+    """The line of the '"' that is never closed: the file holds an odd number of quotes, and from this line
+    on the count stays odd."""
+    odd, opened = False, None
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.count('"') % 2:
+            odd = not odd
+            opened = number if odd else opened
+    return opened if odd else None
 
 
 def _integer_column(df: pl.DataFrame, field: str, column: str, path: Path, what: str) -> pl.Series:
@@ -130,7 +220,12 @@ def _integer_column(df: pl.DataFrame, field: str, column: str, path: Path, what:
     bad = values.is_null()
     if bad.any():
         row = int(bad.arg_max())
-        problem = "is empty" if raw[row] is None or not raw[row] else f"{raw[row]!r} is not an integer"
+        if raw[row] is None or not raw[row]:
+            problem = "is empty"
+        elif re.fullmatch(r"[+-]?[0-9]+", raw[row]):
+            problem = f"{raw[row]} is out of the 64-bit integer range"
+        else:
+            problem = f"{raw[row]!r} is not an integer"
         raise CatalogError(f"{path}, row {row + 1}, column '{column or '(unnamed index)'}': {what} {problem}")
     return values
 
@@ -143,10 +238,10 @@ def _first_duplicate(ids: pl.Series) -> tuple[int, int] | None:
     return int(rows[0]), int(rows[1])
 
 
-def _read_items(path: Path, layout: Layout, part: str, with_label: bool) -> pl.DataFrame:
-    columns = layout.columns
+def _read_items(path: Path, catalog: CatalogSettings, part: str, with_label: bool) -> pl.DataFrame:
+    columns = catalog.layouts[catalog.layout].columns
     needed = {f: getattr(columns, f) for f in FIELDS} | ({"label": columns.label} if with_label else {})
-    df = _read_table(path, layout.separator, needed)
+    df = _read_table(path, catalog, needed)
     ids = _integer_column(df, "id", columns.id, path, "item id")
     if (dup := _first_duplicate(ids)) is not None:
         raise CatalogError(f"{path}, row {dup[1] + 1}, column '{columns.id or '(unnamed index)'}': "
@@ -167,9 +262,9 @@ def _read_items(path: Path, layout: Layout, part: str, with_label: bool) -> pl.D
     return out
 
 
-def _read_labels(path: Path, layout: Layout, items: pl.DataFrame, x_path: Path) -> pl.DataFrame:
-    columns = layout.columns
-    df = _read_table(path, layout.separator, {"id": columns.id, "label": columns.label})
+def _read_labels(path: Path, catalog: CatalogSettings, items: pl.DataFrame, x_path: Path) -> pl.DataFrame:
+    columns = catalog.layouts[catalog.layout].columns
+    df = _read_table(path, catalog, {"id": columns.id, "label": columns.label})
     ids = _integer_column(df, "id", columns.id, path, "item id")
     labels = _integer_column(df, "label", columns.label, path, "label")
     if (dup := _first_duplicate(ids)) is not None:
@@ -223,17 +318,17 @@ def load_catalog(directory: str | Path, cfg, require_train: bool = True) -> Cata
     x_test = _find(directory, layout.test, "test", name, required=x_train is None)
     if x_train is not None:
         y_train = _find(directory, layout.labels, "label", name, required=True)
-        items = _read_items(x_train, layout, "train", with_label=y_train is None)
+        items = _read_items(x_train, cfg.catalog, "train", with_label=y_train is None)
         if y_train is not None:
-            items = _read_labels(y_train, layout, items, x_train)
+            items = _read_labels(y_train, cfg.catalog, items, x_train)
         if len(items) == 0:  # nothing to learn from, and no split to draw
             raise CatalogError(f"{x_train}: no items below the header row")
         files = {"train": x_train} | ({"labels": y_train} if y_train else {})
     else:
-        items = _read_items(x_test, layout, "test", with_label=False).with_columns(label=pl.lit(None, pl.Int64))
+        items = _read_items(x_test, cfg.catalog, "test", with_label=False).with_columns(label=pl.lit(None, pl.Int64))
         files, x_test = {"test": x_test}, None
     if x_test is not None:
-        test = _read_items(x_test, layout, "test", with_label=False).with_columns(label=pl.lit(None, pl.Int64))
+        test = _read_items(x_test, cfg.catalog, "test", with_label=False).with_columns(label=pl.lit(None, pl.Int64))
         clash = test["item_id"].is_in(items["item_id"].implode())
         if clash.any():
             row = int(clash.arg_max())

@@ -22,7 +22,10 @@ from pipeline import modalities, schema
 from pipeline.errors import PipelineError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = Path(str(importlib.resources.files("pipeline.configs")))  # configs/ in a checkout, package data in a wheel
+# configs/ beside the code in a checkout (even when another checkout is the one installed in editable mode:
+# importlib would then find that one's), the package data in a wheel
+CONFIG_DIR = (PROJECT_ROOT / "configs" if (PROJECT_ROOT / "configs" / "default.toml").is_file()
+              else Path(str(importlib.resources.files("pipeline.configs"))))
 DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
 DEMO_CONFIG = CONFIG_DIR / "demo.toml"
 ROOT_KEYS = {"seed": int}
@@ -221,8 +224,11 @@ def _train_tables(raw: dict, origins: dict, default: str) -> dict:
             where = _where(("pretrain", name), origins, default)
             raise ConfigError(f"{where}: [pretrain.{name}]: unknown modality{_suggest(name, modalities.REGISTRY)}")
         cls = modalities.REGISTRY[name].train_options
-        values = {k: v for k, v in common.items() if k in cls.model_fields} | table
-        tables[name] = _validate(cls, values, ("pretrain", name), origins, default)
+        inherited = {k: v for k, v in common.items() if k in cls.model_fields and k not in table}
+        # a refused value names the file that set it: [pretrain] for the keys this table inherits
+        where = origins | {("pretrain", name, k): origins[("pretrain", k)] for k in inherited
+                           if ("pretrain", k) in origins}
+        tables[name] = _validate(cls, inherited | table, ("pretrain", name), where, default)
     return tables
 
 

@@ -90,6 +90,7 @@ class _Branch:
     extractor: object
     sketch_store: _Lookup  # sketches by this very checkpoint
     feature_store: _Lookup  # the features the checkpoint was trained on
+    max_tokens: int = 0  # tokens of an item the network reads, as in training ([train_reader] max_tokens)
 
 
 def _open(path) -> FeatureStore | None:
@@ -109,7 +110,7 @@ def _branch(name: str, workdir: Path, cfg: Config, device: torch.device, sha: st
     stored = _open(wd.sketch_store_path(workdir, cfg, name)) if reuse else None
     if stored is not None and stored.provenance["producer"].get("checkpoint_sha256") != sha:
         stored = None  # sketches of another checkpoint: not this model's
-    return _Branch(name, model.to(device), extractor, _Lookup(stored), _Lookup(features))
+    return _Branch(name, model.to(device), extractor, _Lookup(stored), _Lookup(features), ckpt.get("max_tokens", 0))
 
 
 class Predictor:
@@ -204,7 +205,7 @@ class Predictor:
             rows = np.flatnonzero(todo)[start : start + CHUNK_ROWS]
             features = self._compute(b, frame[rows])
             out[rows] = sketches(b.model, features, b.name, np.arange(len(rows)), self.cfg.sketch.batch_size,
-                                 self.device)
+                                 self.device, b.max_tokens)
         return out
 
     def _reuse(self, b: _Branch, lookup: _Lookup, fp: np.ndarray, out: np.ndarray, todo: np.ndarray) -> None:
@@ -212,7 +213,8 @@ class Predictor:
         found, ids = lookup.find(fp[todo])
         if found.any():
             rows = np.flatnonzero(todo)[found]
-            out[rows] = sketches(b.model, lookup.store, b.name, ids, self.cfg.sketch.batch_size, self.device)
+            out[rows] = sketches(b.model, lookup.store, b.name, ids, self.cfg.sketch.batch_size, self.device,
+                                 b.max_tokens)
             todo[rows] = False
 
     def _compute(self, b: _Branch, frame: pl.DataFrame) -> MemoryFeatures:

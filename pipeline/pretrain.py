@@ -39,7 +39,7 @@ import polars as pl
 import torch
 
 from pipeline import checkpoint, modalities, workdir as wd
-from pipeline.catalog import class_codes, read_split
+from pipeline.catalog import SPLIT_FILE, class_codes, read_split
 from pipeline.config import Config
 from pipeline.distributed import Dist, torchrun
 from pipeline.errors import PipelineError
@@ -66,6 +66,7 @@ class Job:
     parts: dict  # "train" / "valid" -> (item ids, class indices)
     model_config: dict
     stamp: Stamp
+    warnings: list[str]  # degenerate data that trains, badly: said before training, kept in metrics.json
 
     @property
     def out(self) -> Path:
@@ -84,14 +85,17 @@ def _open_store(workdir: Path, cfg: Config, m: modalities.Modality) -> FeatureSt
     return store
 
 
-def _parts(split: pl.DataFrame, codes: list[int], store: FeatureStore, job_hint: str) -> dict:
+def _parts(split: pl.DataFrame, codes: list[int], store: FeatureStore, job_hint: str, where: Path) -> dict:
     code_index = {c: i for i, c in enumerate(codes)}
     parts = {}
     for name in ("train", "valid"):
         sub = split.filter(pl.col("split") == name)
         if len(sub) == 0:
-            raise PipelineError(f"the split has no '{name}' items: the catalogue is too small to train on")
+            raise PipelineError(f"{where}: no '{name}' items: the catalogue is too small to train on")
         parts[name] = (sub["item_id"].to_numpy(), np.array([code_index[c] for c in sub["label"].to_list()]))
+    if len(parts["train"][0]) < 2:
+        raise PipelineError(f"{where}: 1 train item: a network needs 2 or more to train on (the BatchNorm of a "
+                            "batch needs 2); the catalogue is too small")
     absent = sum(int((~store.contains(parts[n][0])).sum()) for n in parts)
     if absent:
         pending = len(store.pending_blocks())
@@ -109,7 +113,7 @@ def prepare(modality: str, workdir: Path, cfg: Config, coder: str | None) -> Job
     split = read_split(workdir, extract_hint)
     store = _open_store(workdir, cfg, m)
     codes = class_codes(split)
-    parts = _parts(split, codes, store, extract_hint)
+    parts = _parts(split, codes, store, extract_hint, workdir / SPLIT_FILE)
     model_config = checkpoint.model_config(modality, opts, store.specs[m.array], store.provenance["producer"],
                                            len(codes), cfg.seed)
     used = np.concatenate([parts["train"][0], parts["valid"][0]])
@@ -119,9 +123,23 @@ def prepare(modality: str, workdir: Path, cfg: Config, coder: str | None) -> Job
     settings = opts.model_dump(exclude=set(RUN_ONLY_KEYS) | {"epochs"})
     stamp = Stamp("pretrain", {"settings": settings, "model": model_config, "seed": cfg.seed,
                                "length_sort_window": cfg.train_reader.length_sort_window,
+                               "max_tokens": cfg.train_reader.max_tokens,
                                "features": digest(store.provenance["producer"]), "items": digest(items),
                                "epochs": opts.epochs})
-    return Job(m, opts, cfg, workdir, store, codes, parts, model_config, stamp)
+    return Job(m, opts, cfg, workdir, store, codes, parts, model_config, stamp, _warnings(codes, parts["train"][1]))
+
+
+def _warnings(codes: list[int], train_labels: np.ndarray) -> list[str]:
+    """Classes with one train item (too few to learn from) or none (only in the validation split)."""
+    counts = np.bincount(train_labels, minlength=len(codes))
+    out = []
+    for n, what in ((1, "a single train item: too few to learn from"),
+                    (0, "no train item, only validation items: never learnt, their F1 is 0")):
+        which = [codes[i] for i in np.flatnonzero(counts == n)]
+        if which:
+            shown = ", ".join(map(str, which[:10])) + (", ..." if len(which) > 10 else "")
+            out.append(f"{len(which)} class(es) with {what} (codes {shown})")
+    return out
 
 
 def _input_hashes(store: FeatureStore, ids: np.ndarray) -> str:
@@ -183,7 +201,7 @@ def _readers(job: Job, ctx: Dist) -> tuple[TrainReader, TrainReader]:
     budget = rc.memory_gb * 1e9 / max(ctx.local_world, 1)
     common = dict(mode=rc.mode, buffer_blocks=rc.buffer_blocks, prefetch=rc.prefetch_batches,
                   sort_window=rc.length_sort_window, rank=ctx.rank, world_size=ctx.world,
-                  pin_memory=ctx.device.type == "cuda", seed=job.cfg.seed)
+                  pin_memory=ctx.device.type == "cuda", seed=job.cfg.seed, max_tokens=rc.max_tokens)
     m = job.modality
     train = TrainReader(job.store, m.array, m.batch, *job.parts["train"], batch_size=job.opts.batch_size,
                         shuffle=True, memory_bytes=budget, **common)
@@ -241,15 +259,16 @@ def _run(job: Job, progress: bool, log) -> dict:
         if ctx.main:
             _start_partial(partial, job.out, state)
         train_reader, valid_reader = _readers(job, ctx)
+        _check_batches(job, ctx, train_reader)
         model, run = _build(job, ctx, train_reader, state is None, say)
-        _describe(job, model, ctx, train_reader, valid_reader, say)
+        cut = _describe(job, model, ctx, train_reader, valid_reader, say)
         weights = class_weights(job.parts["train"][1], len(job.codes), job.opts.loss)
         done = train(model, train_reader, valid_reader, run, ctx, job.codes,
                      None if weights is None else weights.to(ctx.device), partial / checkpoint.RESUME_FILE,
                      state, say, progress)
         if done.best_epoch == 0:
             raise PipelineError(f"{job.modality.name}: no epoch was trained (epochs = {job.opts.epochs})")
-        metrics = _metrics(job, done, ctx)
+        metrics = _metrics(job, done, ctx) | cut | {"warnings": job.warnings}
         if ctx.main:
             _finish(job, done, metrics, partial)
         say(f"{job.modality.name}: best valid macro-F1 {done.best_f1:.4f} at epoch {done.best_epoch}/"
@@ -274,15 +293,35 @@ def _start_partial(partial: Path, out: Path, state: dict | None) -> None:
         shutil.copy2(out / checkpoint.RESUME_FILE, partial / checkpoint.RESUME_FILE)
 
 
-def _describe(job: Job, model, ctx: Dist, train_reader, valid_reader, say) -> None:
+def _describe(job: Job, model, ctx: Dist, train_reader, valid_reader, say) -> dict:
+    """Say what is trained on what; return the count of items read up to [train_reader] max_tokens."""
     name, opts = job.modality.name, job.opts
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"{name}: {opts.coder} EMDE (depth {opts.depth}, width {opts.width}), {type(model.encoder).__name__} "
         f"encoder, {trainable:,} trainable parameters, {len(job.codes)} classes on {ctx.describe()}")
     say(f"{name}: train {train_reader.describe()}; valid {valid_reader.describe()}")
+    for warning in job.warnings:
+        say(f"{name}: warning: {warning}")
+    cut = [int(n) for n in ctx.all_sum([float(train_reader.cut), float(valid_reader.cut)])]
+    if sum(cut):
+        cap = job.cfg.train_reader.max_tokens
+        say(f"{name}: {cut[0]} train and {cut[1]} validation item(s) have more than {cap} tokens: the network "
+            f"reads their first {cap} ([train_reader] max_tokens; the store keeps every token)")
     for reader in (train_reader, valid_reader):
         if reader.mode == "memory":
             reader.load()
+    return {"max_tokens": job.cfg.train_reader.max_tokens,
+            "items_over_max_tokens": {"train": cut[0], "valid": cut[1]}}
+
+
+def _check_batches(job: Job, ctx: Dist, reader: TrainReader) -> None:
+    """Refuse a batch plan with a one-item batch (the BatchNorm of a training batch needs 2), on every rank."""
+    if ctx.all_sum([float(reader.steps and reader.sizes.min() < 2)])[0]:
+        name, n = job.modality.name, reader.total_items
+        fewer = " (or run fewer processes)" if ctx.world > 1 else ""
+        raise PipelineError(f"{name}: {n} train items in batches of at most {job.opts.batch_size} leave a batch of "
+                            f"1 item (the BatchNorm of a training batch needs 2): set [pretrain.{name}] batch_size "
+                            f"to 3 or more{fewer}")
 
 
 def _metrics(job: Job, done: RunState, ctx: Dist) -> dict:
@@ -302,6 +341,7 @@ def _finish(job: Job, done: RunState, metrics: dict, partial: Path) -> None:
                      "model_config": job.model_config, "state_dict": done.best_state, "class_codes": job.codes,
                      "store": {"path": str(job.store.path), "provenance": job.store.provenance},
                      "train_config": job.opts.model_dump(), "fingerprint": job.stamp.digest,
+                     "max_tokens": job.cfg.train_reader.max_tokens,
                      "best_epoch": done.best_epoch, "macro_f1": done.best_f1}, partial / checkpoint.MODEL_FILE)
     p = {k: v.numpy() for k, v in done.best_predictions.items()}
     cc = np.asarray(job.codes, dtype=np.int64)

@@ -7,6 +7,7 @@ file, the table and the key.
 """
 from __future__ import annotations
 
+import codecs
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -26,7 +27,7 @@ def _power_of_two(v: int) -> int:
 
 Positive = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[int, Field(ge=0)]
-PowerOfTwo = Annotated[int, Field(ge=1), AfterValidator(_power_of_two)]
+PowerOfTwo = Annotated[int, Field(ge=1, le=2**20), AfterValidator(_power_of_two)]  # block sizes: at most 1M rows
 PositiveFloat = Annotated[float, Field(gt=0)]
 Probability = Annotated[float, Field(ge=0, lt=1)]
 Decay = Annotated[float, Field(gt=0, le=1)]
@@ -55,8 +56,17 @@ class Layout(Section):
     columns: Columns
 
 
+def _text_encoding(v: str) -> str:
+    try:
+        codecs.lookup(v)
+    except LookupError:
+        raise ValueError("expected a text encoding Python knows (\"utf-8\", \"cp1252\", \"latin-1\", ...)") from None
+    return v
+
+
 class Catalog(Section):
     layout: str
+    encoding: Annotated[str, AfterValidator(_text_encoding)]
     layouts: dict[str, Layout]
 
     @model_validator(mode="after")
@@ -104,6 +114,7 @@ class TrainReader(Section):
     buffer_blocks: Positive
     prefetch_batches: Positive
     length_sort_window: NonNegative
+    max_tokens: NonNegative
 
 
 # ---------------------------------------------------------------------- pretraining
@@ -122,7 +133,7 @@ class TrainOptions(Section):
     width: Positive
     weight_decay: Annotated[float, Field(ge=0)]
     label_smoothing: Probability
-    batch_size: Positive
+    batch_size: Annotated[int, Field(ge=2)]  # the BatchNorm of a training batch needs 2 items
     epochs: Positive
     lr: PositiveFloat
     decay: Decay

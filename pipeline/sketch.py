@@ -28,12 +28,14 @@ from stores import ArraySpec, FeatureStore
 
 @torch.inference_mode()
 def sketches(model, store: FeatureStore, modality: str, ids: np.ndarray, batch_size: int,
-             device: torch.device) -> np.ndarray:
-    """The input sketch (n, depth * width) float32 of the items `ids` of a feature store, in that order."""
+             device: torch.device, max_tokens: int = 0) -> np.ndarray:
+    """The input sketch (n, depth * width) float32 of the items `ids` of a feature store, in that order
+    (ragged rows read up to `max_tokens` tokens, as the model was trained)."""
     m = modalities.get(modality)
     out = np.zeros((len(ids), model.sketch_dim), np.float32)
     start = 0
-    for batch in inference_batches(store, m.array, m.batch, ids, batch_size, pin_memory=device.type == "cuda"):
+    for batch in inference_batches(store, m.array, m.batch, ids, batch_size, pin_memory=device.type == "cuda",
+                                   max_tokens=max_tokens):
         batch = batch.to(device)
         out[start : start + len(batch)] = model.sketch(*batch.inputs).float().cpu().numpy()
         start += len(batch)
@@ -55,6 +57,7 @@ class Sketcher:
             raise PipelineError(f"{self.features.path} was rebuilt since {path} was trained; run "
                                 f"`{wd.command(cfg, workdir, f'pretrain {modality}')}` again first")
         self.batch_size = cfg.sketch.batch_size
+        self.max_tokens = ckpt.get("max_tokens", 0)  # what the network read of an item in training
         self.arrays = {"sketch": ArraySpec("float32", (self.model.sketch_dim,))}
         # The feature store by name, not by absolute path: a work directory that is moved or copied
         # (to the machine that serves predictions) keeps its sketches.
@@ -74,7 +77,7 @@ class Sketcher:
         return items["item_id"].to_numpy()  # the block's items, in the order the sketch store wants them
 
     def compute(self, ids: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        out = sketches(self.model, self.features, self.name, ids, self.batch_size, self.device)
+        out = sketches(self.model, self.features, self.name, ids, self.batch_size, self.device, self.max_tokens)
         return {"sketch": out}, self.features.read_missing(ids)
 
 

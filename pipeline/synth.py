@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from pipeline.errors import PipelineError
+
 # Real full-data counts per product-type code (Rakuten France challenge).
 CLASS_COUNTS = {2583: 10209, 1560: 5073, 1300: 5045, 2060: 4993, 2522: 4989, 1280: 4870, 2403: 4774,
                 2280: 4760, 1920: 4303, 1160: 3953, 1320: 3241, 10: 3116, 2705: 2761, 1140: 2671,
@@ -204,6 +206,9 @@ def _write_csv(path: Path, header: list[str], rows) -> None:
 def synthesize(out_dir: Path, items: int = 2000, seed: int = 0, test_fraction: float = 0.1,
                missing_image_fraction: float = 0.01, image_size: int = 96) -> dict:
     """Write a catalogue to out_dir; return a summary dict {train_items, test_items, classes, missing_images, seconds}."""
+    if items < 1 or seed < 0:
+        raise PipelineError(f"a synthetic catalogue needs 1 item or more and a seed of 0 or more, not items={items}, "
+                            f"seed={seed}")
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
     out_dir = Path(out_dir)

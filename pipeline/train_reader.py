@@ -14,9 +14,11 @@ store in its own order, block by block (each block one sequential slice), and sh
 In both modes a background thread assembles batches ahead of the model (``prefetch`` batches deep):
 each batch is padded to its own longest row, and within windows of ``sort_window`` batches rows are
 sorted by length before being cut into batches (the batches themselves are then shuffled), so little
-is spent on padding. On CUDA the batches are built in pinned memory and ``Batch.to`` copies them with
-``non_blocking=True``; token features stay float16 until they are on the device. Each batch owns its
-pinned tensors (allocated by torch, never reused while a copy from them may be in flight).
+is spent on padding. With ``max_tokens`` set, a row is read up to that many tokens, so that one
+pathological item (a 200,000-character title) cannot make its batch cost batch_size x its length. On
+CUDA the batches are built in pinned memory and ``Batch.to`` copies them with ``non_blocking=True``;
+token features stay float16 until they are on the device. Each batch owns its pinned tensors
+(allocated by torch, never reused while a copy from them may be in flight).
 
 Batches (``Batch.inputs`` matches the encoders of ``pipeline.encoders``), by the modality's batch kind:
 
@@ -174,13 +176,14 @@ class TrainReader:
     ``mode`` is "auto" (memory when this rank's share takes at most ``memory_bytes``, else stream),
     "memory" or "stream". Iterate ``reader.epoch(e)`` once per epoch; ``len(reader)`` is the number of
     batches every rank gets per epoch. ``shuffle=False`` serves the rows in store order (with the
-    length sort still applied within windows: evaluation does not care about order).
+    length sort still applied within windows: evaluation does not care about order). ``max_tokens`` > 0:
+    a ragged row longer than that is read up to it (``cut`` counts this share's rows that are).
     """
 
     def __init__(self, store: FeatureStore | str | Path, name: str, kind: str, ids, labels, *, batch_size: int,
                  shuffle: bool = True, seed: int = 0, mode: str = "auto", memory_bytes: float = 8e9,
                  buffer_blocks: int = 8, prefetch: int = 8, sort_window: int = 16, rank: int = 0,
-                 world_size: int = 1, pin_memory: bool = False):
+                 world_size: int = 1, pin_memory: bool = False, max_tokens: int = 0):
         self._own_store = not isinstance(store, FeatureStore)
         self.store = FeatureStore(store) if self._own_store else store
         self.spec = _spec(self.store, name, kind)
@@ -197,6 +200,7 @@ class TrainReader:
         self.sort_window = max(int(sort_window), 0) if self.spec.ragged else 0
         self.rank, self.world_size = int(rank), int(world_size)
         self.pin_memory = bool(pin_memory)
+        self.max_tokens = max(int(max_tokens), 0) if self.spec.ragged else 0
 
         ids = np.asarray(ids, dtype=np.int64)
         labels = np.asarray(labels, dtype=np.int64)
@@ -234,9 +238,11 @@ class TrainReader:
         if self.spec.ragged:
             self.lengths = self.store.lengths(name, self.ids)
             self.nbytes = int(self.lengths.sum()) * self.spec.row_bytes + 16 * len(self.ids)
+            self.cut = int((self.lengths > self.max_tokens).sum()) if self.max_tokens else 0
         else:
             self.lengths = None
             self.nbytes = len(self.ids) * self.spec.row_bytes + 24 * len(self.ids)
+            self.cut = 0
         self.mode = mode if mode != "auto" else ("memory" if self.nbytes <= memory_bytes else "stream")
         self._pool: _Pool | None = None
         self.load_seconds = 0.0
@@ -246,8 +252,9 @@ class TrainReader:
 
     def describe(self) -> str:
         share = f", rank {self.rank}/{self.world_size} by {self.shard_by}" if self.world_size > 1 else ""
+        cut = f", {self.cut} read up to {self.max_tokens} tokens" if self.cut else ""
         return (f"{len(self.ids)} items, {self.nbytes / 1e6:.1f} MB, {self.mode} mode, "
-                f"{self.steps} batches of <= {self.batch_size}{share}")
+                f"{self.steps} batches of <= {self.batch_size}{share}{cut}")
 
     # ------------------------------------------------------------------ reading
     def _read_blocks(self, blocks: np.ndarray) -> _Pool:
@@ -289,7 +296,7 @@ class TrainReader:
         return batches
 
     def _assemble(self, parts: list[tuple[_Pool, np.ndarray]]) -> Batch:
-        return assemble(parts, self.kind, self.spec, self.pin_memory)
+        return assemble(parts, self.kind, self.spec, self.pin_memory, self.max_tokens)
 
     def _memory_batches(self, epoch: int) -> Iterator[Batch]:
         pool = self._pool
@@ -383,8 +390,10 @@ def _alloc(shape: tuple, dtype, pin: bool) -> tuple[Tensor, np.ndarray]:
     return t, t.numpy()
 
 
-def assemble(parts: list[tuple[_Pool, np.ndarray]], kind: str, spec, pin: bool = False) -> Batch:
-    """One batch from rows `idx` of each pool: ragged rows padded to the batch's longest.
+def assemble(parts: list[tuple[_Pool, np.ndarray]], kind: str, spec, pin: bool = False,
+             max_tokens: int = 0) -> Batch:
+    """One batch from rows `idx` of each pool: ragged rows (their first `max_tokens` tokens when > 0) padded
+    to the batch's longest.
 
     On the CPU float16 features become float32 here (off the training thread); on CUDA (`pin`) they stay
     float16, half the bytes to copy, and `Batch.to` converts them on the device."""
@@ -393,12 +402,13 @@ def assemble(parts: list[tuple[_Pool, np.ndarray]], kind: str, spec, pin: bool =
     labels = np.concatenate([p.labels[i] for p, i in parts])
     out_float = np.dtype(spec.dtype) if pin else np.dtype(np.float32)
     if kind != "fixed":
-        L = max(1, max(int(p.lengths[i].max(initial=0)) for p, i in parts))
+        cap = max_tokens or np.iinfo(np.int64).max
+        L = max(1, max(min(int(p.lengths[i].max(initial=0)), cap) for p, i in parts))
         xt, x = _alloc((b, L) + spec.shape, np.int64 if kind == "ids" else out_float, pin)
         mt, mask = _alloc((b, L), np.bool_, pin)
         r = 0
         for pool, idx in parts:
-            lens = pool.lengths[idx]
+            lens = np.minimum(pool.lengths[idx], cap)
             row = np.repeat(np.arange(r, r + len(idx)), lens)
             col = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
             x[row, col] = pool.values[np.repeat(pool.offsets[idx], lens) + col]
@@ -417,14 +427,15 @@ def assemble(parts: list[tuple[_Pool, np.ndarray]], kind: str, spec, pin: bool =
 
 
 def inference_batches(store: FeatureStore, name: str, kind: str, ids, batch_size: int,
-                      pin_memory: bool = False) -> Iterator[Batch]:
+                      pin_memory: bool = False, max_tokens: int = 0) -> Iterator[Batch]:
     """Batches of the items `ids` in the order given, for inference (labels are zeros); each batch is read
-    with one store read (give ids in store row order for sequential reads)."""
+    with one store read (give ids in store row order for sequential reads). Ragged rows are read up to
+    `max_tokens` tokens (> 0), as the network was trained."""
     spec = _spec(store, name, kind)
     ids = np.asarray(ids, dtype=np.int64)
     for start in range(0, len(ids), batch_size):
         pool = read_pool(store, name, ids[start : start + batch_size])
-        yield assemble([(pool, np.arange(len(pool)))], kind, spec, pin_memory)
+        yield assemble([(pool, np.arange(len(pool)))], kind, spec, pin_memory, max_tokens)
 
 
 def _concat(pools: list[_Pool]) -> _Pool:

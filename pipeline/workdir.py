@@ -108,7 +108,12 @@ def load(workdir, configs: list | None = None, overrides: dict | None = None) ->
     if configs or record is None:
         return config_module.load_config(configs, overrides)
     source = str(Path(workdir) / RECORD)
-    cfg = config_module.build(record["tables"], (source,), {})
+    if not isinstance(record, dict) or not isinstance(record.get("tables"), dict):
+        raise PipelineError(f"{source}: damaged work-directory record (no 'tables'); pass the configuration "
+                            "with --config, or delete the file to record it again")
+    # Keys added to default.toml since W was recorded take their default value.
+    defaults, _ = config_module.read_tables([])
+    cfg = config_module.build(config_module.merge(defaults, record["tables"]), (source,), {})
     return cfg.merged(overrides, "(command line)") if overrides else cfg
 
 

@@ -13,7 +13,7 @@ from pipeline import modalities, workdir as wd
 from pipeline.catalog import Catalog, load_catalog, make_split, split_items
 from pipeline.config import Config
 from pipeline.distributed import pick_device
-from pipeline.extract.driver import Summary, parse_shard, run_extraction
+from pipeline.extract.driver import Summary, check_writers, parse_shard, run_extraction
 from pipeline.modalities import ExtractContext
 from stores import SCHEMA_VERSION, FeatureStore
 
@@ -25,10 +25,11 @@ def extract(modality: str, catalog_dir: str | Path, workdir: str | Path, cfg: Co
     (`repair`: extract again the blocks whose chunks are damaged).
 
     The stores go under `[stores] root` instead of W when it is set (a local directory or a URL)."""
+    # Every argument is checked before anything is read or written.
     names = cfg.modality_names if modality == "all" else [modalities.get(modality).name]
-    shard_kn = parse_shard(shard)  # checked before anything is read or written
-    if backend is not None:
-        wd.store_path(wd.stores_root(workdir, cfg), "features", names[0], backend)  # an unknown backend: say so
+    shard_kn = parse_shard(shard)
+    for name in names:  # an unknown backend, an HDF5 store for several workers, a sharded rebuild
+        check_writers(_store_for(Path(workdir), cfg, name, backend), shard_kn, rebuild)
     catalog = load_catalog(catalog_dir, cfg)
     log(catalog.summary())
     wd.remember(workdir, cfg, catalog_dir)

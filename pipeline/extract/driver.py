@@ -91,6 +91,15 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
     return k, n
 
 
+def check_writers(store_path: Path | str, shard: tuple[int, int], rebuild: bool) -> None:
+    """Refuse the shard and rebuild settings a store cannot take, before anything is read or written."""
+    if shard[1] > 1 and not str(store_path).endswith(".zarr"):
+        raise PipelineError(f"{store_path}: an HDF5 store takes one writer; use --backend zarr for --shard")
+    if rebuild and shard[1] > 1:
+        raise PipelineError(f"{store_path}: run --rebuild with one worker (it replaces the whole store), then "
+                            f"start the {shard[1]} workers")
+
+
 def partial_store_path(path: Path | str) -> Path | str:
     """Where a rebuild of the store `path` is built before it is swapped in: `.<name>.partial.<suffix>`."""
     if isinstance(path, Path):
@@ -198,11 +207,7 @@ def run_extraction(extractor: Extractor, items: pl.DataFrame, store_path: Path |
     the blocks whose chunks fail their checksum as not written, so that they are extracted again)."""
     started = time.perf_counter()
     store_path = store_location(store_path)  # a local Path, or a Zarr URL (s3://, gs://, file://, memory://)
-    if shard[1] > 1 and not str(store_path).endswith(".zarr"):
-        raise PipelineError(f"{store_path}: an HDF5 store takes one writer; use --backend zarr for --shard")
-    if rebuild and shard[1] > 1:
-        raise PipelineError(f"{store_path}: run --rebuild with one worker (it replaces the whole store), then "
-                            f"start the {shard[1]} workers")
+    check_writers(store_path, shard, rebuild)
     plan = _Plan(extractor, items)
     target = store_path
     if repair:

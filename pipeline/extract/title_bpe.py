@@ -58,17 +58,24 @@ def train_tokenizer(titles: list[str] | None, model_dir: Path, opts, rebuild: bo
 def _train(titles: list[str], model_dir: Path, opts, options: dict) -> Path:
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = model_dir / "title_bpe.tmp"
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([t for t in titles if t.strip()]),
-        model_prefix=str(tmp),
-        model_type="bpe",
-        vocab_size=options["vocab_size"],
-        character_coverage=options["character_coverage"],
-        max_sentence_length=options["max_sentence_length"],
-        hard_vocab_limit=False,  # a small catalogue gets the codes it has, not an error
-        num_threads=opts.threads,
-        minloglevel=2,
-    )
+    titles = [t for t in titles if t.strip()]
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(titles),
+            model_prefix=str(tmp),
+            model_type="bpe",
+            vocab_size=options["vocab_size"],
+            character_coverage=options["character_coverage"],
+            max_sentence_length=options["max_sentence_length"],
+            hard_vocab_limit=False,  # a small catalogue gets the codes it has, not an error
+            num_threads=opts.threads,
+            minloglevel=2,
+        )
+    except (RuntimeError, ValueError) as err:  # SentencePiece refuses a setting or the data (no title, ...)
+        settings = ", ".join(f"{k} = {v}" for k, v in options.items())
+        raise PipelineError(f"{model_dir / 'title_bpe.model'}: SentencePiece cannot learn a BPE from the "
+                            f"{len(titles)} non-empty train titles with [title_bpe] {settings} "
+                            f"({str(err).strip().splitlines()[0]})") from None
     for suffix in (".model", ".vocab"):
         shutil.move(f"{tmp}{suffix}", model_dir / f"title_bpe{suffix}")
     with atomic_path(model_dir / "title_bpe.json") as meta:  # last: it marks the tokenizer complete

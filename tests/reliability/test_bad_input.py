@@ -2,8 +2,9 @@
 missing with its reason) or refused with one sentence naming the file, row and column.
 
 Property-based over the ingest (hypothesis): any text a CSV writer can write comes back exactly as
-written; bytes that are not UTF-8 come back replaced (U+FFFD), never fatal; no byte soup makes the
-ingest fail with anything but a CatalogError.
+written; bytes that are not UTF-8 are refused naming their row and `[catalog] encoding`, or read in the
+encoding the config declares (never replaced without a word); no byte soup makes the ingest fail with
+anything but a CatalogError.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from pipeline.config import load_config
 from pipeline.extract import extract
 from pipeline.predict import predict
 from pipeline.synth import synthesize
+from pipeline.text import clean_description
 from stores import FeatureStore
 
 from .conftest import DEMO, Tiny, copy_workdir, quiet, run_cli
@@ -84,19 +86,48 @@ def test_any_written_text_is_read_back_exactly(rows):
 BYTES = st.binary(max_size=40).filter(lambda b: not set(b) & set(b'",\r\n'))
 
 
+def _not_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+        return False
+    except UnicodeDecodeError:
+        return True
+
+
 @SETTINGS
 @given(BYTES, BYTES)
-def test_bytes_that_are_not_utf8_are_replaced_not_fatal(title, description):
+def test_bytes_that_are_not_utf8_are_refused_naming_the_row_or_read_as_declared(title, description):
     d = Path(tempfile.mkdtemp(prefix="cat-"))
     try:
-        (d / "X_train.csv").write_bytes(b",designation,description,productid,imageid\n0," + title + b","
-                                        + description + b",11,21\n1,ok,,12,22\n")
+        (d / "X_train.csv").write_bytes(b",designation,description,productid,imageid\n0,ok,,11,21\n1," + title
+                                        + b"," + description + b",12,22\n")
         (d / "Y_train.csv").write_bytes(b",prdtypecode\n0,10\n1,40\n")
-        items = load_catalog(d, CFG).items
+        if _not_utf8(title + description):
+            with pytest.raises(CatalogError) as refused:
+                load_catalog(d, CFG)
+            column = "designation" if _not_utf8(title) else "description"
+            assert str(refused.value).startswith(f"{d / 'X_train.csv'}, row 2, column '{column}': byte 0x")
+            assert "[catalog] encoding = " in str(refused.value)
+        items = load_catalog(d, CFG.merged({"catalog": {"encoding": "latin-1"}})).items
     finally:
         shutil.rmtree(d)
-    assert items["title"].to_list() == [title.decode("utf-8", "replace"), "ok"]
-    assert items["description"].to_list() == [description.decode("utf-8", "replace"), ""]
+    assert items["title"].to_list() == ["ok", title.decode("latin-1")]
+    assert items["description"].to_list() == ["", description.decode("latin-1")]
+
+
+def test_a_latin1_file_is_refused_naming_its_row_then_read_in_the_declared_encoding(tmp_path):
+    (tmp_path / "X_train.csv").write_bytes(",designation,description,productid,imageid\n0,Livre,,11,21\n"
+                                           "1,Crème brûlée,Très bon,12,22\n".encode("latin-1"))
+    (tmp_path / "Y_train.csv").write_text(",prdtypecode\n0,10\n1,40\n")
+    with pytest.raises(CatalogError) as refused:
+        load_catalog(tmp_path, CFG)
+    assert str(refused.value) == (f"{tmp_path / 'X_train.csv'}, row 2, column 'designation': byte 0xE8 is not "
+                                  "valid utf-8; name the file's encoding in the config ([catalog] encoding = "
+                                  '"cp1252", say), or save the file as utf-8')
+    for encoding in ("latin-1", "cp1252"):
+        items = load_catalog(tmp_path, CFG.merged({"catalog": {"encoding": encoding}})).items
+        assert items["title"].to_list() == ["Livre", "Crème brûlée"]
+        assert items["description"].to_list() == ["", "Très bon"]
 
 
 @SETTINGS
@@ -133,6 +164,21 @@ RENAMED = ",title,description,productid,imageid\n0,a,,11,21\n"
      r"Y_train.csv, row 2, column 'prdtypecode': label is empty"),
     # A header and nothing else.
     (",designation,description,productid,imageid\n", ",prdtypecode\n", r"X_train.csv: no items below the header row"),
+    # A semicolon-separated file: the setting to change.
+    (";designation;description;productid;imageid\n0;a, b;;11;21\n", ",prdtypecode\n0,10\n",
+     r"X_train.csv, row 1: 2 fields where the header row has 1 \(the header row is one field: if the file is "
+     r"';'-separated, set \[catalog.layouts.rakuten\] separator = ';' in the config\)$"),
+    (";designation;description;productid;imageid\n0;a b;;11;21\n", ",prdtypecode\n0,10\n",
+     r"X_train.csv, header row: missing column '\(unnamed index\)' .* separator = ';' in the config\)$"),
+    # A quote that is never closed, opened mid-field or at a field's start.
+    (",designation,description,productid,imageid\n0,a,,11,21\n1,b \"c,,12,22\n2,d,,13,23\n",
+     ",prdtypecode\n0,10\n1,10\n2,10\n", r"X_train.csv, row 2: the '\"' on line 3 is never closed \(an unbalanced quote\)"),
+    (",designation,description,productid,imageid\n0,a,,11,21\n1,b,,12,22\n2,\"d,,13,23\n",
+     ",prdtypecode\n0,10\n1,10\n2,10\n", r"X_train.csv, row 3: the '\"' on line 4 is never closed"),
+    # An id past the int64 range (negative ids are ids like any other).
+    (",designation,description,productid,imageid\n-1,a,,11,21\n9223372036854775808,b,,12,22\n",
+     ",prdtypecode\n-1,10\n9223372036854775808,10\n",
+     r"X_train.csv, row 2, column '\(unnamed index\)': item id 9223372036854775808 is out of the 64-bit integer range"),
 ])
 def test_bad_files_are_refused_naming_file_row_and_column(tmp_path, x, y, message):
     (tmp_path / "X_train.csv").write_text(x)
@@ -184,23 +230,20 @@ def test_title_and_description_extraction_over_nasty_text_completes(tmp_path):
     synthesize(d, items=96, seed=8, missing_image_fraction=0.0)
     x = pl.read_csv(d / "X_train.csv", infer_schema=False)
     nasty = ["", " ", "\t\n", "a\x00b", "\x01\x02\x1b[0m", '"q",;|\t', "é\u2028\u2029\x85\ufeff", "NaN",
-             "🙂" * 40, ("<p>prix &amp;amp; qualité</p> " * 4000)[:100_000], "\r\n\r\n", "x" * 300, "BADUTF8"]
+             "🙂" * 40, ("<p>prix &amp;amp; qualité</p> " * 4000)[:100_000], "\r\n\r\n", "x" * 300, "\ufffd"]
     rows = [list(r) for r in x.rows()]
     for i, text in enumerate(nasty):
         rows[i][1], rows[i][2] = text, nasty[-1 - i]
     with open(d / "X_train.csv", "w", newline="", encoding="utf-8") as fh:
         csv.writer(fh).writerows([x.columns, *rows])
-    raw = (d / "X_train.csv").read_bytes()
-    assert raw.count(b"BADUTF8") == 2
-    (d / "X_train.csv").write_bytes(raw.replace(b"BADUTF8", b"bad \xff\xfe utf \xc3 8"))
 
     cfg = CFG.merged({"stores": {"block_items": 32}, "title_bpe": {"block_items": 32}})
     summaries = extract("title_bpe", d, tmp_path / "w", cfg, progress=False, log=quiet) + \
         extract("desc_cam", d, tmp_path / "w", cfg, progress=False, log=quiet)
     assert [s.items for s in summaries] == [96, 96]
     items = load_catalog(d, cfg).items
-    assert items["title"][0] == "" and items["description"][0] == "bad \ufffd\ufffd utf \ufffd 8"
-    assert items["title"][12] == "bad \ufffd\ufffd utf \ufffd 8" and len(items["description"][3]) == 100_000
+    assert items["title"][0] == "" and items["description"][0] == "\ufffd"
+    assert items["title"][12] == "\ufffd" and len(items["description"][3]) == 100_000
     ids = items["item_id"][: len(nasty)].to_numpy()
     with FeatureStore(tmp_path / "w" / "features" / "title_bpe.zarr") as bpe:
         assert bpe.verify()["ok"]
@@ -274,3 +317,14 @@ def test_webp_is_decoded_and_decompression_bombs_are_recorded_unreadable(tmp_pat
         maps = store.read("maps", [0, 1, 5]).astype(np.float32)
         assert maps[0].any() and not maps[1].any() and maps[2].any()
         assert store.provenance["missing_reasons"][str(UNREADABLE)] == "input unreadable"
+
+
+# ---------------------------------------------------------------------- description cleaning
+@pytest.mark.parametrize("raw, cleaned", [
+    ("Prix &lt; 10€ et &gt; 5€ garanti", "Prix < 10€ et > 5€ garanti"),  # escaped comparisons are text
+    ("taille <5 cm> et poids", "taille <5 cm> et poids"),  # not a tag: `<` is not followed by a tag name
+    ("<p>Prix < 10€ et > 5€</p>", "Prix < 10€ et > 5€"),
+    ("a&lt;br /&gt;b", "a b"),  # a tag written as entities goes too
+])
+def test_description_cleaning_removes_tags_only(raw, cleaned):
+    assert clean_description(raw) == cleaned
