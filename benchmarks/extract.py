@@ -166,13 +166,11 @@ def bare_text(ex, items: pl.DataFrame, block_rows: int) -> Timer:
 
 @torch.inference_mode()
 def bare_image(ex, items: pl.DataFrame, block_rows: int) -> Timer:
-    """`forward_features` alone over the decoded (N, 3, H, W) batches of `prepare`, channels_last."""
+    """`forward_features` alone over the batches of `prepare`'s photos, normalised on the device beforehand."""
     timer, on_cuda = Timer(), ex.device.type == "cuda"
     for block in blocks(items, block_rows):
-        batch, missing = ex.prepare(block)
-        present = np.flatnonzero(missing == 0)
-        xs = [batch[present[s : s + ex.batch_size]].to(ex.device).contiguous(memory_format=torch.channels_last)
-              for s in range(0, len(present), ex.batch_size)]
+        photos, _ = ex.prepare(block)  # (P, 3, H, W) uint8
+        xs = [ex.normalize(photos[s : s + ex.batch_size]) for s in range(0, len(photos), ex.batch_size)]
         sync(ex.device)
         with timer:
             for x in xs:
