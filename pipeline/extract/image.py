@@ -248,18 +248,24 @@ class ImageMaps:
         return out
 
     def stack(self, photos: list[torch.Tensor]) -> torch.Tensor:
-        """(P, 3, S, S) uint8, pinned when the CPU decoded them for a CUDA model: `compute` copies contiguous
-        slices of it, so every pinned byte is copied once, asynchronously, and nothing else is pinned."""
-        device = photos[0].device if photos else torch.device("cpu")
-        pin = device.type == "cpu" and self.device.type == "cuda"
-        out = torch.empty((len(photos), *self.data_cfg["input_size"]), dtype=torch.uint8, device=device,
-                          pin_memory=pin)
-        return torch.stack(photos, out=out) if photos else out
+        """(P, 3, S, S) uint8 in channels_last memory: the model's layout, and the one the CPU resize gives.
+
+        From the CPU, numpy copies (one thread, without the GIL: torch's copy would start an intra-op team
+        that fights the model's for the cores), into pinned memory when the model is on CUDA: `compute`
+        copies contiguous slices of it, so every pinned byte is copied once, asynchronously."""
+        if photos and photos[0].is_cuda:
+            return torch.stack(photos).contiguous(memory_format=torch.channels_last)
+        c, h, w = self.data_cfg["input_size"]
+        out = torch.empty((len(photos), h, w, c), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        out = out.permute(0, 3, 1, 2)  # (P, 3, S, S) view of (P, S, S, 3) memory
+        if photos:
+            np.stack([x.numpy() for x in photos], out=out.numpy())
+        return out
 
     def normalize(self, photos: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) uint8 -> float32 on the model's device, channels_last: the reference's ToTensor + Normalize."""
-        x = photos.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        return F.normalize(F.to_dtype(x, torch.float32, scale=True), self.mean, self.std)
+        x = F.to_dtype(photos.to(self.device, non_blocking=True), torch.float32, scale=True)  # keeps channels_last
+        return F.normalize(x, self.mean, self.std)
 
     @torch.inference_mode()
     def compute(self, prepared) -> tuple[dict[str, np.ndarray], np.ndarray]:
