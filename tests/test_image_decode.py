@@ -10,9 +10,12 @@ import polars as pl
 import pytest
 import timm
 import torch
+import torchvision.transforms.v2.functional as F
 from PIL import Image
+from torchvision import transforms
+from torchvision.io import ImageReadMode, decode_jpeg
 
-from pipeline.extract.image import NO_FILE, UNREADABLE, ImageMaps, jpeg_frame, load_photo
+from pipeline.extract.image import NO_FILE, UNREADABLE, ImageMaps, encoded, jpeg_frame, load_photo
 
 OPTS = {"model": "tf_efficientnet_lite0", "input_size": 64, "batch_size": 4, "decode_workers": 2}
 
@@ -94,11 +97,25 @@ def test_decoded_photos_match_the_pillow_eval_transform(photos, extractor):
     resizes on tensors round differently on a few pixels), i.e. 2 / 255 / std in normalised units."""
     batch, missing = extractor.prepare(pl.DataFrame({"image_path": [str(photos[n]) for n in GOOD]}))
     assert batch.dtype == torch.uint8 and batch.shape == (len(GOOD), 3, 64, 64) and not missing.any()
+    assert batch.is_contiguous(memory_format=torch.channels_last)  # the model's layout: batches copy as they are
     got = extractor.normalize(batch)
     want = torch.stack([reference(extractor, photos[n]) for n in GOOD])
     levels = ((got - want).abs() * torch.tensor(extractor.std).view(3, 1, 1) * 255).round()
     assert levels.max() <= 2, {n: levels[i].max().item() for i, n in enumerate(GOOD)}
     assert (levels > 0).float().mean() < 0.02  # ~0.5% here: the rest are Pillow's pixels exactly
+
+
+def test_the_float_resize_of_the_gpu_path_is_pillows_too(photos, extractor):
+    """Where torch resizes in float (CUDA), one axis at a time and rounded in between: within one level of
+    Pillow's pixels (run here on the CPU, the same ops)."""
+    transform = timm.data.create_transform(**extractor.data_cfg, is_training=False)
+    pil_steps = transforms.Compose(transform.transforms[:2])  # Resize, CenterCrop
+    for name in ("jpeg", "wide", "small", "444"):
+        x = decode_jpeg(encoded(photos[name].read_bytes()), mode=ImageReadMode.RGB)
+        got = F.center_crop(extractor.resize.by_axis(x), extractor.resize.crop).int()
+        with Image.open(photos[name]) as im:
+            want = F.pil_to_tensor(pil_steps(im.convert("RGB"))).int()
+        assert (got - want).abs().max() <= 1, name
 
 
 def test_missing_and_unreadable_photos_get_their_codes(photos, extractor):
@@ -117,12 +134,14 @@ def test_maps_land_on_their_items(photos, extractor):
     """compute: the photos' maps go to the rows of their items, the missing ones stay zero; equal to the
     model's forward on the Pillow reference within what one level of rounding moves."""
     names = ["missing", "jpeg", "wide", "truncated", "small", "png", "444", "grey"]  # two batches of 4 photos
-    maps, missing = extractor.compute(extractor.prepare(pl.DataFrame({"image_path": [str(photos[n]) for n in names]})))
+    paths = pl.DataFrame({"image_path": [str(photos[n]) for n in names]})
+    maps, missing = extractor.compute(extractor.prepare(paths))
     maps = maps["maps"].astype(np.float32)
     present = [i for i, n in enumerate(names) if n not in BAD]
     assert not maps[[0, 3]].any() and missing[[0, 3]].tolist() == [NO_FILE, UNREADABLE]
     with torch.inference_mode():
-        direct = extractor.model.forward_features(torch.stack([reference(extractor, photos[names[i]]) for i in present]))
+        want = torch.stack([reference(extractor, photos[names[i]]) for i in present])
+        direct = extractor.model.forward_features(want)
     diff = np.abs(maps[present] - direct.numpy())
     # ~0.2% of the maps' mean and of their largest value here
     assert diff.mean() < 0.01 * np.abs(direct.numpy()).mean() and diff.max() < 0.02 * np.abs(direct.numpy()).max()

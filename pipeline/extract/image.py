@@ -120,8 +120,26 @@ class EvalResize:
         self.draft_size = max(self.size) + 1  # what Pillow's draft keeps for a non-JPEG's fallback
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.resize(x, self.size, interpolation=self.interpolation, antialias=True)
+        if x.device.type == "cpu":
+            x = F.resize(x, self.size, interpolation=self.interpolation, antialias=True)
+        else:
+            x = self.by_axis(x)
         return F.center_crop(x, self.crop)  # a view: copies in decode threads would start OpenMP teams
+
+    def by_axis(self, x: torch.Tensor) -> torch.Tensor:
+        """The resize where torch runs it in float (CUDA): one axis at a time, rounded to uint8 in between as
+        Pillow does. In one float pass, overshoot on sharp edges that Pillow clips between its passes puts
+        pixels up to 10 levels off Pillow's (1 in 10^7; one level on 9% of them); so, one level on 0.01%."""
+        h, w = x.shape[-2:]
+        if len(self.size) == 2:
+            out_h, out_w = self.size
+        else:  # torchvision's rule: the shorter side to size, the longer in proportion, rounded down
+            short = self.size[0]
+            out_h, out_w = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+        for size in ([h, out_w], [out_h, out_w]):  # Pillow's order: horizontal, then vertical
+            x = F.resize(x.float(), size, interpolation=self.interpolation, antialias=True)
+            x = x.round_().clamp_(0, 255).to(torch.uint8)
+        return x
 
     def pil(self, im: Image.Image) -> torch.Tensor:
         return self(F.pil_to_tensor(im))
