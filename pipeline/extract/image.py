@@ -1,34 +1,77 @@
 """image (paper 3.3-3.4): EfficientNet `forward_features` maps of every item's photo.
 
-Photos are decoded in parallel threads (Pillow releases the GIL while decoding) one block ahead
-of the model, resized and normalised with the backbone's own eval transform (ImageNet statistics;
-no other transformation, as in the paper), and run channels_last under `torch.inference_mode`
-(bf16 on CUDA). A missing or unreadable photo is recorded in the store's `missing` array with its
-reason, its map left at zero, counted, and the run goes on.
+Photos are decoded one block ahead of the model. On a CUDA device, nvJPEG decodes a block's JPEGs in one
+batch (`torchvision.io.decode_jpeg(..., device="cuda")`) and they are resized there; elsewhere
+libjpeg-turbo decodes them in threads (torch ops release the GIL). Each photo is resized and
+center-cropped as a uint8 tensor with the backbone's own eval transform (ImageNet statistics; no other
+transformation, as in the paper), so only uint8 pixels ever cross the bus: the float conversion and the
+normalisation run on the model's device just before the forward, channels_last under
+`torch.inference_mode` (bf16 on CUDA). Photos libjpeg-turbo does not take as they are (PNG, WebP, CMYK
+JPEG, ...) go through Pillow, as before. A missing or unreadable photo is recorded in the store's
+`missing` array with its reason, its map left at zero, counted, and the run goes on.
 """
 from __future__ import annotations
 
-import hashlib
 import os
+import struct
 import warnings
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import timm
 import torch
+import torchvision.transforms.v2.functional as F
 from joblib import Parallel, delayed
 from PIL import Image
-from torchvision.transforms import Normalize
+from torchvision import transforms
+from torchvision.io import ImageReadMode, decode_jpeg
 
+from pipeline.distributed import torchrun
+from pipeline.provenance import sha256_file
 from pipeline.weights import load_image_backbone
 from stores import ArraySpec, fingerprint
 
 NO_FILE, UNREADABLE = 1, 2
+# Frame types that libjpeg-turbo and nvJPEG both decode: baseline, extended and progressive Huffman.
+HUFFMAN_FRAMES = (0xC0, 0xC1, 0xC2)
+# Segments that may come before the frame header: DHT, DAC, DQT, DRI, APP0-15, COM.
+TABLES = {0xC4, 0xCC, 0xDB, 0xDD, 0xFE, *range(0xE0, 0xF0)}
+
+
+def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+    """(height, width, components) from the frame header of an 8-bit Huffman JPEG, without decoding it;
+    None for anything else (another format, arithmetic coding, 12 bits, a file cut before its frame)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    i = 2
+    while i + 10 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker in HUFFMAN_FRAMES:
+            height, width = struct.unpack_from(">HH", data, i + 5)
+            return (height, width, data[i + 9]) if data[i + 4] == 8 else None
+        elif marker in TABLES:
+            i += 2 + struct.unpack_from(">H", data, i + 2)[0]
+        else:
+            return None  # another frame type, or anything unexpected: Pillow sorts it out
+    return None
+
+
+def plain_jpeg(data: bytes, components: tuple[int, ...]) -> bool:
+    """Whether `decode_jpeg` takes these bytes: an 8-bit Huffman JPEG of `components` channels (1: grey,
+    3: YCbCr) within Pillow's pixel limit. The rest (other formats, CMYK, bombs) goes to `decode`, whose
+    Pillow converts them as before and refuses what is too big."""
+    frame = jpeg_frame(data)
+    return frame is not None and frame[2] in components and \
+        frame[0] * frame[1] <= (Image.MAX_IMAGE_PIXELS or float("inf"))
 
 
 def decode(path: str, transform, draft_size: int) -> tuple[torch.Tensor | None, int]:
-    """One photo as a normalised (3, H, W) tensor, or None and why not."""
+    """One photo through Pillow, then `transform`, or None and why not: the path of the photos that are not
+    plain JPEGs (PNG, WebP, CMYK JPEG, ...)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -45,35 +88,93 @@ def decode(path: str, transform, draft_size: int) -> tuple[torch.Tensor | None, 
         return None, UNREADABLE
 
 
+def read(path: str) -> tuple[bytes | None, int]:
+    """A photo file's bytes, or None and why not."""
+    try:
+        return Path(path).read_bytes(), 0
+    except FileNotFoundError:
+        return None, NO_FILE
+    except OSError:  # a directory, no permission, an I/O error
+        return None, UNREADABLE
+
+
+def encoded(data: bytes) -> torch.Tensor:
+    """The bytes as the 1-D uint8 tensor `decode_jpeg` takes (a writable copy: torch warns on read-only buffers)."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+class EvalResize:
+    """timm's eval Resize (shorter side to input_size / crop_pct, antialiased, its interpolation) and
+    CenterCrop, as uint8 tensor ops: (..., 3, H, W) -> (..., 3, S, S).
+
+    On the CPU, uint8 bilinear and bicubic resizes run torch's single-threaded uint8 kernel (no intra-op
+    pool: safe in many threads at once); its pixels are Pillow's but for one level on ~0.2% of them."""
+
+    def __init__(self, transform):
+        resize, crop = transform.transforms[:2]
+        if not (isinstance(resize, transforms.Resize) and isinstance(crop, transforms.CenterCrop)):
+            raise ValueError(f"eval transform {transform}: only Resize + CenterCrop run as tensor ops "
+                             f"(timm's crop_mode 'center' or 'squash')")
+        self.size = [resize.size] if isinstance(resize.size, int) else list(resize.size)
+        self.interpolation, self.crop = resize.interpolation, list(crop.size)
+        self.draft_size = max(self.size) + 1  # what Pillow's draft keeps for a non-JPEG's fallback
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            x = F.resize(x, self.size, interpolation=self.interpolation, antialias=True)
+        else:
+            x = self.by_axis(x)
+        return F.center_crop(x, self.crop)  # a view: copies in decode threads would start OpenMP teams
+
+    def by_axis(self, x: torch.Tensor) -> torch.Tensor:
+        """The resize where torch runs it in float (CUDA): one axis at a time, rounded to uint8 in between as
+        Pillow does. In one float pass, overshoot on sharp edges that Pillow clips between its passes puts
+        pixels up to 10 levels off Pillow's (3 or more on 1 in 10^4, one on 9%); by axis, one level on 0.01%."""
+        h, w = x.shape[-2:]
+        if len(self.size) == 2:
+            out_h, out_w = self.size
+        else:  # torchvision's rule: the shorter side to size, the longer in proportion, rounded down
+            short = self.size[0]
+            out_h, out_w = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+        for size in ([h, out_w], [out_h, out_w]):  # Pillow's order: horizontal, then vertical
+            x = F.resize(x.float(), size, interpolation=self.interpolation, antialias=True)
+            x = x.round_().clamp_(0, 255).to(torch.uint8)
+        return x
+
+    def pil(self, im: Image.Image) -> torch.Tensor:
+        return self(F.pil_to_tensor(im))
+
+
+def load_photo(path: str, resize: EvalResize) -> tuple[torch.Tensor | None, int]:
+    """One photo as a uint8 (3, S, S) tensor on the CPU, or None and why not (NO_FILE, UNREADABLE)."""
+    data, code = read(path)
+    if data is None:
+        return None, code
+    if not plain_jpeg(data, (1, 3)):  # Pillow, with its own checks and conversions (CMYK, palettes, ...)
+        return decode(path, resize.pil, resize.draft_size)
+    try:
+        return resize(decode_jpeg(encoded(data), mode=ImageReadMode.RGB)), 0
+    except RuntimeError:  # truncated or corrupt
+        return None, UNREADABLE
+
+
 def decode_threads() -> int:
     """``decode_workers = 0``: one thread per usable CPU core, shared among torchrun's local processes."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)  # Linux; macOS
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, cores // torchrun().local_world)
 
 
-class NumpyTensorSteps:
-    """A timm eval transform whose last steps (ToTensor, Normalize) run in numpy: the same values bit for
-    bit, and no torch op in the decode threads (each thread's torch ops start an OpenMP team of their own,
-    whose threads fight the model's for the cores)."""
+def nvjpeg_works(device: torch.device) -> bool:
+    """Whether this torchvision decodes JPEGs on `device` (built with nvJPEG, a CUDA device)."""
+    if device.type != "cuda":
+        return False
+    from torchvision.io import encode_jpeg
 
-    def __init__(self, transform):
-        self.transform = transform
-        *self.pil_steps, to_tensor, normalize = transform.transforms
-        self.split = isinstance(normalize, Normalize) and type(to_tensor).__name__ in ("ToTensor", "MaybeToTensor")
-        if self.split:
-            self.mean = np.asarray(normalize.mean, np.float32).reshape(-1, 1, 1)
-            self.std = np.asarray(normalize.std, np.float32).reshape(-1, 1, 1)
-
-    def __call__(self, im: Image.Image) -> torch.Tensor:
-        if not self.split:
-            return self.transform(im)
-        for step in self.pil_steps:
-            im = step(im)
-        x = np.ascontiguousarray(np.asarray(im).transpose(2, 0, 1), dtype=np.float32)
-        x /= np.float32(255)  # ToTensor, in float32 as torch does
-        x -= self.mean  # Normalize
-        x /= self.std
-        return torch.from_numpy(x)
+    try:
+        decode_jpeg([encode_jpeg(torch.zeros(3, 16, 16, dtype=torch.uint8))], device=device)
+        return True
+    except RuntimeError:
+        return False
 
 
 class ImageMaps:
@@ -87,16 +188,17 @@ class ImageMaps:
         self.model.to(device, memory_format=torch.channels_last)
         overrides = {"input_size": (3, opts["input_size"], opts["input_size"])} if opts["input_size"] else {}
         self.data_cfg = timm.data.resolve_data_config(overrides, model=self.model)
-        self.transform = timm.data.create_transform(**self.data_cfg, is_training=False)
-        self.decode_transform = NumpyTensorSteps(self.transform)  # the same transform, without torch ops
-        size = self.data_cfg["input_size"][1]
-        self.draft_size = int(size / self.data_cfg.get("crop_pct", 1.0)) + 1
+        self.transform = timm.data.create_transform(**self.data_cfg, is_training=False)  # Pillow: the reference
+        self.resize = EvalResize(self.transform)
+        self.mean, self.std = list(self.data_cfg["mean"]), list(self.data_cfg["std"])
         self.batch_size = int(opts["batch_size"])
         self.workers = int(opts["decode_workers"]) or decode_threads()
+        self.nvjpeg = opts["decode_device"] == "auto" and nvjpeg_works(device)
+        size = self.data_cfg["input_size"][1]
         with torch.inference_mode():
             shape = tuple(self.model.forward_features(torch.zeros(1, 3, size, size, device=device)).shape[1:])
         self.arrays = {"maps": ArraySpec("float16", shape)}
-        digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest() if weights else "random"
+        digest = sha256_file(weights) if weights else "random"
         self.producer = {
             "model": opts["model"],
             "weights_sha256": digest,
@@ -116,27 +218,78 @@ class ImageMaps:
         return {}
 
     def prepare(self, items: pl.DataFrame) -> tuple[torch.Tensor, np.ndarray]:
-        """Decode the block's photos in parallel: a (N, 3, H, W) batch and the missing codes."""
-        decoded = Parallel(n_jobs=self.workers, prefer="threads")(
-            delayed(decode)(p, self.decode_transform, self.draft_size) for p in items["image_path"].to_list())
-        missing = np.array([code for _, code in decoded], dtype=np.uint8)
-        size = self.data_cfg["input_size"][1:]
-        batch = torch.stack([t if t is not None else torch.zeros(3, *size) for t, _ in decoded]) \
-            if decoded else torch.zeros(0, 3, *size)
-        if self.device.type == "cuda":
-            batch = batch.pin_memory()
-        return batch, missing
+        """Decode the block's photos: the P that decoded as one (P, 3, S, S) uint8 tensor in item order, and the
+        (N,) missing codes. The tensor is on the model's device after nvJPEG, else on the CPU."""
+        paths = items["image_path"].to_list()
+        if self.nvjpeg:
+            photos = self.decode_on_device(paths)
+        else:
+            photos = self.threads(delayed(load_photo)(p, self.resize) for p in paths)
+        missing = np.array([code for _, code in photos], dtype=np.uint8)
+        return self.stack([x for x, _ in photos if x is not None]), missing
+
+    def threads(self, tasks) -> list:
+        return Parallel(n_jobs=self.workers, prefer="threads")(tasks)
+
+    def decode_on_device(self, paths: list[str]) -> list[tuple[torch.Tensor | None, int]]:
+        """nvJPEG for the block's YCbCr JPEGs, in one batch, resized on the device; the rest (grey, CMYK,
+        other formats, missing and bad files) through `load_photo` on the CPU, then moved over."""
+        data = self.threads(delayed(read)(p) for p in paths)  # bytes and codes, read in parallel
+        batch = [i for i, (d, _) in enumerate(data) if d is not None and plain_jpeg(d, (3,))]
+        try:
+            images = decode_jpeg([encoded(data[i][0]) for i in batch], mode=ImageReadMode.RGB,
+                                 device=self.device) if batch else []
+        except RuntimeError:  # one bad photo fails the whole batch: the CPU finds which
+            batch, images = [], []
+        photos: list = [None] * len(paths)
+        for i, x in zip(batch, self.resize_by_shape(images)):
+            photos[i] = (x, 0)
+        rest = [i for i, p in enumerate(photos) if p is None]
+        for i, (x, code) in zip(rest, self.threads(delayed(load_photo)(paths[i], self.resize) for i in rest)):
+            photos[i] = (None if x is None else x.to(self.device), code)
+        return photos
+
+    def resize_by_shape(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Photos of one size resized in one call: a catalogue's photos mostly share a few sizes, and one
+        batched kernel beats hundreds of small ones."""
+        by_shape = defaultdict(list)
+        for i, x in enumerate(images):
+            by_shape[x.shape].append(i)
+        out: list = [None] * len(images)
+        for rows in by_shape.values():
+            for i, x in zip(rows, self.resize(torch.stack([images[i] for i in rows]))):
+                out[i] = x
+        return out
+
+    def stack(self, photos: list[torch.Tensor]) -> torch.Tensor:
+        """(P, 3, S, S) uint8 in channels_last memory: the model's layout, and the one the CPU resize gives.
+
+        From the CPU, numpy copies (one thread, without the GIL: torch's copy would start an intra-op team
+        that fights the model's for the cores), into pinned memory when the model is on CUDA: `compute`
+        copies contiguous slices of it, so every pinned byte is copied once, asynchronously."""
+        if photos and photos[0].is_cuda:
+            return torch.stack(photos).contiguous(memory_format=torch.channels_last)
+        c, h, w = self.data_cfg["input_size"]
+        out = torch.empty((len(photos), h, w, c), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        out = out.permute(0, 3, 1, 2)  # (P, 3, S, S) view of (P, S, S, 3) memory
+        if photos:
+            np.stack([x.numpy() for x in photos], out=out.numpy())
+        return out
+
+    def normalize(self, photos: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) uint8 -> float32 on the model's device, channels_last: the reference's ToTensor + Normalize."""
+        x = F.to_dtype(photos.to(self.device, non_blocking=True), torch.float32, scale=True)  # keeps channels_last
+        return F.normalize(x, self.mean, self.std)
 
     @torch.inference_mode()
     def compute(self, prepared) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        batch, missing = prepared
-        maps = np.zeros((len(batch),) + self.arrays["maps"].shape, dtype=np.float16)
-        present = np.flatnonzero(missing == 0)
+        photos, missing = prepared  # (P, 3, S, S) uint8, (N,) codes
+        maps = np.zeros((len(missing),) + self.arrays["maps"].shape, dtype=np.float16)
+        rows = np.flatnonzero(missing == 0)  # the item of each photo
         on_cuda = self.device.type == "cuda"
-        for start in range(0, len(present), self.batch_size):
-            rows = present[start : start + self.batch_size]
-            x = batch[rows].to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        for start in range(0, len(photos), self.batch_size):
+            x = self.normalize(photos[start : start + self.batch_size])
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
                 out = self.model.forward_features(x)  # (B, C, h, w)
-            maps[rows] = out.to(torch.float16).cpu().numpy()
+            maps[rows[start : start + self.batch_size]] = out.to(torch.float16).cpu().numpy()
         return {"maps": maps}, missing
