@@ -23,7 +23,8 @@ from pipeline.errors import PipelineError
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PROJECT_ROOT / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
-DEMO_CONFIG = CONFIG_DIR / "demo.toml"
+DEMO_CONFIG = CONFIG_DIR / "demo.toml"  # `pipeline demo`: multilingual-e5-small features, every stage in minutes
+TINY_CONFIG = CONFIG_DIR / "tiny.toml"  # the same synthetic setup with a tiny text model: every stage in seconds
 ROOT_KEYS = {"seed": int}
 
 

@@ -95,6 +95,7 @@ class TextModel(Section):
     batch_tokens: Positive
     max_batch: Positive
     prefix: str
+    layers: NonNegative  # 0 = every layer; k = the hidden states of layer k (the first k layers run)
     tiny: TinyModel
 
 

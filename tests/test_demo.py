@@ -36,9 +36,9 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def demo_config(tmp_path_factory) -> str:
     if PACKAGED_WEIGHTS:
-        return "configs/demo.toml"
-    path = tmp_path_factory.mktemp("config") / "demo.toml"
-    path.write_text(f'base = "{ROOT / "configs" / "demo.toml"}"\n[image]\nweights = "random"\n')
+        return "configs/tiny.toml"
+    path = tmp_path_factory.mktemp("config") / "tiny.toml"
+    path.write_text(f'base = "{ROOT / "configs" / "tiny.toml"}"\n[image]\nweights = "random"\n')
     return str(path)
 
 
