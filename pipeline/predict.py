@@ -50,7 +50,7 @@ def predict(catalog_dir: str | Path, workdir: str | Path, out_csv: str | Path, c
         with FeatureStore(path) as store:
             sketches[m] = torch.from_numpy(store.read("sketch", ids))
 
-    model = FusionHeads(fusion["heads"], fusion["dims"], len(fusion["codes"]))
+    model = FusionHeads(fusion["heads"], fusion["dims"], len(fusion["codes"]), fusion.get("method", "joint"))
     model.load_state_dict(fusion["state_dict"])
     model.eval()
     with torch.inference_mode():

@@ -1,4 +1,5 @@
-"""image (paper 3.3-3.4): EfficientNet `forward_features` maps of every item's photo.
+"""image (paper 3.3-3.4): EfficientNet `forward_features` maps of every item's photo (or, with `[image] cache_at`,
+the input of that backbone module, where pretraining fine-tunes the rest: pipeline.backbone).
 
 Photos are decoded in parallel threads (Pillow releases the GIL while decoding) one block ahead
 of the model, resized and normalised with the backbone's own eval transform (ImageNet statistics;
@@ -21,6 +22,7 @@ from joblib import Parallel, delayed
 from PIL import Image
 from torchvision.transforms import Normalize
 
+from pipeline.backbone import features_until
 from pipeline.weights import load_image_backbone
 from stores import ArraySpec, fingerprint
 
@@ -93,8 +95,9 @@ class ImageMaps:
         self.draft_size = int(size / self.data_cfg.get("crop_pct", 1.0)) + 1
         self.batch_size = int(opts["batch_size"])
         self.workers = int(opts["decode_workers"]) or decode_threads()
+        self.features = features_until(self.model, opts["cache_at"])  # final maps, or the input of `cache_at`
         with torch.inference_mode():
-            shape = tuple(self.model.forward_features(torch.zeros(1, 3, size, size, device=device)).shape[1:])
+            shape = tuple(self.features(torch.zeros(1, 3, size, size, device=device)).shape[1:])
         self.arrays = {"maps": ArraySpec("float16", shape)}
         digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest() if weights else "random"
         self.producer = {
@@ -102,6 +105,8 @@ class ImageMaps:
             "weights_sha256": digest,
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_cfg.items()},
         }
+        if opts["cache_at"]:  # only then: a store of final maps keeps the producer it always had
+            self.producer["cache_at"] = opts["cache_at"]
 
     def fingerprints(self, items: pl.DataFrame) -> np.ndarray:
         """A photo's file name and size: cheap to take for every item, changes when the file does."""
@@ -137,6 +142,6 @@ class ImageMaps:
             rows = present[start : start + self.batch_size]
             x = batch[rows].to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
-                out = self.model.forward_features(x)  # (B, C, h, w)
+                out = self.features(x)  # (B, C, h, w)
             maps[rows] = out.to(torch.float16).cpu().numpy()
         return {"maps": maps}, missing
