@@ -22,9 +22,14 @@ and a linear head; Adam with Table 1's learning rate and per-epoch decay.
 
 ``--coder static`` is the paper's "Baseline (Static EMDE)" (Table 3): a fitted, non-trainable
 :class:`~pipeline.emde.StaticEMDE` (data-dependent LSH of the original EMDE paper) cannot pass gradients
-to an encoder, so the encoder in front of it needs no training (the masked mean of token features, a
-fixed random embedding of BPE ids, the pooled image map); the coder is fitted on the train items'
-encoder outputs (all ranks'), then only the head is trained.
+to an encoder, so the encoder in front of it trains nothing: the token features as a set (each token
+sketched, the region counts normalised per depth; or their mean, ``static_pooling = "mean"``), a fixed
+random embedding of the BPE ids (likewise), the pooled image map as one token; the coder is fitted on the
+train items' vectors (every token of a set; all ranks'), then only the head is trained.
+
+Over an image store cut at ``[image] cache_at``, the image network's encoder is the rest of the backbone
+(:class:`~pipeline.encoders.ImageTail`), which starts from the extractor's weights file (`initial_model`)
+and trains at ``[pretrain.image] backbone_lr``, the new layers at ``lr``.
 """
 from __future__ import annotations
 
