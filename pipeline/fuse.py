@@ -3,11 +3,11 @@
 The heads are `[fusion] heads` (pipeline.heads); Adam 1e-3 with decay 0.9 per epoch (Table 1); the
 best epoch by validation macro-F1 is kept. With `[fusion] method = "average"` nothing is trained: each
 head is its modality's pretrained head (from the modality's checkpoint) and the prediction is the mean
-of their class probabilities (the late fusion paper 3.5 compares with); the outputs are the same. Writes W/fusion/ (or `[fusion] output`): model.pt,
-metrics.json, predictions.csv (the challenge's submission format, one row per test item),
-predictions.parquet (item id, code, probability of every class), valid_predictions.csv,
-confusion_worst.png (Table 4), per_class_f1.png and stamp.json. The directory is built beside the old
-one and swapped in when complete; one fuse per output at a time.
+of their class probabilities (the late fusion paper 3.5 compares with); the outputs are the same.
+Writes W/fusion/ (or `[fusion] output`): model.pt, metrics.json, predictions.csv (the challenge's
+submission format, one row per test item), predictions.parquet (item id, code, probability of every
+class), valid_predictions.csv, confusion_worst.png (Table 4), per_class_f1.png and stamp.json. The
+directory is built beside the old one and swapped in when complete; one fuse per output at a time.
 
 Under torchrun (WORLD_SIZE > 1) the heads train with DistributedDataParallel (gloo, on the CPU): each
 rank reads the sketches of its share of the split only (every WORLD_SIZE-th row of each part), the

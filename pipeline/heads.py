@@ -20,7 +20,8 @@ from pipeline.errors import PipelineError
 
 
 class FusionHeads(nn.Module):
-    """Linear heads over (concatenated) sketches; the fused logits are their sum.
+    """Linear heads over (concatenated) sketches; the fused logits are their sum (or, "average", the log of the
+    mean of their probabilities).
 
     heads: [{"name": str, "inputs": [modality, ...]}, ...]; a name used twice is one nn.Linear.
     dims: sketch width of each modality. method: "joint" (logits summed) or "average" (the mean of the heads'
