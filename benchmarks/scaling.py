@@ -34,7 +34,7 @@ def main() -> None:
     ap.add_argument("--modality", default="title_cam")
     ap.add_argument("--items", type=int, default=4000)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "demo.toml"))
+    ap.add_argument("--config", default=str(ROOT / "configs" / "tiny.toml"))
     args = ap.parse_args()
     from pipeline.synth import synthesize
 

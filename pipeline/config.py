@@ -27,7 +27,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = (PROJECT_ROOT / "configs" if (PROJECT_ROOT / "configs" / "default.toml").is_file()
               else Path(str(importlib.resources.files("pipeline.configs"))))
 DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
-DEMO_CONFIG = CONFIG_DIR / "demo.toml"
+DEMO_CONFIG = CONFIG_DIR / "demo.toml"  # `pipeline demo`: multilingual-e5-small features, every stage in minutes
+TINY_CONFIG = CONFIG_DIR / "tiny.toml"  # the same synthetic setup with a tiny text model: every stage in seconds
 ROOT_KEYS = {"seed": int}
 
 

@@ -1,4 +1,4 @@
-"""`pipeline demo`: the embedded default, end to end: a synthetic catalogue, tiny models, every stage.
+"""`pipeline demo`: the embedded default, end to end: a synthetic catalogue, small models, every stage.
 
 Each stage is the same call as its command; run again, every stage finds its outputs and does nothing.
 """

@@ -2,7 +2,8 @@
 
 Both coders map a batch of vectors ``(B, input_dim)`` to a *sketch* ``(B, depth * width)``: ``depth``
 independent partitionings of the input manifold into ``width`` regions each, every depth block a
-probability vector over its ``width`` regions (paper Figure 1, "input sketch").
+probability vector over its ``width`` regions (paper Figure 1, "input sketch"). The static coder also
+sketches a set of vectors per item (the tokens of a title): each vector's region counted, per depth.
 
 * :class:`DifferentiableEMDECoder` -- paper section 3.2 and Listing 1 (trainable centroids, soft assignment).
 * :class:`StaticEMDE` -- paper section 3.1 / Table 3 "Baseline (Static EMDE)": the data-dependent LSH of the
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -86,7 +88,8 @@ class StaticEMDE(nn.Module):
     Buffers only (no parameters): it lives in a ``state_dict`` and loads into a fresh instance built with the
     same constructor arguments. Not differentiable: gradients do not flow through it to an encoder.
 
-    forward: x (B, input_dim) -> sketch (B, depth * width), one-hot per depth.
+    forward: x (B, input_dim) -> sketch (B, depth * width), one-hot per depth; or a set per item,
+    x (B, L, input_dim) and mask (B, L) -> sketch (B, depth * width), normalised region counts per depth.
     """
 
     def __init__(
@@ -151,15 +154,16 @@ class StaticEMDE(nn.Module):
         q = lo + (hi - lo) * torch.rand(self.depth, self.bits, generator=g, dtype=torch.float64)
         self.hyperplanes.copy_(planes)
         n = x.shape[0]
-        proj = self._project(x).reshape(n, -1).double()                     # (N, depth*bits)
-        # a different quantile per hyperplane, linear interpolation (torch.quantile's default), vectorised
-        srt = proj.sort(dim=0).values                                       # (N, depth*bits)
-        pos = q.reshape(1, -1).to(srt.device) * (n - 1)                     # (1, depth*bits)
-        lo_i = pos.floor().long().clamp(0, n - 1)
-        hi_i = pos.ceil().long().clamp(0, n - 1)
-        lo_v, hi_v = srt.gather(0, lo_i), srt.gather(0, hi_i)
-        thr = lo_v + (hi_v - lo_v) * (pos - lo_i)                          # (1, depth*bits)
-        self.thresholds.copy_(thr.view(self.depth, self.bits).to(self.thresholds.dtype))
+        proj = np.ascontiguousarray(self._project(x).reshape(n, -1).t().double().cpu().numpy())  # (depth*bits, N)
+        # a different quantile per hyperplane, linear interpolation (torch.quantile's default); np.partition
+        # finds a row's two order statistics in linear time (sorting 1e5 token projections is ~5x slower)
+        pos = q.reshape(-1).numpy() * (n - 1)                                # (depth*bits,)
+        lo_i, hi_i = np.floor(pos).astype(np.int64), np.ceil(pos).astype(np.int64)
+        thr = np.empty(len(pos))
+        for j, row in enumerate(proj):
+            part = np.partition(row, (lo_i[j], hi_i[j]))
+            thr[j] = part[lo_i[j]] + (part[hi_i[j]] - part[lo_i[j]]) * (pos[j] - lo_i[j])
+        self.thresholds.copy_(torch.from_numpy(thr).view(self.depth, self.bits).to(self.thresholds))
         self.is_fitted.fill_(True)
         return self
 
@@ -171,10 +175,23 @@ class StaticEMDE(nn.Module):
         side = self._project(x) > self.thresholds                           # (B, depth, bits) bool
         return (side.long() * self.powers).sum(-1)                          # (B, depth)
 
-    def forward(self, x: Tensor) -> Tensor:
-        idx = self.buckets(x)                                               # (B, depth)
-        onehot = F.one_hot(idx, self.width).to(x.dtype if x.is_floating_point() else torch.float32)
-        return onehot.view(x.shape[0], self.depth * self.width)            # (B, depth*width)
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """x (B, D): the one-hot region of each vector per depth. A set of vectors per item, x (B, L, D) with
+        mask (B, L) (True = a real vector): the normalised count of its vectors' regions per depth, the
+        original EMDE's sketch of a set (each vector sketched, the sketches summed, each depth block summing
+        to one). An empty set gets the uniform distribution: no evidence for any region."""
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        if mask is None:
+            idx = self.buckets(x)                                           # (B, depth)
+            return F.one_hot(idx, self.width).to(dtype).view(x.shape[0], self.output_dim)  # (B, depth*width)
+        b, n = mask.shape
+        idx = self.buckets(x.reshape(b * n, -1)).view(b, n, self.depth)     # (B, L, depth)
+        idx = idx + self.width * torch.arange(self.depth, device=idx.device)  # column of each region in the sketch
+        w = mask.to(dtype)[..., None].expand(b, n, self.depth)              # (B, L, depth): 0 for padding
+        counts = torch.zeros(b, self.output_dim, dtype=dtype, device=x.device)
+        counts.scatter_add_(1, idx.reshape(b, -1), w.reshape(b, -1))        # (B, depth*width) region counts
+        tokens = mask.sum(1, keepdim=True).to(dtype)                        # (B, 1)
+        return torch.where(tokens > 0, counts / tokens.clamp_min(1), 1.0 / self.width)
 
     def extra_repr(self) -> str:
         return (f"input_dim={self.input_dim}, depth={self.depth}, width={self.width}, seed={self.seed}, "

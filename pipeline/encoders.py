@@ -5,14 +5,18 @@ Each modality is ``encoder -> EMDE coder -> linear head`` (paper 3.4, blocks 2-4
 * :class:`TextCNN` -- parallel n-gram convolutions over token features (title_cam, desc_cam);
 * :class:`BpeCNN` -- a learned embedding of BPE ids followed by :class:`TextCNN` (title_bpe);
 * :class:`ImagePool` -- global average pooling + BatchNorm over backbone feature maps (image);
-* :class:`TokenMeanPool` -- parameter-light masked mean of token features, for the static-EMDE baseline
-  (a non-differentiable coder cannot train an encoder placed before it);
+* :class:`ImageTail` -- the backbone's last stage(s) over their cached input, fine-tuned, then :class:`ImagePool`;
+* static-EMDE baseline encoders (a non-differentiable coder cannot train an encoder placed before it): the
+  token features themselves as a set (:class:`TokenSet`, :class:`RandomIdEmbedding`, :class:`MapToken`: the
+  coder sketches every token), or their masked mean (:class:`TokenMeanPool`, :class:`RandomBagOfIds`);
 * :class:`ModalityClassifier` -- encoder -> coder -> head; :meth:`ModalityClassifier.sketch` is the paper's
   "input sketch" that the fusion stage consumes (paper 3.5, Figure 2).
 
 Missing inputs (an empty description: mask all False; a missing image: ``present`` False) are replaced at the
 encoder output by a learned ``missing`` vector, so they never look like real data (no zero rows standing in
-for data, no NaN from a max over nothing). Every encoder exposes ``output_dim``.
+for data, no NaN from a max over nothing). Every encoder exposes ``output_dim``. An encoder returns one vector
+per item, (B, output_dim), or a set of vectors per item, ((B, L, output_dim), mask (B, L)), for a coder that
+sketches sets.
 
 Pure torch: no I/O, no configuration reading; every hyperparameter is a constructor argument.
 """
@@ -24,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["TextCNN", "BpeCNN", "ImagePool", "TokenMeanPool", "RandomBagOfIds", "ModalityClassifier",
-           "ENCODERS", "build_encoder"]
+__all__ = ["TextCNN", "BpeCNN", "ImagePool", "ImageTail", "TokenMeanPool", "RandomBagOfIds", "TokenSet",
+           "RandomIdEmbedding", "MapToken", "ModalityClassifier", "ENCODERS", "build_encoder"]
 
 
 def _replace_missing(out: Tensor, present: Tensor, missing: Tensor) -> Tensor:
@@ -149,6 +153,92 @@ class ImagePool(nn.Module):
         return _replace_missing(out, present, self.missing)
 
 
+class ImageTail(nn.Module):
+    """The image backbone's last stage(s), fine-tuned over their cached input, then :class:`ImagePool` (paper 3.3:
+    "as we fine-tune EfficientNet"; 3.4: average pooling + batch normalization).
+
+    The store holds the input of the module ``cache_at`` (pipeline.backbone); the tail is the rest of the timm
+    ``model``'s ``forward_features``, built here at random and given its weights by the checkpoint, or, before
+    the first step, by the weights file the extractor used (``weights_sha256`` names it; pipeline.modalities
+    loads it), so that training starts from the frozen backbone's own maps. The tail's BatchNorm layers keep
+    their ImageNet statistics (always in eval mode; their scale and shift still learn): a batch holds few
+    photos where most items have none, and batch statistics of a few photos would move every map.
+
+    forward: maps (B, C_cut, h, w) float, present (B,) bool -> (B, channels)
+    """
+
+    def __init__(self, model: str, cache_at: str, weights_sha256: str):
+        super().__init__()
+        from pipeline.backbone import build_tail
+
+        self.model, self.cache_at, self.weights_sha256 = model, cache_at, weights_sha256
+        self.tail, channels = build_tail(model, cache_at)
+        self.pool = ImagePool(channels)
+        self.output_dim = channels
+
+    def train(self, mode: bool = True) -> "ImageTail":
+        super().train(mode)
+        self.tail.eval()  # frozen BatchNorm statistics (see the class docstring); no dropout in the tail
+        return self
+
+    def forward(self, maps: Tensor, present: Tensor) -> Tensor:
+        present = present.bool()
+        idx = present.nonzero().squeeze(1)                        # (P,)
+        if idx.numel() == 0:
+            return self.pool(maps, present)                       # no photo: the learned `missing` vector
+        out = self.tail(maps.index_select(0, idx))                # (P, channels, h', w') final maps
+        fmap = out.new_zeros((maps.shape[0],) + out.shape[1:]).index_copy(0, idx, out)  # (B, channels, h', w')
+        return self.pool(fmap, present)
+
+
+class TokenSet(nn.Module):
+    """The token features themselves, a set per item, for a coder that sketches every token (static EMDE).
+
+    forward: x (B, L, in_dim) float, mask (B, L) bool -> (x, mask): the set (padding masked out by the coder)
+    """
+
+    def __init__(self, in_dim: int):
+        super().__init__()
+        self.in_dim = self.output_dim = int(in_dim)
+
+    def forward(self, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        return x, mask.bool()
+
+
+class RandomIdEmbedding(nn.Module):
+    """BPE ids as a set of fixed N(0, 1) vectors (never trained), for a coder that sketches every token.
+
+    The static coder's regions of a random vector per id are a hash of the id, so the sketch is a count sketch
+    of the bag of ids. The table is a buffer drawn from a seeded generator (the same in every process, saved).
+
+    forward: ids (B, L) long, mask (B, L) bool -> (vectors (B, L, embed_dim), mask (B, L))
+    """
+
+    def __init__(self, vocab_size: int, embed_dim: int, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("table", torch.randn(int(vocab_size), int(embed_dim), generator=g))
+        self.output_dim = int(embed_dim)
+
+    def forward(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        mask = mask.bool()
+        return F.embedding(ids.long().masked_fill(~mask, 0), self.table), mask
+
+
+class MapToken(nn.Module):
+    """An image as a set of one token, its average-pooled map; a missing photo as the empty set.
+
+    forward: fmap (B, C, h, w) float, present (B,) bool -> (pooled (B, 1, C), mask (B, 1))
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = self.output_dim = int(channels)
+
+    def forward(self, fmap: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
+        return fmap.mean(dim=(2, 3))[:, None, :], present.bool()[:, None]
+
+
 class TokenMeanPool(nn.Module):
     """Masked mean of token features; a row with no real token gets the ``missing`` vector.
 
@@ -194,13 +284,19 @@ class RandomBagOfIds(nn.Module):
 
 
 # The encoders a checkpoint's model config may name ({"type": name, **constructor arguments}).
-ENCODERS = {cls.__name__: cls for cls in (TextCNN, BpeCNN, ImagePool, TokenMeanPool, RandomBagOfIds)}
+ENCODERS = {cls.__name__: cls for cls in (TextCNN, BpeCNN, ImagePool, ImageTail, TokenMeanPool, RandomBagOfIds,
+                                          TokenSet, RandomIdEmbedding, MapToken)}
 
 
 def build_encoder(config: dict) -> nn.Module:
     """The encoder described by `config` ({"type": "TextCNN", "in_dim": 768, ...})."""
     args = dict(config)
     return ENCODERS[args.pop("type")](**args)
+
+
+def vectors(z: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+    """An encoder's output as the vectors a static coder is fitted on: (B, D) as it is, a set's real tokens (N, D)."""
+    return z[0][z[1]] if isinstance(z, tuple) else z
 
 
 class ModalityClassifier(nn.Module):
@@ -230,7 +326,8 @@ class ModalityClassifier(nn.Module):
 
     def sketch(self, *inputs: Tensor) -> Tensor:
         """The input sketch (B, depth * width) that multimodal fusion consumes (paper 3.5)."""
-        return self.coder(self.encoder(*inputs))
+        z = self.encoder(*inputs)  # (B, D), or a set per item: ((B, L, D), mask (B, L))
+        return self.coder(*z) if isinstance(z, tuple) else self.coder(z)
 
     def forward(self, *inputs: Tensor) -> Tensor:
         return self.head(self.sketch(*inputs))                    # (B, num_classes)
@@ -243,7 +340,7 @@ class ModalityClassifier(nn.Module):
         was_training = self.encoder.training
         self.encoder.eval()
         try:
-            self.coder.fit(self.encoder(*inputs))
+            self.coder.fit(vectors(self.encoder(*inputs)))
         finally:
             self.encoder.train(was_training)
         return self

@@ -71,7 +71,7 @@ def export(workdir: str | Path, cfg: Config, out: str | Path | None = None, log=
         files[m] = out / f"{m}.pt2"
         torch.export.save(export_sketcher(model, m, ArraySpec.from_json(spec_json)), files[m])
         log(f"export: {m} -> {files[m]}")
-    heads = FusionHeads(fusion["heads"], fusion["dims"], len(fusion["codes"]))
+    heads = FusionHeads(fusion["heads"], fusion["dims"], len(fusion["codes"]), fusion.get("method", "joint"))
     heads.load_state_dict(fusion["state_dict"])
     files["fusion"] = out / "fusion.pt2"
     torch.export.save(export_heads(heads, fusion["dims"]), files["fusion"])

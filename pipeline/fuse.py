@@ -1,11 +1,13 @@
 """Stage 4, fuse (paper 3.5, Figure 2): linear heads over the input sketches, trained jointly, logits summed.
 
 The heads are `[fusion] heads` (pipeline.heads); Adam 1e-3 with decay 0.9 per epoch (Table 1); the
-best epoch by validation macro-F1 is kept. Writes W/fusion/ (or `[fusion] output`): model.pt,
-metrics.json, predictions.csv (the challenge's submission format, one row per test item),
-predictions.parquet (item id, code, probability of every class), valid_predictions.csv,
-confusion_worst.png (Table 4), per_class_f1.png and stamp.json. The directory is built beside the old
-one and swapped in when complete; one fuse per output at a time.
+best epoch by validation macro-F1 is kept. With `[fusion] method = "average"` nothing is trained: each
+head is its modality's pretrained head (from the modality's checkpoint) and the prediction is the mean
+of their class probabilities (the late fusion paper 3.5 compares with); the outputs are the same.
+Writes W/fusion/ (or `[fusion] output`): model.pt, metrics.json, predictions.csv (the challenge's
+submission format, one row per test item), predictions.parquet (item id, code, probability of every
+class), valid_predictions.csv, confusion_worst.png (Table 4), per_class_f1.png and stamp.json. The
+directory is built beside the old one and swapped in when complete; one fuse per output at a time.
 
 Under torchrun (WORLD_SIZE > 1) the heads train with DistributedDataParallel (gloo, on the CPU): each
 rank reads the sketches of its share of the split only (every WORLD_SIZE-th row of each part), the
@@ -150,12 +152,17 @@ def _run(job: FuseJob, ctx: Dist, started: float, say) -> dict:
     mine = np.unique(np.concatenate(list(shares.values())))  # split rows whose sketches this rank reads
     sketches = _load_sketches(job, job.ids[mine])
     local = {name: np.searchsorted(mine, rows) for name, rows in shares.items()}  # rows of `sketches`
-    model, best = _train(job, ctx, sketches, job.labels[mine], local, say)
+    joint = job.cfg.fusion.method == "joint"
+    if joint:
+        model, best = _train(job, ctx, sketches, job.labels[mine], local, say)
+    else:
+        model, best = _pretrained_heads(job, ctx, sketches, local, say)
     model.load_state_dict(best["state"])
     test_logits = _gathered(ctx, _logits(model, sketches, local["test"]))  # (len(parts["test"]), classes)
     metrics = {k: v for k, v in best.items() if k not in ("state", "valid_pred")}
     support = np.bincount(job.labels[job.parts["valid"]], minlength=len(job.codes))
-    metrics |= {"epochs": job.cfg.fusion.epochs, "seconds": round(time.perf_counter() - started, 2),
+    metrics |= {"method": job.cfg.fusion.method, "epochs": job.cfg.fusion.epochs if joint else 0,
+                "seconds": round(time.perf_counter() - started, 2),
                 "heads": [h.model_dump() for h in job.cfg.fusion.heads], "valid_items": len(job.parts["valid"]),
                 "test_items": len(job.parts["test"]), "world_size": ctx.world, "fingerprint": job.stamp.digest,
                 "valid_support": {str(c): int(n) for c, n in zip(job.codes, support) if n}}
@@ -207,6 +214,24 @@ def _train(job: FuseJob, ctx: Dist, sketches: dict, y_rows: np.ndarray, local: d
     return model, best
 
 
+def _pretrained_heads(job: FuseJob, ctx: Dist, sketches: dict, local: dict, say) -> tuple[FusionHeads, dict]:
+    """`method = "average"`: each head is its modality's pretrained head (no training), scored on validation."""
+    model = FusionHeads([h.model_dump() for h in job.cfg.fusion.heads], {m: s.shape[1] for m, s in sketches.items()},
+                        len(job.codes), "average")
+    for name, (modality,) in model.heads:
+        path = wd.model_dir(job.workdir, modality) / checkpoint.MODEL_FILE
+        ckpt = checkpoint.load(path)
+        if [int(c) for c in ckpt["class_codes"]] != list(job.codes):
+            raise PipelineError(f"{path} was trained on other classes than the split's: run "
+                                f"`{wd.command(job.cfg, job.workdir, f'pretrain {modality}')}` again")
+        model.linears[name].load_state_dict({"weight": ckpt["state_dict"]["head.weight"],
+                                             "bias": ckpt["state_dict"]["head.bias"]})
+    valid_pred = _gathered(ctx, _logits(model, sketches, local["valid"]).argmax(-1))  # (len(parts["valid"]),)
+    scores = classification_metrics(job.labels[job.parts["valid"]], valid_pred, job.codes)
+    say(f"fuse: the mean of {len(model.heads)} pretrained heads' probabilities, valid macro-F1 {scores['macro_f1']:.4f}")
+    return model, scores | {"best_epoch": 0, "valid_pred": valid_pred, "state": model.state_dict()}
+
+
 def _write(job: FuseJob, model: FusionHeads, dims: dict, valid_pred: np.ndarray, test_logits: np.ndarray,
            metrics: dict) -> None:
     """Every output into the partial directory, then the directory swapped in (stamp last)."""
@@ -221,7 +246,7 @@ def _write(job: FuseJob, model: FusionHeads, dims: dict, valid_pred: np.ndarray,
     pl.DataFrame({"item_id": job.ids[job.parts["valid"]], "label": code_of[valid_labels],
                   "predicted": code_of[valid_pred]}).write_csv(out / "valid_predictions.csv")
     save_pictures(out, valid_labels, valid_pred, job.codes, metrics, job.cfg.fusion.worst_classes)
-    checkpoint.save({"format": checkpoint.FORMAT, "state_dict": model.state_dict(),
+    checkpoint.save({"format": checkpoint.FORMAT, "state_dict": model.state_dict(), "method": model.method,
                      "heads": [h.model_dump() for h in job.cfg.fusion.heads], "codes": job.codes, "dims": dims,
                      "checkpoints": job.checkpoints}, out / checkpoint.MODEL_FILE)
     write_json(out / "metrics.json", metrics)

@@ -4,8 +4,14 @@
 logits for each modality are summed and argmax operation on the vector of length 27 defines the final
 prediction." Which sketches each head reads is configuration ([fusion] heads); heads that share a name
 share one set of weights, which is how the paper counts the CamemBERT title head twice.
+
+The same heads also make the late fusion paper 3.5 compares with ("simple ensembling of probabilities
+from all per-modality networks", [fusion] method = "average"): each head is then one modality's
+pretrained head, and the fused prediction is the mean of the heads' class probabilities.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -14,16 +20,22 @@ from pipeline.errors import PipelineError
 
 
 class FusionHeads(nn.Module):
-    """Linear heads over (concatenated) sketches; the fused logits are their sum.
+    """Linear heads over (concatenated) sketches; the fused logits are their sum (or, "average", the log of the
+    mean of their probabilities).
 
     heads: [{"name": str, "inputs": [modality, ...]}, ...]; a name used twice is one nn.Linear.
-    dims: sketch width of each modality. forward: {modality: (B, dims[m])} -> (B, num_classes)
+    dims: sketch width of each modality. method: "joint" (logits summed) or "average" (the mean of the heads'
+    softmax probabilities, returned as its log, so that a softmax of the output gives that mean back).
+    forward: {modality: (B, dims[m])} -> (B, num_classes)
     """
 
-    def __init__(self, heads: list[dict], dims: dict[str, int], num_classes: int):
+    def __init__(self, heads: list[dict], dims: dict[str, int], num_classes: int, method: str = "joint"):
         super().__init__()
+        if method not in ("joint", "average"):
+            raise PipelineError(f"[fusion] method: 'joint' or 'average', not {method!r}")
         self.heads = [(h["name"], list(h["inputs"])) for h in heads]
         self.num_classes = int(num_classes)
+        self.method = method
         self.linears = nn.ModuleDict()
         for name, inputs in self.heads:
             in_dim = sum(dims[m] for m in inputs)
@@ -38,4 +50,8 @@ class FusionHeads(nn.Module):
         return [self.linears[name](torch.cat([sketches[m] for m in inputs], dim=-1)) for name, inputs in self.heads]
 
     def forward(self, sketches: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.stack(self.head_logits(sketches)).sum(0)  # (B, num_classes)
+        logits = torch.stack(self.head_logits(sketches))  # (heads, B, num_classes)
+        if self.method == "joint":
+            return logits.sum(0)  # (B, num_classes)
+        # log(mean_h softmax(logits_h)), computed in log space
+        return torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=0) - math.log(len(self.heads))

@@ -9,7 +9,9 @@ a network that learns from them. Its record says:
   batches them ("ids": ragged integer ids, "tokens": ragged float vectors, "fixed": one array per item);
 * ``extractor(ctx)``: the object that computes the features of a block of items (`Extractor`);
 * ``encoder(opts, spec, producer)``: the encoder config of a network for this feature store (a dict,
-  saved in the checkpoint), and ``build_encoder(config)``: the nn.Module it describes.
+  saved in the checkpoint), and ``build_encoder(config)``: the nn.Module it describes;
+* ``init_encoder(encoder, cfg, workdir, producer)`` (optional): what a new network's encoder starts from
+  besides its random init (the image tail: the backbone weights the extractor used).
 
 The four modalities of the paper are registered below; `register` adds another (a test adds a toy
 one) without editing any stage. Heavy imports (torch models, transformers, timm) happen inside the
@@ -26,7 +28,8 @@ import numpy as np
 import polars as pl
 
 from pipeline.errors import PipelineError
-from pipeline.schema import KernelSizes, NonNegative, Positive, PowerOfTwo, Probability, Section, TrainOptions
+from pipeline.schema import (KernelSizes, NonNegative, Positive, PositiveFloat, PowerOfTwo, Probability, Section,
+                             TrainOptions)
 
 if TYPE_CHECKING:
     import torch
@@ -76,6 +79,7 @@ class Modality:
     extractor: Callable[[ExtractContext], Extractor]
     encoder: Callable[[TrainOptions, ArraySpec, dict], dict]
     build_encoder: Callable[[dict], nn.Module]
+    init_encoder: Callable[[nn.Module, Config, Path, dict], None] | None = None
 
 
 REGISTRY: dict[str, Modality] = {}
@@ -129,6 +133,13 @@ class ImageOptions(Section):
     batch_size: Positive
     decode_workers: NonNegative  # 0 = one per usable core
     decode_device: Literal["auto", "cpu"]  # auto: nvJPEG when the model runs on CUDA
+    cache_at: str  # "" = the final maps; a module name (pipeline.backbone): store its input, fine-tune from there
+
+
+class ImageTrainOptions(TrainOptions):
+    """Pooling + BatchNorm over the maps; over a cache cut inside the backbone, the rest of it fine-tuned first."""
+
+    backbone_lr: PositiveFloat  # the fine-tuned backbone tail's rate (Table 1's image rate); new layers train at lr
 
 
 class TextTrainOptions(TrainOptions):
@@ -138,6 +149,7 @@ class TextTrainOptions(TrainOptions):
     channels: Positive
     dropout: Probability
     token_dropout: Probability  # training only: the probability of hiding each token ("word dropout")
+    static_pooling: Literal["tokens", "mean"]  # static coder: sketch every token and sum, or sketch their mean
 
 
 class BpeTrainOptions(TextTrainOptions):
@@ -182,7 +194,8 @@ def _bpe_encoder(opts: BpeTrainOptions, spec: ArraySpec, producer: dict) -> dict
         raise PipelineError("the title_bpe store's provenance has no vocab_size; rebuild it with "
                             "`pipeline extract title_bpe --rebuild`")
     if opts.coder == "static":
-        return {"type": "RandomBagOfIds", "vocab_size": vocab, "embed_dim": opts.static_embed_dim}
+        kind = "RandomIdEmbedding" if opts.static_pooling == "tokens" else "RandomBagOfIds"
+        return {"type": kind, "vocab_size": vocab, "embed_dim": opts.static_embed_dim}
     return {"type": "BpeCNN", "vocab_size": vocab, "embed_dim": opts.embed_dim, "kernel_sizes": opts.kernel_sizes,
             "channels": opts.channels, "dropout": opts.dropout, "token_dropout": opts.token_dropout}
 
@@ -190,13 +203,39 @@ def _bpe_encoder(opts: BpeTrainOptions, spec: ArraySpec, producer: dict) -> dict
 def _text_encoder(opts: TextTrainOptions, spec: ArraySpec, producer: dict) -> dict:
     hidden = int(spec.shape[-1])  # (tokens, hidden): the upstream model's hidden size
     if opts.coder == "static":
-        return {"type": "TokenMeanPool", "in_dim": hidden}
+        return {"type": "TokenSet" if opts.static_pooling == "tokens" else "TokenMeanPool", "in_dim": hidden}
     return {"type": "TextCNN", "in_dim": hidden, "kernel_sizes": opts.kernel_sizes, "channels": opts.channels,
             "dropout": opts.dropout, "token_dropout": opts.token_dropout}
 
 
-def _image_encoder(opts: TrainOptions, spec: ArraySpec, producer: dict) -> dict:
-    return {"type": "ImagePool", "channels": int(spec.shape[0])}  # maps (C, h, w)
+def _image_encoder(opts: ImageTrainOptions, spec: ArraySpec, producer: dict) -> dict:
+    """Final maps (C, h, w): pooled + BatchNorm (or one token for the static coder). The input of a backbone
+    module ([image] cache_at): the rest of the backbone, fine-tuned, then the same pooling."""
+    cache_at = producer.get("cache_at", "")
+    if not cache_at:
+        return {"type": "MapToken" if opts.coder == "static" else "ImagePool", "channels": int(spec.shape[0])}
+    if opts.coder == "static":
+        raise PipelineError(f"the static coder sketches final maps, and this image store holds the input of "
+                            f"{cache_at}: use a store extracted with [image] cache_at = \"\"")
+    return {"type": "ImageTail", "model": producer["model"], "cache_at": cache_at,
+            "weights_sha256": producer["weights_sha256"]}
+
+
+def _image_init(encoder: nn.Module, cfg: Config, workdir: Path, producer: dict) -> None:
+    """A fine-tuned tail starts from the weights file the extractor used (the same sha256), so that its first
+    maps are the frozen backbone's."""
+    if not hasattr(encoder, "tail"):
+        return
+    from pipeline.backbone import pretrained_tail
+    from pipeline.provenance import sha256_file
+    from pipeline.upstream import image_weights
+
+    path = image_weights(cfg, workdir)
+    if path is None or sha256_file(path) != encoder.weights_sha256:
+        raise PipelineError(f"the image store was extracted with backbone weights of sha256 {encoder.weights_sha256}"
+                            f", and [image] weights names {'random weights' if path is None else path}: the tail "
+                            f"fine-tuned from {encoder.cache_at} must start from the extractor's weights file")
+    encoder.tail.load_state_dict(pretrained_tail(encoder.model, encoder.cache_at, path).state_dict())
 
 
 def _build_encoder(config: dict) -> nn.Module:
@@ -211,5 +250,5 @@ register(Modality("desc_cam", "tokens", "tokens", TextCamOptions, TextTrainOptio
                   _text_cam_extractor("desc_cam"), _text_encoder, _build_encoder))
 register(Modality("title_bpe", "tokens", "ids", TitleBpeOptions, BpeTrainOptions,
                   _title_bpe_extractor, _bpe_encoder, _build_encoder))
-register(Modality("image", "maps", "fixed", ImageOptions, TrainOptions,
-                  _image_extractor, _image_encoder, _build_encoder))
+register(Modality("image", "maps", "fixed", ImageOptions, ImageTrainOptions,
+                  _image_extractor, _image_encoder, _build_encoder, _image_init))

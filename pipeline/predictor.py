@@ -143,7 +143,7 @@ class Predictor:
         keep_freed_memory()  # CPU forwards: no page faults on every big activation (3x on EfficientNet)
         dev = pick_device(device, "device")
         branches = {m: _branch(m, workdir, cfg, dev, sha, reuse) for m, sha in fusion["checkpoints"].items()}
-        heads = FusionHeads(fusion["heads"], fusion["dims"], len(fusion["codes"]))
+        heads = FusionHeads(fusion["heads"], fusion["dims"], len(fusion["codes"]), fusion.get("method", "joint"))
         heads.load_state_dict(fusion["state_dict"])
         return cls(cfg, heads.eval(), fusion["codes"], branches, dev, Path(cache) if cache else None)
 

@@ -22,9 +22,14 @@ and a linear head; Adam with Table 1's learning rate and per-epoch decay.
 
 ``--coder static`` is the paper's "Baseline (Static EMDE)" (Table 3): a fitted, non-trainable
 :class:`~pipeline.emde.StaticEMDE` (data-dependent LSH of the original EMDE paper) cannot pass gradients
-to an encoder, so the encoder in front of it needs no training (the masked mean of token features, a
-fixed random embedding of BPE ids, the pooled image map); the coder is fitted on the train items'
-encoder outputs (all ranks'), then only the head is trained.
+to an encoder, so the encoder in front of it trains nothing: the token features as a set (each token
+sketched, the region counts normalised per depth; or their mean, ``static_pooling = "mean"``), a fixed
+random embedding of the BPE ids (likewise), the pooled image map as one token; the coder is fitted on the
+train items' vectors (every token of a set; all ranks'), then only the head is trained.
+
+Over an image store cut at ``[image] cache_at``, the image network's encoder is the rest of the backbone
+(:class:`~pipeline.encoders.ImageTail`), which starts from the extractor's weights file (`initial_model`)
+and trains at ``[pretrain.image] backbone_lr``, the new layers at ``lr``.
 """
 from __future__ import annotations
 
@@ -42,6 +47,7 @@ from pipeline import checkpoint, modalities, workdir as wd
 from pipeline.catalog import SPLIT_FILE, class_codes, read_split
 from pipeline.config import Config
 from pipeline.distributed import Dist, torchrun
+from pipeline.encoders import vectors
 from pipeline.errors import PipelineError
 from pipeline.metrics import class_weights
 from pipeline.provenance import Stamp, digest, output_lock, partial_dir, read_json, recover, swap_in, write_json
@@ -50,7 +56,7 @@ from pipeline.train_reader import TrainReader
 from pipeline.trainer import RunSettings, RunState, train
 from stores import FeatureStore
 
-__all__ = ["pretrain"]
+__all__ = ["pretrain", "prepare", "initial_model"]
 
 
 @dataclass
@@ -212,14 +218,17 @@ def _readers(job: Job, ctx: Dist) -> tuple[TrainReader, TrainReader]:
 
 
 def _fit_static(model, reader: TrainReader, ctx: Dist) -> None:
-    """Fit the static coder on the encoder outputs of every train item (all ranks' shares), in float32."""
+    """Fit the static coder on the encoder outputs of every train item (all ranks' shares; every token of an
+    encoder that outputs sets), in float32."""
     model.encoder.eval()
     outs, ids = [], []
     with torch.no_grad():
         for batch in reader.epoch(0):
             batch = batch.to(ctx.device)
-            outs.append(model.encoder(*batch.inputs).float().cpu())
-            ids.append(batch.ids.cpu())
+            z = model.encoder(*batch.inputs)  # (B, D), or a set per item ((B, L, D), mask (B, L))
+            outs.append(vectors(z).float().cpu())  # (B or real tokens, D)
+            per_item = z[1].sum(1) if isinstance(z, tuple) else torch.ones_like(batch.ids)  # (B,) vectors per item
+            ids.append(batch.ids.repeat_interleave(per_item).cpu())
     mine = (torch.cat(ids).numpy(), torch.cat(outs).numpy()) if outs else (np.zeros(0, np.int64), None)
     parts = [p for p in ctx.gather(mine) if p[1] is not None]
     all_ids = np.concatenate([p[0] for p in parts])
@@ -227,10 +236,19 @@ def _fit_static(model, reader: TrainReader, ctx: Dist) -> None:
     model.coder.fit(torch.from_numpy(feats).to(ctx.device))
 
 
-def _build(job: Job, ctx: Dist, train_reader: TrainReader, fresh: bool, say):
+def initial_model(job: Job):
+    """The job's network before its first step: random init under the seed, then what the modality's encoder
+    starts from (its registry record's `init_encoder`: the image tail loads the extractor's backbone weights)."""
     torch.manual_seed(job.cfg.seed)
     np.random.seed(job.cfg.seed % 2**32)
-    model = checkpoint.build_model(job.model_config).to(ctx.device)
+    model = checkpoint.build_model(job.model_config)
+    if job.modality.init_encoder is not None:
+        job.modality.init_encoder(model.encoder, job.cfg, job.workdir, job.store.provenance["producer"])
+    return model
+
+
+def _build(job: Job, ctx: Dist, train_reader: TrainReader, fresh: bool, say):
+    model = initial_model(job).to(ctx.device)
     static = job.opts.coder == "static"
     if static:
         for p in list(model.encoder.parameters()) + list(model.coder.parameters()):
@@ -242,6 +260,7 @@ def _build(job: Job, ctx: Dist, train_reader: TrainReader, fresh: bool, say):
                 f"{time.perf_counter() - t:.1f} s")
     run = RunSettings(job.modality.name, job.opts.epochs, job.opts.lr, job.opts.decay, job.opts.weight_decay,
                       job.opts.label_smoothing, amp=ctx.device.type == "cuda" and not static,
+                      lr_groups=(("encoder.tail.", job.opts.backbone_lr),) if hasattr(job.opts, "backbone_lr") else (),
                       fitted=("encoder", "coder") if static else (), stamp=job.stamp.without("epochs").digest)
     return model, run
 

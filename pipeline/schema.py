@@ -105,6 +105,7 @@ class TextModel(Section):
     batch_tokens: Positive
     max_batch: Positive
     prefix: str
+    layers: NonNegative  # 0 = every layer; k = the hidden states of layer k (the first k layers run)
     tiny: TinyModel
 
 
@@ -162,6 +163,7 @@ class Head(Section):
 
 class Fusion(Section):
     output: Annotated[str, Field(min_length=1)]
+    method: Literal["joint", "average"]  # heads trained jointly, or the pretrained heads' probabilities averaged
     heads: Annotated[list[Head], Field(min_length=1)]
     lr: PositiveFloat
     decay: Decay
@@ -169,6 +171,17 @@ class Fusion(Section):
     batch_size: Positive
     loss: Loss
     worst_classes: Annotated[int, Field(ge=2)]
+
+    @model_validator(mode="after")
+    def _average_reads_pretrained_heads(self):
+        if self.method == "average":
+            names = {}
+            for head in self.heads:
+                if len(head.inputs) != 1 or names.setdefault(head.name, head.inputs[0]) != head.inputs[0]:
+                    raise ValueError(f"method \"average\" takes each modality's own pretrained head: every head "
+                                     f"reads one modality (one name, one modality); '{head.name}' reads "
+                                     f"{head.inputs}")
+        return self
 
 
 class Demo(Section):

@@ -40,6 +40,7 @@ class RunSettings:
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
     amp: bool = False  # bf16 autocast for the training steps (CUDA)
+    lr_groups: tuple[tuple[str, float], ...] = ()  # (parameter-name prefix, its own learning rate): fine-tuned parts
     fitted: tuple[str, ...] = ()  # submodules that stay as fitted (eval mode, no gradients)
     stamp: str = ""  # the digest a resume file must carry to be resumed
 
@@ -110,8 +111,7 @@ def _train_epoch(net: nn.Module, model: nn.Module, reader: TrainReader, optimize
 def train(model: nn.Module, train_reader: TrainReader, valid_reader: TrainReader, run: RunSettings, ctx: Dist,
           codes: list[int], weights, resume_file: Path, state: dict | None, say, progress: bool = False) -> RunState:
     """Train `model` for `run.epochs` (from `state`, a resume file's contents, when given); return the best."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=run.lr, weight_decay=run.weight_decay)
+    optimizer = torch.optim.Adam(_param_groups(model, run), lr=run.lr, weight_decay=run.weight_decay)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=run.decay)
     done = _restore(state, model, optimizer, scheduler, ctx) if state is not None else RunState()
     net = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
@@ -137,6 +137,17 @@ def train(model: nn.Module, train_reader: TrainReader, valid_reader: TrainReader
             f"{' (best)' if improved else ''}, accuracy {m['accuracy']:.4f}, {done.history[-1]['seconds']:.1f} s")
         ctx.barrier()
     return done
+
+
+def _param_groups(model: nn.Module, run: RunSettings) -> list[dict]:
+    """Adam's groups: the trainable parameters at `run.lr`, those under a prefix of `run.lr_groups` at its rate."""
+    own = {prefix: [] for prefix, _ in run.lr_groups}
+    rest = []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            prefix = next((q for q in own if name.startswith(q)), None)
+            (own[prefix] if prefix else rest).append(p)
+    return [{"params": rest}] + [{"params": own[q], "lr": lr} for q, lr in run.lr_groups if own[q]]
 
 
 def _save(path: Path, done: RunState, model, optimizer, scheduler, run: RunSettings, ctx: Dist) -> None:

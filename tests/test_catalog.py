@@ -9,7 +9,7 @@ import pytest
 from pipeline.catalog import CatalogError, class_codes, load_catalog, make_split
 from pipeline.config import load_config
 
-CFG = load_config("configs/demo.toml")
+CFG = load_config("configs/tiny.toml")
 
 X_HEADER = ",designation,description,productid,imageid\n"
 

@@ -36,9 +36,9 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def demo_config(tmp_path_factory) -> str:
     if PACKAGED_WEIGHTS:
-        return "configs/demo.toml"
-    path = tmp_path_factory.mktemp("config") / "demo.toml"
-    path.write_text(f'base = "{ROOT / "configs" / "demo.toml"}"\n[image]\nweights = "random"\n')
+        return "configs/tiny.toml"
+    path = tmp_path_factory.mktemp("config") / "tiny.toml"
+    path.write_text(f'base = "{ROOT / "configs" / "tiny.toml"}"\n[image]\nweights = "random"\n')
     return str(path)
 
 
@@ -94,12 +94,12 @@ def snapshot(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def test_predictor_agrees_with_fuse_and_explains_its_decisions(demo_dir):
+def test_predictor_agrees_with_fuse_and_explains_its_decisions(demo_dir, demo_config):
     from pipeline import Predictor
     from pipeline.catalog import load_catalog
 
     valid = pl.read_csv(demo_dir / "fusion" / "valid_predictions.csv")
-    items = load_catalog(demo_dir / "catalog", load_config("configs/demo.toml")).items
+    items = load_catalog(demo_dir / "catalog", load_config(demo_config)).items
     rows = valid.join(items, on="item_id", how="left").select("item_id", "title", "description", image="image_path")
     predictor = Predictor.load(demo_dir)  # the work directory's own configuration
     assert predictor.predict(rows).tolist() == valid["predicted"].to_list()  # stored sketches, found by input
@@ -146,10 +146,10 @@ def test_predict_on_an_overlapping_catalogue_leaves_every_training_store_unchang
         [int(x.split(",")[1]) for x in lines[1:]]
 
 
-def test_exported_networks_give_the_same_outputs(demo_dir, tmp_path):
+def test_exported_networks_give_the_same_outputs(demo_dir, demo_config, tmp_path):
     from pipeline.export import export
 
-    files = export(demo_dir, load_config("configs/demo.toml"), tmp_path, log=lambda *_: None)
+    files = export(demo_dir, load_config(demo_config), tmp_path, log=lambda *_: None)
     sketches = {}
     with FeatureStore(demo_dir / "features" / "image.zarr") as images:  # items with a photo and without
         ids = np.concatenate([images.ids[:5], images.ids[np.flatnonzero(images.read_missing(images.ids))[:3]]])
@@ -180,3 +180,44 @@ def test_fuse_refuses_sketches_of_an_older_checkpoint(demo_dir, demo_config, tmp
     torch.save(ckpt, w / "models" / "title_cam" / "model.pt")
     with pytest.raises(PipelineError, match=r"sketched by another checkpoint.*pipeline sketch title_cam"):
         fuse(w, load_config(demo_config), log=lambda *_: None)
+
+
+def test_probability_averaging_is_the_mean_of_the_modality_networks(demo_dir, demo_config):
+    fuse(demo_dir, load_config([demo_config, "configs/fusion-ensemble.toml"]), log=lambda *_: None)
+    out = demo_dir / "fusion-ensemble"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "average" and metrics["epochs"] == 0 and 2 / 27 < metrics["macro_f1"] <= 1
+    assert (out / "predictions.csv").read_text().startswith(",prdtypecode\n") and (out / "per_class_f1.png").exists()
+    table = pl.read_parquet(out / "predictions.parquet").head(100)
+    ids = table["item_id"].to_numpy()
+    probabilities = []  # each pretrained network's own class probabilities, straight from its feature store
+    for modality in MODALITIES:
+        model, _ = load_model(demo_dir / "models" / modality)
+        m = modalities.get(modality)
+        with FeatureStore(demo_dir / "features" / f"{modality}.zarr") as features, torch.inference_mode():
+            batch = next(inference_batches(features, m.array, m.batch, ids, batch_size=len(ids)))
+            probabilities.append(torch.softmax(model(*batch.inputs), -1).numpy())
+    columns = [c for c in table.columns if c.startswith("p_")]
+    np.testing.assert_allclose(table.select(columns).to_numpy(), np.mean(probabilities, axis=0), atol=1e-5)
+
+
+def test_the_static_emde_system_runs_every_stage(demo_dir, demo_config, tmp_path):
+    from pipeline.pretrain import pretrain
+    from pipeline.sketch import sketch
+
+    w = tmp_path / "static"
+    w.mkdir()
+    for shared in ("split.parquet", "features"):  # the same features: only the coders differ
+        (w / shared).symlink_to(demo_dir / shared)
+    cfg = load_config([demo_config, "configs/static-emde.toml"]).merged(
+        {"pretrain": {m: {"epochs": 2} for m in MODALITIES}, "fusion": {"epochs": 3}})  # it runs: scores are not the point
+    for modality in MODALITIES:
+        pretrain(modality, w, cfg, progress=False, log=lambda *_: None)
+        assert load_model(w / "models" / modality)[1]["coder"] == "static"
+    sketch("all", w, cfg, progress=False, log=lambda *_: None)
+    with FeatureStore(w / "sketches" / "title_cam.zarr") as store:
+        depth = cfg.train_options("title_cam").depth
+        sums = store.read("sketch", store.ids[:50]).reshape(50, depth, -1).sum(-1)
+        np.testing.assert_allclose(sums, 1, atol=1e-5)  # every token sketched, the counts normalised per depth
+    fused = fuse(w, cfg, log=lambda *_: None)
+    assert fused["macro_f1"] > 2 / 27 and (w / "fusion" / "predictions.csv").exists()

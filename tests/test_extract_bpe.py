@@ -20,7 +20,7 @@ from pipeline.synth import synthesize
 from stores import FeatureStore
 from tests.conftest import quiet
 
-CFG = load_config("configs/demo.toml")
+CFG = load_config("configs/tiny.toml")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -102,7 +102,7 @@ def test_two_shard_processes_fill_one_store_like_one_process(tmp_path, catalog_d
     extract("title_bpe", catalog_dir, one, CFG, progress=False, log=quiet)
     two = tmp_path / "two"
     args = ["extract", "title_bpe", "--catalog", str(catalog_dir), "--workdir", str(two),
-            "--config", "configs/demo.toml"]
+            "--config", "configs/tiny.toml"]
     # The tokenizer is trained once (first run); then two workers share the store's blocks.
     extract("title_bpe", catalog_dir, two, CFG, shard="0/2", progress=False, log=quiet)
     procs = [subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args, "--shard", f"{k}/2"], cwd=ROOT,
@@ -119,7 +119,7 @@ def test_two_shard_processes_fill_one_store_like_one_process(tmp_path, catalog_d
 def test_cli_contract_inspect_json_and_errors(tmp_path, catalog_dir):
     w = tmp_path / "w"
     ok = cli("extract", "title_bpe", "--catalog", str(catalog_dir), "--workdir", str(w), "--config",
-             "configs/demo.toml", "--backend", "hdf5")
+             "configs/tiny.toml", "--backend", "hdf5")
     assert ok.returncode == 0, ok.stderr
     report = json.loads(cli("inspect", str(w / "features" / "title_bpe.h5"), "--json", "--verify",
                             "--item", "0").stdout)
@@ -127,7 +127,7 @@ def test_cli_contract_inspect_json_and_errors(tmp_path, catalog_dir):
     assert report["arrays"]["tokens/values"]["dtype"] == "int16"
     assert report["provenance"]["kind"] == "title_bpe" and report["item"]["item_id"] == 0
     sharded = cli("extract", "title_bpe", "--catalog", str(catalog_dir), "--workdir", str(w), "--config",
-                  "configs/demo.toml", "--backend", "hdf5", "--shard", "1/2")
+                  "configs/tiny.toml", "--backend", "hdf5", "--shard", "1/2")
     assert sharded.returncode == 1 and "use --backend zarr for --shard" in sharded.stderr
     missing = cli("extract", "title_bpe", "--catalog", str(tmp_path / "none"), "--workdir", str(w))
     assert missing.returncode == 1

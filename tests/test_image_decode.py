@@ -15,9 +15,11 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from pipeline.config import DEFAULT_CONFIG, load_config
 from pipeline.extract.image import NO_FILE, UNREADABLE, ImageMaps, encoded, jpeg_frame, load_photo
 
-OPTS = {"model": "tf_efficientnet_lite0", "input_size": 64, "batch_size": 4, "decode_workers": 2, "decode_device": "auto"}
+OPTS = load_config(DEFAULT_CONFIG).options("image").model_dump() | {
+    "model": "tf_efficientnet_lite0", "input_size": 64, "batch_size": 4, "decode_workers": 2}
 
 
 def picture(height: int, width: int, seed: int) -> Image.Image:

@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 import torch
 
-from pipeline.config import DEMO_CONFIG, PROJECT_ROOT, load_config
+from pipeline.config import TINY_CONFIG, PROJECT_ROOT, load_config
 from pipeline.distributed import Dist
 from pipeline.errors import PipelineError
 from pipeline.checkpoint import load_model
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def demo_cfg(**pretrain_over):
-    return load_config(DEMO_CONFIG).merged({"pretrain": pretrain_over}) if pretrain_over else load_config(DEMO_CONFIG)
+    return load_config(TINY_CONFIG).merged({"pretrain": pretrain_over}) if pretrain_over else load_config(TINY_CONFIG)
 
 
 # ---------------------------------------------------------------------- directly-built stores
@@ -350,7 +350,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
     split = token_store(tmp_path / "w", "title_cam", n=800)
     config = tmp_path / "small.toml"
     table = "\n".join(f"{k} = {json.dumps(v)}" for k, v in (SMALL | {"epochs": 2, "device": "cpu"}).items())
-    config.write_text(f'base = "{DEMO_CONFIG}"\n[pretrain.title_cam]\n{table}\n')
+    config.write_text(f'base = "{TINY_CONFIG}"\n[pretrain.title_cam]\n{table}\n')
     env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -109,7 +109,7 @@ def toy():
 
 def test_a_fifth_modality_runs_every_stage_without_editing_the_project(tmp_path, toy):
     synthesize(tmp_path / "catalog", items=1000, seed=4)
-    (tmp_path / "toy.toml").write_text('base = "demo.toml"\n' + CONFIG)
+    (tmp_path / "toy.toml").write_text('base = "tiny.toml"\n' + CONFIG)
     cfg = load_config(tmp_path / "toy.toml")
     w = tmp_path / "w"
     [features] = extract("toy", tmp_path / "catalog", w, cfg, progress=False, log=quiet)
@@ -127,6 +127,6 @@ def test_a_fifth_modality_runs_every_stage_without_editing_the_project(tmp_path,
 
 
 def test_a_modality_the_registry_does_not_know_is_refused_with_the_near_miss(tmp_path, toy):
-    (tmp_path / "typo.toml").write_text('base = "demo.toml"\n' + CONFIG.replace("[pretrain.toy]", "[pretrain.tyo]"))
+    (tmp_path / "typo.toml").write_text('base = "tiny.toml"\n' + CONFIG.replace("[pretrain.toy]", "[pretrain.tyo]"))
     with pytest.raises(ConfigError, match=r"typo.toml: \[pretrain.tyo\]: unknown modality \(did you mean 'toy'\?\)"):
         load_config(tmp_path / "typo.toml")

@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.config import DEMO_CONFIG, load_config
+from pipeline.config import TINY_CONFIG, load_config
 from pipeline.errors import PipelineError
 from pipeline.extract import driver, extract
 from pipeline.extract.driver import run_extraction
@@ -174,7 +174,7 @@ def test_a_worker_without_a_plan_gives_up_with_the_remedy(monkeypatch):
 def test_stages_keep_their_stores_under_a_url_root(tmp_path):
     synthesize(tmp_path / "cat", items=600, seed=2)
     tiny = {"epochs": 2, "embed_dim": 16, "channels": 16, "depth": 8, "width": 8}
-    cfg = load_config(DEMO_CONFIG).merged({"pretrain": {"title_bpe": tiny}, "fusion": {
+    cfg = load_config(TINY_CONFIG).merged({"pretrain": {"title_bpe": tiny}, "fusion": {
         "epochs": 2, "heads": [{"name": "bpe", "inputs": ["title_bpe"]}]}})
     with_root = cfg.merged({"stores": {"root": f"file://{tmp_path}/shared/emde/"}})
     quiet = lambda *_: None  # noqa: E731

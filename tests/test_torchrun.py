@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.config import DEMO_CONFIG, load_config
+from pipeline.config import TINY_CONFIG, load_config
 from pipeline.extract import extract
 from pipeline.provenance import sha256_file
 from pipeline.fuse import fuse
@@ -29,7 +29,7 @@ def test_torchrun_extraction_fills_one_store_like_one_process(tmp_path):
     catalog = tmp_path / "cat"
     synthesize(catalog, items=600, seed=5)
     config = tmp_path / "small_blocks.toml"
-    config.write_text(f'base = "{DEMO_CONFIG}"\n[title_bpe]\nblock_items = 64\n')  # 10 blocks to share
+    config.write_text(f'base = "{TINY_CONFIG}"\n[title_bpe]\nblock_items = 64\n')  # 10 blocks to share
     [one] = extract("title_bpe", catalog, tmp_path / "one", load_config(config), progress=False, log=lambda *_: None)
     env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None), env.pop("WORLD_SIZE", None)
@@ -100,7 +100,7 @@ def test_fuse_on_two_processes_scores_and_writes_the_whole_split_once(tmp_path):
     split = sketch_workdir(tmp_path / "one")  # 801 train, 281 valid, 117 test items: odd halves
     shutil.copytree(tmp_path / "one", tmp_path / "two")
     config = tmp_path / "fusion.toml"
-    config.write_text(f'base = "{DEMO_CONFIG}"\n[fusion]\nepochs = 6\nbatch_size = 80\nlr = 1e-2\n'
+    config.write_text(f'base = "{TINY_CONFIG}"\n[fusion]\nepochs = 6\nbatch_size = 80\nlr = 1e-2\n'
                       'heads = [{ name = "concat", inputs = ["title_bpe", "image"] }]\n')
     # 2 ranks: 401 + 400 train items, 6 and 5 batches of 80 unless the shares are padded alike (DDP would hang)
     one = fuse(tmp_path / "one", load_config(config), progress=False, log=lambda *_: None)

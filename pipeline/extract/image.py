@@ -1,4 +1,5 @@
-"""image (paper 3.3-3.4): EfficientNet `forward_features` maps of every item's photo.
+"""image (paper 3.3-3.4): EfficientNet `forward_features` maps of every item's photo (or, with `[image] cache_at`,
+the input of that backbone module, where pretraining fine-tunes the rest: pipeline.backbone).
 
 Photos are decoded one block ahead of the model. On a CUDA device, nvJPEG decodes a block's JPEGs in one
 batch (`torchvision.io.decode_jpeg(..., device="cuda")`) and they are resized there; elsewhere
@@ -28,6 +29,7 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from pipeline.backbone import features_until
 from pipeline.distributed import torchrun
 from pipeline.provenance import sha256_file
 from pipeline.weights import load_image_backbone
@@ -194,9 +196,10 @@ class ImageMaps:
         self.batch_size = int(opts["batch_size"])
         self.workers = int(opts["decode_workers"]) or decode_threads()
         self.nvjpeg = opts["decode_device"] == "auto" and nvjpeg_works(device)
+        self.features = features_until(self.model, opts["cache_at"])  # final maps, or the input of `cache_at`
         size = self.data_cfg["input_size"][1]
         with torch.inference_mode():
-            shape = tuple(self.model.forward_features(torch.zeros(1, 3, size, size, device=device)).shape[1:])
+            shape = tuple(self.features(torch.zeros(1, 3, size, size, device=device)).shape[1:])
         self.arrays = {"maps": ArraySpec("float16", shape)}
         digest = sha256_file(weights) if weights else "random"
         self.producer = {
@@ -204,6 +207,8 @@ class ImageMaps:
             "weights_sha256": digest,
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_cfg.items()},
         }
+        if opts["cache_at"]:  # only then: a store of final maps keeps the producer it always had
+            self.producer["cache_at"] = opts["cache_at"]
 
     def fingerprints(self, items: pl.DataFrame) -> np.ndarray:
         """A photo's file name and size: cheap to take for every item, changes when the file does."""
@@ -290,6 +295,6 @@ class ImageMaps:
         for start in range(0, len(photos), self.batch_size):
             x = self.normalize(photos[start : start + self.batch_size])
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
-                out = self.model.forward_features(x)  # (B, C, h, w)
+                out = self.features(x)  # (B, C, h, w)
             maps[rows[start : start + self.batch_size]] = out.to(torch.float16).cpu().numpy()
         return {"maps": maps}, missing

@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from pipeline.errors import PipelineError
 from pipeline.provenance import sha256_files
 from pipeline.text import clean_description
 from pipeline.weights import load_text_model
@@ -31,6 +32,11 @@ class CamembertTokens:
         self.max_chars = opts.max_chars
         self.prefix = model_opts.prefix  # e5 models expect "passage: " before a text
         self.tokenizer, self.model = load_text_model(model_dir)
+        if model_opts.layers:  # the first k layers only: their last hidden state is layer k's
+            if model_opts.layers > len(self.model.encoder.layer):
+                raise PipelineError(f"[text_model] layers = {model_opts.layers}: {model_dir} has "
+                                    f"{len(self.model.encoder.layer)} layers")
+            self.model.encoder.layer = self.model.encoder.layer[: model_opts.layers]
         self.device = device
         self.model.to(device)
         cfg = self.model.config
@@ -50,6 +56,8 @@ class CamembertTokens:
             "config": {"field": self.field, "clean_html": self.clean, "max_chars": self.max_chars, "prefix": self.prefix,
                        "max_len": self.max_len, "hidden_size": cfg.hidden_size},
         }
+        if model_opts.layers:  # only then: a store of the last layer's features keeps the producer it always had
+            self.producer["config"]["layers"] = model_opts.layers
 
     def texts(self, items: pl.DataFrame) -> list[str]:
         texts = items[self.field].to_list()

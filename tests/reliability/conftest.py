@@ -27,7 +27,7 @@ from pipeline.synth import synthesize
 from tests.conftest import Log, quiet  # noqa: F401  (re-exported to the reliability tests)
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "configs" / "demo.toml"
+DEMO = ROOT / "configs" / "tiny.toml"
 ITEMS = 300
 OVERRIDES = """
 [stores]

