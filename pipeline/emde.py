@@ -169,7 +169,7 @@ class StaticEMDE(nn.Module):
 
     def buckets(self, x: Tensor) -> Tensor:
         """Region index per depth: x (B, input_dim) -> (B, depth) long in [0, width)."""
-        if not self.fitted:
+        if not torch.compiler.is_compiling() and not self.fitted:  # a buffer's value: no guard on it in export
             raise RuntimeError("StaticEMDE is not fitted: call .fit(x) on the training vectors (or load a "
                                "fitted state_dict) before using it")
         side = self._project(x) > self.thresholds                           # (B, depth, bits) bool

@@ -183,6 +183,10 @@ class ImageTail(nn.Module):
 
     def forward(self, maps: Tensor, present: Tensor) -> Tensor:
         present = present.bool()
+        if not self.training:
+            # Every row through the tail (its BatchNorm is in eval mode: rows are independent), missing ones
+            # replaced by the pool: no data-dependent shapes, so the network exports with torch.export.
+            return self.pool(self.tail(maps), present)            # (B, channels)
         idx = present.nonzero().squeeze(1)                        # (P,)
         if idx.numel() == 0:
             return self.pool(maps, present)                       # no photo: the learned `missing` vector

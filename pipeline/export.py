@@ -5,8 +5,9 @@ as `torch.export` programs (`.pt2`, loadable with `torch.export.load` without th
                               ids (B, L) int64 + mask (B, L) bool | x (B, L, H) float32 + mask | x (B, *shape) + present (B,)
     W/export/fusion.pt2       {modality: sketch} -> fused logits (B, classes)
 
-The batch size and the sequence length are dynamic. Only networks with the trainable coder export (the
-static coder's fitted-or-not check is Python control flow on a buffer).
+The batch size and the sequence length are dynamic. Every system exports: trainable and static coders, the
+image tail fine-tuned over a cut cache, joint and averaged fusion (the eval paths have no data-dependent
+branch; tests/test_demo.py and tests/test_paper_systems.py compare each program with its network).
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from torch import nn
 
 from pipeline import checkpoint, modalities, workdir as wd
 from pipeline.config import Config
-from pipeline.errors import PipelineError
 from pipeline.heads import FusionHeads
 from stores import ArraySpec
 
@@ -65,8 +65,6 @@ def export(workdir: str | Path, cfg: Config, out: str | Path | None = None, log=
     files = {}
     for m in fusion["dims"]:
         model, ckpt = checkpoint.load_model(wd.model_dir(workdir, m))
-        if ckpt["coder"] != "trainable":
-            raise PipelineError(f"{m}: a static-coder network does not export; only trainable ones do")
         spec_json = ckpt["store"]["provenance"]["layout"]["arrays"][modalities.get(m).array]
         files[m] = out / f"{m}.pt2"
         torch.export.save(export_sketcher(model, m, ArraySpec.from_json(spec_json)), files[m])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoint
+from pipeline import checkpoint, modalities
 from pipeline.config import TINY_CONFIG, ConfigError, load_config
 from pipeline.emde import StaticEMDE
 from pipeline.encoders import ModalityClassifier, TokenSet
@@ -55,6 +55,7 @@ def test_static_text_modalities_train_on_token_sketches(tmp_path, pooling, encod
     model, ckpt = checkpoint.load_model(tmp_path / "w" / "models" / "desc_cam")
     assert ckpt["model_config"]["encoder"]["type"] == encoder and model.coder.fitted
     assert metrics["macro_f1"] > 0.45, metrics["history"]  # 6 classes, a fifth without text: chance ~0.17
+    _exports_the_same_sketches(model.eval(), "desc_cam", tmp_path / "w")
 
 
 def test_static_image_is_one_token_and_a_missing_photo_the_empty_set(tmp_path):
@@ -141,3 +142,23 @@ def test_pretraining_fine_tunes_the_tail_and_keeps_it_in_the_checkpoint(image_ca
     assert any(k.startswith("blocks_6") for k in moved) and any(k.startswith("conv_head") for k in moved)
     assert all(torch.equal(start[k], tuned[k]) for k in start if "running_" in k)  # BatchNorm statistics kept
     assert 0 < metrics["macro_f1"] <= 1
+    _exports_the_same_sketches(model.eval(), "image", root / "cut")
+
+
+def _exports_the_same_sketches(model, modality: str, workdir) -> None:
+    """The network up to its sketch exports with torch.export and gives the model's own sketches, on items with
+    an input and without (no data-dependent branch left in the eval path)."""
+    from pipeline.export import export_sketcher
+    from pipeline.train_reader import TrainReader
+
+    with FeatureStore(workdir / "features" / f"{modality}.zarr") as store:
+        missing = store.read_missing(store.ids).astype(bool)
+        ids = np.concatenate([store.ids[missing][:3], store.ids[~missing][:5]])
+        record = modalities.get(modality)
+        spec = store.specs[record.array]
+        reader = TrainReader(store, record.array, record.batch, ids, np.zeros(len(ids), np.int64),
+                             batch_size=len(ids), shuffle=False)
+        batch = next(iter(reader.epoch(0)))
+    program = export_sketcher(model, modality, spec)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(*batch.inputs), model.sketch(*batch.inputs))
