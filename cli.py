@@ -147,12 +147,13 @@ def sketch(
     modality: Annotated[str, typer.Argument(help="title_cam, desc_cam, title_bpe, image or all")] = "all",
     workdir: WorkdirOpt = ...,
     repair: Annotated[bool, typer.Option("--repair", help="sketch again the blocks whose chunks are damaged")] = False,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="discard the store and sketch every item again")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Input sketches (encoder + EMDE coder) of every item into W/sketches/<modality>.zarr|h5."""
     from pipeline.sketch import sketch as run
 
-    run(modality, workdir, settings(workdir, config), repair=repair, log=log)
+    run(modality, workdir, settings(workdir, config), repair=repair, rebuild=rebuild, log=log)
 
 
 @app.command()

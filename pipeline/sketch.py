@@ -82,10 +82,10 @@ class Sketcher:
 
 
 def sketch_into_store(sketcher: Sketcher, ids: np.ndarray, path, cfg: Config, hint: str, progress: bool,
-                      log=print, repair: bool = False) -> Summary:
-    """The sketches of `ids` into the store at `path` (rebuilt beside it when the checkpoint changed)."""
-    rebuild = False
-    if FeatureStore.exists(path):
+                      log=print, repair: bool = False, rebuild: bool = False) -> Summary:
+    """The sketches of `ids` into the store at `path` (rebuilt beside it when the checkpoint changed, or when
+    asked: a store whose layout is damaged)."""
+    if FeatureStore.exists(path) and not rebuild:
         with FeatureStore(path) as old:
             rebuild = old.provenance["producer"] != sketcher.producer
         if rebuild:
@@ -97,16 +97,19 @@ def sketch_into_store(sketcher: Sketcher, ids: np.ndarray, path, cfg: Config, hi
                           repair=repair and not rebuild, rebuild_hint=hint, progress=progress)
 
 
-def sketch(modality: str, workdir: str | Path, cfg: Config, *, repair: bool = False, progress: bool = True,
-           log=print) -> list[Summary]:
+def sketch(modality: str, workdir: str | Path, cfg: Config, *, repair: bool = False, rebuild: bool = False,
+           progress: bool = True, log=print) -> list[Summary]:
     """`pipeline sketch [MODALITY|all]`: the input sketch of every item, for each pretrained modality
-    (`repair`: sketch again the blocks whose chunks are damaged)."""
+    (`repair`: sketch again the blocks whose chunks are damaged; `rebuild`: every block, into a new store)."""
+    if repair and rebuild:
+        raise PipelineError("--repair or --rebuild, not both: --rebuild sketches every block anew")
     workdir = Path(workdir)
     with wd.repair_hint(cfg, workdir):
-        return _sketch_all(modality, workdir, cfg, repair, progress, log)
+        return _sketch_all(modality, workdir, cfg, (repair, rebuild), progress, log)
 
 
-def _sketch_all(modality: str, workdir: Path, cfg: Config, repair: bool, progress: bool, log) -> list[Summary]:
+def _sketch_all(modality: str, workdir: Path, cfg: Config, mend: tuple[bool, bool], progress: bool,
+                log) -> list[Summary]:
     split_ids = read_split(workdir)["item_id"].to_numpy()
     if modality == "all":
         names = [m for m in cfg.modality_names if (wd.model_dir(workdir, m) / checkpoint.MODEL_FILE).exists()]
@@ -121,7 +124,8 @@ def _sketch_all(modality: str, workdir: Path, cfg: Config, repair: bool, progres
         ids = sketcher.features.ids
         path = wd.sketch_store_path(workdir, cfg, name, cfg.stores.backend)
         summary = sketch_into_store(sketcher, ids[np.isin(ids, split_ids)], path, cfg,
-                                    wd.command(cfg, workdir, f"sketch {name}"), progress, log, repair)
+                                    wd.command(cfg, workdir, f"sketch {name}") + " --rebuild", progress, log,
+                                    *mend)
         log(summary.line())
         summaries.append(summary)
     return summaries

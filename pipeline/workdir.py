@@ -134,12 +134,15 @@ def command(cfg: Config, workdir, verb: str, catalog: bool = False) -> str:
 @contextmanager
 def repair_hint(cfg: Config, workdir):
     """A damaged store met while reading ends the stage with one line naming the command that repairs it
-    (the stage that wrote the store extracts its damaged blocks again)."""
+    (the stage that wrote the store extracts its damaged blocks again, or rebuilds it when its layout is hit)."""
     try:
         yield
     except DamagedStoreError as err:
         where = PurePosixPath(str(err.path))
         name = where.name.rsplit(".", 1)[0]
         verb = f"extract {name}" if where.parent.name == "features" else f"sketch {name}"
-        fix = f"{command(cfg, workdir, verb, catalog=verb.startswith('extract'))} --repair"
-        raise PipelineError(f"{err}; repair it with `{fix}`") from None
+        base = command(cfg, workdir, verb, catalog=verb.startswith("extract"))
+        if err.repairable:
+            raise PipelineError(f"{err}; repair it with `{base} --repair`") from None
+        raise PipelineError(f"{err}; that array is the store's layout, which only a rebuild restores: "
+                            f"`{base} --rebuild`") from None

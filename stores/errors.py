@@ -22,11 +22,12 @@ class DamagedStoreError(StoreError):
 
     `blocks` are the blocks whose data lies in those chunks: `FeatureStore.invalidate_blocks(blocks)`
     makes the next extraction rewrite exactly them. `item_ids` are the items with data there (empty
-    when the damaged array is `ids` itself).
+    when the damaged array is `ids` itself). `repairable` is False when the array is part of the layout
+    (ids, input hashes, counts, ragged starts and lengths), which no block rewrite mends: only a rebuild.
     """
 
-    def __init__(self, path, array: str, chunks, blocks, item_ids, cause: str):
-        self.path, self.array, self.cause = path, array, cause
+    def __init__(self, path, array: str, chunks, blocks, item_ids, cause: str, repairable: bool = True):
+        self.path, self.array, self.cause, self.repairable = path, array, cause, repairable
         self.chunks = sorted(int(c) for c in chunks)
         self.blocks = sorted(int(b) for b in blocks)
         self.item_ids = np.asarray(item_ids, dtype=np.int64)

@@ -512,7 +512,8 @@ class FeatureStore:
                 pass
             finally:
                 self._naming_damage = False
-        return DamagedStoreError(self.path, array, chunks, blocks, items, cause)
+        return DamagedStoreError(self.path, array, chunks, blocks, items, cause,
+                                 repairable=array not in self._plan_arrays())
 
     def _blocks_of_chunks(self, array: str, chunks) -> list[int]:
         """The blocks whose data lies in the given chunks of `array`."""

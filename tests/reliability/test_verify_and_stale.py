@@ -139,3 +139,32 @@ def test_damage_met_by_a_stage_names_the_repair_which_extracts_only_the_damaged_
         a, b = repaired.read("tokens", ids), good.read("tokens", ids)
         np.testing.assert_array_equal(a.values, b.values) and np.testing.assert_array_equal(a.offsets, b.offsets)
     assert run_cli("sketch", "title_bpe", "--workdir", w).returncode == 0
+
+
+def test_damage_to_a_store_layout_names_the_rebuild_which_restores_it(tmp_path, tiny: Tiny):
+    """The ragged lengths are the layout, which no block rewrite mends: the stage's line names --rebuild, and
+    `sketch --rebuild` writes the sketch store anew."""
+    from tests.reliability.test_store_damage import damage
+
+    w = copy_workdir(tiny.workdir, tmp_path / "w", ("features", "models", "sketches", "split.parquet", "config.json",
+                                                     "tokenizers", "upstream"))
+    damage(w / "features" / "title_bpe.zarr", "tokens/lengths", 0)
+    done = run_cli("sketch", "title_bpe", "--workdir", w, "--rebuild")  # reads every item's features
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    rebuild = f"pipeline extract title_bpe --catalog {tiny.catalog.resolve()} --workdir {w} --rebuild"
+    assert "'tokens/lengths' is damaged" in done.stderr and f"`{rebuild}`" in done.stderr, done.stderr
+
+    sketches = w / "sketches" / "title_bpe.zarr"
+    with FeatureStore(sketches) as good:
+        before = good.read("sketch", good.ids)
+    damage(sketches, "ids", 0)
+    done = run_cli("fuse", "--workdir", w)
+    assert done.returncode == 1 and f"`pipeline sketch title_bpe --workdir {w} --rebuild`" in done.stderr, done.stderr
+    assert run_cli("sketch", "title_bpe", "--workdir", w, "--repair").returncode == 1  # a repair cannot mend it
+    shutil.rmtree(w / "features" / "title_bpe.zarr")
+    shutil.copytree(tiny.workdir / "features" / "title_bpe.zarr", w / "features" / "title_bpe.zarr")
+    done = run_cli("sketch", "title_bpe", "--workdir", w, "--rebuild")
+    assert done.returncode == 0, done.stderr
+    with FeatureStore(sketches) as rebuilt:
+        assert rebuilt.verify()["ok"]
+        np.testing.assert_array_equal(rebuilt.read("sketch", rebuilt.ids), before)
