@@ -32,7 +32,7 @@ from pipeline.config import Config
 from pipeline.distributed import Dist, torchrun
 from pipeline.errors import PipelineError
 from pipeline.heads import FusionHeads
-from pipeline.metrics import PAPER_TABLE3, class_weights, classification_metrics, save_pictures
+from pipeline.metrics import PAPER_TABLE2, PAPER_TABLE3, class_weights, classification_metrics, save_pictures
 from pipeline.provenance import Stamp, digest, output_lock, partial_dir, read_json, recover, sha256_file, swap_in, write_json
 from stores import FeatureStore
 
@@ -169,7 +169,7 @@ def _run(job: FuseJob, ctx: Dist, started: float, say) -> dict:
     if ctx.main:
         dims = {m: s.shape[1] for m, s in sketches.items()}
         _write(job, model, dims, best["valid_pred"], test_logits, metrics)
-        say(summary_table(job.workdir, metrics))
+        say(summary_table(job.workdir, metrics, job.cfg.fusion.output))
         say(f"fuse: valid macro-F1 {metrics['macro_f1']:.4f} (best epoch {metrics['best_epoch']}) -> {job.out}")
     ctx.barrier()  # every rank returns once the outputs are written
     return metrics
@@ -254,15 +254,17 @@ def _write(job: FuseJob, model: FusionHeads, dims: dict, valid_pred: np.ndarray,
     swap_in(out, job.out)
 
 
-def summary_table(workdir: Path, fused: dict) -> str:
-    """Table 3 of the paper beside this run: validation macro-F1 of every modality and of the fusion."""
+def summary_table(workdir: Path, fused: dict, output: str = "fusion") -> str:
+    """The paper beside this run: validation macro-F1 of every modality (Table 3) and of the fusion (Table 2's row
+    for its ablations' outputs, none for a system the paper does not score)."""
     rows = [("modality", "this run", "paper (Table 3)")]
     for m in modalities.names():
         path = wd.model_dir(workdir, m) / "metrics.json"
         if path.exists():
             paper = f"{100 * PAPER_TABLE3[m]:.2f}" if m in PAPER_TABLE3 else "-"
             rows.append((m, f"{100 * read_json(path, 'metrics file')['macro_f1']:.2f}", paper))
-    rows.append(("fused", f"{100 * fused['macro_f1']:.2f}", f"{100 * PAPER_TABLE3['fusion']:.2f}"))
+    paper = f"{100 * PAPER_TABLE2[output]:.2f} (Table 2)" if output in PAPER_TABLE2 else "-"
+    rows.append((f"fused ({output})", f"{100 * fused['macro_f1']:.2f}", paper))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(cell.ljust(width[i]) for i, cell in enumerate(r)) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in width))

@@ -93,8 +93,10 @@ def sketch_into_store(sketcher: Sketcher, ids: np.ndarray, path, cfg: Config, hi
     # Items in the feature store's row order: each sketch block reads contiguous feature rows.
     rows = sketcher.features.rows(ids)
     items = pl.DataFrame({"item_id": ids[np.argsort(rows, kind="stable")]})
-    return run_extraction(sketcher, items, path, block_rows=cfg.sketch.block_items, rebuild=rebuild,
-                          repair=repair and not rebuild, rebuild_hint=hint, progress=progress)
+    summary = run_extraction(sketcher, items, path, block_rows=cfg.sketch.block_items, rebuild=rebuild,
+                             repair=repair and not rebuild, rebuild_hint=hint, progress=progress)
+    summary.verb = "sketched"
+    return summary
 
 
 def sketch(modality: str, workdir: str | Path, cfg: Config, *, repair: bool = False, rebuild: bool = False,

@@ -66,13 +66,14 @@ class Summary:
     missing: int  # computed items whose input was missing or unreadable
     seconds: float
     bytes_written: int
+    verb: str = "extracted"  # what the stage did to each item ("sketched" for the sketch stage)
 
     def line(self) -> str:
         if self.computed == 0:
             return (f"{self.modality}: nothing to do, {self.items} items already in {self.store} "
                     f"(inputs and config unchanged)")
         rate = self.computed / max(self.seconds, 1e-9)
-        return (f"{self.modality}: {self.computed} items extracted ({rate:.1f} items/s), {self.skipped} "
+        return (f"{self.modality}: {self.computed} items {self.verb} ({rate:.1f} items/s), {self.skipped} "
                 f"already stored, {self.missing} missing inputs, {self.seconds:.1f} s, "
                 f"{self.bytes_written / 1e6:.1f} MB written -> {self.store} ({self.items} items)")
 
