@@ -107,10 +107,10 @@ def sketch(modality: str, workdir: str | Path, cfg: Config, *, repair: bool = Fa
         raise PipelineError("--repair or --rebuild, not both: --rebuild sketches every block anew")
     workdir = Path(workdir)
     with wd.repair_hint(cfg, workdir):
-        return _sketch_all(modality, workdir, cfg, (repair, rebuild), progress, log)
+        return _sketch_all(modality, workdir, cfg, repair, rebuild, progress, log)
 
 
-def _sketch_all(modality: str, workdir: Path, cfg: Config, mend: tuple[bool, bool], progress: bool,
+def _sketch_all(modality: str, workdir: Path, cfg: Config, repair: bool, rebuild: bool, progress: bool,
                 log) -> list[Summary]:
     split_ids = read_split(workdir)["item_id"].to_numpy()
     if modality == "all":
@@ -127,7 +127,7 @@ def _sketch_all(modality: str, workdir: Path, cfg: Config, mend: tuple[bool, boo
         path = wd.sketch_store_path(workdir, cfg, name, cfg.stores.backend)
         summary = sketch_into_store(sketcher, ids[np.isin(ids, split_ids)], path, cfg,
                                     wd.command(cfg, workdir, f"sketch {name}") + " --rebuild", progress, log,
-                                    *mend)
+                                    repair=repair, rebuild=rebuild)
         log(summary.line())
         summaries.append(summary)
     return summaries
