@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["TextCNN", "BpeCNN", "ImagePool", "ImageTail", "TokenMeanPool", "RandomBagOfIds", "TokenSet",
+__all__ = ["TextCNN", "TextTail", "BpeCNN", "ImagePool", "ImageTail", "TokenMeanPool", "RandomBagOfIds", "TokenSet",
            "RandomIdEmbedding", "MapToken", "ModalityClassifier", "ENCODERS", "build_encoder"]
 
 
@@ -87,6 +87,42 @@ class TextCNN(nn.Module):
             pooled.append(h.amax(dim=-1))                         # (B, channels); -inf for all-masked rows
         out = self.dropout(torch.cat(pooled, dim=-1))             # (B, output_dim)
         return _replace_missing(out, present, self.missing)
+
+
+class TextTail(nn.Module):
+    """The text model's top `count` transformer layers, fine-tuned over the cached states of layer `first`, then
+    :class:`TextCNN` (issue 19: the text counterpart of :class:`ImageTail`).
+
+    The store holds layer `first`'s hidden states ([text_model] layers = first); the layers `first + 1 ..
+    first + count` are built here from the model's config (`hf_config`, recorded in the store's producer) at
+    random, and given their weights by the checkpoint, or before the first step by the upstream model the
+    extractor used (pipeline.modalities), so that training starts from the frozen model's own states.
+
+    forward: x (B, L, hidden) float, mask (B, L) bool -> (B, len(kernel_sizes) * channels)
+    """
+
+    def __init__(self, hf_config: dict, first: int, count: int, cnn: dict):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        self.hf_config, self.first, self.count = dict(hf_config), int(first), int(count)
+        args = {k: v for k, v in self.hf_config.items() if k != "model_type"}
+        args |= {"num_hidden_layers": self.count, "vocab_size": 2, "pad_token_id": 0, "bos_token_id": 0,
+                 "eos_token_id": 1}  # a 2-word vocabulary: no large embedding table is built for nothing
+        config = AutoConfig.for_model(self.hf_config["model_type"], **args)
+        self.tail = AutoModel.from_config(config, add_pooling_layer=False).encoder.layer  # the layers only
+        self.cnn = TextCNN(**cnn)
+        self.output_dim = self.cnn.output_dim
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        mask = mask.bool()
+        # additive (B, 1, 1, L) mask, the layout eager and sdpa attention both take: padding never attended to
+        blocked = (~mask)[:, None, None, :].to(x.dtype) * torch.finfo(x.dtype).min
+        h = x
+        for layer in self.tail:
+            out = layer(h, attention_mask=blocked)
+            h = out[0] if isinstance(out, tuple) else out            # (B, L, hidden)
+        return self.cnn(h, mask)
 
 
 class BpeCNN(nn.Module):
@@ -288,8 +324,8 @@ class RandomBagOfIds(nn.Module):
 
 
 # The encoders a checkpoint's model config may name ({"type": name, **constructor arguments}).
-ENCODERS = {cls.__name__: cls for cls in (TextCNN, BpeCNN, ImagePool, ImageTail, TokenMeanPool, RandomBagOfIds,
-                                          TokenSet, RandomIdEmbedding, MapToken)}
+ENCODERS = {cls.__name__: cls for cls in (TextCNN, TextTail, BpeCNN, ImagePool, ImageTail, TokenMeanPool,
+                                          RandomBagOfIds, TokenSet, RandomIdEmbedding, MapToken)}
 
 
 def build_encoder(config: dict) -> nn.Module:

@@ -152,6 +152,13 @@ class TextTrainOptions(TrainOptions):
     static_pooling: Literal["tokens", "mean"]  # static coder: sketch every token and sum, or sketch their mean
 
 
+class TextCamTrainOptions(TextTrainOptions):
+    """The n-gram CNN over token features (title_cam, desc_cam), optionally over the text model's top layers."""
+
+    tune_layers: NonNegative  # 0: the stored features as they are; k: the k layers above the stored one, fine-tuned
+    backbone_lr: PositiveFloat  # the fine-tuned layers' rate; the CNN, coder and head train at lr
+
+
 class BpeTrainOptions(TextTrainOptions):
     """A learned embedding of the BPE ids, then the n-gram CNN (title_bpe)."""
 
@@ -200,12 +207,30 @@ def _bpe_encoder(opts: BpeTrainOptions, spec: ArraySpec, producer: dict) -> dict
             "channels": opts.channels, "dropout": opts.dropout, "token_dropout": opts.token_dropout}
 
 
-def _text_encoder(opts: TextTrainOptions, spec: ArraySpec, producer: dict) -> dict:
+def _text_encoder(opts: TextCamTrainOptions, spec: ArraySpec, producer: dict) -> dict:
     hidden = int(spec.shape[-1])  # (tokens, hidden): the upstream model's hidden size
     if opts.coder == "static":
         return {"type": "TokenSet" if opts.static_pooling == "tokens" else "TokenMeanPool", "in_dim": hidden}
-    return {"type": "TextCNN", "in_dim": hidden, "kernel_sizes": opts.kernel_sizes, "channels": opts.channels,
-            "dropout": opts.dropout, "token_dropout": opts.token_dropout}
+    cnn = {"in_dim": hidden, "kernel_sizes": opts.kernel_sizes, "channels": opts.channels, "dropout": opts.dropout,
+           "token_dropout": opts.token_dropout}
+    if not opts.tune_layers:
+        return {"type": "TextCNN"} | cnn
+    if "hf_config" not in producer:
+        raise PipelineError(f"tune_layers = {opts.tune_layers} fine-tunes the layers above the stored ones, and this "
+                            f"store holds the text model's last layer: extract it with [text_model] layers = L - "
+                            f"{opts.tune_layers} (L: the layers the model runs)")
+    return {"type": "TextTail", "hf_config": producer["hf_config"], "first": producer["config"]["layers"],
+            "count": opts.tune_layers, "cnn": cnn}
+
+
+def _text_init(encoder: nn.Module, cfg: Config, workdir: Path, producer: dict) -> None:
+    """Fine-tuned layers start as the text model's own layers above the stored one (the extractor's weights)."""
+    if not hasattr(encoder, "tail"):
+        return
+    from pipeline.extract.text_cam import model_layers
+    from pipeline.upstream import text_model_dir
+
+    encoder.tail.load_state_dict(model_layers(text_model_dir(cfg, workdir), producer, encoder.first, encoder.count))
 
 
 def _image_encoder(opts: ImageTrainOptions, spec: ArraySpec, producer: dict) -> dict:
@@ -244,10 +269,10 @@ def _build_encoder(config: dict) -> nn.Module:
     return build_encoder(config)
 
 
-register(Modality("title_cam", "tokens", "tokens", TextCamOptions, TextTrainOptions,
-                  _text_cam_extractor("title_cam"), _text_encoder, _build_encoder))
-register(Modality("desc_cam", "tokens", "tokens", TextCamOptions, TextTrainOptions,
-                  _text_cam_extractor("desc_cam"), _text_encoder, _build_encoder))
+register(Modality("title_cam", "tokens", "tokens", TextCamOptions, TextCamTrainOptions,
+                  _text_cam_extractor("title_cam"), _text_encoder, _build_encoder, _text_init))
+register(Modality("desc_cam", "tokens", "tokens", TextCamOptions, TextCamTrainOptions,
+                  _text_cam_extractor("desc_cam"), _text_encoder, _build_encoder, _text_init))
 register(Modality("title_bpe", "tokens", "ids", TitleBpeOptions, BpeTrainOptions,
                   _title_bpe_extractor, _bpe_encoder, _build_encoder))
 register(Modality("image", "maps", "fixed", ImageOptions, ImageTrainOptions,

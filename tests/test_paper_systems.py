@@ -9,6 +9,7 @@ import torch
 from pipeline import checkpoint, modalities
 from pipeline.config import TINY_CONFIG, ConfigError, load_config
 from pipeline.emde import StaticEMDE
+from pipeline.errors import PipelineError
 from pipeline.encoders import ModalityClassifier, TokenSet
 from pipeline.pretrain import initial_model, prepare, pretrain
 from stores import FeatureStore
@@ -162,3 +163,68 @@ def _exports_the_same_sketches(model, modality: str, workdir) -> None:
     program = export_sketcher(model, modality, spec)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(*batch.inputs), model.sketch(*batch.inputs))
+
+
+# ---------------------------------------------------------------------- text: the top layers fine-tuned
+@pytest.fixture(scope="module")
+def text_caches(tmp_path_factory):
+    """One catalogue's titles extracted twice by the tiny CamemBERT (2 layers): the last layer's states ([text_model]
+    layers unset, as every store before this option), and layer 1's."""
+    from pipeline.extract import extract
+    from pipeline.synth import synthesize
+
+    root = tmp_path_factory.mktemp("text-tail")
+    synthesize(root / "catalog", items=200, seed=5, image_size=32)
+    small = {"title_cam": {"block_items": 64}, "pretrain": {"title_cam": {"epochs": 2, "batch_size": 32}}}
+    whole = load_config(TINY_CONFIG, small)
+    cut = load_config(TINY_CONFIG, small | {"text_model": {"layers": 1},
+                                            "pretrain": {"title_cam": {"epochs": 2, "batch_size": 32, "tune_layers": 1}}})
+    extract("title_cam", root / "catalog", root / "whole", whole, progress=False, log=quiet)
+    (root / "cut").mkdir()
+    (root / "cut" / "upstream").symlink_to(root / "whole" / "upstream")  # the same tiny model, trained once
+    extract("title_cam", root / "catalog", root / "cut", cut, progress=False, log=quiet)
+    return root, cut
+
+
+def test_the_tuned_text_layers_start_from_the_frozen_model_states(text_caches):
+    root, cfg = text_caches
+    model = initial_model(prepare("title_cam", root / "cut", cfg, None)).eval()  # before any training step
+    assert type(model.encoder).__name__ == "TextTail" and model.encoder.first == 1
+    with FeatureStore(root / "cut" / "features" / "title_cam.zarr") as cut, \
+            FeatureStore(root / "whole" / "features" / "title_cam.zarr") as whole:
+        ids = cut.ids[:32]
+        low, high = cut.read("tokens", ids), whole.read("tokens", ids)
+    lengths = np.diff(low.offsets)
+    x = torch.zeros(len(ids), lengths.max(), low.values.shape[-1])
+    mask = torch.zeros(len(ids), lengths.max(), dtype=torch.bool)
+    for i, (a, n) in enumerate(zip(low.offsets[:-1], lengths)):
+        x[i, :n] = torch.from_numpy(low.values[a : a + n].astype(np.float32))
+        mask[i, :n] = True
+    with torch.no_grad():
+        h = x
+        for layer in model.encoder.tail:
+            out = layer(h, attention_mask=(~mask)[:, None, None, :].float() * torch.finfo(torch.float32).min)
+            h = out[0] if isinstance(out, tuple) else out
+    expected = high.values.astype(np.float32)
+    got = torch.cat([h[i, :n] for i, n in enumerate(lengths)]).numpy()
+    scale = np.abs(expected).max()  # float16 storage of both layers' states: a few units of the last place
+    np.testing.assert_allclose(got, expected, rtol=2**-8, atol=2**-8 * scale)
+
+
+def test_pretraining_tunes_the_text_layers_at_their_own_rate(text_caches):
+    root, cfg = text_caches
+    start = initial_model(prepare("title_cam", root / "cut", cfg, None)).encoder.tail.state_dict()
+    metrics = pretrain("title_cam", root / "cut", cfg, progress=False, log=Log())
+    model, ckpt = checkpoint.load_model(root / "cut" / "models" / "title_cam")
+    assert ckpt["model_config"]["encoder"]["type"] == "TextTail" and ckpt["model_config"]["encoder"]["count"] == 1
+    tuned = model.encoder.tail.state_dict()
+    assert any(not torch.equal(start[k], tuned[k]) for k in start)
+    assert 0 < metrics["macro_f1"] <= 1
+    _exports_the_same_sketches(model.eval(), "title_cam", root / "cut")
+
+
+def test_tuning_layers_over_a_last_layer_store_is_refused_in_one_line(text_caches):
+    root, _ = text_caches
+    cfg = load_config(TINY_CONFIG, {"pretrain": {"title_cam": {"tune_layers": 1}}})
+    with pytest.raises(PipelineError, match="layers above the stored ones.*extract it with \\[text_model\\] layers"):
+        prepare("title_cam", root / "whole", cfg, None)

@@ -22,6 +22,11 @@ from pipeline.weights import load_text_model
 from stores import ArraySpec, fingerprint
 
 
+# The config keys a transformer layer is built from (not the vocabulary or the library's version).
+HF_LAYER_KEYS = ("model_type", "hidden_size", "num_attention_heads", "intermediate_size", "hidden_act", "layer_norm_eps",
+                 "hidden_dropout_prob", "attention_probs_dropout_prob", "position_embedding_type")
+
+
 class CamembertTokens:
     """Extractor for title_cam / desc_cam: one ragged float16 array `tokens` (hidden size per token)."""
 
@@ -58,6 +63,8 @@ class CamembertTokens:
         }
         if model_opts.layers:  # only then: a store of the last layer's features keeps the producer it always had
             self.producer["config"]["layers"] = model_opts.layers
+            # what a network needs to build the layers above this one and fine-tune them (encoders.TextTail)
+            self.producer["hf_config"] = {k: getattr(cfg, k) for k in HF_LAYER_KEYS if hasattr(cfg, k)}
 
     def texts(self, items: pl.DataFrame) -> list[str]:
         texts = items[self.field].to_list()
@@ -115,3 +122,17 @@ class CamembertTokens:
         hidden_size = self.arrays["tokens"].shape[0]
         flat = np.concatenate(outputs) if outputs else np.zeros((0, hidden_size), np.float16)
         return {"tokens": flat}, missing
+
+
+def model_layers(model_dir: Path, producer: dict, first: int, count: int) -> dict:
+    """The state dict of layers `first .. first + count - 1` (0-based: the `count` layers above layer `first`'s
+    output) of the text model at `model_dir`, which must be the one the store was extracted with."""
+    weights = sorted(p for p in Path(model_dir).iterdir() if p.suffix in (".safetensors", ".bin"))
+    if sha256_files(weights) != producer["weights_sha256"]:
+        raise PipelineError(f"{model_dir} is not the text model this store was extracted with: the fine-tuned layers "
+                            f"must start from the extractor's own weights")
+    _, model = load_text_model(model_dir)
+    layers = model.encoder.layer
+    if first + count > len(layers):
+        raise PipelineError(f"tune_layers = {count} above layer {first}: {model_dir} has {len(layers)} layers")
+    return layers[first : first + count].state_dict()
