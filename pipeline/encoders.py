@@ -114,15 +114,17 @@ class TextTail(nn.Module):
         self.cnn = TextCNN(**cnn)
         self.output_dim = self.cnn.output_dim
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        mask = mask.bool()
+    def states(self, x: Tensor, mask: Tensor) -> Tensor:
+        """(B, L, hidden) states of layer `first` -> those of layer `first + count`."""
         # additive (B, 1, 1, L) mask, the layout eager and sdpa attention both take: padding never attended to
-        blocked = (~mask)[:, None, None, :].to(x.dtype) * torch.finfo(x.dtype).min
-        h = x
+        blocked = (~mask.bool())[:, None, None, :].to(x.dtype) * torch.finfo(x.dtype).min
         for layer in self.tail:
-            out = layer(h, attention_mask=blocked)
-            h = out[0] if isinstance(out, tuple) else out            # (B, L, hidden)
-        return self.cnn(h, mask)
+            out = layer(x, attention_mask=blocked)
+            x = out[0] if isinstance(out, tuple) else out            # (B, L, hidden)
+        return x
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        return self.cnn(self.states(x, mask), mask)
 
 
 class BpeCNN(nn.Module):

@@ -29,7 +29,9 @@ train items' vectors (every token of a set; all ranks'), then only the head is t
 
 Over an image store cut at ``[image] cache_at``, the image network's encoder is the rest of the backbone
 (:class:`~pipeline.encoders.ImageTail`), which starts from the extractor's weights file (`initial_model`)
-and trains at ``[pretrain.image] backbone_lr``, the new layers at ``lr``.
+and trains at ``[pretrain.image] backbone_lr``, the new layers at ``lr``. Likewise over a text store of a lower
+layer (``[text_model] layers``) with ``tune_layers = k``: the text model's next k layers
+(:class:`~pipeline.encoders.TextTail`) at that table's ``backbone_lr``.
 """
 from __future__ import annotations
 
@@ -238,7 +240,8 @@ def _fit_static(model, reader: TrainReader, ctx: Dist) -> None:
 
 def initial_model(job: Job):
     """The job's network before its first step: random init under the seed, then what the modality's encoder
-    starts from (its registry record's `init_encoder`: the image tail loads the extractor's backbone weights)."""
+    starts from (its registry record's `init_encoder`: a fine-tuned tail, image or text, loads the weights the
+    extractor used)."""
     torch.manual_seed(job.cfg.seed)
     np.random.seed(job.cfg.seed % 2**32)
     model = checkpoint.build_model(job.model_config)

