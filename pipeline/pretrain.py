@@ -238,20 +238,20 @@ def _fit_static(model, reader: TrainReader, ctx: Dist) -> None:
     model.coder.fit(torch.from_numpy(feats).to(ctx.device))
 
 
-def initial_model(job: Job):
+def initial_model(job: Job, pretrained: bool = True):
     """The job's network before its first step: random init under the seed, then what the modality's encoder
     starts from (its registry record's `init_encoder`: a fine-tuned tail, image or text, loads the weights the
-    extractor used)."""
+    extractor used; skipped with `pretrained=False`, for a resumed run whose state replaces every weight)."""
     torch.manual_seed(job.cfg.seed)
     np.random.seed(job.cfg.seed % 2**32)
     model = checkpoint.build_model(job.model_config)
-    if job.modality.init_encoder is not None:
+    if pretrained and job.modality.init_encoder is not None:
         job.modality.init_encoder(model.encoder, job.cfg, job.workdir, job.store.provenance["producer"])
     return model
 
 
 def _build(job: Job, ctx: Dist, train_reader: TrainReader, fresh: bool, say):
-    model = initial_model(job).to(ctx.device)
+    model = initial_model(job, pretrained=fresh).to(ctx.device)  # a resumed run loads its own weights
     static = job.opts.coder == "static"
     if static:
         for p in list(model.encoder.parameters()) + list(model.coder.parameters()):
