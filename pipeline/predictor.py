@@ -253,6 +253,7 @@ class Predictor:
         self._stamp = model_stamp(source, cfg) if source is not None else ()
         self._lock = threading.RLock()  # one call at a time: each already uses every core
         self._warned = False
+        self.warn_on_change = True  # off where something else swaps models (pipeline serve)
 
     @classmethod
     def load(cls, workdir: str | Path, config=None, device: str = "auto", cache: str | Path | None = None,
@@ -463,7 +464,7 @@ class _Call:
                 rows = sorted(self.items.problems)
                 warnings.warn(MissingInputWarning(f"{len(rows)} item(s) classified without an input that could "
                                                   f"not be read: {self.items.names(rows)}"), stacklevel=3)
-            if kind is None and not p._warned and p.changed():
+            if kind is None and p.warn_on_change and not p._warned and p.changed():
                 p._warned = True
                 warnings.warn(f"{p.source}: its models changed since this Predictor was loaded; it goes on answering "
                               f"with its own (version {p.version}): Predictor.load it again for the new ones",

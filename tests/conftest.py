@@ -97,3 +97,32 @@ def trained_workdir(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return root / "w"
+
+
+@__import__("contextlib").contextmanager
+def serving(source, configs=None, token: str | None = None, log=quiet, **opts):
+    """`pipeline serve` of `source` in this process, on a free loopback port, with `[serve]` settings `opts`:
+    yields (base URL, the app) once its models are loaded, and stops it after."""
+    import threading
+
+    import uvicorn
+
+    from pipeline import workdir as wd
+    from pipeline.serve import Metrics, Models, bind, create_app
+
+    settings = wd.load(source, configs).serve.model_copy(update=opts)
+    ready, failed = threading.Event(), []
+    models = Models(source, configs, Metrics(), log)
+    app = create_app(models, settings, token, on_ready=lambda err: (failed.append(err), ready.set()))
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                                           timeout_graceful_shutdown=10))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(300) and failed == [None], failed
+        yield "http://127.0.0.1:{}".format(sock.getsockname()[1]), app
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        sock.close()

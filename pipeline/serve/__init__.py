@@ -10,15 +10,17 @@ import math
 import os
 import signal
 import socket
+import warnings
 from pathlib import Path
 
 from pipeline import workdir as wd
 from pipeline.errors import PipelineError
+from pipeline.predictor import MissingInputWarning
 from pipeline.serve.app import TOKEN_VARIABLE, create_app
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.models import Models
 
-__all__ = ["serve", "create_app", "Models", "Metrics", "TOKEN_VARIABLE"]
+__all__ = ["serve", "bind", "create_app", "Models", "Metrics", "TOKEN_VARIABLE"]
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -59,6 +61,7 @@ def serve(source: str | Path, configs: list[Path] | None = None, host: str | Non
         failed.append(err)
         server.should_exit = True
 
+    warnings.filterwarnings("ignore", category=MissingInputWarning)  # each answer names its items' missing inputs
     token = os.environ.get(TOKEN_VARIABLE) or None
     app = create_app(models, opts, token, metrics, on_ready, reload_on_sighup=True)
     server = uvicorn.Server(uvicorn.Config(app, timeout_graceful_shutdown=math.ceil(opts.drain_seconds),

@@ -165,13 +165,14 @@ def _routes(app: FastAPI, models: Models, batcher: Batcher, opts: Serve, token: 
         if models.current is None:
             raise Refused(503, "models: still loading; retry when GET /readyz answers 200", "not_ready")
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind == "multipart/form-data":
+        if kind in ("multipart/form-data", "application/x-www-form-urlencoded"):
             async with request.form(max_files=1, max_fields=len(FIELDS), max_part_size=opts.max_body_bytes) as form:
                 ids, items = await parse_form(form)
         elif kind in ("application/json", ""):
             ids, items = parse_json(await request.body(), opts.max_request_items)
         else:
-            raise Refused(415, f"content-type: {kind} is not taken; send application/json or multipart/form-data",
+            raise Refused(415, f"content-type: {kind} is not taken; send application/json or a form "
+                               f"(multipart/form-data with the photo as a file)",
                           "bad_content_type")
         served, answers = await batcher.submit(items)
         metrics.latency.labels("/v1/predict").observe(time.perf_counter() - started)

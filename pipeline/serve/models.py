@@ -44,6 +44,7 @@ class Models:
         """A new Predictor of the source, as its files are now (blocking: run it in a thread)."""
         started = time.perf_counter()
         predictor = Predictor.load(self.source, config=self.configs)
+        predictor.warn_on_change = False  # the watcher swaps new models in
         return Served(predictor, predictor.version, time.perf_counter() - started)
 
     def stamp(self) -> tuple:
