@@ -79,3 +79,14 @@ def test_bundle_outputs_that_are_not_bundles_are_refused(trained_workdir, tmp_pa
         run = cli("bundle", "--workdir", trained_workdir, "--out", out)
         assert run.returncode == 1 and why in run.stderr.strip().splitlines()[-1], run.stderr
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine" and not (trained_workdir / "b").exists()
+
+
+def test_serve_a_bundle_with_the_work_directory_gone(bundled):
+    httpx = pytest.importorskip("httpx")
+    from tests.conftest import serving
+
+    b, items, expected = bundled
+    with serving(b) as (url, app):
+        answer = httpx.post(f"{url}/v1/predict", json={"items": [{"title": items["title"][0],
+                                                                  "description": items["description"][0]}]}, timeout=60)
+    assert answer.status_code == 200 and answer.json()["model_version"] == Predictor.load(b).version
