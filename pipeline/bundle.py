@@ -5,7 +5,7 @@
     B/<[fusion] output>/model.pt   the fusion heads, as W has them
     B/models/<modality>/model.pt   each network the fusion reads, as W has them (the sha256 the fusion recorded)
     B/tokenizers/title_bpe.*       title_bpe's SentencePiece model
-    B/upstream/text-model/         the text model: config.json, tokenizer files and model.safetensors with the
+    B/upstream/text-model/         the text model: config.json, its tokenizer and model.safetensors with the
                                    layers `[text_model] layers` runs only, in float16 (loaded as float32)
     B/upstream/image.safetensors   the image backbone's weights (float32)
     B/class_names.csv              when `[serve] class_names` names one
@@ -131,7 +131,7 @@ def _copy(src: Path, dst: Path) -> None:
 
 def _text_model(cfg: Config, workdir: Path, out: Path) -> None:
     """The text model W's extractors run: its first `[text_model] layers` layers (all when 0), float16 weights
-    (config dtype float32: transformers loads them as float32), the tokenizer files as they are."""
+    (config dtype float32: transformers loads them as float32), and its tokenizer (`_tokenizer`)."""
     import torch
     from safetensors.torch import save_file
 
@@ -139,7 +139,7 @@ def _text_model(cfg: Config, workdir: Path, out: Path) -> None:
     from pipeline.weights import load_text_model
 
     src = text_model_dir(cfg, workdir)
-    _, model = load_text_model(src)
+    tokenizer, model = load_text_model(src)
     if cfg.text_model.layers:
         model.encoder.layer = model.encoder.layer[: cfg.text_model.layers]
         model.config.num_hidden_layers = len(model.encoder.layer)
@@ -149,10 +149,55 @@ def _text_model(cfg: Config, workdir: Path, out: Path) -> None:
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     model.config.dtype = "float32"
     model.config.to_json_file(str(out / "config.json"))
+    _tokenizer(tokenizer, src, out, _texts(workdir, cfg))
+
+
+def _tokenizer(tokenizer, src: Path, out: Path, texts: list[str]) -> None:
+    """The tokenizer as the `tokenizer.json` of its pipeline as loaded (the model class may rebuild the file's),
+    read by the generic fast tokenizer with its special tokens and length limit: transformers then skips the
+    model class's own set-up, half of a text model's load. Kept only if it gives the same ids as the original
+    on `texts`; else the original files are copied as they are."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from pipeline.weights import quiet_transformers
+
+    if hasattr(tokenizer, "backend_tokenizer"):
+        special = {k: str(getattr(tokenizer, k)) for k in ("bos_token", "eos_token", "unk_token", "sep_token",
+                                                            "pad_token", "cls_token", "mask_token")
+                   if getattr(tokenizer, k, None) is not None}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": tokenizer.model_max_length}
+        tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
+        (out / "tokenizer_config.json").write_text(json.dumps(config | special, indent=1))
+        with quiet_transformers():
+            generic = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+        same = all(getattr(generic, f"{k}_id") == getattr(tokenizer, f"{k}_id") for k in special) and \
+            generic(texts, add_special_tokens=False)["input_ids"] == tokenizer(texts, add_special_tokens=False)["input_ids"]
+        if same:
+            return
+        for f in out.glob("tokenizer*"):
+            f.unlink()
     for f in sorted(src.iterdir()):
-        if f.is_file() and f.suffix not in (".safetensors", ".bin") and f.name not in ("config.json",) \
+        if f.is_file() and f.suffix not in (".safetensors", ".bin") and f.name != "config.json" \
                 and not f.name.endswith(".index.json"):
             _copy(f, out / f.name)
+
+
+PROBES = ["Piscine tubulaire 3 m", "Livre d'occasion - très bon état", "éàü ÉÀÜ ß œ 東京 😀", "<b>x</b> &amp; y",
+          "  spaces   and\ttabs\n", "", "a" * 600]
+
+
+def _texts(workdir: Path, cfg: Config, n: int = 2000) -> list[str]:
+    """Texts to compare two tokenizers on: W's catalogue's titles and descriptions (when W names it), probes."""
+    from pipeline.catalog import load_catalog
+
+    texts = list(PROBES)
+    catalog = (wd.recorded(workdir) or {}).get("catalog")
+    if catalog and Path(catalog).is_dir():
+        items = load_catalog(catalog, cfg, require_train=False).items.head(n)
+        texts += items["title"].to_list() + items["description"].to_list()
+    return [cfg.text_model.prefix + t for t in texts]
 
 
 def _image_weights(cfg: Config, workdir: Path, out: Path) -> None:
