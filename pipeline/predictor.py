@@ -245,10 +245,11 @@ class Predictor:
     """A trained work directory (or a bundle), loaded once, that classifies tables of new items."""
 
     def __init__(self, cfg: Config, heads: FusionHeads, codes: list[int], branches: dict[str, _Branch],
-                 device: torch.device, cache: Path | None = None, version: str = "", source: Path | None = None):
+                 device: torch.device, cache: Path | None = None, version: str = "", source: Path | None = None,
+                 names: dict[int, str] | None = None):
         self.cfg, self.heads, self.branches, self.device, self.cache = cfg, heads, branches, device, cache
         self.classes = np.asarray(codes, dtype=np.int64)
-        self.class_names = class_names(cfg.serve.class_names)
+        self.class_names = class_names(cfg.serve.class_names) if names is None else names
         self.version, self.source = version, source
         self._stamp = model_stamp(source, cfg) if source is not None else ()
         self._lock = threading.RLock()  # one call at a time: each already uses every core
@@ -282,6 +283,7 @@ class Predictor:
                                 f"fuse; or `pipeline demo --workdir {workdir}`)")
         if cache is not None:
             cache = check_cache(Path(cache), workdir, cfg)
+        names = class_names(cfg.serve.class_names)
         fusion = checkpoint.load(path)
         fusion_sha = sha256_file(path)
         keep_freed_memory()  # CPU forwards: no page faults on every big activation (3x on EfficientNet)
@@ -291,7 +293,7 @@ class Predictor:
         heads = FusionHeads(fusion["heads"], fusion["dims"], len(fusion["codes"]), fusion.get("method", "joint"))
         heads.load_state_dict(fusion["state_dict"])
         version = digest([fusion_sha, fusion["checkpoints"], {m: b.extractor.producer for m, b in branches.items()}])
-        return cls(cfg, heads.eval(), fusion["codes"], branches, dev, cache, version[:16], workdir)
+        return cls(cfg, heads.eval(), fusion["codes"], branches, dev, cache, version[:16], workdir, names)
 
     # ------------------------------------------------------------------ the public calls
     def predict(self, df):

@@ -191,3 +191,15 @@ def test_records_that_are_not_tables_are_refused(predictor):
     with warnings.catch_warnings():
         warnings.simplefilter("error", MissingInputWarning)
         assert len(predictor.predict([{"title": "x", "description": None, "image": None}])) == 1
+
+
+def test_class_names_from_serve_class_names_name_the_codes(trained_workdir, predictor, items, tmp_path):
+    names = tmp_path / "names.csv"
+    names.write_text("prdtypecode,name\n" + "".join(f"{c},classe {c}\n" for c in predictor.classes.tolist()))
+    named = Predictor.open(trained_workdir, predictor.cfg.merged({"serve": {"class_names": str(names)}}))
+    top = named.top(items[:1], k=2)[0]
+    assert top["name"] == f"classe {top['code']}" and [c["name"] for c in top["top"]] == \
+        [f"classe {c['code']}" for c in top["top"]]
+    names.write_bytes(b"\xff\xfe not a csv")
+    with pytest.raises(PipelineError, match=r"\[serve\] class_names = .*not a CSV of prdtypecode,name rows"):
+        Predictor.open(trained_workdir, predictor.cfg.merged({"serve": {"class_names": str(names)}}))
