@@ -215,6 +215,25 @@ def test_a_hot_swap_under_load_fails_no_request(trained_workdir, tmp_path):
     assert "is not the checkpoint" in log.text()
 
 
+def test_a_new_model_pointed_at_is_swapped_in_on_reload(trained_workdir, tmp_path):
+    first, second = tmp_path / "v1", tmp_path / "v2"
+    for w in (first, second):
+        shutil.copytree(trained_workdir, w, ignore=shutil.ignore_patterns("catalog", "features", "sketches"))
+    cfg = Predictor.load(second).cfg
+    shutil.copytree(trained_workdir / "sketches", second / "sketches")  # fuse reads them
+    fuse(second, cfg.merged({"seed": cfg.seed + 1}), progress=False, log=quiet)
+    served = tmp_path / "current"
+    served.symlink_to(first)
+    with serving(served, watch_seconds=0) as (url, app):  # no watcher: swaps on POST /admin/reload only
+        v1 = httpx.post(f"{url}/v1/predict", json={"items": [item()]}, timeout=60).json()["model_version"]
+        assert httpx.post(f"{url}/admin/reload", timeout=120).json() == {"model_version": v1, "error": None}
+        served.unlink()
+        served.symlink_to(second)  # a new model is pointed at
+        reloaded = httpx.post(f"{url}/admin/reload", timeout=300).json()
+        v2 = httpx.post(f"{url}/v1/predict", json={"items": [item()]}, timeout=60).json()["model_version"]
+    assert reloaded == {"model_version": v2, "error": None} and v2 != v1
+
+
 def _wait(condition, seconds: float = 240) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
