@@ -113,7 +113,10 @@ class _Lookup:
                 return
             store = FeatureStore(self.path) if stamp is not None else None
             if store is not None and not self.accepts(store.provenance):
+                store.close()
                 store = None
+            if self.store is not None:
+                self.store.close()
             self.store, self.stamp = store, stamp
             ids = store.ids if store is not None else np.zeros(0, np.int64)
             planned_ids, planned_fp = store.planned() if store is not None else (ids, np.zeros(0, np.uint64))
@@ -202,7 +205,8 @@ def model_stamp(source: str | Path, cfg: Config) -> tuple:
     """The stat of every model file a Predictor of `source` (a work directory or a bundle) loads: it changes
     when one is replaced (a new pretrain or fuse, a bundle swapped in or a symlink repointed)."""
     source = Path(source)
-    files = [wd.fusion_dir(source, cfg) / checkpoint.MODEL_FILE, *sorted(source.glob(f"models/*/{checkpoint.MODEL_FILE}"))]
+    files = [wd.fusion_dir(source, cfg) / checkpoint.MODEL_FILE,
+             *sorted(source.glob(f"models/*/{checkpoint.MODEL_FILE}"))]
     stamp = []
     for f in files:
         try:
