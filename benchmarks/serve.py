@@ -4,8 +4,9 @@
 
 Starts `pipeline serve --model ... --port 0` as a subprocess (cold start: process start to its ready line),
 warms it up (each item once, then three times as many requests at concurrency 32), then for each concurrency
-level sends its fixed number of one-item requests (JSON, the photo in base64) from that many concurrent clients, and measures p50/p99 latency, items/s and errors; the server's resident
-memory (VmRSS) after the warm-up and after the last request. The same items go through an in-process
+level sends its fixed number of one-item requests (JSON, the photo in base64) from that many concurrent clients,
+and measures p50/p99 latency, items/s and errors; the server's resident memory (VmRSS) after the warm-up and
+after the last request. The same items go through an in-process
 Predictor of the same model, after the same warm-up: one item per call (p50/p99), and batches of
 `[serve] max_batch_items` (items/s); the server idles meanwhile. The machine's load average is reported too:
 on a shared 2-core machine, OpenMP's spinning threads make every figure depend on what else runs.
