@@ -100,7 +100,8 @@ def test_predictor_agrees_with_fuse_and_explains_its_decisions(demo_dir, demo_co
 
     valid = pl.read_csv(demo_dir / "fusion" / "valid_predictions.csv")
     items = load_catalog(demo_dir / "catalog", load_config(demo_config)).items
-    rows = valid.join(items, on="item_id", how="left").select("item_id", "title", "description", image="image_path")
+    photo = pl.when(pl.col("has_image")).then(pl.col("image_path"))  # a photo the catalogue lacks is no photo
+    rows = valid.join(items, on="item_id", how="left").select("item_id", "title", "description", image=photo)
     predictor = Predictor.load(demo_dir)  # the work directory's own configuration
     assert predictor.predict(rows).to_list() == valid["predicted"].to_list()  # stored sketches, found by input
     fresh = Predictor.load(demo_dir, reuse=False)  # every feature and sketch computed anew, in memory
