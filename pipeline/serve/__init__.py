@@ -49,7 +49,8 @@ def serve(source: str | Path, configs: list[Path] | None = None, host: str | Non
         raise PipelineError(f"--model {source}: no such work directory or bundle")
     opts = wd.load(source, configs).serve
     sock = bind(host or opts.host, opts.port if port is None else port)
-    where = "http://{}:{}".format(*sock.getsockname()[:2])
+    address, bound = sock.getsockname()[:2]
+    where = f"http://[{address}]:{bound}" if ":" in address else f"http://{address}:{bound}"
     metrics = Metrics()
     models = Models(source, configs, metrics, log)
     failed: list[str] = []
