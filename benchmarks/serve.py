@@ -7,8 +7,8 @@ warms it up (each item once, then three times as many requests at concurrency 32
 level sends its fixed number of one-item requests (JSON, the photo in base64) from that many concurrent clients,
 and measures p50/p99 latency, items/s and errors; the server's resident memory (VmRSS) after the warm-up and
 after the last request. The same items go through an in-process
-Predictor of the same model, after the same warm-up: one item per call (p50/p99), and batches of
-`[serve] max_batch_items` (items/s); the server idles meanwhile. The machine's load average is reported too:
+Predictor of the same model, after the same warm-up, called from one worker thread as the server calls it: one
+item per call (p50/p99), and batches of `[serve] max_batch_items` (items/s); the server idles meanwhile. The machine's load average is reported too:
 on a shared 2-core machine, OpenMP's spinning threads make every figure depend on what else runs.
 
 Items are catalogue items made new ("(neuf)" added to title and description, the photo sent as bytes), so
@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +106,14 @@ async def drive(url: str, bodies: list[bytes], concurrency: int, requests: int) 
 
 
 def in_process(model: Path, items: list[dict], batch: int, top_k: int, repeats: int = 3) -> dict:
-    """The same items through a Predictor in this process: one per call, and batches of `batch`."""
+    """The same items through a Predictor in this process, called from one worker thread as the server calls it
+    (a torch call from the main thread can be many times slower on a loaded machine: OpenMP's spinning, see
+    docs/design.md "Serving"): one item per call, and batches of `batch`."""
+    with ThreadPoolExecutor(1) as worker:
+        return worker.submit(_in_process, model, items, batch, top_k, repeats).result()
+
+
+def _in_process(model: Path, items: list[dict], batch: int, top_k: int, repeats: int) -> dict:
     predictor = Predictor.load(model)
     for it in items:  # warm-up, as the server's: the first call of a shape sets up oneDNN's kernels
         predictor.top([it], top_k)
