@@ -11,6 +11,7 @@ branch; tests/test_demo.py and tests/test_paper_systems.py compare each program 
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 from pipeline import checkpoint, modalities, workdir as wd
 from pipeline.config import Config
 from pipeline.heads import FusionHeads
+from pipeline.provenance import atomic_path
 from stores import ArraySpec
 
 
@@ -56,9 +58,19 @@ def export_heads(heads: FusionHeads, dims: dict[str, int]) -> torch.export.Expor
     return torch.export.export(heads.eval(), (sketches,), dynamic_shapes=({m: {0: b} for m in dims},))
 
 
+def save_program(program: torch.export.ExportedProgram, path: Path) -> None:
+    """torch.export.save, atomically (a regular file or nothing replaced; see pipeline.provenance)."""
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+
+
 def export(workdir: str | Path, cfg: Config, out: str | Path | None = None, log=print) -> dict[str, Path]:
     """Every network of W's fusion into `out` (default W/export/); returns name -> file."""
     workdir = Path(workdir)
+    if out:
+        wd.check_output_path(out, workdir, cfg, f"--out {out}", allow=("export",))
     out = Path(out) if out else workdir / "export"
     fusion = checkpoint.load(wd.fusion_dir(workdir, cfg) / checkpoint.MODEL_FILE)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,11 +79,11 @@ def export(workdir: str | Path, cfg: Config, out: str | Path | None = None, log=
         model, ckpt = checkpoint.load_model(wd.model_dir(workdir, m))
         spec_json = ckpt["store"]["provenance"]["layout"]["arrays"][modalities.get(m).array]
         files[m] = out / f"{m}.pt2"
-        torch.export.save(export_sketcher(model, m, ArraySpec.from_json(spec_json)), files[m])
+        save_program(export_sketcher(model, m, ArraySpec.from_json(spec_json)), files[m])
         log(f"export: {m} -> {files[m]}")
     heads = FusionHeads(fusion["heads"], fusion["dims"], len(fusion["codes"]), fusion.get("method", "joint"))
     heads.load_state_dict(fusion["state_dict"])
     files["fusion"] = out / "fusion.pt2"
-    torch.export.save(export_heads(heads, fusion["dims"]), files["fusion"])
+    save_program(export_heads(heads, fusion["dims"]), files["fusion"])
     log(f"export: fusion -> {files['fusion']}")
     return files

@@ -18,6 +18,7 @@ from pipeline import workdir as wd
 from pipeline.catalog import load_catalog, probabilities_table, write_submission
 from pipeline.config import Config
 from pipeline.errors import PipelineError
+from pipeline.provenance import atomic_path, replaceable
 from pipeline.predictor import Predictor
 from pipeline.progress import Progress
 
@@ -33,6 +34,8 @@ def check_output(out_csv: Path) -> None:
         raise PipelineError(f"--out {out_csv}: the folder {folder} does not exist; create it first")
     if not os.access(folder, os.W_OK):
         raise PipelineError(f"--out {out_csv}: the folder {folder} is not writable")
+    for path in (out_csv, out_csv.with_suffix(".parquet")):  # never renamed over a link, a FIFO, a device
+        replaceable(path)
 
 
 def predict(catalog_dir: str | Path, workdir: str | Path, out_csv: str | Path, cfg: Config, *,
@@ -40,6 +43,8 @@ def predict(catalog_dir: str | Path, workdir: str | Path, out_csv: str | Path, c
     """Predictions for every item of the catalogue: the table written to `<out>.parquet`."""
     out_csv = Path(out_csv)
     check_output(out_csv)
+    for path in (out_csv, out_csv.with_suffix(".parquet")):  # W/split.csv would write over W/split.parquet
+        wd.check_output_path(path, workdir, cfg, f"--out {out_csv}")
     with wd.repair_hint(cfg, workdir):
         return _predict(catalog_dir, Path(workdir), out_csv, cfg, cache, progress, log)
 
@@ -58,6 +63,7 @@ def _predict(catalog_dir, workdir: Path, out_csv: Path, cfg: Config, cache, prog
     ids = items["item_id"].to_numpy()
     table = probabilities_table(ids, probs, predictor.classes.tolist())
     write_submission(out_csv, ids, table["prdtypecode"])
-    table.write_parquet(out_csv.with_suffix(".parquet"))
+    with atomic_path(out_csv.with_suffix(".parquet")) as tmp:
+        table.write_parquet(tmp)
     log(f"predict: {len(table)} items -> {out_csv} and {out_csv.with_suffix('.parquet')}")
     return table

@@ -16,8 +16,10 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import socket
+import stat
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,14 +53,32 @@ def sha256_files(paths) -> str:
     return h.hexdigest()
 
 
+def replaceable(path: Path) -> None:
+    """Refuse to replace anything but a regular file (or nothing): a rename would swap out a symlink, a
+    device, a FIFO or a folder, not write to it."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        kind = ("a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode)
+                else "a FIFO" if stat.S_ISFIFO(mode) else "a device or special file")
+        raise PipelineError(f"{path}: is {kind}, not a regular file; refusing to replace it (give another path, "
+                            "or remove it first)")
+
+
 @contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path beside `path`; once the block succeeds it replaces `path` in one rename."""
+    """Yield a temporary path beside `path`; once the block succeeds it replaces `path` in one rename
+    (only a regular file or nothing: see `replaceable`)."""
     path = Path(path)
+    replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # a new file of ours, never a link
     try:
         yield tmp
+        replaceable(path)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
