@@ -1,5 +1,5 @@
 """Export a trained work directory for serving: each modality's encoder + EMDE coder, and the fusion heads,
-as `torch.export` programs (`.pt2`, loadable with `torch.export.load` without this project's classes).
+as `torch.export` programs (`.pt2`, run without this project's classes; `load_program` loads one safely).
 
     W/export/<modality>.pt2   (*inputs) -> sketch (B, depth * width); inputs as pipeline.train_reader makes them:
                               ids (B, L) int64 + mask (B, L) bool | x (B, L, H) float32 + mask | x (B, *shape) + present (B,)
@@ -21,6 +21,7 @@ from pipeline import checkpoint, modalities, workdir as wd
 from pipeline.config import Config
 from pipeline.heads import FusionHeads
 from pipeline.provenance import atomic_path
+from pipeline.trust import check_program
 from stores import ArraySpec
 
 
@@ -64,6 +65,15 @@ def save_program(program: torch.export.ExportedProgram, path: Path) -> None:
     torch.export.save(program, buffer)
     with atomic_path(path) as tmp:
         tmp.write_bytes(buffer.getvalue())
+
+
+def load_program(path: str | Path) -> torch.export.ExportedProgram:
+    """A `.pt2` program, as `torch.export.load` reads it, once the archive is checked to hold nothing that
+    loading would unpickle or run (pipeline.trust: a crafted file is refused in one line, unrun)."""
+    path = Path(path)
+    data = path.read_bytes()  # checked and loaded from the same bytes
+    check_program(data, path)
+    return torch.export.load(io.BytesIO(data))
 
 
 def export(workdir: str | Path, cfg: Config, out: str | Path | None = None, log=print) -> dict[str, Path]:

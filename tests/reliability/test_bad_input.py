@@ -271,7 +271,7 @@ def test_labels_never_seen_in_training_do_not_break_predict(tmp_path, tiny: Tiny
     pl.DataFrame({"": x[""], "prdtypecode": [99999, 12345] * (len(x) // 2)}).write_csv(new / "Y_train.csv")
     table = predict(new, w, tmp_path / "out.csv", tiny.cfg, progress=False, log=quiet)
     assert len(table) == len(x) and set(table["item_id"].to_list()) == set(x[""].to_list())
-    known = set(torch.load(w / "fusion" / "model.pt", weights_only=False)["codes"])
+    known = set(torch.load(w / "fusion" / "model.pt", weights_only=True)["codes"])
     assert set(table["prdtypecode"].to_list()) <= known  # predictions are training classes; labels ignored
     assert (tmp_path / "out.csv").read_text().startswith(",prdtypecode\n")
 
