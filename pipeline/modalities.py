@@ -134,6 +134,7 @@ class ImageOptions(Section):
     decode_workers: NonNegative  # 0 = one per usable core
     decode_device: Literal["auto", "cpu"]  # auto: nvJPEG when the model runs on CUDA
     cache_at: str  # "" = the final maps; a module name (pipeline.backbone): store its input, fine-tune from there
+    max_bytes: Positive  # a photo file larger than this is not read (recorded as refused)
 
 
 class ImageTrainOptions(TrainOptions):

@@ -51,7 +51,8 @@ SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)
 CHUNK_BYTES = 1 << 21  # aim for chunks of about 2 MiB
 COUNTS_CHUNK = 1024  # blocks per chunk of `counts`: only the planner writes it, never a shard worker
-MISSING_REASONS = {0: "present", 1: "no input (file not found)", 2: "input unreadable"}
+MISSING_REASONS = {0: "present", 1: "no input (file not found)", 2: "input unreadable",
+                   3: "input refused (not a regular file, or over the size limit)"}
 INT64_MAX = np.iinfo(np.int64).max
 
 

@@ -306,7 +306,7 @@ def test_webp_is_decoded_and_decompression_bombs_are_recorded_unreadable(tmp_pat
     for i in (1, 2):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # and no warning escapes
-            assert decode(str(path[i]), lambda im: im, 64) == (None, UNREADABLE)
+            assert decode(path[i].read_bytes(), lambda im: im, 64) == (None, UNREADABLE)
 
     cfg = CFG.merged({"image": {"input_size": 64, "block_items": 16}})
     [summary] = extract("image", d, tmp_path / "w", cfg, progress=False, log=quiet)

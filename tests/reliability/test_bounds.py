@@ -1,0 +1,82 @@
+"""Bounded by construction: a photo path that is not a regular file, or too large, is recorded as refused
+without being read (never waited on, never read whole); a store whose metadata declares chunks other than its
+layout's (a chunk of gigabytes over a small compressed frame) is refused on open, before any chunk is decoded.
+The hostile cases run in a subprocess under an address-space limit and a timeout, so that a regression fails
+the test instead of filling this machine's memory or hanging it."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.extract.image import REFUSED, content_hash
+
+from .conftest import ROOT
+
+MEMORY_LIMIT = 6 << 30  # torch and timm take ~4 GB of address space before anything is read
+
+
+def bounded(code: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python -c code` from the project root, under MEMORY_LIMIT of address space and `timeout` seconds."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
+
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout, preexec_fn=limit)
+
+
+def hostile_photos(directory: Path, max_bytes: int) -> dict[str, str]:
+    directory.mkdir()
+    good = directory / "good.jpg"
+    Image.new("RGB", (40, 30), (200, 30, 60)).save(good, format="JPEG")
+    sparse = directory / "sparse.jpg"
+    with open(sparse, "wb") as fh:
+        fh.truncate(3 << 30)  # 3 GB of holes: no disk taken, but read whole it is 3 GB of memory
+    fifo = directory / "fifo.jpg"
+    os.mkfifo(fifo)  # no writer: a blocking open waits forever
+    over = directory / "over.jpg"
+    over.write_bytes(good.read_bytes() + b"\0" * (max_bytes + 1 - good.stat().st_size))
+    (directory / "folder.jpg").mkdir()
+    return {"good": str(good), "zero": "/dev/zero", "sparse": str(sparse), "fifo": str(fifo), "over": str(over),
+            "folder": str(directory / "folder.jpg")}
+
+
+@pytest.mark.slow
+def test_photos_that_are_not_regular_files_or_too_large_are_refused_unread(tmp_path):
+    max_bytes = 1 << 20
+    photos = hostile_photos(tmp_path / "photos", max_bytes)
+    done = bounded(f"""
+        import json, polars as pl, torch
+        from pipeline.config import DEFAULT_CONFIG, load_config
+        from pipeline.extract.image import ImageMaps
+        opts = load_config(DEFAULT_CONFIG).options("image").model_dump() | {{
+            "model": "tf_efficientnet_lite0", "input_size": 64, "batch_size": 4, "decode_workers": 2,
+            "max_bytes": {max_bytes}}}
+        extractor = ImageMaps(opts, None, torch.device("cpu"))
+        frame = pl.DataFrame({{"image_path": {list(photos.values())!r}}})
+        fp = extractor.fingerprints(frame)
+        batch, missing = extractor.prepare(frame)
+        print(json.dumps({{"missing": missing.tolist(), "fingerprints": [str(f) for f in fp], "decoded": len(batch)}}))
+    """)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["missing"] == [0] + [REFUSED] * 5 and result["decoded"] == 1, result
+    assert result["fingerprints"][0] == str(content_hash(photos["good"], max_bytes))
+
+
+def test_a_photo_is_read_at_most_to_its_limit(tmp_path):
+    from pipeline.extract.image import read
+
+    path = tmp_path / "p.jpg"
+    path.write_bytes(b"x" * 100)
+    assert read(str(path), 100) == (b"x" * 100, 0) and read(str(path), 99) == (None, REFUSED)
+    assert content_hash(str(path), 100) != content_hash(str(path), 99)  # refused: the fingerprint of why
