@@ -160,7 +160,8 @@ def pretrain(modality: str, workdir: Path, cfg: Config, *, coder: str | None = N
              log=print) -> dict:
     """`pipeline pretrain MODALITY`: train (or resume, or skip) W/models/<modality>/; return its metrics."""
     workdir = Path(workdir)
-    job = prepare(modality, workdir, cfg, coder)
+    with wd.repair_hint(cfg, workdir):  # a damaged feature store met on open names its repair
+        job = prepare(modality, workdir, cfg, coder)
     try:
         if torchrun().main:
             recover(job.out)

@@ -23,7 +23,7 @@ from pipeline import config as config_module
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.provenance import read_json, write_json
-from stores import DamagedStoreError
+from stores import DamagedStoreError, UnreadableStoreError
 from stores.paths import is_url
 
 SUFFIX = {"zarr": ".zarr", "hdf5": ".h5"}
@@ -178,11 +178,13 @@ def repair_hint(cfg: Config, workdir):
     (the stage that wrote the store extracts its damaged blocks again, or rebuilds it when its layout is hit)."""
     try:
         yield
-    except DamagedStoreError as err:
+    except (DamagedStoreError, UnreadableStoreError) as err:
         where = PurePosixPath(str(err.path))
-        name = where.name.rsplit(".", 1)[0]
+        name = where.name.rsplit(".", 1)[0].removeprefix(".").removesuffix(".partial")
         verb = f"extract {name}" if where.parent.name == "features" else f"sketch {name}"
         base = command(cfg, workdir, verb, catalog=verb.startswith("extract"))
+        if isinstance(err, UnreadableStoreError):
+            raise PipelineError(f"{err}; only a rebuild restores it: `{base} --rebuild`") from None
         if err.repairable:
             raise PipelineError(f"{err}; repair it with `{base} --repair`") from None
         raise PipelineError(f"{err}; that array is the store's layout, which only a rebuild restores: "

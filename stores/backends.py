@@ -13,6 +13,7 @@ A Zarr store may also be a URL read and written through fsspec (see `stores.path
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 from pathlib import Path
@@ -23,7 +24,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
-from stores.errors import StoreBusyError, StoreError
+from stores.errors import StoreBusyError, StoreError, UnreadableStoreError
 from stores.locks import writer_of
 from stores.paths import is_hdf5, is_url, local_path, storage_options, store_location, suffix, url_to_fs
 
@@ -115,6 +116,35 @@ class ZarrBackend:
         return int(fs.du(root, total=True))
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _locked(path: Path, mode: str) -> bool:
+    """Whether another process holds HDF5's own lock on the file (flock: shared for readers, exclusive for
+    a writer), tested by taking it, never guessed from an error's wording."""
+    try:
+        with open(path, "rb") as fh:
+            fcntl.flock(fh, (fcntl.LOCK_SH if mode == "r" else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+def _what_is_wrong(path: Path, err: Exception) -> str:
+    """Why h5py cannot open `path`, in words: empty, not HDF5 at all, or cut or damaged (HDF5's own reason)."""
+    with open(path, "rb") as fh:
+        head = fh.read(len(HDF5_SIGNATURE))
+    if not head:
+        return "the file is empty"
+    if head != HDF5_SIGNATURE:
+        return "no HDF5 signature at its start"
+    reason = str(err).split("(", 1)[-1].rstrip(")") if "(" in str(err) else str(err)
+    return f"{path.stat().st_size} bytes, cut or damaged: {reason[:120]}"
+
+
 class H5Backend:
     name = "hdf5"
 
@@ -123,13 +153,16 @@ class H5Backend:
         try:
             self.file = h5py.File(self.path, "r" if mode == "r" else "a")
         except (BlockingIOError, OSError) as err:
-            if "lock" in str(err).lower():
+            if _locked(self.path, mode):
                 # HDF5's own file lock: a writer excludes everyone, a reader excludes writers.
                 writer = writer_of(self.path)
                 who = f"{writer} is writing this HDF5 store" if writer else "another process has this HDF5 store open"
                 raise StoreBusyError(f"{self.path}: {who}, and an HDF5 store takes one writer at a time, never "
                                      "beside readers (use a .zarr store for --shard K/N workers)") from None
-            raise StoreError(f"{self.path}: cannot open HDF5 store ({err})") from None
+            if isinstance(err, PermissionError):
+                raise StoreError(f"{self.path}: cannot open HDF5 store ({err.strerror})") from None
+            raise UnreadableStoreError(self.path, f"not a readable HDF5 file ({_what_is_wrong(self.path, err)})") \
+                from None
 
     @staticmethod
     def exists(path: Path) -> bool:

@@ -17,6 +17,15 @@ class WriterConflictError(StoreError):
     """Another live process is writing the same blocks of this store."""
 
 
+class UnreadableStoreError(StoreError):
+    """The store's own metadata cannot be read or is not what its layout says: a truncated `zarr.json`, a
+    damaged provenance, an HDF5 file left unreadable by a crash. No block rewrite mends it; only a rebuild."""
+
+    def __init__(self, path, what: str):
+        self.path, self.what = path, what
+        super().__init__(f"{path}: damaged: {what}")
+
+
 class DamagedStoreError(StoreError):
     """Chunks of an array failed their checksum or could not be decoded.
 

@@ -39,8 +39,9 @@ from typing import NamedTuple
 import numpy as np
 
 from stores.backends import backend_for, store_location
-from stores.errors import DamagedStoreError, StoreError, WriterConflictError
+from stores.errors import DamagedStoreError, StoreError, UnreadableStoreError, WriterConflictError
 from stores.locks import acquire_sole_writer, release_sole_writer, sole_writer, store_lock, writer_claim
+from stores.metadata import check_arrays, check_provenance
 from stores.paths import sidecar
 
 # Old import paths that callers use: `from stores.store import sidecar, store_lock, ...`.
@@ -177,23 +178,20 @@ class FeatureStore:
             raise StoreError(f"{self.path}: no such store")
         self.mode = mode
         self._writer_lock = None if mode == "r" else acquire_sole_writer(self.path)
+        self.backend = None
         try:
-            self.backend = backend(self.path, mode)
-            prov = self.backend.get_attr("provenance")
+            self.backend, prov = _open_backend(backend, self.path, mode)
+            if not prov:
+                raise StoreError(f"{self.path}: not a feature store (no provenance attributes); rebuild it")
+            check_provenance(self.path, prov, READABLE_SCHEMAS)
+            self.schema_version = prov["schema_version"]
+            self.provenance = prov
+            self.block_rows = int(prov["layout"]["block_rows"])
+            self.specs = {k: ArraySpec.from_json(v) for k, v in prov["layout"]["arrays"].items()}
+            check_arrays(self)  # every array as the layout says, before any chunk is read
         except BaseException:
-            release_sole_writer(self._writer_lock)
+            self.close()
             raise
-        if not prov or "layout" not in prov:
-            self.close()
-            raise StoreError(f"{self.path}: not a feature store (no provenance attributes); rebuild it")
-        self.schema_version = prov.get("schema_version")
-        if self.schema_version not in READABLE_SCHEMAS:
-            self.close()
-            raise StoreError(f"{self.path}: schema version {self.schema_version} is not one this code reads "
-                             f"{READABLE_SCHEMAS}; rebuild the store")
-        self.provenance = prov
-        self.block_rows = int(prov["layout"]["block_rows"])
-        self.specs = {k: ArraySpec.from_json(v) for k, v in prov["layout"]["arrays"].items()}
         self._index = None
         self._naming_damage = False
 
@@ -652,11 +650,11 @@ class FeatureStore:
         values = np.zeros(arr.shape, arr.dtype) if keep else None
         for c in chunks:
             c = int(c)
-            if not self.backend.chunk_exists(name, c):
-                if not missing_ok:
-                    bad[c] = "missing"
-                continue
             try:
+                if not self.backend.chunk_exists(name, c):
+                    if not missing_ok:
+                        bad[c] = "missing"
+                    continue
                 part = arr[c * clen : (c + 1) * clen]
             except Exception as err:  # a decoder error of any kind means a damaged chunk
                 bad[c] = f"unreadable ({type(err).__name__})"
@@ -666,7 +664,8 @@ class FeatureStore:
         return bad, values
 
     def close(self) -> None:
-        self.backend.close()
+        if self.backend is not None:
+            self.backend.close()
         release_sole_writer(self._writer_lock)
         self._writer_lock = None
 
@@ -706,6 +705,22 @@ def _create_arrays(b, arrays: dict[str, ArraySpec], lengths: dict[str, np.ndarra
     b.create_array("counts", (0,), "int32", (COUNTS_CHUNK,), 0, ("block",))
     b.create_array("complete", (0,), "uint8", (1,), 0, ("block",))  # one chunk per block: shard workers write it
     return layout
+
+
+def _open_backend(backend, path, mode: str):
+    """(the backend of the store at `path`, its provenance); metadata it cannot parse (a truncated zarr.json,
+    an attribute that is not JSON) is UnreadableStoreError."""
+    opened = None
+    try:
+        opened = backend(path, mode)
+        return opened, opened.get_attr("provenance")
+    except StoreError:
+        raise
+    except Exception as err:  # noqa: BLE001 - zarr and h5py meet damaged metadata with errors of every kind
+        if opened is not None:
+            opened.close()
+        raise UnreadableStoreError(path, f"its metadata cannot be read ({type(err).__name__}: {str(err)[:120]})") \
+            from None
 
 
 class _UnreadableChunks(StoreError):

@@ -58,8 +58,9 @@ def extract_items(names: list[str], catalog: Catalog, split: pl.DataFrame, workd
                 + f" --backend {'hdf5' if str(path).endswith('.h5') else 'zarr'} --rebuild")
         ctx = ExtractContext(cfg, workdir, pick_device(cfg.extract.device, "[extract] device"), train, rebuild, hint)
         extractor = modalities.get(name).extractor(ctx)
-        summary = run_extraction(extractor, catalog.items, path, block_rows=cfg.block_items(name), shard=shard,
-                                 rebuild=rebuild, repair=repair, rebuild_hint=hint, progress=progress)
+        with wd.repair_hint(cfg, workdir):  # a store whose metadata is damaged: the rebuild that restores it
+            summary = run_extraction(extractor, catalog.items, path, block_rows=cfg.block_items(name), shard=shard,
+                                     rebuild=rebuild, repair=repair, rebuild_hint=hint, progress=progress)
         log(summary.line())
         _say_if_old(path, hint, log)
         summaries.append(summary)

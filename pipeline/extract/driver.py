@@ -30,7 +30,7 @@ from pipeline.errors import PipelineError, StaleStoreError
 from pipeline.modalities import Extractor
 from pipeline.progress import Progress
 from pipeline.provenance import Stamp, canonical_json, recover, swap_in
-from stores import FeatureStore, StoreError, store_lock, writer_claim
+from stores import FeatureStore, StoreError, UnreadableStoreError, store_lock, writer_claim
 from stores.backends import local_path, store_location
 
 # A store on object storage has no lock: workers K > 0 wait this long for worker 0's layout.
@@ -255,7 +255,7 @@ def _prepare_rebuild(store_path, plan: _Plan, rebuild_hint: str):
         try:
             with FeatureStore(partial, "r") as old:
                 plan.check(old, rebuild_hint)  # a killed rebuild of the same inputs: resume it
-        except PipelineError:
+        except (PipelineError, UnreadableStoreError):  # another rebuild's, or left damaged: start afresh
             FeatureStore.remove(partial)
     return partial
 

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from pipeline.extract.image import REFUSED, content_hash
+from stores import ArraySpec, FeatureStore, StoreError, UnreadableStoreError, fingerprint
 
 from .conftest import ROOT
 
@@ -80,3 +81,72 @@ def test_a_photo_is_read_at_most_to_its_limit(tmp_path):
     path.write_bytes(b"x" * 100)
     assert read(str(path), 100) == (b"x" * 100, 0) and read(str(path), 99) == (None, REFUSED)
     assert content_hash(str(path), 100) != content_hash(str(path), 99)  # refused: the fingerprint of why
+
+
+# ---------------------------------------------------------------------- store metadata
+def small_store(path: Path) -> np.ndarray:
+    ids = np.arange(40, dtype=np.int64)
+    store = FeatureStore.create(path, "test", {"vec": ArraySpec("float32", (4,))}, {"model": "test"}, ids,
+                                fingerprint([str(i) for i in ids]), block_rows=16)
+    for b in store.pending_blocks():
+        store.write_block(b, {"vec": np.ones((len(store.block_ids(b)), 4), np.float32)})
+    store.close()
+    return ids
+
+
+def edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def test_a_chunk_declared_larger_than_the_layout_is_refused_before_any_chunk_is_decoded(tmp_path):
+    import google_crc32c
+    from numcodecs import Zstd
+
+    path = tmp_path / "s.zarr"
+    small_store(path)
+    frame = Zstd(level=0).encode(np.zeros(1 << 28, np.int64))  # 2 GiB of zeros (never touched) in ~64 KB
+    assert len(frame) < 1 << 20
+    checksum = np.array([google_crc32c.value(frame)], np.uint32).view("B").tobytes()  # the store's CRC32C codec
+    (path / "ids" / "c" / "0").write_bytes(frame + checksum)  # `ids` chunk 0 is now that frame
+    edit_json(path / "ids" / "zarr.json", lambda d: d["chunk_grid"]["configuration"].update(chunk_shape=[1 << 28]))
+    done = bounded(f"""
+        from stores import FeatureStore, StoreError
+        try:
+            FeatureStore({str(path)!r}).read("vec", [0])
+        except StoreError as err:
+            print("refused:", err)
+    """, timeout=120)
+    assert done.returncode == 0 and "refused:" in done.stdout, (done.stdout, done.stderr[-2000:])
+    assert "array 'ids' is int64 () in chunks of (268435456,), not what its layout says (int64 (), chunks of 16)" \
+        in done.stdout
+
+
+@pytest.mark.parametrize("what, change", [
+    ("a huge row", lambda d: d["attributes"]["provenance"]["layout"]["arrays"]["vec"].update(shape=[1 << 30])),
+    ("a block of a billion rows", lambda d: d["attributes"]["provenance"]["layout"].update(block_rows=1 << 30)),
+    ("a chunk of a billion rows", lambda d: d["attributes"]["provenance"]["layout"]["arrays"]["vec"].update(
+        chunk=1 << 30)),
+    ("an object dtype", lambda d: d["attributes"]["provenance"]["layout"]["arrays"]["vec"].update(dtype="O")),
+])
+def test_a_provenance_declaring_unbounded_sizes_is_refused(tmp_path, what, change):
+    path = tmp_path / "s.zarr"
+    small_store(path)
+    edit_json(path / "zarr.json", change)
+    with pytest.raises(UnreadableStoreError, match=r"s.zarr: damaged: its provenance is damaged"):
+        FeatureStore(path)
+
+
+def test_an_hdf5_dataset_with_other_chunks_than_its_layout_is_refused(tmp_path):
+    import h5py
+
+    path = tmp_path / "s.h5"
+    small_store(path)
+    with h5py.File(path, "a") as f:
+        values = f["vec"][:]
+        del f["vec"]
+        f.create_dataset("vec", data=values, chunks=(len(values), 4), maxshape=(None, 4))
+    with pytest.raises(StoreError, match=r"array 'vec' is float32 \(4,\) in chunks of \(48, 4\), not what its "
+                                         r"layout says"):
+        FeatureStore(path)
