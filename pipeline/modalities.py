@@ -174,7 +174,7 @@ def _title_bpe_extractor(ctx: ExtractContext) -> Extractor:
     opts = ctx.cfg.options("title_bpe")
     titles = None if ctx.train_items is None else ctx.train_items["title"].to_list()
     model = train_tokenizer(titles, tokenizer_dir(ctx.workdir), opts, ctx.rebuild, ctx.rebuild_hint)
-    return TitleBpe(model, opts)
+    return TitleBpe(model, opts, ctx.rebuild_hint)
 
 
 def _text_cam_extractor(name: str) -> Callable[[ExtractContext], Extractor]:

@@ -129,6 +129,9 @@ class Stamp:
         if not path.is_file():
             return None
         data = read_json(path, "stage stamp")
+        if not isinstance(data, dict) or not isinstance(data.get("inputs", {}), dict):
+            raise PipelineError(f"{path}: damaged stage stamp (not a stamp's JSON object); delete it and run the "
+                                "stage again")
         return cls(data.get("stage", ""), data.get("inputs", {}))
 
     def matches(self, directory: str | Path) -> bool:

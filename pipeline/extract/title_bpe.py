@@ -27,7 +27,11 @@ def _trained(model_dir: Path, options: dict, rebuild_hint: str) -> Path | None:
     model_path, meta_path = model_dir / "title_bpe.model", model_dir / "title_bpe.json"
     if not (model_path.exists() and meta_path.exists()):
         return None
-    trained_with = json.loads(meta_path.read_text())
+    try:
+        trained_with = json.loads(meta_path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise PipelineError(f"{meta_path}: damaged tokenizer record; train the tokenizer and its store again with "
+                            f"`{rebuild_hint or 'pipeline extract title_bpe ... --rebuild'}`") from None
     if trained_with != options:
         raise StaleStoreError(f"{model_path} was trained with {trained_with}, the config asks for "
                               f"{options}; rebuild with `{rebuild_hint}`")
@@ -88,8 +92,13 @@ class TitleBpe:
 
     name = "title_bpe"
 
-    def __init__(self, model_path: Path, opts):
-        self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    def __init__(self, model_path: Path, opts, rebuild_hint: str = ""):
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
+        except (RuntimeError, OSError) as err:
+            raise PipelineError(f"{model_path}: damaged SentencePiece model ({str(err).strip().splitlines()[0][:120]});"
+                                f" train the tokenizer and its store again with "
+                                f"`{rebuild_hint or 'pipeline extract title_bpe ... --rebuild'}`") from None
         self.threads = opts.threads
         vocab = self.sp.vocab_size()
         self.arrays = {"tokens": ArraySpec("int16" if vocab < 2**15 else "int32", (), ragged=True)}

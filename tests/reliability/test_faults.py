@@ -86,6 +86,8 @@ DAMAGE = {
     "array zarr.json cut": lambda w: cut(w / "features" / "title_bpe.zarr" / "tokens" / "values" / "zarr.json"),
     "provenance of a wrong type": lambda w: provenance(w, lambda p: p["layout"].update(block_rows="16")),
     "provenance without its producer": lambda w: provenance(w, lambda p: p.pop("producer")),
+    "tokenizer model cut": lambda w: cut(w / "tokenizers" / "title_bpe.model"),
+    "tokenizer record cut": lambda w: cut(w / "tokenizers" / "title_bpe.json"),
 }
 
 
@@ -101,3 +103,26 @@ def test_damaged_metadata_is_one_line_naming_the_rebuild_which_restores_the_stor
     code, err = run_main(*fix.split()[1:])
     assert code == 0, err
     same_store(w / "features" / "title_bpe.zarr", tiny.workdir / "features" / "title_bpe.zarr")
+
+
+@pytest.mark.parametrize("text", ['{"a": 1}', "[1]", '[{"pid": 1', ""])
+def test_a_damaged_writers_file_is_one_line_naming_the_file_to_delete(tmp_path, tiny, text):
+    w = fresh_workdir(tiny, tmp_path / "w")
+    claims = w / "features" / ".locks" / "title_bpe.zarr.writers.json"
+    claims.parent.mkdir(parents=True)
+    claims.write_text(text)
+    line = one_error_line(*run_main(*extract_args(tiny, w, "zarr")))
+    assert line == (f"error: {claims}: damaged writers file (who is writing this store); delete it once no "
+                    "extraction or sketch of the store runs, then run the command again"), line
+    claims.unlink()
+    assert run_main(*extract_args(tiny, w, "zarr"))[0] == 0
+
+
+@pytest.mark.parametrize("where", ["models/title_bpe", "fusion"])
+def test_a_stamp_of_the_wrong_shape_is_one_line(tmp_path, tiny, where):
+    w = copy_workdir(tiny.workdir, tmp_path / "w", TRAINED)
+    (w / where / "stamp.json").write_text("[1, 2]")
+    args = ["pretrain", "title_bpe"] if where.startswith("models") else ["fuse"]
+    line = one_error_line(*run_main(*args, "--workdir", w))
+    assert line == f"error: {w / where / 'stamp.json'}: damaged stage stamp (not a stamp's JSON object); delete " \
+                   "it and run the stage again", line
