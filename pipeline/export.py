@@ -20,7 +20,7 @@ from torch import nn
 from pipeline import checkpoint, modalities, workdir as wd
 from pipeline.config import Config
 from pipeline.heads import FusionHeads
-from pipeline.provenance import atomic_path
+from pipeline.provenance import write_bytes
 from pipeline.trust import check_program
 from stores import ArraySpec
 
@@ -63,8 +63,7 @@ def save_program(program: torch.export.ExportedProgram, path: Path) -> None:
     """torch.export.save, atomically (a regular file or nothing replaced; see pipeline.provenance)."""
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buffer.getvalue())
+    write_bytes(path, buffer.getvalue())
 
 
 def load_program(path: str | Path) -> torch.export.ExportedProgram:

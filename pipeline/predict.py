@@ -18,7 +18,7 @@ from pipeline import workdir as wd
 from pipeline.catalog import load_catalog, probabilities_table, write_submission
 from pipeline.config import Config
 from pipeline.errors import PipelineError
-from pipeline.provenance import atomic_path, replaceable
+from pipeline.provenance import replaceable, write_parquet
 from pipeline.predictor import Predictor
 from pipeline.progress import Progress
 
@@ -63,7 +63,6 @@ def _predict(catalog_dir, workdir: Path, out_csv: Path, cfg: Config, cache, prog
     ids = items["item_id"].to_numpy()
     table = probabilities_table(ids, probs, predictor.classes.tolist())
     write_submission(out_csv, ids, table["prdtypecode"])
-    with atomic_path(out_csv.with_suffix(".parquet")) as tmp:
-        table.write_parquet(tmp)
+    write_parquet(table, out_csv.with_suffix(".parquet"))
     log(f"predict: {len(table)} items -> {out_csv} and {out_csv.with_suffix('.parquet')}")
     return table

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import hashlib
+import io
 import json
 import os
 import secrets
@@ -82,6 +83,20 @@ def atomic_path(path: str | Path):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """`data` into `path` atomically, through Python's own write: a full disk is an OSError (ENOSPC) whatever
+    made the bytes (polars and torch report it as errors of their own when they write files themselves)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_parquet(table, path: str | Path) -> None:
+    """A polars table as a parquet file, atomically (see `write_bytes`)."""
+    buffer = io.BytesIO()
+    table.write_parquet(buffer)
+    write_bytes(path, buffer.getvalue())
 
 
 def write_json(path: str | Path, obj) -> None:

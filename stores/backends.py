@@ -13,8 +13,10 @@ A Zarr store may also be a URL read and written through fsspec (see `stores.path
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -24,7 +26,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
-from stores.errors import StoreBusyError, StoreError, UnreadableStoreError
+from stores.errors import StoreBusyError, StoreError, StoreWriteError, UnreadableStoreError
 from stores.locks import writer_of
 from stores.paths import is_hdf5, is_url, local_path, storage_options, store_location, suffix, url_to_fs
 
@@ -42,6 +44,23 @@ def backend_for(path: str | Path) -> type[ZarrBackend] | type[H5Backend]:
             raise StoreError(f"{path}: an HDF5 store must be a local file; a store URL must end in .zarr")
         return H5Backend
     raise StoreError(f"{path}: a store path must end in .zarr (Zarr directory) or .h5 (HDF5 file)")
+
+
+ROOM_MARGIN = 1 << 20  # metadata, chunk headers, and the estimate's slack
+
+
+def room_for(path: str | Path, nbytes: int) -> None:
+    """Refuse a write of about `nbytes` (uncompressed: more than it takes) that the local disk has no room for,
+    before anything is written: a store never meets a full disk mid-block, and an HDF5 file never mid-write
+    (which HDF5 cannot undo). Object storage is not checked."""
+    local = local_path(path)
+    if local is None:
+        return
+    folder = next((p for p in (local, *local.parents) if p.exists()), None)
+    free = shutil.disk_usage(folder).free if folder is not None else None
+    if free is not None and free < nbytes + ROOM_MARGIN:
+        raise StoreWriteError(local, OSError(errno.ENOSPC, f"{free} bytes free, a block needs up to "
+                                                           f"{nbytes + ROOM_MARGIN}"), intact=True)
 
 
 class ZarrBackend:
@@ -105,6 +124,9 @@ class ZarrBackend:
 
     def flush(self) -> None:
         pass  # every chunk write is a complete file
+
+    def abandon(self) -> None:
+        pass  # a chunk cut by a failed write belongs to a block not marked complete: written again
 
     def close(self) -> None:
         pass
@@ -205,8 +227,30 @@ class H5Backend:
     def flush(self) -> None:
         self.file.flush()
 
+    def abandon(self) -> None:
+        """After a write the disk refused: point the file's descriptor at /dev/null, so that closing it (which
+        writes HDF5's caches again, and crashes HDF5 1.14 once a write failed) ends cleanly and the file stays
+        as the disk has it."""
+        try:
+            fd = self.file.id.get_vfd_handle()
+        except Exception:  # noqa: BLE001 - closed already, or another driver: nothing to let go
+            return
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, fd)
+        os.close(null)
+
     def close(self) -> None:
-        self.file.close()
+        """Close the file; one that cannot be written as it closes (a damaged file, a full disk) is let go as
+        the disk has it (see `abandon`) rather than crash HDF5."""
+        try:
+            if self.file.mode != "r":
+                self.file.flush()
+        except (RuntimeError, OSError):
+            self.abandon()
+        try:
+            self.file.close()
+        except (RuntimeError, OSError):  # HDF5 could not finish a damaged file: the disk keeps it as it was
+            pass
 
     def nbytes_stored(self) -> int:
         return self.path.stat().st_size

@@ -134,7 +134,9 @@ class _Plan:
         planned_ids, planned_fp = store.planned()
         order = np.argsort(planned_ids)
         pos = np.minimum(np.searchsorted(planned_ids[order], self.ids), max(len(order) - 1, 0))
-        known = planned_ids[order][pos] == self.ids if len(order) else np.zeros(len(self.ids), bool)
+        if not len(order):  # a store laid out with no items yet (its first planning was cut short)
+            return np.ones(len(self.ids), bool)
+        known = planned_ids[order][pos] == self.ids
         changed_items = known & (planned_fp[order][pos] != self.fp)
         if changed_items.any():
             raise StaleStoreError(f"{store.path}: the input of {int(changed_items.sum())} stored item(s) changed "
@@ -271,10 +273,12 @@ def _fill(plan: _Plan, store_path, block_rows: int, shard: tuple[int, int], rebu
         finally:
             store.close()
     except OSError as err:  # a full disk, a lost mount, a permission change mid-run
-        raise PipelineError(
-            f"{store_path}: writing failed ({err.strerror or err}{': ' + str(err.filename) if err.filename else ''}); "
-            f"every block written before is kept: fix the cause and run the same command to resume"
-        ) from None
+        failed = f"{store_path}: writing failed ({err.strerror or err}{': ' + str(err.filename) if err.filename else ''})"
+        if not getattr(err, "intact", True):  # an HDF5 file cut mid-write
+            raise PipelineError(f"{failed}; an HDF5 file cut mid-write cannot be trusted: fix the cause, then "
+                                f"rebuild it with `{rebuild_hint}` (a .zarr store would resume)") from None
+        raise PipelineError(f"{failed}; every block written before is kept: fix the cause and run the same "
+                            "command to resume") from None
 
 
 def _write_blocks(extractor: Extractor, items: pl.DataFrame, store: FeatureStore, shard: tuple[int, int],

@@ -6,8 +6,10 @@ sha256 is in the store's provenance. Each item's ids are stored whole (titles ar
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -76,6 +78,8 @@ def _train(titles: list[str], model_dir: Path, opts, options: dict) -> Path:
             minloglevel=2,
         )
     except (RuntimeError, ValueError) as err:  # SentencePiece refuses a setting or the data (no title, ...)
+        if shutil.disk_usage(model_dir).free < 1 << 20:  # ... or could not write its files
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(model_dir)) from None
         settings = ", ".join(f"{k} = {v}" for k, v in options.items())
         raise PipelineError(f"{model_dir / 'title_bpe.model'}: SentencePiece cannot learn a BPE from the "
                             f"{len(titles)} non-empty train titles with [title_bpe] {settings} "

@@ -126,3 +126,148 @@ def test_a_stamp_of_the_wrong_shape_is_one_line(tmp_path, tiny, where):
     line = one_error_line(*run_main(*args, "--workdir", w))
     assert line == f"error: {w / where / 'stamp.json'}: damaged stage stamp (not a stamp's JSON object); delete " \
                    "it and run the stage again", line
+
+
+# ---------------------------------------------------------------------- a full disk, simulated in-process
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_disk_without_room_for_the_next_block_stops_the_run_cleanly_and_it_resumes(tmp_path, tiny, backend,
+                                                                                    monkeypatch):
+    w = fresh_workdir(tiny, tmp_path / "w")
+    real, checks = shutil.disk_usage, []
+
+    def filling(path):  # room for three blocks, then none
+        checks.append(path)
+        usage = real(path)
+        return usage._replace(free=0) if len(checks) > 4 else usage
+
+    monkeypatch.setattr(shutil, "disk_usage", filling)
+    line = one_error_line(*run_main(*extract_args(tiny, w, backend)))
+    store = w / "features" / f"title_bpe{BACKENDS[backend]}"
+    assert line == (f"error: {store}: writing failed (No space left on device (0 bytes free, a block needs up to "
+                    f"{line.split('needs up to ')[1].split(')')[0]}): {store}); every block written before is kept: "
+                    "fix the cause and run the same command to resume"), line
+    monkeypatch.setattr(shutil, "disk_usage", real)
+    code, err = run_main(*extract_args(tiny, w, backend))
+    assert code == 0 and "already stored" in err, err
+    same_store(store, tiny.workdir / "features" / "title_bpe.zarr")
+
+
+def failing_after(n: int, fail):
+    """A replacement for a write method that raises ENOSPC from its n-th call on (`fail(args)`: whether a
+    call counts)."""
+    calls = []
+
+    def write(real):
+        def wrapped(*args, **kwargs):
+            if fail(args):
+                calls.append(1)
+                if len(calls) >= n:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(*args, **kwargs)
+        return wrapped
+    return write
+
+
+def test_a_zarr_write_refused_mid_block_resumes_with_the_same_command(tmp_path, tiny, monkeypatch):
+    w = fresh_workdir(tiny, tmp_path / "w")
+    real = zarr.storage.LocalStore.set
+    calls = []
+
+    async def full_disk(self, key, value):
+        if key.startswith("tokens/values/c/"):  # the token chunks written by blocks: the third fails, mid-block
+            calls.append(key)
+            if len(calls) == 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return await real(self, key, value)
+
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", full_disk)
+    store = w / "features" / "title_bpe.zarr"
+    line = one_error_line(*run_main(*extract_args(tiny, w, "zarr")))
+    assert line == (f"error: {store}: writing failed (No space left on device: {store}); every block written "
+                    "before is kept: fix the cause and run the same command to resume"), line
+    monkeypatch.setattr(zarr.storage.LocalStore, "set", real)
+    code, err = run_main(*extract_args(tiny, w, "zarr"))
+    assert code == 0, err
+    same_store(store, tiny.workdir / "features" / "title_bpe.zarr")
+
+
+def test_an_hdf5_write_refused_mid_block_names_the_rebuild_which_restores_it(tmp_path, tiny, monkeypatch):
+    w = fresh_workdir(tiny, tmp_path / "w")
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", failing_after(8, lambda args: args[0].name.endswith("values"))(
+        h5py.Dataset.__setitem__))
+    store = w / "features" / "title_bpe.h5"
+    line = one_error_line(*run_main(*extract_args(tiny, w, "hdf5")))
+    rebuild = (f"pipeline extract title_bpe --catalog {tiny.catalog.resolve()} --workdir {w} --backend hdf5 "
+               "--rebuild")
+    assert line == (f"error: {store}: writing failed (No space left on device: {store}); an HDF5 file cut "
+                    f"mid-write cannot be trusted: fix the cause, then rebuild it with `{rebuild}` (a .zarr "
+                    "store would resume)"), line
+    monkeypatch.undo()
+    code, err = run_main(*rebuild.split()[1:])
+    assert code == 0, err
+    same_store(store, tiny.workdir / "features" / "title_bpe.zarr")
+
+
+# ---------------------------------------------------------------------- a real full disk (a small tmpfs)
+@contextmanager
+def small_disk(directory: Path):
+    """A tmpfs mounted at `directory` (root only: skipped elsewhere); `room(n)` leaves n bytes free on it."""
+    directory.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(directory)],
+                                           capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root: the in-process tests above simulate the full disk")
+
+    def room(free: int) -> None:
+        used = shutil.disk_usage(directory).used
+        subprocess.run(["mount", "-o", f"remount,size={used + free}", str(directory)], check=True)
+    try:
+        yield room
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+def pipeline(*args) -> subprocess.CompletedProcess:
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_real_full_disk_during_extraction_is_one_line_without_a_crash_and_resumes(tmp_path, tiny, backend):
+    with small_disk(tmp_path / "disk") as room:
+        w = fresh_workdir(tiny, tmp_path / "disk" / "w")
+        before = shutil.disk_usage(w).used
+        assert pipeline(*extract_args(tiny, w, backend)).returncode == 0  # how much the whole store takes here
+        whole = shutil.disk_usage(w).used - before
+        FeatureStore.remove(w / "features" / f"title_bpe{BACKENDS[backend]}")
+        room((1 << 20) + int(0.8 * whole))  # past the 1 MiB a block write keeps free: room for most of it
+        done = pipeline(*extract_args(tiny, w, backend))
+        assert done.returncode == 1, done.stderr[-3000:]  # not 139: HDF5 met no full disk mid-write
+        assert "No space left on device" in one_error_line(done.returncode, done.stderr)
+        with FeatureStore(w / "features" / f"title_bpe{BACKENDS[backend]}") as cut_short:
+            assert 0 < len(cut_short) < 300  # stopped mid-run, its complete blocks kept
+        room(64 << 20)
+        done = pipeline(*extract_args(tiny, w, backend))
+        assert done.returncode == 0, done.stderr[-3000:]
+        same_store(w / "features" / f"title_bpe{BACKENDS[backend]}", tiny.workdir / "features" / "title_bpe.zarr")
+
+
+@pytest.mark.slow
+def test_a_full_disk_in_pretrain_and_fuse_is_one_line_and_keeps_the_last_good_model(tmp_path, tiny):
+    with small_disk(tmp_path / "disk") as room:
+        w = copy_workdir(tiny.workdir, tmp_path / "disk" / "w", TRAINED)
+        longer = tmp_path / "longer.toml"
+        longer.write_text(f'base = "{tiny.config}"\n[pretrain.title_bpe]\nepochs = 11\n[fusion]\nepochs = 4\n')
+        kept = snapshot(w / "models" / "title_bpe") | snapshot(w / "fusion")
+        room(16 << 10)
+        for args in (["pretrain", "title_bpe"], ["fuse"]):
+            line = one_error_line(*run_main(*args, "--workdir", w, "--config", longer))
+            assert "No space left on device" in line and line.endswith(
+                "free some space and run the same command again: what was complete is kept"), line
+        assert snapshot(w / "models" / "title_bpe") | snapshot(w / "fusion") == kept
+        room(64 << 20)
+        for args in (["pretrain", "title_bpe"], ["sketch", "title_bpe"], ["fuse"]):
+            code, err = run_main(*args, "--workdir", w, "--config", longer)
+            assert code == 0, err
+        assert json.loads((w / "models" / "title_bpe" / "metrics.json").read_text())["epochs"] == 11
