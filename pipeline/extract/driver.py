@@ -33,6 +33,7 @@ from pipeline.provenance import Stamp, canonical_json, recover, swap_in
 from stores import FeatureStore, StoreError, UnreadableStoreError, store_lock, writer_claim
 from stores.backends import local_path, store_location
 
+MAX_SHARDS = 1 << 20  # --shard K/N: N workers at most
 # A store on object storage has no lock: workers K > 0 wait this long for worker 0's layout.
 PLAN_WAIT_S = float(os.environ.get("EMDE_PLAN_WAIT_S", 900))
 
@@ -89,6 +90,8 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
         raise PipelineError(f"--shard must look like K/N (e.g. 0/4), not '{shard}'") from None
     if not 0 <= k < n:
         raise PipelineError(f"--shard {shard}: K must be in 0..N-1")
+    if n > MAX_SHARDS:  # a typo: more workers than blocks any store has (and past what numpy slices take)
+        raise PipelineError(f"--shard {shard}: N must be at most {MAX_SHARDS} workers")
     return k, n
 
 

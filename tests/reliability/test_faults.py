@@ -271,3 +271,12 @@ def test_a_full_disk_in_pretrain_and_fuse_is_one_line_and_keeps_the_last_good_mo
             code, err = run_main(*args, "--workdir", w, "--config", longer)
             assert code == 0, err
         assert json.loads((w / "models" / "title_bpe" / "metrics.json").read_text())["epochs"] == 11
+
+
+# ---------------------------------------------------------------------- refused before anything is written
+def test_a_shard_count_past_any_store_is_refused_before_the_store_is_laid_out(tmp_path, tiny):
+    w = tmp_path / "w"
+    line = one_error_line(*run_main("extract", "title_bpe", "--catalog", tiny.catalog, "--workdir", w,
+                                    "--config", tiny.config, "--shard", "5/99999999999999999999"))
+    assert line == "error: --shard 5/99999999999999999999: N must be at most 1048576 workers", line
+    assert not w.exists()
