@@ -34,6 +34,7 @@ from pipeline.extract.driver import keep_freed_memory, run_extraction
 from pipeline.heads import FusionHeads
 from pipeline.modalities import ExtractContext
 from pipeline.sketch import sketches
+from pipeline.upstream import check_planned_model
 from stores import FeatureStore, Ragged
 
 CHUNK_ROWS = 512  # rows computed at once: bounds the memory of decoded photos and token states
@@ -100,9 +101,10 @@ def _open(path) -> FeatureStore | None:
 def _branch(name: str, workdir: Path, cfg: Config, device: torch.device, sha: str, reuse: bool) -> _Branch:
     path = wd.model_dir(workdir, name) / checkpoint.MODEL_FILE
     model, ckpt = checkpoint.load_model(path)
+    trained_on = ckpt.get("store", {}).get("provenance", {}).get("producer")
+    check_planned_model(cfg, name, trained_on, path, "predict with the configuration it was trained with")
     ctx = ExtractContext(cfg, workdir, pick_device(cfg.extract.device, "[extract] device"))
     extractor = modalities.get(name).extractor(ctx)
-    trained_on = ckpt.get("store", {}).get("provenance", {}).get("producer")
     if trained_on is not None and trained_on != extractor.producer:
         raise PipelineError(f"{path} was trained on {name} features of another model or settings than "
                             f"{cfg.source} gives now; predict with the configuration it was trained with")

