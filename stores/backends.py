@@ -46,6 +46,24 @@ def backend_for(path: str | Path) -> type[ZarrBackend] | type[H5Backend]:
     raise StoreError(f"{path}: a store path must end in .zarr (Zarr directory) or .h5 (HDF5 file)")
 
 
+class BoundedZstdCodec(ZstdCodec):
+    """zstd that decodes a chunk into a buffer of the chunk's own size (the layout's, checked on open): a frame
+    that would decompress past it (a "bomb": gigabytes of zeros in a few kilobytes) fails as a damaged chunk
+    instead of taking the memory. It reads every "zstd" of this process's zarr.json files (registered below);
+    zarr's own allocates whatever size the frame declares. A dtype without a fixed size decodes as zarr does."""
+
+    def _decode_sync(self, chunk_bytes, chunk_spec):
+        dtype = chunk_spec.dtype.to_native_dtype()
+        if dtype.hasobject or not dtype.itemsize:
+            return super()._decode_sync(chunk_bytes, chunk_spec)
+        out = np.empty(int(np.prod(chunk_spec.shape, dtype=np.int64)) * dtype.itemsize, np.uint8)
+        self._zstd_codec.decode(chunk_bytes.as_numpy_array(), out=out)  # a frame larger than `out` is refused
+        return chunk_spec.prototype.buffer.from_array_like(out)
+
+
+zarr.registry.register_codec("zstd", BoundedZstdCodec)
+zarr.config.set({"codecs.zstd": f"{BoundedZstdCodec.__module__}.{BoundedZstdCodec.__qualname__}"})
+
 ROOM_MARGIN = 1 << 20  # metadata, chunk headers, and the estimate's slack
 
 

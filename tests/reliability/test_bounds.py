@@ -1,6 +1,7 @@
 """Bounded by construction: a photo path that is not a regular file, or too large, is recorded as refused
 without being read (never waited on, never read whole); a store whose metadata declares chunks other than its
-layout's (a chunk of gigabytes over a small compressed frame) is refused on open, before any chunk is decoded.
+layout's (a chunk of gigabytes over a small compressed frame) is refused on open, before any chunk is decoded,
+and a chunk's frame never decompresses past the chunk's own size.
 The hostile cases run in a subprocess under an address-space limit and a timeout, so that a regression fails
 the test instead of filling this machine's memory or hanging it."""
 from __future__ import annotations
@@ -121,6 +122,31 @@ def test_a_chunk_declared_larger_than_the_layout_is_refused_before_any_chunk_is_
     assert done.returncode == 0 and "refused:" in done.stdout, (done.stdout, done.stderr[-2000:])
     assert "array 'ids' is int64 () in chunks of (268435456,), not what its layout says (int64 (), chunks of 16)" \
         in done.stdout
+
+
+def test_a_frame_that_decompresses_past_its_chunk_is_a_damaged_chunk_without_the_memory(tmp_path):
+    import google_crc32c
+    from numcodecs import Zstd
+
+    path = tmp_path / "s.zarr"
+    small_store(path)
+    frame = Zstd(level=0).encode(np.zeros(1 << 30, np.uint8))  # 1 GiB of zeros in ~32 KB; the chunk holds 256 B
+    checksum = np.array([google_crc32c.value(frame)], np.uint32).view("B").tobytes()
+    (path / "vec" / "c" / "0" / "0").write_bytes(frame + checksum)
+    done = bounded(f"""
+        import resource
+        from stores import FeatureStore, StoreError
+        resource.setrlimit(resource.RLIMIT_AS, (768 << 20, 768 << 20))  # well under the bomb's 1 GiB
+        with FeatureStore({str(path)!r}) as store:
+            try:
+                store.read("vec", [3])
+            except StoreError as err:
+                print("refused:", err)
+            print(store.read("vec", [20]).tolist())  # the other chunks read as before
+    """, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "array 'vec' is damaged: chunk(s) 0 cannot be read (ValueError); 16 item(s)" in done.stdout, done.stdout
+    assert "[[1.0, 1.0, 1.0, 1.0]]" in done.stdout
 
 
 @pytest.mark.parametrize("what, change", [
