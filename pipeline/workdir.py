@@ -94,6 +94,8 @@ def check_output_path(path: str | Path, workdir, cfg: Config, flag: str, allow: 
     """Refuse an output path (`--out`) inside W's own entries (the split, the stores, the models, the
     fusion, ...: `allow` names the command's own), before anything runs."""
     target = Path(path).expanduser().resolve()
+    if target == Path(workdir).expanduser().resolve():
+        raise PipelineError(f"{flag}: {path} is the work directory itself; write into a folder of its own")
     own = [Path(workdir) / e for e in ENTRIES if e not in allow] + [fusion_dir(workdir, cfg)]
     root = stores_root(workdir, cfg)
     own += [Path(root) / kind for kind in ("features", "sketches")] if not is_url(root) else []

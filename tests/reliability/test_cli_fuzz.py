@@ -175,10 +175,14 @@ OUTPUTS = st.sampled_from([".", "..", "/tmp", "features", "models", "models/titl
 
 
 def owned(w: Path, command: str, output: str, changed: str) -> bool:
-    """Whether `changed` (a path under W) is the output `command` was given: the fusion folder, the --out file
-    and its .parquet beside it, the --out folder of export."""
-    path, target = (w / changed).resolve(), (w / output).resolve()
+    """Whether `changed` (a path under W) is the output `command` was given (the fusion folder, the --out file
+    and its .parquet beside it, the --out folder of export), provided that is neither W itself nor one of the
+    entries a trained W holds."""
+    path, target, root = (w / changed).resolve(), (w / output).resolve(), w.resolve()
+    theirs = [(w / entry).resolve() for entry in TRAINED]
     mine = [target, target.with_suffix(".parquet") if command == "predict" and target.name else target]
+    mine = [m for m in mine if m != root and m.is_relative_to(root) and
+            not any(m == e or m.is_relative_to(e) for e in theirs)]
     return changed.startswith(".locks/") or any(path == m or path.is_relative_to(m) for m in mine)
 
 
@@ -187,6 +191,8 @@ def test_output_settings_never_touch_another_stages_output(tiny, tmp_path, monke
     w = copy_workdir(tiny.workdir, tmp_path / "w", TRAINED)
 
     @settings(FUZZ, max_examples=16)
+    @example(".", "fuse")  # once: the fusion renamed over the whole work directory
+    @example("split.csv", "predict")  # once: its .parquet beside it replaced W/split.parquet
     @given(OUTPUTS, st.sampled_from(["fuse", "predict", "export"]))
     def check(output, command):
         config = tmp_path / "out.toml"

@@ -115,4 +115,6 @@ def test_export_out_never_points_into_another_stages_output(tmp_path, tiny: Tiny
         line = one_error_line(*run_main("export", "--workdir", w, "--out", out))
         assert line == (f"error: --out {out}: writing {out} would replace or enter {entry}, an output of the work "
                         "directory's stages; write it elsewhere (e.g. beside the work directory)"), line
+    line = one_error_line(*run_main("export", "--workdir", w, "--out", w))
+    assert line == f"error: --out {w}: {w} is the work directory itself; write into a folder of its own", line
     assert snapshot(tmp_path) == before
