@@ -1,6 +1,7 @@
 """The `pipeline` command: parses arguments and calls the stage; nothing else lives here."""
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -293,8 +294,10 @@ def main() -> None:
         refuse(e.format_message() + (f" (see `{ctx.command_path} --help`)" if ctx else ""))
     except (PipelineError, StoreError) as e:
         refuse(str(e))
-    except OSError as e:
-        refuse(f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else ""))
+    except OSError as e:  # a full disk: every stage keeps what it completed (blocks, epochs, the last good output)
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        refuse(f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+               + ("; free some space and run the same command again: what was complete is kept" if full else ""))
     except MemoryError as e:  # a setting far too large for this machine (a batch size, a model width, ...)
         refuse(f"out of memory ({e or 'MemoryError'}); lower the setting that sizes the largest array")
 

@@ -22,6 +22,7 @@ from pipeline.catalog import load_catalog, probabilities_table, write_submission
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.predictor import MissingInputWarning, Predictor
+from pipeline.provenance import replaceable, write_parquet
 from pipeline.progress import Progress
 
 BATCH_ROWS = 4096
@@ -36,6 +37,8 @@ def check_output(out_csv: Path) -> None:
         raise PipelineError(f"--out {out_csv}: the folder {folder} does not exist; create it first")
     if not os.access(folder, os.W_OK):
         raise PipelineError(f"--out {out_csv}: the folder {folder} is not writable")
+    for path in (out_csv, out_csv.with_suffix(".parquet")):  # never renamed over a link, a FIFO, a device
+        replaceable(path)
 
 
 def predict(catalog_dir: str | Path, workdir: str | Path, out_csv: str | Path, cfg: Config, *,
@@ -44,6 +47,8 @@ def predict(catalog_dir: str | Path, workdir: str | Path, out_csv: str | Path, c
     work directory or a bundle (`pipeline bundle`)."""
     out_csv = Path(out_csv)
     check_output(out_csv)
+    for path in (out_csv, out_csv.with_suffix(".parquet")):  # W/split.csv would write over W/split.parquet
+        wd.check_output_path(path, workdir, cfg, f"--out {out_csv}")
     with wd.repair_hint(cfg, workdir):
         return _predict(catalog_dir, Path(workdir), out_csv, cfg, cache, progress, log)
 
@@ -69,6 +74,6 @@ def _predict(catalog_dir, workdir: Path, out_csv: Path, cfg: Config, cache, prog
     ids = items["item_id"].to_numpy()
     table = probabilities_table(ids, probs, predictor.classes.tolist())
     write_submission(out_csv, ids, table["prdtypecode"])
-    table.write_parquet(out_csv.with_suffix(".parquet"))
+    write_parquet(table, out_csv.with_suffix(".parquet"))
     log(f"predict: {len(table)} items -> {out_csv} and {out_csv.with_suffix('.parquet')}")
     return table

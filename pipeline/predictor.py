@@ -45,6 +45,7 @@ from pipeline.items import Items
 from pipeline.modalities import ExtractContext
 from pipeline.provenance import digest, sha256_file
 from pipeline.sketch import sketches
+from pipeline.upstream import check_planned_model
 from stores import FeatureStore, Ragged, StoreBusyError, WriterConflictError
 from stores.paths import is_url
 
@@ -184,9 +185,12 @@ def fused_checkpoints(workdir: Path, cfg: Config) -> tuple[Path, dict[str, Path]
 def _branch(name: str, workdir: Path, cfg: Config, device: torch.device, sha: str, fusion_path: Path,
             reuse: bool, bundled: bool) -> _Branch:
     model, ckpt = _model(workdir, name, sha, fusion_path, cfg)
+    trained_on = ckpt.get("store", {}).get("provenance", {}).get("producer")
+    if not bundled:  # before any upstream model is built or converted
+        check_planned_model(cfg, name, trained_on, wd.model_dir(workdir, name) / checkpoint.MODEL_FILE,
+                            "predict with the configuration it was trained with")
     ctx = ExtractContext(cfg, workdir, pick_device(cfg.extract.device, "[extract] device"))
     extractor = modalities.get(name).extractor(ctx)
-    trained_on = ckpt.get("store", {}).get("provenance", {}).get("producer")
     if not bundled and trained_on is not None and trained_on != extractor.producer:  # a bundle: its manifest
         raise PipelineError(f"{wd.model_dir(workdir, name) / checkpoint.MODEL_FILE} was trained on {name} features "
                             f"of another model or settings than {cfg.source} gives now; predict with the "

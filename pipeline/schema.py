@@ -161,8 +161,14 @@ class Head(Section):
     inputs: Annotated[list[str], Field(min_length=1)]
 
 
+def _stage_output(name: str) -> str:
+    from pipeline.workdir import check_output_name  # the work directory's own entries are named there
+
+    return check_output_name(name)
+
+
 class Fusion(Section):
-    output: Annotated[str, Field(min_length=1)]
+    output: Annotated[str, AfterValidator(_stage_output)]  # a folder of its own inside the work directory
     method: Literal["joint", "average"]  # heads trained jointly, or the pretrained heads' probabilities averaged
     heads: Annotated[list[Head], Field(min_length=1)]
     lr: PositiveFloat
