@@ -15,6 +15,7 @@ that send the user to another command repeat the options it needs (`command`).
 """
 from __future__ import annotations
 
+import shlex
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
@@ -102,19 +103,20 @@ def remember(workdir, cfg: Config, catalog: str | Path | None = None) -> None:
     write_json(Path(workdir) / RECORD, record)
 
 
-def load(workdir, configs: list | None = None, overrides: dict | None = None) -> Config:
-    """The configuration of a command on W: `--config` files when given, else W's record, else default.toml."""
+def load(workdir, configs: list | None = None, overrides: dict | None = None, sets: list | tuple = ()) -> Config:
+    """The configuration of a command on W: `--config` files when given, else W's record, else default.toml;
+    then `overrides` and the `--set` arguments."""
     record = recorded(workdir) if workdir is not None else None
     if configs or record is None:
-        return config_module.load_config(configs, overrides)
+        return config_module.load_config(configs, overrides, sets)
     source = str(Path(workdir) / RECORD)
     if not isinstance(record, dict) or not isinstance(record.get("tables"), dict):
         raise PipelineError(f"{source}: damaged work-directory record (no 'tables'); pass the configuration "
                             "with --config, or delete the file to record it again")
     # Keys added to default.toml since W was recorded take their default value.
     defaults, _ = config_module.read_tables([])
-    cfg = config_module.build(config_module.merge(defaults, record["tables"]), (source,), {})
-    return cfg.merged(overrides, "(command line)") if overrides else cfg
+    tables, origins = config_module.with_overrides(config_module.merge(defaults, record["tables"]), {}, overrides, sets)
+    return config_module.build(tables, (source,), origins, sets)
 
 
 def command(cfg: Config, workdir, verb: str, catalog: bool = False) -> str:
@@ -128,6 +130,7 @@ def command(cfg: Config, workdir, verb: str, catalog: bool = False) -> str:
     own = str(Path(workdir) / RECORD)
     if cfg.sources and cfg.sources != (own,):
         parts += [arg for s in cfg.sources if not s.startswith("(") for arg in ("--config", s)]
+    parts += [arg for s in cfg.sets for arg in ("--set", shlex.quote(s))]
     return " ".join(parts)
 
 
