@@ -3,8 +3,10 @@
 The work directory's fusion and every model it reads are loaded once (`pipeline.predictor.Predictor`);
 the catalogue's items are computed in memory, reusing what W already holds for the same inputs, and
 never written into the training stores or the split (ids may overlap W's: a new catalogue numbered from
-0 is fine). Writes `--out` in the challenge's submission format (`,prdtypecode` header; item id, code)
-and, beside it, `<out>.parquet`: item id, code, its probability and the probability of every class.
+0 is fine). The catalogue is any layout (a product table too); its labels, if any, are ignored. Writes
+`--out` in the challenge's submission format (`,prdtypecode` header; item id, code), its folder created if
+need be, and, beside it, `<out>.parquet`: item id, code, its probability, the class name when the catalogue
+names its classes, and the probability of every class.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import numpy as np
 import polars as pl
 
 from pipeline import workdir as wd
-from pipeline.catalog import load_catalog, probabilities_table, write_submission
+from pipeline.catalog import class_names, load_catalog, probabilities_table, read_split, write_submission
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.predictor import Predictor
@@ -25,14 +27,16 @@ BATCH_ROWS = 4096
 
 
 def check_output(out_csv: Path) -> None:
-    """Refuse an output path that cannot be written, before any work is done."""
+    """Refuse an output path that cannot be written, before any work is done (a missing folder is created
+    when the predictions are written)."""
     if out_csv.is_dir():
         raise PipelineError(f"--out {out_csv}: is a directory; give a file name (e.g. {out_csv / 'predictions.csv'})")
     folder = out_csv.parent if str(out_csv.parent) else Path(".")
-    if not folder.is_dir():
-        raise PipelineError(f"--out {out_csv}: the folder {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK):
-        raise PipelineError(f"--out {out_csv}: the folder {folder} is not writable")
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise PipelineError(f"--out {out_csv}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise PipelineError(f"--out {out_csv}: the folder {existing} is not writable")
 
 
 def predict(catalog_dir: str | Path, workdir: str | Path, out_csv: str | Path, cfg: Config, *,
@@ -56,7 +60,8 @@ def _predict(catalog_dir, workdir: Path, out_csv: Path, cfg: Config, cache, prog
             probs[start : start + len(chunk)] = predictor.predict_proba(chunk)
             bar.advance(len(chunk))
     ids = items["item_id"].to_numpy()
-    table = probabilities_table(ids, probs, predictor.classes.tolist())
+    table = probabilities_table(ids, probs, predictor.classes.tolist(), class_names(read_split(workdir)))
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
     write_submission(out_csv, ids, table["prdtypecode"])
     table.write_parquet(out_csv.with_suffix(".parquet"))
     log(f"predict: {len(table)} items -> {out_csv} and {out_csv.with_suffix('.parquet')}")

@@ -27,6 +27,7 @@ import polars as pl
 import torch
 
 from pipeline import checkpoint, modalities, workdir as wd
+from pipeline.catalog import column_names
 from pipeline.config import Config
 from pipeline.distributed import pick_device
 from pipeline.errors import PipelineError
@@ -246,9 +247,9 @@ class _Items:
 
     def __enter__(self) -> _Items:
         df = self.df if isinstance(self.df, pl.DataFrame) else _from_pandas(self.df)
-        layout = self.cfg.catalog.layouts[self.cfg.catalog.layout].columns
-        df = df.rename({getattr(layout, f): f for f in ("title", "description")
-                        if getattr(layout, f) in df.columns and f not in df.columns})
+        for f in ("title", "description"):  # a catalogue's own column names work too ("designation", ...)
+            own = [c for c in column_names(self.cfg.catalog, f) if c in df.columns]
+            df = df.rename({own[0]: f}) if own and f not in df.columns else df
         if "title" not in df.columns:
             raise PipelineError(f"no title column among {df.columns}: give `title` (and `description`, `image`)")
         n = len(df)

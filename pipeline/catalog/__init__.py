@@ -12,17 +12,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import polars as pl
-
 from pipeline.catalog.folder import matches, read_folder
 from pipeline.catalog.items import COLUMNS, Catalog, CatalogError, train_texts
 from pipeline.catalog.outputs import probabilities_table, write_submission
 from pipeline.catalog.split import SPLIT_FILE, class_codes, class_names, make_split, read_split, split_items
-from pipeline.catalog.table import read_table, table_files, write_table
+from pipeline.catalog.table import read_table, write_table
 
-__all__ = ["Catalog", "CatalogError", "SPLIT_FILE", "class_codes", "class_names", "layout_of", "load_catalog",
+__all__ = ["Catalog", "CatalogError", "SPLIT_FILE", "class_codes", "class_names", "column_names", "layout_of", "load_catalog",
            "make_split", "probabilities_table", "rakuten_to_table", "read_split", "split_items", "train_texts",
            "write_submission"]
+
+
+def column_names(settings, field: str) -> list[str]:
+    """The names the catalogue's layouts give the item's `field` ("title", "description"): the configured
+    layout's first, then the product table's and every folder layout's."""
+    sets = [settings.table.columns, *(layout.columns for layout in settings.layouts.values())]
+    if settings.layout in settings.layouts:
+        sets.insert(0, settings.layouts[settings.layout].columns)
+    return list(dict.fromkeys(getattr(s, field) for s in sets))
 
 
 def layout_of(path: Path, cfg) -> str:
