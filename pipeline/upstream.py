@@ -34,6 +34,7 @@ from pipeline.workdir import upstream_dir
 USES = {"title_cam": "text", "desc_cam": "text", "image": "image"}  # which upstream model each modality runs
 HF_FILES = ["config.json", "*.safetensors", "*.json", "*.model", "*.txt"]  # what a text model needs, no other formats
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+ALIASES = {"almanach/camembert-base": "camembert-base", "camembert-base": "almanach/camembert-base"}  # renamed on the hub
 
 
 def _build_once(out: Path, done: Path, build: Callable[[], None]) -> Path:
@@ -60,10 +61,11 @@ def hub_text_model(model_id: str, fetch: bool = True) -> Path | None:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    try:
-        return Path(snapshot_download(model_id, local_files_only=True))
-    except LocalEntryNotFoundError:
-        pass
+    for name in (model_id, *([ALIASES[model_id]] if model_id in ALIASES else [])):
+        try:
+            return Path(snapshot_download(name, local_files_only=True))
+        except LocalEntryNotFoundError:
+            pass
     if not (fetch and _online()):
         return None
     try:
@@ -223,11 +225,12 @@ def check_models(cfg: Config, names, catalog: str | Path, workdir: str | Path, v
     fresh = f"{workdir}-shipped" if record.exists() else str(workdir)  # a recorded config would be used again
     shipped = shlex.join(["pipeline", *(verb or "").split(), "--catalog", str(catalog), "--workdir", fresh,
                           *[a for s in cfg.sets if not s.startswith(("text_model.", "image.")) for a in ("--set", s)]])
-    ways = [f"to run on the models that ship with the pipeline (multilingual-e5-small, EfficientNet-Lite2), "
-            f"leave out --config: `{shipped}`"] if verb else []
+    ways = [f"to run on the models that ship with the pipeline (multilingual-e5-small, EfficientNet-Lite2): "
+            f"`{shipped}`"] if verb else []
     ways.append(f"to use the configured ones, run `{fetch}` on a machine with a network (HF_HUB_OFFLINE unset) and "
                 f"the same Hugging Face cache, or give local copies with --text-model DIR / --image-weights FILE")
-    raise ModelNotFoundError(f"{'; '.join(problems)}. " + "; ".join(ways))
+    text = "; ".join(ways)
+    raise ModelNotFoundError(f"{'; '.join(problems)}. {text[0].upper()}{text[1:]}")
 
 
 def build_upstream(catalog_dir: str | Path, workdir: str | Path, cfg: Config) -> list[str]:

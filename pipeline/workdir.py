@@ -23,8 +23,6 @@ from pipeline import config as config_module
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.provenance import read_json, write_json
-from stores import DamagedStoreError
-from stores.paths import is_url
 
 SUFFIX = {"zarr": ".zarr", "hdf5": ".h5"}
 RECORD = "config.json"
@@ -33,6 +31,8 @@ RECORD = "config.json"
 # ---------------------------------------------------------------------- paths
 def stores_root(workdir: str | Path, cfg: Config) -> Path | str:
     """`[stores] root` (a local directory as a Path, a URL as its string), or the work directory if empty."""
+    from stores.paths import is_url  # here, not at import: a refused argument never loads the store layer
+
     root = cfg.stores.root
     if not root:
         return Path(workdir)
@@ -44,6 +44,8 @@ def store_path(root: str | Path, kind: str, name: str, backend: str | None = Non
 
     A URL root holds Zarr stores only (an HDF5 store is a local file).
     """
+    from stores.paths import is_url
+
     if is_url(root):
         if backend is not None and backend != "zarr":
             raise PipelineError(f"[stores] root = {root!r} is a URL, and an HDF5 store must be a local file: "
@@ -138,6 +140,8 @@ def command(cfg: Config, workdir, verb: str, catalog: bool = False) -> str:
 def repair_hint(cfg: Config, workdir):
     """A damaged store met while reading ends the stage with one line naming the command that repairs it
     (the stage that wrote the store extracts its damaged blocks again, or rebuilds it when its layout is hit)."""
+    from stores import DamagedStoreError
+
     try:
         yield
     except DamagedStoreError as err:
