@@ -4,7 +4,8 @@
 file (relative to itself) that it is merged over, key by key; several `--config` files are merged in
 order, then every `--set section.key=value` (a TOML value). A `[pretrain]` key applies to every modality:
 a file that sets it overrides what earlier files set for that key in `[pretrain.<modality>]` tables,
-while a modality's own table in the same or a later file still wins (`merge`). Every value is then checked against pipeline.schema (and the modality
+while a modality's own table in the same or a later file still wins (`merge`). Every value is then
+checked against pipeline.schema (and the modality
 registry for the `[<modality>]` and `[pretrain.<modality>]` tables) before any stage reads it: an
 unknown table or key, a wrong type or an out-of-range value is refused in one line naming the file,
 the key, what is expected, and the near miss when there is one.

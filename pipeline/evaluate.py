@@ -36,7 +36,7 @@ def evaluate(catalog_dir: str | Path, workdir: str | Path, cfg: Config, out: str
     name = catalog_dir.stem if catalog_dir.is_file() else catalog_dir.resolve().name
     out = Path(out) if out is not None else workdir / "evaluations" / name
     _check_out(out, workdir)
-    split = read_split(workdir)  # W is trained (or this says which command builds it)
+    split = read_split(workdir, wd.command(cfg, workdir, "train", catalog=True))  # W is trained, or this says how
     catalog = load_catalog(catalog_dir, cfg)
     items = _truth(catalog.items, class_names(split), catalog_dir)
     with wd.repair_hint(cfg, workdir):

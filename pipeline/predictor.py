@@ -138,8 +138,8 @@ class Predictor:
              reuse: bool = True) -> Predictor:
         path = wd.fusion_dir(workdir, cfg) / checkpoint.MODEL_FILE
         if not path.is_file():
-            raise PipelineError(f"{path} not found: train the work directory first (extract, pretrain, sketch, "
-                                f"fuse; or `pipeline demo --workdir {workdir}`)")
+            raise PipelineError(f"{path} not found: train the work directory first, "
+                                f"`{wd.command(cfg, workdir, 'train', catalog=True)}`")
         fusion = checkpoint.load(path)
         keep_freed_memory()  # CPU forwards: no page faults on every big activation (3x on EfficientNet)
         dev = pick_device(device, "device")
