@@ -113,7 +113,7 @@ def timm_weights(model: str, fetch: bool = True) -> Path | None:
     else downloaded when online and `fetch` (None when neither)."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from timm.models import get_pretrained_cfg
-    from timm.models._hub import get_cache_dir
+    from torch.hub import get_dir
 
     pretrained = get_pretrained_cfg(model)
     if pretrained is None:
@@ -125,7 +125,7 @@ def timm_weights(model: str, fetch: bool = True) -> Path | None:
         if isinstance(found, str):
             return Path(found)
     if pretrained.url:
-        legacy = Path(get_cache_dir("checkpoints")) / os.path.basename(pretrained.url.split("?")[0])
+        legacy = Path(get_dir()) / "checkpoints" / os.path.basename(pretrained.url.split("?")[0])  # timm's url downloads
         if legacy.is_file():
             return legacy
     if not (fetch and _online() and repo):

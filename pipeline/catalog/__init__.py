@@ -63,7 +63,7 @@ def load_catalog(path: str | Path, cfg, require_train: bool = True) -> Catalog:
     else:
         raise CatalogError(f"{path}: layout '{layout}' reads a folder; give the catalogue's folder, or set "
                            f"[catalog] layout = \"table\" for a table file")
-    return Catalog(path if path.is_dir() else path.parent, items.select(COLUMNS), files)
+    return Catalog(path, items.select(COLUMNS), files)
 
 
 def rakuten_to_table(directory: str | Path, cfg=None) -> Path:

@@ -38,7 +38,7 @@ class CatalogError(PipelineError):
 
 @dataclass
 class Catalog:
-    directory: Path  # the catalogue's folder (a table's own folder for a single file)
+    directory: Path  # what --catalog named: the catalogue's folder, or a table file
     items: pl.DataFrame
     files: dict[str, Path]  # what was read: "train", "labels", "test", or "table"
 
