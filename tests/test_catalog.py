@@ -191,6 +191,14 @@ def test_parquet_json_lines_and_a_folder_of_tables_give_the_same_items(tmp_path)
     assert both["item_id"].to_list() == [10, 11, 12] and both["part"].to_list() == ["train", "train", "test"]
 
 
+def test_ids_and_codes_saved_as_floats_read_as_integers(tmp_path):
+    """pandas writes an integer column with a missing value as floats: 12.0 is item 12, 1280.0 the code 1280."""
+    pl.DataFrame({"item_id": [12.0, 13.0], "title": ["a", "b"], "label": [1280.0, None]}).write_parquet(tmp_path / "t.parquet")
+    items = load_catalog(tmp_path / "t.parquet", CFG).items
+    assert items["item_id"].to_list() == [12, 13] and items["label"].to_list() == [1280, None]
+    assert items["part"].to_list() == ["train", "test"]
+
+
 @pytest.mark.parametrize("text, message", [
     ("id,title\n1,a\n", r"products.csv, header row: missing column 'item_id' \(for the item's id\)"),
     ("item_id,title,label\n1,a,x\nSKU-2,b,y\n", r"products.csv, row 2, column 'item_id': item id 'SKU-2' is not"),

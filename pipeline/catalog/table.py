@@ -47,7 +47,10 @@ def _read_any(path: Path, table: Table, encoding: str) -> pl.DataFrame:
     nested = [c for c, t in df.schema.items() if t.is_nested() and c in table.columns.model_dump().values()]
     if nested:
         raise CatalogError(f"{path}, column '{nested[0]}': holds lists or records; a product field is one value")
-    return df.with_columns(pl.all().cast(pl.String))
+    # ids and codes written as floats (pandas does, when a column has a missing value): 12.0 is the integer 12
+    whole = [c for c, t in df.schema.items() if t.is_float() and c in (table.columns.id, table.columns.label)
+             and (df[c].drop_nulls() % 1 == 0).all()]
+    return df.with_columns(pl.col(whole).cast(pl.Int64)).with_columns(pl.all().cast(pl.String))
 
 
 def _items(path: Path, table: Table, encoding: str) -> pl.DataFrame:
