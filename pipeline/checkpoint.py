@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline import modalities
+import pipeline.modalities  # noqa: F401  (the paper's four records, which rebuild their networks)
+from pipeline import registry
 from pipeline.emde import DifferentiableEMDECoder, StaticEMDE
-from pipeline.encoders import ModalityClassifier
+from pipeline.encoders import ModalityClassifier, build_encoder
 from pipeline.errors import PipelineError
 from pipeline.provenance import atomic_path
 
@@ -33,13 +34,14 @@ def model_config(modality: str, opts, spec, producer: dict, num_classes: int, se
     """What `build_model` needs to rebuild a modality's network (saved in its checkpoint)."""
     emde = {"depth": opts.depth, "width": opts.width}
     emde |= {"inner_dim": opts.inner_dim} if opts.coder == "trainable" else {"seed": seed}
-    return {"modality": modality, "coder": opts.coder, "encoder": modalities.get(modality).encoder(opts, spec, producer),
+    return {"modality": modality, "coder": opts.coder, "encoder": registry.get(modality).encoder(opts, spec, producer),
             "emde": emde, "num_classes": num_classes}
 
 
 def build_model(config: dict) -> ModalityClassifier:
     """The network a model config describes: encoder -> EMDE coder -> linear head (paper 3.4)."""
-    encoder = modalities.get(config["modality"]).build_encoder(config["encoder"])
+    build = registry.get(config["modality"]).build_encoder or build_encoder
+    encoder = build(config["encoder"])
     emde = config["emde"]
     if config["coder"] == "trainable":
         coder = DifferentiableEMDECoder(encoder.output_dim, depth=emde["depth"], width=emde["width"],

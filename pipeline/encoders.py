@@ -96,7 +96,7 @@ class TextTail(nn.Module):
     The store holds layer `first`'s hidden states ([text_model] layers = first); the layers `first + 1 ..
     first + count` are built here from the model's config (`hf_config`, recorded in the store's producer) at
     random, and given their weights by the checkpoint, or before the first step by the upstream model the
-    extractor used (pipeline.modalities), so that training starts from the frozen model's own states.
+    extractor used (its record's `init_encoder`), so that training starts from the frozen model's own states.
 
     forward: x (B, L, hidden) float, mask (B, L) bool -> (B, len(kernel_sizes) * channels)
     """
@@ -197,8 +197,8 @@ class ImageTail(nn.Module):
 
     The store holds the input of the module ``cache_at`` (pipeline.backbone); the tail is the rest of the timm
     ``model``'s ``forward_features``, built here at random and given its weights by the checkpoint, or, before
-    the first step, by the weights file the extractor used (``weights_sha256`` names it; pipeline.modalities
-    loads it), so that training starts from the frozen backbone's own maps. The tail's BatchNorm layers keep
+    the first step, by the weights file the extractor used (``weights_sha256`` names it; its record's
+    `init_encoder` loads it), so that training starts from the frozen backbone's own maps. The tail's BatchNorm layers keep
     their ImageNet statistics (always in eval mode; their scale and shift still learn): a batch holds few
     photos where most items have none, and batch statistics of a few photos would move every map.
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline import checkpoint, modalities, workdir as wd
+from pipeline import checkpoint, registry, workdir as wd
 from pipeline.config import Config
 from pipeline.heads import FusionHeads
 from stores import ArraySpec
@@ -35,7 +35,7 @@ class Sketcher(nn.Module):
 
 def example_inputs(modality: str, spec, batch: int = 4, length: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs shaped as the reader makes them for this modality's store array."""
-    kind = modalities.get(modality).batch
+    kind = registry.get(modality).batch
     if kind == "ids":
         return torch.ones(batch, length, dtype=torch.long), torch.ones(batch, length, dtype=torch.bool)
     if kind == "tokens":
@@ -46,7 +46,7 @@ def example_inputs(modality: str, spec, batch: int = 4, length: int = 7) -> tupl
 def export_sketcher(model: nn.Module, modality: str, spec) -> torch.export.ExportedProgram:
     x, mask = example_inputs(modality, spec)
     b, length = torch.export.Dim("batch", min=1), torch.export.Dim("length", min=1)
-    dims = ({0: b}, {0: b}) if modalities.get(modality).batch == "fixed" else ({0: b, 1: length}, {0: b, 1: length})
+    dims = ({0: b}, {0: b}) if registry.get(modality).batch == "fixed" else ({0: b, 1: length}, {0: b, 1: length})
     return torch.export.export(Sketcher(model.eval()), (x, mask), dynamic_shapes=dims)
 
 
@@ -65,7 +65,7 @@ def export(workdir: str | Path, cfg: Config, out: str | Path | None = None, log=
     files = {}
     for m in fusion["dims"]:
         model, ckpt = checkpoint.load_model(wd.model_dir(workdir, m))
-        spec_json = ckpt["store"]["provenance"]["layout"]["arrays"][modalities.get(m).array]
+        spec_json = ckpt["store"]["provenance"]["layout"]["arrays"][registry.get(m).array]
         files[m] = out / f"{m}.pt2"
         torch.export.save(export_sketcher(model, m, ArraySpec.from_json(spec_json)), files[m])
         log(f"export: {m} -> {files[m]}")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pipeline import checkpoint, modalities, workdir as wd
+from pipeline import checkpoint, registry, workdir as wd
 from pipeline.catalog import class_codes, probabilities_table, read_split, write_submission
 from pipeline.config import Config
 from pipeline.distributed import Dist, torchrun
@@ -60,7 +60,7 @@ def prepare(workdir: Path, cfg: Config) -> FuseJob:
     codes = class_codes(split)
     heads = [h.model_dump() for h in cfg.fusion.heads]
     used = {m for h in heads for m in h["inputs"]}
-    names = [m for m in modalities.names() if m in used]
+    names = [m for m in registry.names() if m in used]
     checkpoints = {}
     for m in names:
         path = wd.model_dir(workdir, m) / checkpoint.MODEL_FILE
@@ -258,7 +258,7 @@ def summary_table(workdir: Path, fused: dict, output: str = "fusion") -> str:
     """The paper beside this run: validation macro-F1 of every modality (Table 3) and of the fusion (Table 2's row
     for its ablations' outputs, none for a system the paper does not score)."""
     rows = [("modality", "this run", "paper (Table 3)")]
-    for m in modalities.names():
+    for m in registry.names():
         path = wd.model_dir(workdir, m) / "metrics.json"
         if path.exists():
             paper = f"{100 * PAPER_TABLE3[m]:.2f}" if m in PAPER_TABLE3 else "-"

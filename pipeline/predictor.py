@@ -26,13 +26,13 @@ import numpy as np
 import polars as pl
 import torch
 
-from pipeline import checkpoint, modalities, workdir as wd
+from pipeline import checkpoint, registry, upstream, workdir as wd
 from pipeline.config import Config
 from pipeline.distributed import pick_device
 from pipeline.errors import PipelineError
 from pipeline.extract.driver import keep_freed_memory, run_extraction
 from pipeline.heads import FusionHeads
-from pipeline.modalities import ExtractContext
+from pipeline.extractor import ExtractContext
 from pipeline.sketch import sketches
 from stores import FeatureStore, Ragged
 
@@ -100,8 +100,9 @@ def _open(path) -> FeatureStore | None:
 def _branch(name: str, workdir: Path, cfg: Config, device: torch.device, sha: str, reuse: bool) -> _Branch:
     path = wd.model_dir(workdir, name) / checkpoint.MODEL_FILE
     model, ckpt = checkpoint.load_model(path)
-    ctx = ExtractContext(cfg, workdir, pick_device(cfg.extract.device, "[extract] device"))
-    extractor = modalities.get(name).extractor(ctx)
+    ctx = ExtractContext(cfg.options(name), cfg.text_model, upstream.resources(cfg, workdir),
+                         pick_device(cfg.extract.device, "[extract] device"))
+    extractor = registry.get(name).extractor(ctx)
     trained_on = ckpt.get("store", {}).get("provenance", {}).get("producer")
     if trained_on is not None and trained_on != extractor.producer:
         raise PipelineError(f"{path} was trained on {name} features of another model or settings than "
@@ -218,7 +219,7 @@ class Predictor:
             todo[rows] = False
 
     def _compute(self, b: _Branch, frame: pl.DataFrame) -> MemoryFeatures:
-        m = modalities.get(b.name)
+        m = registry.get(b.name)
         data, missing = b.extractor.compute(b.extractor.prepare(frame))
         spec = b.extractor.arrays[m.array]
         values = data[m.array]

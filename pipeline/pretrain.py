@@ -45,7 +45,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from pipeline import checkpoint, modalities, workdir as wd
+from pipeline import checkpoint, registry, upstream, workdir as wd
 from pipeline.catalog import SPLIT_FILE, class_codes, read_split
 from pipeline.config import Config
 from pipeline.distributed import Dist, torchrun
@@ -65,7 +65,7 @@ __all__ = ["pretrain", "prepare", "initial_model"]
 class Job:
     """Everything a pretraining run is computed from, resolved and checked before anything is written."""
 
-    modality: modalities.Modality
+    modality: registry.Modality
     opts: object  # the modality's TrainOptions
     cfg: Config
     workdir: Path
@@ -81,7 +81,7 @@ class Job:
         return wd.model_dir(self.workdir, self.modality.name)
 
 
-def _open_store(workdir: Path, cfg: Config, m: modalities.Modality) -> FeatureStore:
+def _open_store(workdir: Path, cfg: Config, m: registry.Modality) -> FeatureStore:
     path = wd.feature_store_path(workdir, cfg, m.name)
     if not FeatureStore.exists(path):
         raise PipelineError(f"no {m.name} features at {path}: build them with "
@@ -115,7 +115,7 @@ def _parts(split: pl.DataFrame, codes: list[int], store: FeatureStore, job_hint:
 
 def prepare(modality: str, workdir: Path, cfg: Config, coder: str | None) -> Job:
     """Resolve settings, split, features and the stamp; refuse bad input before anything is written."""
-    m = modalities.get(modality)
+    m = registry.get(modality)
     opts = cfg.train_options(modality, coder)
     extract_hint = wd.command(cfg, workdir, f"extract {modality}", catalog=True)
     split = read_split(workdir, extract_hint)
@@ -246,7 +246,8 @@ def initial_model(job: Job, pretrained: bool = True):
     np.random.seed(job.cfg.seed % 2**32)
     model = checkpoint.build_model(job.model_config)
     if pretrained and job.modality.init_encoder is not None:
-        job.modality.init_encoder(model.encoder, job.cfg, job.workdir, job.store.provenance["producer"])
+        job.modality.init_encoder(model.encoder, upstream.resources(job.cfg, job.workdir),
+                                  job.store.provenance["producer"])
     return model
 
 

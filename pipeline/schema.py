@@ -122,7 +122,7 @@ class TrainReader(Section):
 class TrainOptions(Section):
     """[pretrain] (defaults of every modality) and [pretrain.<modality>]: one modality's network and run.
 
-    A modality's table is this plus the keys of its own options class (see pipeline.modalities)."""
+    A modality's table is this plus the keys of its own class (its record's `train_options`)."""
 
     coder: Literal["trainable", "static"]
     loss: Loss
@@ -144,6 +144,16 @@ class TrainOptions(Section):
         if self.coder == "static" and self.width & (self.width - 1):
             raise ValueError(f"the static coder needs a power-of-two width, not {self.width}")
         return self
+
+
+class TextTrainOptions(TrainOptions):
+    """The n-gram CNN over token features, shared by the text modalities (title_cam, desc_cam, title_bpe)."""
+
+    kernel_sizes: KernelSizes
+    channels: Positive
+    dropout: Probability
+    token_dropout: Probability  # training only: the probability of hiding each token ("word dropout")
+    static_pooling: Literal["tokens", "mean"]  # static coder: sketch every token and sum, or sketch their mean
 
 
 # Keys that decide how a run is executed, not what it computes: they are not part of a model's stamp.

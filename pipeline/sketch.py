@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from pipeline import checkpoint, modalities, workdir as wd
+from pipeline import checkpoint, registry, workdir as wd
 from pipeline.catalog import read_split
 from pipeline.config import Config
 from pipeline.distributed import pick_device
@@ -31,7 +31,7 @@ def sketches(model, store: FeatureStore, modality: str, ids: np.ndarray, batch_s
              device: torch.device, max_tokens: int = 0) -> np.ndarray:
     """The input sketch (n, depth * width) float32 of the items `ids` of a feature store, in that order
     (ragged rows read up to `max_tokens` tokens, as the model was trained)."""
-    m = modalities.get(modality)
+    m = registry.get(modality)
     out = np.zeros((len(ids), model.sketch_dim), np.float32)
     start = 0
     for batch in inference_batches(store, m.array, m.batch, ids, batch_size, pin_memory=device.type == "cuda",
@@ -119,7 +119,7 @@ def _sketch_all(modality: str, workdir: Path, cfg: Config, repair: bool, rebuild
             raise PipelineError(f"no pretrained model in {workdir / 'models'}: run "
                                 f"`{wd.command(cfg, workdir, 'pretrain MODALITY')}` first")
     else:
-        names = [modalities.get(modality).name]
+        names = [registry.get(modality).name]
     summaries = []
     for name in names:
         sketcher = Sketcher(name, workdir, cfg)

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.errors import PipelineError
+from pipeline.extractor import Resources
 from pipeline.weights import (IMAGE_WEIGHTS_HINT, ModelNotFoundError, build_tiny_camembert,
                               convert_efficientnet_lite)
-from pipeline.workdir import upstream_dir
+from pipeline.workdir import tokenizer_dir, upstream_dir
 from stores import store_lock
 
 
@@ -73,6 +74,13 @@ def image_weights(cfg: Config, workdir: str | Path) -> Path | None:
                             f"'{opts.model}': give a local weights file with --image-weights FILE")
     out = upstream_dir(workdir) / f"{opts.model}.pth"
     return _build_once(out, out, lambda: convert_efficientnet_lite(match.group(1), out))
+
+
+def resources(cfg: Config, workdir: str | Path, train_texts: Callable[[], list[str]] | None = None) -> Resources:
+    """The upstream files of `workdir` for the config, each built or converted on first use (the tiny text model
+    from `train_texts()`: None when nothing may be built, predicting)."""
+    return Resources(text_model=lambda: text_model_dir(cfg, workdir, train_texts),
+                     image_weights=lambda: image_weights(cfg, workdir), tokenizers=tokenizer_dir(workdir))
 
 
 def build_upstream(catalog_dir: str | Path, workdir: str | Path, cfg: Config) -> list[str]:

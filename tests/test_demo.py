@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 import torch
 
-from pipeline import modalities
+from pipeline import registry
 from pipeline.checkpoint import load_model
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
@@ -77,7 +77,7 @@ def test_sketch_store_equals_the_encoder_output(demo_dir):
         with FeatureStore(demo_dir / "features" / f"{modality}.zarr") as features, \
                 FeatureStore(demo_dir / "sketches" / f"{modality}.zarr") as sketches:
             ids = features.ids[::37]
-            m = modalities.get(modality)
+            m = registry.get(modality)
             with torch.inference_mode():
                 for batch in inference_batches(features, m.array, m.batch, ids, batch_size=64):
                     stored = sketches.read("sketch", batch.ids.numpy())
@@ -156,7 +156,7 @@ def test_exported_networks_give_the_same_outputs(demo_dir, demo_config, tmp_path
     for modality in MODALITIES:
         program = torch.export.load(files[modality]).module()
         model, _ = load_model(demo_dir / "models" / modality)
-        m = modalities.get(modality)
+        m = registry.get(modality)
         with FeatureStore(demo_dir / "features" / f"{modality}.zarr") as features:
             batch = next(inference_batches(features, m.array, m.batch, ids, batch_size=len(ids)))  # another batch size
         with torch.inference_mode():
@@ -193,7 +193,7 @@ def test_probability_averaging_is_the_mean_of_the_modality_networks(demo_dir, de
     probabilities = []  # each pretrained network's own class probabilities, straight from its feature store
     for modality in MODALITIES:
         model, _ = load_model(demo_dir / "models" / modality)
-        m = modalities.get(modality)
+        m = registry.get(modality)
         with FeatureStore(demo_dir / "features" / f"{modality}.zarr") as features, torch.inference_mode():
             batch = next(inference_batches(features, m.array, m.batch, ids, batch_size=len(ids)))
             probabilities.append(torch.softmax(model(*batch.inputs), -1).numpy())

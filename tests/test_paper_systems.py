@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoint, modalities
+from pipeline import checkpoint, registry
 from pipeline.config import TINY_CONFIG, ConfigError, load_config
 from pipeline.emde import StaticEMDE
 from pipeline.errors import PipelineError
@@ -161,7 +161,7 @@ def _exports_the_same_sketches(model, modality: str, workdir) -> None:
     with FeatureStore(workdir / "features" / f"{modality}.zarr") as store:
         missing = store.read_missing(store.ids).astype(bool)
         ids = np.concatenate([store.ids[missing][:3], store.ids[~missing][:5]])
-        record = modalities.get(modality)
+        record = registry.get(modality)
         spec = store.specs[record.array]
         batch = next(inference_batches(store, record.array, record.batch, ids, batch_size=len(ids)))
     program = export_sketcher(model, modality, spec)

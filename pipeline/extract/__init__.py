@@ -1,7 +1,8 @@
 """Stage 1, extract: each modality's upstream representation into a feature store (paper 3.3-3.4).
 
-What a modality extracts, and how, is its record in pipeline.modalities; this module reads the
-catalogue, keeps the split, and runs each modality's extractor through the block driver.
+What a modality extracts, and how, is its record (pipeline.registry; the paper's four in
+pipeline.modalities); this module reads the catalogue, keeps the split, resolves the upstream files,
+and runs each modality's extractor through the block driver.
 """
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline import modalities, workdir as wd
-from pipeline.catalog import Catalog, load_catalog, make_split, split_items
+from pipeline import registry, upstream, workdir as wd
+from pipeline.catalog import Catalog, load_catalog, make_split, split_items, train_texts
 from pipeline.config import Config
 from pipeline.distributed import pick_device
 from pipeline.extract.driver import Summary, check_writers, parse_shard, run_extraction
-from pipeline.modalities import ExtractContext
+from pipeline.extractor import ExtractContext
 from stores import SCHEMA_VERSION, FeatureStore
 
 
@@ -26,7 +27,7 @@ def extract(modality: str, catalog_dir: str | Path, workdir: str | Path, cfg: Co
 
     The stores go under `[stores] root` instead of W when it is set (a local directory or a URL)."""
     # Every argument is checked before anything is read or written.
-    names = cfg.modality_names if modality == "all" else [modalities.get(modality).name]
+    names = cfg.modality_names if modality == "all" else [registry.get(modality).name]
     shard_kn = parse_shard(shard)
     for name in names:  # an unknown backend, an HDF5 store for several workers, a sharded rebuild
         check_writers(_store_for(Path(workdir), cfg, name, backend), shard_kn, rebuild)
@@ -52,12 +53,14 @@ def extract_items(names: list[str], catalog: Catalog, split: pl.DataFrame, workd
     """Extract the modalities `names` of every item of `catalog` (the split says what is train)."""
     summaries = []
     train = split_items(catalog, split, "train")
+    resources = upstream.resources(cfg, workdir, lambda: train_texts(train))
+    device = pick_device(cfg.extract.device, "[extract] device")
     for name in names:
         path = _store_for(workdir, cfg, name, backend)
         hint = (wd.command(cfg, workdir, f"extract {name}", catalog=True)
                 + f" --backend {'hdf5' if str(path).endswith('.h5') else 'zarr'} --rebuild")
-        ctx = ExtractContext(cfg, workdir, pick_device(cfg.extract.device, "[extract] device"), train, rebuild, hint)
-        extractor = modalities.get(name).extractor(ctx)
+        ctx = ExtractContext(cfg.options(name), cfg.text_model, resources, device, train, rebuild, hint)
+        extractor = registry.get(name).extractor(ctx)
         summary = run_extraction(extractor, catalog.items, path, block_rows=cfg.block_items(name), shard=shard,
                                  rebuild=rebuild, repair=repair, rebuild_hint=hint, progress=progress)
         log(summary.line())

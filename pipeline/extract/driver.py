@@ -1,6 +1,6 @@
 """The extraction driver: one modality's features into its store, block by block.
 
-A modality's `Extractor` (pipeline.modalities) says which arrays it writes, who produced them (its
+A modality's `Extractor` (pipeline.extractor) says which arrays it writes, who produced them (its
 stamp: model, weights and tokenizer hashes, settings), each item's input fingerprint and token
 lengths, and how to process a block of items in two steps: `prepare` (CPU work: tokenising, JPEG
 decoding) and `compute` (the model). Everything else is the same for every modality (and for the
@@ -27,7 +27,7 @@ import polars as pl
 
 from pipeline.distributed import torchrun
 from pipeline.errors import PipelineError, StaleStoreError
-from pipeline.modalities import Extractor
+from pipeline.extractor import Extractor
 from pipeline.progress import Progress
 from pipeline.provenance import Stamp, canonical_json, recover, swap_in
 from stores import FeatureStore, StoreError, store_lock, writer_claim

@@ -2,7 +2,9 @@
 
 The SentencePiece BPE model is trained once on the titles of the train split and kept in
 W/tokenizers/title_bpe.model, so that items added later get ids from the same vocabulary; its
-sha256 is in the store's provenance. Each item's ids are stored whole (titles are never cut).
+sha256 is in the store's provenance. Each item's ids are stored whole (titles are never cut); the
+network is a learned embedding of the ids, then the n-gram CNN (or, for the static coder, a fixed
+random embedding).
 """
 from __future__ import annotations
 
@@ -10,16 +12,39 @@ import itertools
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 import sentencepiece as spm
 
+from pipeline import registry
 from pipeline.errors import PipelineError, StaleStoreError
 from pipeline.provenance import atomic_path, sha256_file
+from pipeline.schema import Positive, PowerOfTwo, Section, TextTrainOptions
 from stores import ArraySpec, fingerprint, store_lock
 
+if TYPE_CHECKING:
+    from pipeline.extractor import ExtractContext
+
 TRAINED_WITH = ("vocab_size", "character_coverage", "max_sentence_length")
+
+
+class TitleBpeOptions(Section):
+    """[title_bpe] (paper 3.3): titles as they are, a SentencePiece BPE of `vocab_size` codes."""
+
+    block_items: PowerOfTwo | None = None  # None: [stores] block_items
+    vocab_size: Positive
+    character_coverage: float
+    max_sentence_length: Positive
+    threads: Positive
+
+
+class BpeTrainOptions(TextTrainOptions):
+    """[pretrain.title_bpe]: a learned embedding of the BPE ids, then the n-gram CNN."""
+
+    embed_dim: Positive
+    static_embed_dim: Positive  # the static baseline's fixed random embedding of the BPE ids
 
 
 def _trained(model_dir: Path, options: dict, rebuild_hint: str) -> Path | None:
@@ -34,7 +59,7 @@ def _trained(model_dir: Path, options: dict, rebuild_hint: str) -> Path | None:
     return model_path
 
 
-def train_tokenizer(titles: list[str] | None, model_dir: Path, opts, rebuild: bool = False,
+def train_tokenizer(titles: list[str] | None, model_dir: Path, opts: TitleBpeOptions, rebuild: bool = False,
                     rebuild_hint: str = "") -> Path:
     """Train the BPE model on `titles`, or reuse the one in `model_dir` trained with the same options.
 
@@ -55,7 +80,7 @@ def train_tokenizer(titles: list[str] | None, model_dir: Path, opts, rebuild: bo
         return _trained(model_dir, options, rebuild_hint) or _train(titles, model_dir, opts, options)
 
 
-def _train(titles: list[str], model_dir: Path, opts, options: dict) -> Path:
+def _train(titles: list[str], model_dir: Path, opts: TitleBpeOptions, options: dict) -> Path:
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = model_dir / "title_bpe.tmp"
     titles = [t for t in titles if t.strip()]
@@ -88,7 +113,7 @@ class TitleBpe:
 
     name = "title_bpe"
 
-    def __init__(self, model_path: Path, opts):
+    def __init__(self, model_path: Path, opts: TitleBpeOptions):
         self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
         self.threads = opts.threads
         vocab = self.sp.vocab_size()
@@ -116,3 +141,25 @@ class TitleBpe:
         flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=self.arrays["tokens"].dtype,
                            count=sum(map(len, ids)))
         return {"tokens": flat}, None
+
+
+def _extractor(ctx: ExtractContext) -> TitleBpe:
+    titles = None if ctx.train_items is None else ctx.train_items["title"].to_list()
+    model = train_tokenizer(titles, ctx.resources.tokenizers, ctx.options, ctx.rebuild, ctx.rebuild_hint)
+    return TitleBpe(model, ctx.options)
+
+
+def _encoder(opts: BpeTrainOptions, spec: ArraySpec, producer: dict) -> dict:
+    vocab = int(producer.get("vocab_size") or 0)
+    if vocab <= 0:
+        raise PipelineError("the title_bpe store's provenance has no vocab_size; rebuild it with "
+                            "`pipeline extract title_bpe --rebuild`")
+    if opts.coder == "static":
+        kind = "RandomIdEmbedding" if opts.static_pooling == "tokens" else "RandomBagOfIds"
+        return {"type": kind, "vocab_size": vocab, "embed_dim": opts.static_embed_dim}
+    return {"type": "BpeCNN", "vocab_size": vocab, "embed_dim": opts.embed_dim, "kernel_sizes": opts.kernel_sizes,
+            "channels": opts.channels, "dropout": opts.dropout, "token_dropout": opts.token_dropout}
+
+
+registry.register(registry.Modality("title_bpe", array="tokens", batch="ids", options=TitleBpeOptions,
+                                    train_options=BpeTrainOptions, extractor=_extractor, encoder=_encoder))

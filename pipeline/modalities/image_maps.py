@@ -184,31 +184,35 @@ class ImageMaps:
 
     name = "image"
 
-    def __init__(self, opts: dict, weights: Path | None, device: torch.device):
-        self.model = load_image_backbone(opts["model"], weights, random_ok=weights is None)
+    def __init__(self, model: str, weights: Path | None, device: torch.device, *, input_size: int, batch_size: int,
+                 decode_workers: int, decode_device: str, cache_at: str):
+        """[image] as arguments: the timm `model` with its `weights` file (None: random), `input_size` (0: the
+        model's own), photos per forward, decoding threads (0: one per core), where JPEGs are decoded ("auto":
+        nvJPEG on CUDA, "cpu") and the module whose input is stored ("": the final maps)."""
+        self.model = load_image_backbone(model, weights, random_ok=weights is None)
         self.device = device
         self.model.to(device, memory_format=torch.channels_last)
-        overrides = {"input_size": (3, opts["input_size"], opts["input_size"])} if opts["input_size"] else {}
+        overrides = {"input_size": (3, input_size, input_size)} if input_size else {}
         self.data_cfg = timm.data.resolve_data_config(overrides, model=self.model)
         self.transform = timm.data.create_transform(**self.data_cfg, is_training=False)  # Pillow: the reference
         self.resize = EvalResize(self.transform)
         self.mean, self.std = list(self.data_cfg["mean"]), list(self.data_cfg["std"])
-        self.batch_size = int(opts["batch_size"])
-        self.workers = int(opts["decode_workers"]) or decode_threads()
-        self.nvjpeg = opts["decode_device"] == "auto" and nvjpeg_works(device)
-        self.features = features_until(self.model, opts["cache_at"])  # final maps, or the input of `cache_at`
+        self.batch_size = batch_size
+        self.workers = decode_workers or decode_threads()
+        self.nvjpeg = decode_device == "auto" and nvjpeg_works(device)
+        self.features = features_until(self.model, cache_at)  # final maps, or the input of `cache_at`
         size = self.data_cfg["input_size"][1]
         with torch.inference_mode():
             shape = tuple(self.features(torch.zeros(1, 3, size, size, device=device)).shape[1:])
         self.arrays = {"maps": ArraySpec("float16", shape)}
         digest = sha256_file(weights) if weights else "random"
         self.producer = {
-            "model": opts["model"],
+            "model": model,
             "weights_sha256": digest,
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_cfg.items()},
         }
-        if opts["cache_at"]:  # only then: a store of final maps keeps the producer it always had
-            self.producer["cache_at"] = opts["cache_at"]
+        if cache_at:  # only then: a store of final maps keeps the producer it always had
+            self.producer["cache_at"] = cache_at
 
     def fingerprints(self, items: pl.DataFrame) -> np.ndarray:
         """A photo's file name and size: cheap to take for every item, changes when the file does."""

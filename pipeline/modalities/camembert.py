@@ -1,4 +1,4 @@
-"""title_cam and desc_cam (paper 3.3-3.4): CamemBERT last-layer features of every token.
+"""The title_cam and desc_cam extractor (paper 3.3-3.4): a text model's last-layer states of every token.
 
 Titles go in as they are and are never truncated: a title longer than the model's 512 positions
 is cut into consecutive windows, each run on its own, and the windows' token features are stored
@@ -17,6 +17,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.provenance import sha256_files
+from pipeline.schema import TextModel
 from pipeline.text import clean_description
 from pipeline.weights import load_text_model
 from stores import ArraySpec, fingerprint
@@ -30,11 +31,11 @@ HF_LAYER_KEYS = ("model_type", "hidden_size", "num_attention_heads", "intermedia
 class CamembertTokens:
     """Extractor for title_cam / desc_cam: one ragged float16 array `tokens` (hidden size per token)."""
 
-    def __init__(self, name: str, model_dir: Path, opts, model_opts, device: torch.device):
-        self.name = name
-        self.field = "title" if name == "title_cam" else "description"
-        self.clean = opts.clean_html
-        self.max_chars = opts.max_chars
+    def __init__(self, name: str, field: str, model_dir: Path, clean_html: bool, max_chars: int,
+                 model_opts: TextModel, device: torch.device):
+        self.name, self.field = name, field  # field: the catalogue column ("title", "description")
+        self.clean = clean_html
+        self.max_chars = max_chars  # 0: the whole text
         self.prefix = model_opts.prefix  # e5 models expect "passage: " before a text
         self.tokenizer, self.model = load_text_model(model_dir)
         if model_opts.layers:  # the first k layers only: their last hidden state is layer k's

@@ -1,0 +1,61 @@
+"""What a modality's extractor is, and what it is given: the contract between a record and the store filler.
+
+An `Extractor` computes one modality's features block by block; `pipeline.fill` does the rest (layout,
+resume, shards, stale caches). It is built from an `ExtractContext`: its typed `[<name>]` options, the
+`[text_model]` settings, the device, and the upstream files it may need (`Resources`), resolved by the
+stage that builds it, so that no record reads a work directory or a config itself.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import numpy as np
+    import polars as pl
+    import torch
+
+    from pipeline.schema import Section, TextModel
+    from stores import ArraySpec
+
+
+class Extractor(Protocol):
+    """Computes one modality's features, block by block."""
+
+    name: str
+    arrays: dict[str, ArraySpec]  # the arrays it writes
+    producer: dict  # model, weights and tokenizer sha256, settings: what the features depend on
+
+    def fingerprints(self, items: pl.DataFrame) -> np.ndarray: ...  # (n,) uint64: each item's input
+
+    def lengths(self, items: pl.DataFrame) -> dict[str, np.ndarray]: ...  # tokens per item of ragged arrays
+
+    def prepare(self, items: pl.DataFrame) -> Any: ...  # CPU work (tokenising, decoding), one block ahead
+
+    def compute(self, prepared) -> tuple[dict[str, np.ndarray], np.ndarray | None]: ...  # (arrays, missing)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """The upstream files of a work directory, each resolved on first use: a tiny text model is built and
+    packaged image weights are converted only when a modality asks for them."""
+
+    text_model: Callable[[], Path]  # a Hugging Face directory
+    image_weights: Callable[[], Path | None]  # a weights file (None: random weights, benchmarks only)
+    tokenizers: Path  # where title_bpe's SentencePiece model is kept
+
+
+@dataclass(frozen=True)
+class ExtractContext:
+    """What an extractor is built from. `train_items` is the train split (what a tokenizer learns from);
+    None when predicting: then what it learned must already be in the work directory."""
+
+    options: Section  # the modality's [<name>] table
+    text_model: TextModel  # [text_model]
+    resources: Resources
+    device: torch.device
+    train_items: pl.DataFrame | None = None
+    rebuild: bool = False
+    rebuild_hint: str = ""
