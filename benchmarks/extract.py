@@ -4,7 +4,7 @@
                                                   [--device cpu|cuda] [--model efficientnet_b2]
     HF_HUB_OFFLINE=1 python benchmarks/extract.py --modality image --decode-only [--photos DIR | --catalog DIR]
 
-Per modality, one JSON line: `items_per_s` is `pipeline.extract.driver.run_extraction` into a fresh
+Per modality, one JSON line: `items_per_s` is `pipeline.fill.fill_store` into a fresh
 store in a temp dir (tokenising / JPEG decoding, the forward, float16 conversion and the store writes
 included; model load excluded), `bare_items_per_s` is the model's forward alone on the very batches
 the extractor's `prepare` builds (tensors already in memory), and `ratio` their quotient. The targets
@@ -48,7 +48,7 @@ from PIL import Image  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.catalog import load_catalog  # noqa: E402
 from pipeline.config import DEFAULT_CONFIG, load_config  # noqa: E402
-from pipeline.extract.driver import run_extraction  # noqa: E402
+from pipeline.fill import fill_store  # noqa: E402
 from stores import FeatureStore  # noqa: E402
 
 REAL = Path("/work/shared/data/rakuten-real")
@@ -191,11 +191,11 @@ def bare_image(ex, items: pl.DataFrame, block_rows: int) -> Timer:
 
 
 def whole_stage(ex, items: pl.DataFrame, store: Path, block_rows: int, device: torch.device) -> Timer:
-    """`run_extraction` into a fresh store: everything the stage does once the model is loaded."""
+    """`fill_store` into a fresh store: everything the stage does once the model is loaded."""
     FeatureStore.remove(store)
     timer = Timer()
     with timer:
-        summary = run_extraction(ex, items, store, block_rows=block_rows, progress=False)
+        summary = fill_store(ex, items, store, block_rows=block_rows, progress=False)
         sync(device)
     assert summary.computed == len(items), summary
     return timer

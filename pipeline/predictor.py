@@ -28,12 +28,12 @@ import torch
 
 from pipeline import checkpoint, registry, upstream, workdir as wd
 from pipeline.config import Config
+from pipeline.batches import sketches
 from pipeline.distributed import pick_device
 from pipeline.errors import PipelineError
-from pipeline.extract.driver import keep_freed_memory, run_extraction
+from pipeline.fill import keep_freed_memory, fill_store
 from pipeline.heads import FusionHeads
 from pipeline.extractor import ExtractContext
-from pipeline.sketch import sketches
 from stores import FeatureStore, Ragged
 
 CHUNK_ROWS = 512  # rows computed at once: bounds the memory of decoded photos and token states
@@ -234,7 +234,7 @@ class Predictor:
         keyed = frame.with_columns(item_id=pl.Series(fp.view(np.int64))).unique("item_id", keep="first",
                                                                               maintain_order=True)
         path = self.cache / "features" / f"{b.name}.zarr"
-        run_extraction(b.extractor, keyed, path, block_rows=self.cfg.block_items(b.name), progress=False)
+        fill_store(b.extractor, keyed, path, block_rows=self.cfg.block_items(b.name), progress=False)
         return _Lookup(FeatureStore(path))
 
 

@@ -3,7 +3,7 @@
 "For multimodal fusion, we remove the last linear layer and feed representation obtained with EMDE
 (input sketches) to the linear layer in the final fusion classifier." The sketch of a modality is
 written to W/sketches/<modality>.zarr|h5 (or <[stores] root>/sketches/; array `sketch`, N x depth*width)
-through the same block driver as the extract stage: resumable, incremental (new items only), and its
+through the same store filler as the extract stage (pipeline.fill): resumable, incremental (new items only), and its
 provenance names the checkpoint's sha256 and the feature store it read. A new checkpoint rebuilds the
 store (beside the old one, swapped in when complete).
 """
@@ -18,28 +18,12 @@ import torch
 from pipeline import checkpoint, registry, workdir as wd
 from pipeline.catalog import read_split
 from pipeline.config import Config
+from pipeline.batches import sketches
 from pipeline.distributed import pick_device
 from pipeline.errors import PipelineError
-from pipeline.extract.driver import Summary, run_extraction
+from pipeline.fill import Summary, fill_store
 from pipeline.provenance import sha256_file
-from pipeline.train_reader import inference_batches
 from stores import ArraySpec, FeatureStore
-
-
-@torch.inference_mode()
-def sketches(model, store: FeatureStore, modality: str, ids: np.ndarray, batch_size: int,
-             device: torch.device, max_tokens: int = 0) -> np.ndarray:
-    """The input sketch (n, depth * width) float32 of the items `ids` of a feature store, in that order
-    (ragged rows read up to `max_tokens` tokens, as the model was trained)."""
-    m = registry.get(modality)
-    out = np.zeros((len(ids), model.sketch_dim), np.float32)
-    start = 0
-    for batch in inference_batches(store, m.array, m.batch, ids, batch_size, pin_memory=device.type == "cuda",
-                                   max_tokens=max_tokens):
-        batch = batch.to(device)
-        out[start : start + len(batch)] = model.sketch(*batch.inputs).float().cpu().numpy()
-        start += len(batch)
-    return out
 
 
 class Sketcher:
@@ -93,7 +77,7 @@ def sketch_into_store(sketcher: Sketcher, ids: np.ndarray, path, cfg: Config, hi
     # Items in the feature store's row order: each sketch block reads contiguous feature rows.
     rows = sketcher.features.rows(ids)
     items = pl.DataFrame({"item_id": ids[np.argsort(rows, kind="stable")]})
-    summary = run_extraction(sketcher, items, path, block_rows=cfg.sketch.block_items, rebuild=rebuild,
+    summary = fill_store(sketcher, items, path, block_rows=cfg.sketch.block_items, rebuild=rebuild,
                              repair=repair and not rebuild, rebuild_hint=hint, progress=progress)
     summary.verb = "sketched"
     return summary

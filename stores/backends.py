@@ -25,9 +25,9 @@ from zarr.core.sync import sync
 
 from stores.errors import StoreBusyError, StoreError
 from stores.locks import writer_of
-from stores.paths import is_hdf5, is_url, local_path, storage_options, store_location, suffix, url_to_fs
+from stores.paths import is_hdf5, is_url, storage_options, store_location, suffix, url_to_fs
 
-__all__ = ["H5Backend", "ZarrBackend", "backend_for", "is_url", "local_path", "store_location"]
+__all__ = ["H5Backend", "ZarrBackend", "backend_for"]
 
 # gzip level 1: float16 features gain ~1% more at level 4 and 6, for half the write speed (see the README).
 GZIP_LEVEL = 1

@@ -95,3 +95,14 @@ def test_no_import_circle():
     circle is a dependency that works only by the accident of import order."""
     circles = sorted(m for m in GRAPH if m in reachable(m))
     assert not circles, f"modules in an import circle: {circles}"
+
+
+# The stage modules: each is one command's work. Add a stage here when it is written.
+STAGES = ["pipeline.extract", "pipeline.pretrain", "pipeline.sketch", "pipeline.fuse", "pipeline.predict",
+          "pipeline.train", "pipeline.evaluate", "pipeline.serve", "pipeline.bundle"]
+
+
+def test_no_stage_reaches_another_stage():
+    """What two stages share is a module of its own (the store filler, batches, checkpoints), never a stage."""
+    reached = {stage: sorted(reachable(stage) & set(STAGES)) for stage in STAGES if stage in GRAPH}
+    assert not any(reached.values()), {stage: others for stage, others in reached.items() if others}

@@ -17,7 +17,7 @@ from pipeline.checkpoint import load_model
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.fuse import fuse
-from pipeline.train_reader import inference_batches
+from pipeline.batches import inference_batches
 from stores import FeatureStore
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ import sentencepiece as spm
 from pipeline.catalog import load_catalog
 from pipeline.config import load_config
 from pipeline.extract import extract
-from pipeline.extract.driver import StaleStoreError
+from pipeline.errors import StaleStoreError
 from pipeline.synth import synthesize
 from stores import FeatureStore
 from tests.conftest import quiet

@@ -12,7 +12,7 @@ from pipeline.emde import StaticEMDE
 from pipeline.errors import PipelineError
 from pipeline.encoders import ModalityClassifier, TokenSet
 from pipeline.pretrain import initial_model, prepare, pretrain
-from pipeline.train_reader import inference_batches
+from pipeline.batches import inference_batches
 from stores import FeatureStore
 from tests.conftest import Log, quiet
 from tests.test_pretrain import image_store, small_cfg, token_store

@@ -25,7 +25,7 @@ from stores import ArraySpec, FeatureStore, fingerprint
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_torchrun_extraction_fills_one_store_like_one_process(tmp_path):
+def test_torchfill_store_fills_one_store_like_one_process(tmp_path):
     catalog = tmp_path / "cat"
     synthesize(catalog, items=600, seed=5)
     config = tmp_path / "small_blocks.toml"

@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 import torch
 
+from pipeline.batches import inference_batches, sketches
 from pipeline.catalog import load_catalog, make_split
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
@@ -20,10 +21,10 @@ from pipeline.extract import extract
 from pipeline.fuse import fuse
 from pipeline.predict import predict
 from pipeline.pretrain import pretrain
-from pipeline.sketch import sketch, sketches
+from pipeline.sketch import sketch
 from pipeline.synth import synthesize
 from pipeline.checkpoint import load_model
-from pipeline.train_reader import TrainReader, inference_batches
+from pipeline.train_reader import TrainReader
 from stores import ArraySpec, FeatureStore, fingerprint
 
 from .conftest import DEMO, Log, Tiny, one_error_line, quiet, run_main, write_config

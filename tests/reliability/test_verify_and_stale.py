@@ -17,7 +17,7 @@ import polars as pl
 import pytest
 
 from pipeline.extract import extract
-from pipeline.extract.driver import StaleStoreError
+from pipeline.errors import StaleStoreError
 from pipeline.weights import build_tiny_camembert
 from stores import FeatureStore
 

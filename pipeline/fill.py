@@ -1,13 +1,12 @@
-"""The extraction driver: one modality's features into its store, block by block.
+"""The store filler: an `Extractor`'s features of every item into a store, block by block.
 
-A modality's `Extractor` (pipeline.extractor) says which arrays it writes, who produced them (its
-stamp: model, weights and tokenizer hashes, settings), each item's input fingerprint and token
-lengths, and how to process a block of items in two steps: `prepare` (CPU work: tokenising, JPEG
-decoding) and `compute` (the model). Everything else is the same for every modality (and for the
-sketch stage, whose "model" is a pretrained encoder) and lives here: lay out the store, skip what is
-already there, refuse a stale cache, split blocks among shards, show progress, report, and keep the
-model busy: block b+1 is prepared and block b-1 written in background threads while the model
-computes block b.
+The extract stage (each modality's extractor), the sketch stage (a pretrained encoder as the "model") and
+the predictor's cache all fill their stores here. An extractor (pipeline.extractor) says which arrays it
+writes, who produced them (model, weights and tokenizer hashes, settings), each item's input fingerprint
+and token lengths, and how to process a block in two steps: `prepare` (CPU work: tokenising, decoding)
+and `compute` (the model). The rest lives here: lay out the store, skip what is already there, refuse a
+stale cache, split blocks among shards, show progress, report, and keep the model busy: block b+1 is
+prepared and block b-1 written in background threads while the model computes block b.
 
 A store whose inputs and producer are unchanged is left alone without taking any lock (a read-only
 work directory works). `--rebuild` builds the new store beside the old one and swaps it in when it is
@@ -30,8 +29,7 @@ from pipeline.errors import PipelineError, StaleStoreError
 from pipeline.extractor import Extractor
 from pipeline.progress import Progress
 from pipeline.provenance import Stamp, canonical_json, recover, swap_in
-from stores import FeatureStore, StoreError, store_lock, writer_claim
-from stores.backends import local_path, store_location
+from stores import FeatureStore, StoreError, local_path, store_location, store_lock, writer_claim
 
 # A store on object storage has no lock: workers K > 0 wait this long for worker 0's layout.
 PLAN_WAIT_S = float(os.environ.get("EMDE_PLAN_WAIT_S", 900))
@@ -201,7 +199,7 @@ def _wait_for_plan(store_path: str, ids: np.ndarray, shard: tuple[int, int]) -> 
 
 
 # ---------------------------------------------------------------------- running
-def run_extraction(extractor: Extractor, items: pl.DataFrame, store_path: Path | str, *, block_rows: int,
+def fill_store(extractor: Extractor, items: pl.DataFrame, store_path: Path | str, *, block_rows: int,
                    shard: tuple[int, int] = (0, 1), rebuild: bool = False, repair: bool = False,
                    rebuild_hint: str = "", progress: bool = True) -> Summary:
     """Extract every item's features into `store_path`, only what is not there yet (`repair`: first mark

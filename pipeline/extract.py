@@ -2,7 +2,7 @@
 
 What a modality extracts, and how, is its record (pipeline.registry; the paper's four in
 pipeline.modalities); this module reads the catalogue, keeps the split, resolves the upstream files,
-and runs each modality's extractor through the block driver.
+and runs each modality's extractor through the store filler (pipeline.fill).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pipeline import registry, upstream, workdir as wd
 from pipeline.catalog import Catalog, load_catalog, make_split, split_items, train_texts
 from pipeline.config import Config
 from pipeline.distributed import pick_device
-from pipeline.extract.driver import Summary, check_writers, parse_shard, run_extraction
+from pipeline.fill import Summary, check_writers, parse_shard, fill_store
 from pipeline.extractor import ExtractContext
 from stores import SCHEMA_VERSION, FeatureStore
 
@@ -61,7 +61,7 @@ def extract_items(names: list[str], catalog: Catalog, split: pl.DataFrame, workd
                 + f" --backend {'hdf5' if str(path).endswith('.h5') else 'zarr'} --rebuild")
         ctx = ExtractContext(cfg.options(name), cfg.text_model, resources, device, train, rebuild, hint)
         extractor = registry.get(name).extractor(ctx)
-        summary = run_extraction(extractor, catalog.items, path, block_rows=cfg.block_items(name), shard=shard,
+        summary = fill_store(extractor, catalog.items, path, block_rows=cfg.block_items(name), shard=shard,
                                  rebuild=rebuild, repair=repair, rebuild_hint=hint, progress=progress)
         log(summary.line())
         _say_if_old(path, hint, log)
