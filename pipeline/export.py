@@ -19,7 +19,6 @@ from torch import nn
 from pipeline import checkpoint, registry, workdir as wd
 from pipeline.config import Config
 from pipeline.heads import FusionHeads
-from stores import ArraySpec
 
 
 class Sketcher(nn.Module):
@@ -60,18 +59,16 @@ def export(workdir: str | Path, cfg: Config, out: str | Path | None = None, log=
     """Every network of W's fusion into `out` (default W/export/); returns name -> file."""
     workdir = Path(workdir)
     out = Path(out) if out else workdir / "export"
-    fusion = checkpoint.load(wd.fusion_dir(workdir, cfg) / checkpoint.MODEL_FILE)
+    fusion = checkpoint.load(wd.fusion_path(workdir, cfg), "fusion", wd.command(cfg, workdir, "fuse"))
     out.mkdir(parents=True, exist_ok=True)
     files = {}
-    for m in fusion["dims"]:
-        model, ckpt = checkpoint.load_model(wd.model_dir(workdir, m))
-        spec_json = ckpt["store"]["provenance"]["layout"]["arrays"][registry.get(m).array]
+    for m in fusion.dims:
+        ckpt = checkpoint.load_model(wd.model_path(workdir, m), wd.command(cfg, workdir, f"pretrain {m}"))
+        fusion.check(m, ckpt, wd.model_path(workdir, m), wd.refit(cfg, workdir, m))
         files[m] = out / f"{m}.pt2"
-        torch.export.save(export_sketcher(model, m, ArraySpec.from_json(spec_json)), files[m])
+        torch.export.save(export_sketcher(ckpt.network(), m, ckpt.array_spec), files[m])
         log(f"export: {m} -> {files[m]}")
-    heads = FusionHeads(fusion["heads"], fusion["dims"], len(fusion["codes"]), fusion.get("method", "joint"))
-    heads.load_state_dict(fusion["state_dict"])
     files["fusion"] = out / "fusion.pt2"
-    torch.export.save(export_heads(heads, fusion["dims"]), files["fusion"])
+    torch.export.save(export_heads(fusion.network(), fusion.dims), files["fusion"])
     log(f"export: fusion -> {files['fusion']}")
     return files

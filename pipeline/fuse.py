@@ -63,7 +63,7 @@ def prepare(workdir: Path, cfg: Config) -> FuseJob:
     names = [m for m in registry.names() if m in used]
     checkpoints = {}
     for m in names:
-        path = wd.model_dir(workdir, m) / checkpoint.MODEL_FILE
+        path = wd.model_path(workdir, m)
         if not path.is_file():
             raise PipelineError(f"{path} not found: run `{wd.command(cfg, workdir, f'pretrain {m}')}` and "
                                 f"`{wd.command(cfg, workdir, f'sketch {m}')}` first")
@@ -89,7 +89,7 @@ def _load_sketches(job: FuseJob, ids: np.ndarray) -> dict[str, torch.Tensor]:
         with FeatureStore(path) as store:
             if store.provenance["producer"].get("checkpoint_sha256") != job.checkpoints[m]:
                 raise PipelineError(f"{path} was sketched by another checkpoint than "
-                                    f"{wd.model_dir(job.workdir, m) / checkpoint.MODEL_FILE}: {again} again")
+                                    f"{wd.model_path(job.workdir, m)}: {again} again")
             have = store.contains(ids)
             if not have.all():
                 raise PipelineError(f"{path}: {int((~have).sum())} item(s) of the split have no sketch "
@@ -219,13 +219,12 @@ def _pretrained_heads(job: FuseJob, ctx: Dist, sketches: dict, local: dict, say)
     model = FusionHeads([h.model_dump() for h in job.cfg.fusion.heads], {m: s.shape[1] for m, s in sketches.items()},
                         len(job.codes), "average")
     for name, (modality,) in model.heads:
-        path = wd.model_dir(job.workdir, modality) / checkpoint.MODEL_FILE
-        ckpt = checkpoint.load(path)
-        if [int(c) for c in ckpt["class_codes"]] != list(job.codes):
-            raise PipelineError(f"{path} was trained on other classes than the split's: run "
-                                f"`{wd.command(job.cfg, job.workdir, f'pretrain {modality}')}` again")
-        model.linears[name].load_state_dict({"weight": ckpt["state_dict"]["head.weight"],
-                                             "bias": ckpt["state_dict"]["head.bias"]})
+        again = wd.command(job.cfg, job.workdir, f"pretrain {modality}")
+        ckpt = checkpoint.load_model(wd.model_path(job.workdir, modality), again)
+        if [int(c) for c in ckpt.class_codes] != list(job.codes):
+            raise PipelineError(f"{wd.model_path(job.workdir, modality)} was trained on other classes than the "
+                                f"split's: run `{again}` again")
+        model.linears[name].load_state_dict(ckpt.head())
     valid_pred = _gathered(ctx, _logits(model, sketches, local["valid"]).argmax(-1))  # (len(parts["valid"]),)
     scores = classification_metrics(job.labels[job.parts["valid"]], valid_pred, job.codes)
     say(f"fuse: the mean of {len(model.heads)} pretrained heads' probabilities, valid macro-F1 {scores['macro_f1']:.4f}")
@@ -246,9 +245,9 @@ def _write(job: FuseJob, model: FusionHeads, dims: dict, valid_pred: np.ndarray,
     pl.DataFrame({"item_id": job.ids[job.parts["valid"]], "label": code_of[valid_labels],
                   "predicted": code_of[valid_pred]}).write_csv(out / "valid_predictions.csv")
     save_pictures(out, valid_labels, valid_pred, job.codes, metrics, job.cfg.fusion.worst_classes)
-    checkpoint.save({"format": checkpoint.FORMAT, "state_dict": model.state_dict(), "method": model.method,
-                     "heads": [h.model_dump() for h in job.cfg.fusion.heads], "codes": job.codes, "dims": dims,
-                     "checkpoints": job.checkpoints}, out / checkpoint.MODEL_FILE)
+    checkpoint.save(checkpoint.FusionCheckpoint(
+        state_dict=model.state_dict(), heads=[h.model_dump() for h in job.cfg.fusion.heads], codes=job.codes,
+        dims=dims, checkpoints=job.checkpoints, method=model.method), out / wd.MODEL_FILE)
     write_json(out / "metrics.json", metrics)
     job.stamp.write(out)
     swap_in(out, job.out)

@@ -97,21 +97,23 @@ def _open(path) -> FeatureStore | None:
     return FeatureStore(path) if FeatureStore.exists(path) else None
 
 
-def _branch(name: str, workdir: Path, cfg: Config, device: torch.device, sha: str, reuse: bool) -> _Branch:
-    path = wd.model_dir(workdir, name) / checkpoint.MODEL_FILE
-    model, ckpt = checkpoint.load_model(path)
+def _branch(name: str, workdir: Path, cfg: Config, device: torch.device, fusion: checkpoint.FusionCheckpoint,
+            reuse: bool) -> _Branch:
+    path = wd.model_path(workdir, name)
+    ckpt = checkpoint.load_model(path, wd.command(cfg, workdir, f"pretrain {name}"))
+    fusion.check(name, ckpt, path, wd.refit(cfg, workdir, name))
     ctx = ExtractContext(cfg.options(name), cfg.text_model, upstream.resources(cfg, workdir),
                          pick_device(cfg.extract.device, "[extract] device"))
     extractor = registry.get(name).extractor(ctx)
-    trained_on = ckpt.get("store", {}).get("provenance", {}).get("producer")
+    trained_on = ckpt.features_producer
     if trained_on is not None and trained_on != extractor.producer:
         raise PipelineError(f"{path} was trained on {name} features of another model or settings than "
                             f"{cfg.source} gives now; predict with the configuration it was trained with")
     features = _open(wd.feature_store_path(workdir, cfg, name)) if reuse else None
     stored = _open(wd.sketch_store_path(workdir, cfg, name)) if reuse else None
-    if stored is not None and stored.provenance["producer"].get("checkpoint_sha256") != sha:
+    if stored is not None and stored.provenance["producer"].get("checkpoint_sha256") != ckpt.sha256:
         stored = None  # sketches of another checkpoint: not this model's
-    return _Branch(name, model.to(device), extractor, _Lookup(stored), _Lookup(features), ckpt.get("max_tokens", 0))
+    return _Branch(name, ckpt.network().to(device), extractor, _Lookup(stored), _Lookup(features), ckpt.max_tokens)
 
 
 class Predictor:
@@ -136,17 +138,15 @@ class Predictor:
     @classmethod
     def open(cls, workdir: Path, cfg: Config, device: str = "auto", cache: str | Path | None = None,
              reuse: bool = True) -> Predictor:
-        path = wd.fusion_dir(workdir, cfg) / checkpoint.MODEL_FILE
+        path = wd.fusion_path(workdir, cfg)
         if not path.is_file():
             raise PipelineError(f"{path} not found: train the work directory first (extract, pretrain, sketch, "
                                 f"fuse; or `pipeline demo --workdir {workdir}`)")
-        fusion = checkpoint.load(path)
+        fusion = checkpoint.load(path, "fusion", wd.command(cfg, workdir, "fuse"))
         keep_freed_memory()  # CPU forwards: no page faults on every big activation (3x on EfficientNet)
         dev = pick_device(device, "device")
-        branches = {m: _branch(m, workdir, cfg, dev, sha, reuse) for m, sha in fusion["checkpoints"].items()}
-        heads = FusionHeads(fusion["heads"], fusion["dims"], len(fusion["codes"]), fusion.get("method", "joint"))
-        heads.load_state_dict(fusion["state_dict"])
-        return cls(cfg, heads.eval(), fusion["codes"], branches, dev, Path(cache) if cache else None)
+        branches = {m: _branch(m, workdir, cfg, dev, fusion, reuse) for m in fusion.checkpoints}
+        return cls(cfg, fusion.network(), fusion.codes, branches, dev, Path(cache) if cache else None)
 
     # ------------------------------------------------------------------ the public calls
     def predict(self, df) -> np.ndarray:

@@ -177,27 +177,27 @@ def pretrain(modality: str, workdir: Path, cfg: Config, *, coder: str | None = N
         job.store.close()
 
 
-def _resume_state(job: Job, ctx: Dist, say) -> dict | None:
+def _resume_state(job: Job, ctx: Dist, say) -> checkpoint.ResumeState | None:
     """A killed run of this job (in the partial directory), or a finished one with fewer epochs: resumable."""
     partial = partial_dir(job.out)
     for where in (partial, job.out):
-        path = where / checkpoint.RESUME_FILE
+        path = where / wd.RESUME_FILE
         if not path.is_file():
             continue
         try:
-            state = checkpoint.load(path)
+            state = checkpoint.load(path, "resume")
         except PipelineError as err:
             say(f"{job.modality.name}: not resuming from {path} ({err}); starting afresh")
             continue
-        if state.get("format") != checkpoint.FORMAT or state.get("stamp") != job.stamp.without("epochs").digest:
+        if state.stamp != job.stamp.without("epochs").digest:
             say(f"{job.modality.name}: not resuming from {path}: the settings, split or features changed since "
                 "it was written; starting afresh")
             continue
-        if state["progress"]["epoch"] > job.opts.epochs:
-            say(f"{job.modality.name}: not resuming from {path}: it is {state['progress']['epoch']} epochs in, "
+        if state.progress["epoch"] > job.opts.epochs:
+            say(f"{job.modality.name}: not resuming from {path}: it is {state.progress['epoch']} epochs in, "
                 f"the config asks for {job.opts.epochs}")
             continue
-        p = state["progress"]
+        p = state.progress
         say(f"{job.modality.name}: resuming from {path} after epoch {p['epoch']}/{job.opts.epochs} (best valid "
             f"macro-F1 so far {p['best_f1']:.4f} at epoch {p['best_epoch']})")
         return state
@@ -287,7 +287,7 @@ def _run(job: Job, progress: bool, log) -> dict:
         cut = _describe(job, model, ctx, train_reader, valid_reader, say)
         weights = class_weights(job.parts["train"][1], len(job.codes), job.opts.loss)
         done = train(model, train_reader, valid_reader, run, ctx, job.codes,
-                     None if weights is None else weights.to(ctx.device), partial / checkpoint.RESUME_FILE,
+                     None if weights is None else weights.to(ctx.device), partial / wd.RESUME_FILE,
                      state, say, progress)
         if done.best_epoch == 0:
             raise PipelineError(f"{job.modality.name}: no epoch was trained (epochs = {job.opts.epochs})")
@@ -304,16 +304,16 @@ def _run(job: Job, progress: bool, log) -> dict:
         ctx.close()
 
 
-def _start_partial(partial: Path, out: Path, state: dict | None) -> None:
+def _start_partial(partial: Path, out: Path, state: checkpoint.ResumeState | None) -> None:
     """The directory this run writes into: a killed run's (resumed), or a fresh one (seeded with the finished
     run's resume file when that run is being continued with more epochs)."""
-    if state is not None and (partial / checkpoint.RESUME_FILE).is_file():
+    if state is not None and (partial / wd.RESUME_FILE).is_file():
         return
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir(parents=True)
     if state is not None:
-        shutil.copy2(out / checkpoint.RESUME_FILE, partial / checkpoint.RESUME_FILE)
+        shutil.copy2(out / wd.RESUME_FILE, partial / wd.RESUME_FILE)
 
 
 def _describe(job: Job, model, ctx: Dist, train_reader, valid_reader, say) -> dict:
@@ -360,12 +360,11 @@ def _metrics(job: Job, done: RunState, ctx: Dist) -> dict:
 
 def _finish(job: Job, done: RunState, metrics: dict, partial: Path) -> None:
     """The best epoch into the partial directory, then the directory swapped in (stamp last)."""
-    checkpoint.save({"format": checkpoint.FORMAT, "modality": job.modality.name, "coder": job.opts.coder,
-                     "model_config": job.model_config, "state_dict": done.best_state, "class_codes": job.codes,
-                     "store": {"path": str(job.store.path), "provenance": job.store.provenance},
-                     "train_config": job.opts.model_dump(), "fingerprint": job.stamp.digest,
-                     "max_tokens": job.cfg.train_reader.max_tokens,
-                     "best_epoch": done.best_epoch, "macro_f1": done.best_f1}, partial / checkpoint.MODEL_FILE)
+    checkpoint.save(checkpoint.ModelCheckpoint(
+        modality=job.modality.name, coder=job.opts.coder, model_config=job.model_config, state_dict=done.best_state,
+        class_codes=job.codes, store={"path": str(job.store.path), "provenance": job.store.provenance},
+        train_config=job.opts.model_dump(), fingerprint=job.stamp.digest, best_epoch=done.best_epoch,
+        macro_f1=done.best_f1, max_tokens=job.cfg.train_reader.max_tokens), partial / wd.MODEL_FILE)
     p = {k: v.numpy() for k, v in done.best_predictions.items()}
     cc = np.asarray(job.codes, dtype=np.int64)
     pl.DataFrame({"item_id": p["ids"], "label": cc[p["labels"]], "predicted": cc[p["preds"]]}).sort("item_id") \

@@ -13,7 +13,6 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 import polars as pl
-import torch
 
 from pipeline import checkpoint, registry, workdir as wd
 from pipeline.catalog import read_split
@@ -22,7 +21,6 @@ from pipeline.batches import sketches
 from pipeline.distributed import pick_device
 from pipeline.errors import PipelineError
 from pipeline.fill import Summary, fill_store
-from pipeline.provenance import sha256_file
 from stores import ArraySpec, FeatureStore
 
 
@@ -31,21 +29,22 @@ class Sketcher:
 
     def __init__(self, modality: str, workdir: Path, cfg: Config, features: FeatureStore | None = None):
         self.name = modality
-        path = wd.model_dir(workdir, modality) / checkpoint.MODEL_FILE
-        self.model, ckpt = checkpoint.load_model(path)
+        path = wd.model_path(workdir, modality)
+        ckpt = checkpoint.load_model(path, wd.command(cfg, workdir, f"pretrain {modality}"))
+        self.model = ckpt.network()
         self.device = pick_device(cfg.extract.device, "[extract] device")
         self.model.to(self.device)
         self.features = features or FeatureStore(wd.feature_store_path(workdir, cfg, modality))
-        trained_on = ckpt.get("store", {}).get("provenance", {}).get("producer")
+        trained_on = ckpt.features_producer
         if trained_on is not None and trained_on != self.features.provenance["producer"]:
             raise PipelineError(f"{self.features.path} was rebuilt since {path} was trained; run "
                                 f"`{wd.command(cfg, workdir, f'pretrain {modality}')}` again first")
         self.batch_size = cfg.sketch.batch_size
-        self.max_tokens = ckpt.get("max_tokens", 0)  # what the network read of an item in training
+        self.max_tokens = ckpt.max_tokens  # what the network read of an item in training
         self.arrays = {"sketch": ArraySpec("float32", (self.model.sketch_dim,))}
         # The feature store by name, not by absolute path: a work directory that is moved or copied
         # (to the machine that serves predictions) keeps its sketches.
-        self.producer = {"checkpoint_sha256": sha256_file(path), "modality": modality,
+        self.producer = {"checkpoint_sha256": ckpt.sha256, "modality": modality,
                          "features": PurePosixPath(str(self.features.path)).name,
                          "features_producer": self.features.provenance["producer"]}
 
@@ -98,7 +97,7 @@ def _sketch_all(modality: str, workdir: Path, cfg: Config, repair: bool, rebuild
                 log) -> list[Summary]:
     split_ids = read_split(workdir)["item_id"].to_numpy()
     if modality == "all":
-        names = [m for m in cfg.modality_names if (wd.model_dir(workdir, m) / checkpoint.MODEL_FILE).exists()]
+        names = [m for m in cfg.modality_names if wd.model_path(workdir, m).exists()]
         if not names:
             raise PipelineError(f"no pretrained model in {workdir / 'models'}: run "
                                 f"`{wd.command(cfg, workdir, 'pretrain MODALITY')}` first")

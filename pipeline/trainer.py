@@ -109,8 +109,9 @@ def _train_epoch(net: nn.Module, model: nn.Module, reader: TrainReader, optimize
 
 
 def train(model: nn.Module, train_reader: TrainReader, valid_reader: TrainReader, run: RunSettings, ctx: Dist,
-          codes: list[int], weights, resume_file: Path, state: dict | None, say, progress: bool = False) -> RunState:
-    """Train `model` for `run.epochs` (from `state`, a resume file's contents, when given); return the best."""
+          codes: list[int], weights, resume_file: Path, state: checkpoint.ResumeState | None, say,
+          progress: bool = False) -> RunState:
+    """Train `model` for `run.epochs` (from `state`, a resume file's, when given); return the best."""
     optimizer = torch.optim.Adam(_param_groups(model, run), lr=run.lr, weight_decay=run.weight_decay)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=run.decay)
     done = _restore(state, model, optimizer, scheduler, ctx) if state is not None else RunState()
@@ -155,17 +156,16 @@ def _save(path: Path, done: RunState, model, optimizer, scheduler, run: RunSetti
     rng = ctx.gather({"torch": torch.get_rng_state(),
                       "cuda": torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else None})
     if ctx.main:
-        checkpoint.save({"format": checkpoint.FORMAT, "stamp": run.stamp, "progress": vars(done),
-                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "rng": rng}, path)
+        checkpoint.save(checkpoint.ResumeState(run.stamp, vars(done), model.state_dict(), optimizer.state_dict(),
+                                               scheduler.state_dict(), rng), path)
 
 
-def _restore(state: dict, model, optimizer, scheduler, ctx: Dist) -> RunState:
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rng = state["rng"][ctx.rank % len(state["rng"])]
+def _restore(state: checkpoint.ResumeState, model, optimizer, scheduler, ctx: Dist) -> RunState:
+    model.load_state_dict(state.model)
+    optimizer.load_state_dict(state.optimizer)
+    scheduler.load_state_dict(state.scheduler)
+    rng = state.rng[ctx.rank % len(state.rng)]
     torch.set_rng_state(rng["torch"])
     if ctx.device.type == "cuda" and rng.get("cuda") is not None:
         torch.cuda.set_rng_state(rng["cuda"], ctx.device)
-    return RunState(**state["progress"])
+    return RunState(**state.progress)

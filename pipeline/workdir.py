@@ -26,6 +26,8 @@ from stores import DamagedStoreError, is_url
 
 SUFFIX = {"zarr": ".zarr", "hdf5": ".h5"}
 RECORD = "config.json"
+MODEL_FILE = "model.pt"  # in a model directory and a fusion directory
+RESUME_FILE = "last.pt"  # in a model directory (and its partial directory while it trains)
 
 
 # ---------------------------------------------------------------------- paths
@@ -70,8 +72,16 @@ def model_dir(workdir, modality: str) -> Path:
     return Path(workdir) / "models" / modality
 
 
+def model_path(workdir, modality: str) -> Path:
+    return model_dir(workdir, modality) / MODEL_FILE
+
+
 def fusion_dir(workdir, cfg: Config) -> Path:
     return Path(workdir) / cfg.fusion.output
+
+
+def fusion_path(workdir, cfg: Config) -> Path:
+    return fusion_dir(workdir, cfg) / MODEL_FILE
 
 
 def tokenizer_dir(workdir) -> Path:
@@ -128,6 +138,12 @@ def command(cfg: Config, workdir, verb: str, catalog: bool = False) -> str:
     if cfg.sources and cfg.sources != (own,):
         parts += [arg for s in cfg.sources if not s.startswith("(") for arg in ("--config", s)]
     return " ".join(parts)
+
+
+def refit(cfg: Config, workdir, modality: str) -> str:
+    """What to run when a modality's model changed after the fusion was trained over its sketches."""
+    return (f"run `{command(cfg, workdir, f'sketch {modality}')}` and `{command(cfg, workdir, 'fuse')}` again "
+            f"(or restore the model the fusion was trained over)")
 
 
 @contextmanager

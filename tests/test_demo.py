@@ -73,7 +73,7 @@ def test_predictions_hold_one_row_per_test_item(demo_dir):
 
 def test_sketch_store_equals_the_encoder_output(demo_dir):
     for modality in ("title_bpe", "image"):
-        model, _ = load_model(demo_dir / "models" / modality)
+        model = load_model(demo_dir / "models" / modality).network()
         with FeatureStore(demo_dir / "features" / f"{modality}.zarr") as features, \
                 FeatureStore(demo_dir / "sketches" / f"{modality}.zarr") as sketches:
             ids = features.ids[::37]
@@ -155,7 +155,7 @@ def test_exported_networks_give_the_same_outputs(demo_dir, demo_config, tmp_path
         ids = np.concatenate([images.ids[:5], images.ids[np.flatnonzero(images.read_missing(images.ids))[:3]]])
     for modality in MODALITIES:
         program = torch.export.load(files[modality]).module()
-        model, _ = load_model(demo_dir / "models" / modality)
+        model = load_model(demo_dir / "models" / modality).network()
         m = registry.get(modality)
         with FeatureStore(demo_dir / "features" / f"{modality}.zarr") as features:
             batch = next(inference_batches(features, m.array, m.batch, ids, batch_size=len(ids)))  # another batch size
@@ -192,7 +192,7 @@ def test_probability_averaging_is_the_mean_of_the_modality_networks(demo_dir, de
     ids = table["item_id"].to_numpy()
     probabilities = []  # each pretrained network's own class probabilities, straight from its feature store
     for modality in MODALITIES:
-        model, _ = load_model(demo_dir / "models" / modality)
+        model = load_model(demo_dir / "models" / modality).network()
         m = registry.get(modality)
         with FeatureStore(demo_dir / "features" / f"{modality}.zarr") as features, torch.inference_mode():
             batch = next(inference_batches(features, m.array, m.batch, ids, batch_size=len(ids)))
@@ -213,7 +213,7 @@ def test_the_static_emde_system_runs_every_stage(demo_dir, demo_config, tmp_path
         {"pretrain": {m: {"epochs": 2} for m in MODALITIES}, "fusion": {"epochs": 3}})  # it runs: scores are not the point
     for modality in MODALITIES:
         pretrain(modality, w, cfg, progress=False, log=lambda *_: None)
-        assert load_model(w / "models" / modality)[1]["coder"] == "static"
+        assert load_model(w / "models" / modality).coder == "static"
     sketch("all", w, cfg, progress=False, log=lambda *_: None)
     with FeatureStore(w / "sketches" / "title_cam.zarr") as store:
         depth = cfg.train_options("title_cam").depth

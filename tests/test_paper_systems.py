@@ -54,8 +54,9 @@ def test_static_text_modalities_train_on_token_sketches(tmp_path, pooling, encod
     token_store(tmp_path / "w", "desc_cam", empty_fraction=0.2, seed=3)
     cfg = small_cfg("desc_cam", coder="static", static_pooling=pooling, epochs=6, lr=3e-2)
     metrics = pretrain("desc_cam", tmp_path / "w", cfg, progress=False, log=Log())
-    model, ckpt = checkpoint.load_model(tmp_path / "w" / "models" / "desc_cam")
-    assert ckpt["model_config"]["encoder"]["type"] == encoder and model.coder.fitted
+    ckpt = checkpoint.load_model(tmp_path / "w" / "models" / "desc_cam")
+    model = ckpt.network()
+    assert ckpt.model_config["encoder"]["type"] == encoder and model.coder.fitted
     assert metrics["macro_f1"] > 0.45, metrics["history"]  # 6 classes, a fifth without text: chance ~0.17
     _exports_the_same_sketches(model.eval(), "desc_cam", tmp_path / "w")
 
@@ -65,7 +66,7 @@ def test_static_image_is_one_token_and_a_missing_photo_the_empty_set(tmp_path):
     metrics = pretrain("image", tmp_path / "w", small_cfg("image", coder="static", width=4, lr=3e-2),
                        progress=False, log=Log())
     assert metrics["macro_f1"] > 0.5, metrics["history"]
-    model, _ = checkpoint.load_model(tmp_path / "w" / "models" / "image")
+    model = checkpoint.load_model(tmp_path / "w" / "models" / "image").network()
     with FeatureStore(tmp_path / "w" / "features" / "image.zarr") as store:
         ids = np.concatenate([missing_ids[:3], split["item_id"].to_numpy()[:5]])
         maps = torch.from_numpy(store.read("maps", ids).astype(np.float32))
@@ -141,10 +142,11 @@ def test_pretraining_fine_tunes_the_tail_and_keeps_it_in_the_checkpoint(image_ca
     root, cfg = image_caches
     start = initial_model(prepare("image", root / "cut", cfg, None)).encoder.tail.state_dict()
     metrics = pretrain("image", root / "cut", cfg, progress=False, log=Log())
-    model, ckpt = checkpoint.load_model(root / "cut" / "models" / "image")
-    enc = ckpt["model_config"]["encoder"]
+    ckpt = checkpoint.load_model(root / "cut" / "models" / "image")
+    model = ckpt.network()
+    enc = ckpt.model_config["encoder"]
     assert enc["type"] == "ImageTail" and enc["cache_at"] == "blocks.6" and enc["model"] == "tf_efficientnet_lite0"
-    assert enc["weights_sha256"] == ckpt["store"]["provenance"]["producer"]["weights_sha256"]
+    assert enc["weights_sha256"] == ckpt.store["provenance"]["producer"]["weights_sha256"]
     tuned = model.encoder.tail.state_dict()
     moved = [k for k in start if start[k].is_floating_point() and not torch.equal(start[k], tuned[k])]
     assert any(k.startswith("blocks_6") for k in moved) and any(k.startswith("conv_head") for k in moved)
@@ -203,8 +205,9 @@ def test_pretraining_tunes_the_text_layers_at_their_own_rate(text_caches):
     root, cfg = text_caches
     start = initial_model(prepare("title_cam", root / "cut", cfg, None)).encoder.tail.state_dict()
     metrics = pretrain("title_cam", root / "cut", cfg, progress=False, log=Log())
-    model, ckpt = checkpoint.load_model(root / "cut" / "models" / "title_cam")
-    assert ckpt["model_config"]["encoder"]["type"] == "TextTail" and ckpt["model_config"]["encoder"]["count"] == 1
+    ckpt = checkpoint.load_model(root / "cut" / "models" / "title_cam")
+    model = ckpt.network()
+    assert ckpt.model_config["encoder"]["type"] == "TextTail" and ckpt.model_config["encoder"]["count"] == 1
     tuned = model.encoder.tail.state_dict()
     assert any(not torch.equal(start[k], tuned[k]) for k in start)
     assert 0 < metrics["macro_f1"] <= 1

@@ -188,13 +188,14 @@ def test_title_bpe_learns_and_writes_its_outputs(bpe_run):
     assert on_disk["coder"] == "trainable" and on_disk["epochs"] == 12 and 1 <= on_disk["best_epoch"] <= 12
     assert on_disk["valid_items"] == len(valid)
     # The checkpoint rebuilds the network and reproduces the validation predictions.
-    model, ckpt = load_model(out)
-    assert ckpt["coder"] == "trainable" and ckpt["class_codes"] == sorted(split.filter(
+    ckpt = load_model(out)
+    model = ckpt.network()
+    assert ckpt.coder == "trainable" and ckpt.class_codes == sorted(split.filter(
         pl.col("split") != "test")["label"].unique().to_list())
-    assert ckpt["store"]["provenance"]["kind"] == "title_bpe" and ckpt["store"]["path"].endswith("title_bpe.zarr")
+    assert ckpt.store["provenance"]["kind"] == "title_bpe" and ckpt.store["path"].endswith("title_bpe.zarr")
     preds = pl.read_parquet(out / "valid_predictions.parquet")
     assert sorted(preds["item_id"].to_list()) == sorted(valid["item_id"].to_list())
-    codes = np.asarray(ckpt["class_codes"])
+    codes = np.asarray(ckpt.class_codes)
     reader = TrainReader(FeatureStore(root / "w" / "features" / "title_bpe.zarr"), "tokens", "ids",
                          preds["item_id"].to_numpy(), np.zeros(len(preds)), batch_size=256, shuffle=False)
     logits = {}
@@ -236,8 +237,9 @@ def test_trainable_coder_beats_static_on_title_bpe(bpe_run, tmp_path):
     log = Log()
     static = pretrain("title_bpe", w, cfg, coder="static", progress=False, log=log)
     assert static["coder"] == "static" and "static EMDE fitted" in log.text()
-    model, ckpt = load_model(w / "models" / "title_bpe")
-    assert ckpt["coder"] == "static" and model.coder.fitted
+    ckpt = load_model(w / "models" / "title_bpe")
+    model = ckpt.network()
+    assert ckpt.coder == "static" and model.coder.fitted
     assert trained["macro_f1"] > static["macro_f1"] + 0.1, (trained["macro_f1"], static["macro_f1"])
 
 
@@ -260,7 +262,7 @@ def test_image_like_store_trains_and_ignores_missing_photos(tmp_path):
     split, missing_ids = image_store(tmp_path / "w")
     metrics = pretrain("image", tmp_path / "w", small_cfg("image", lr=1e-2), progress=False, log=Log())
     assert metrics["macro_f1"] > 0.7, metrics["history"]  # 6 classes: chance ~0.17
-    model, _ = load_model(tmp_path / "w" / "models" / "image")
+    model = load_model(tmp_path / "w" / "models" / "image").network()
     store = FeatureStore(tmp_path / "w" / "features" / "image.zarr")
     all_ids = split["item_id"].to_numpy()
     ids = np.concatenate([missing_ids[:20], all_ids[~np.isin(all_ids, missing_ids)][:20]])

@@ -89,8 +89,9 @@ def test_a_200000_character_title_is_trained_and_sketched_on_its_first_tokens(tm
            "256" in log.text()
     [summary] = sketch("title_bpe", tmp_path / "w", cfg, progress=False, log=quiet)
     assert summary.items == 120
-    model, ckpt = load_model(tmp_path / "w" / "models" / "title_bpe" / "model.pt")
-    assert ckpt["max_tokens"] == 256
+    ckpt = load_model(tmp_path / "w" / "models" / "title_bpe" / "model.pt")
+    model = ckpt.network()
+    assert ckpt.max_tokens == 256
     with FeatureStore(tmp_path / "w" / "features" / "title_bpe.zarr") as features, \
             FeatureStore(tmp_path / "w" / "sketches" / "title_bpe.zarr") as sketched:
         assert features.read("tokens", [long_id]).lengths[0] > 10_000  # stored whole
