@@ -198,11 +198,22 @@ def inspect(
     item: Annotated[Optional[int], typer.Option(**INT64, help="show this item's arrays")] = None,
     verify: Annotated[bool, typer.Option("--verify", help="read every chunk; report damaged items")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
+    clear_claims: Annotated[bool, typer.Option(
+        "--clear-claims", help="drop the writer claims of other hosts and of dead processes (a writer's host is "
+                               "gone: a restarted pod or job)")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Shapes, chunks, provenance, one item, integrity of a store."""
     from pipeline.inspect import inspect_store, summary
 
+    if clear_claims:
+        from stores import FeatureStore, clear_claims as clear
+
+        cleared = clear(store)
+        log(f"{store}: cleared {len(cleared)} writer claim(s)" + "".join(
+            f"; process {c['pid']} on {c['host']} ({c['k']}/{c['n']})" for c in cleared))
+        if not FeatureStore.exists(store):  # a writer that died before laying the store out
+            return
     report = inspect_store(store, item=item, verify=verify)
     if as_json:
         print(json.dumps(report))

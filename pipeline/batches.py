@@ -36,13 +36,15 @@ KINDS = ("ids", "tokens", "fixed")
 
 
 class Batch(NamedTuple):
-    inputs: tuple[Tensor, Tensor]  # (ids|x|maps, mask|present)
+    inputs: tuple  # (ids|x|maps, mask|present) as Tensors; ({modality: sketches},) for the fusion heads
     labels: Tensor  # (B,) int64 class indices
     ids: Tensor  # (B,) int64 item ids
 
     def to(self, device: torch.device | str, non_blocking: bool = True, float_dtype=torch.float32) -> Batch:
         """On `device`; floating inputs (float16 from the store) become `float_dtype` there."""
-        def move(t: Tensor) -> Tensor:
+        def move(t: Tensor | dict) -> Tensor | dict:
+            if isinstance(t, dict):  # the fusion heads' input: {modality: sketches}
+                return {k: move(v) for k, v in t.items()}
             t = t.to(device, non_blocking=non_blocking)
             return t.to(float_dtype) if t.is_floating_point() and t.dtype != float_dtype else t
         return Batch(tuple(move(t) for t in self.inputs), move(self.labels), move(self.ids))

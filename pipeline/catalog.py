@@ -31,9 +31,9 @@ from pipeline.schema import Catalog as CatalogSettings, Layout
 from pipeline.text import clean_description
 from pipeline.errors import PipelineError
 from pipeline.provenance import atomic_path
+from pipeline.workdir import split_path
 
 FIELDS = ("id", "title", "description", "product_id", "image_id")
-SPLIT_FILE = "split.parquet"
 
 
 class CatalogError(PipelineError):
@@ -350,7 +350,7 @@ def train_texts(train_items: pl.DataFrame) -> list[str]:
 # ---------------------------------------------------------------------- the split table
 def read_split(workdir: str | Path, hint: str = "") -> pl.DataFrame:
     """W/split.parquet (item_id, split, label), or one line saying which command builds it."""
-    path = Path(workdir) / SPLIT_FILE
+    path = split_path(workdir)
     if not path.is_file():
         raise PipelineError(f"{path} not found: the first stage builds it, "
                             f"`{hint or f'pipeline extract MODALITY --catalog DIR --workdir {workdir}'}`")
@@ -386,7 +386,7 @@ def make_split(catalog: Catalog, cfg, workdir: str | Path) -> pl.DataFrame:
     A run on a grown catalogue keeps every existing assignment and adds new items as train or test;
     a relabelled item is refused (the work directory belongs to another catalogue).
     """
-    path = Path(workdir) / SPLIT_FILE
+    path = split_path(workdir)
     items = catalog.items.select("item_id", "part", "label")
     if not path.exists():
         split = _draw_split(items, cfg.split)

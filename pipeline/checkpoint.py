@@ -26,7 +26,7 @@ from pipeline.emde import DifferentiableEMDECoder, StaticEMDE
 from pipeline.encoders import ModalityClassifier, build_encoder
 from pipeline.errors import PipelineError
 from pipeline.heads import FusionHeads
-from pipeline.provenance import atomic_path
+from pipeline.provenance import Stamp, atomic_path
 from pipeline.workdir import MODEL_FILE
 from stores import ArraySpec
 
@@ -77,10 +77,11 @@ class ModelCheckpoint:
     max_tokens: int = 0  # tokens of an item the network reads ([train_reader] max_tokens)
     sha256: str = field(default="", compare=False)  # of the file it was read from (not saved)
 
-    @property
-    def features_producer(self) -> dict | None:
-        """The producer of the feature store it was trained on (None in the oldest checkpoints)."""
-        return self.store.get("provenance", {}).get("producer")
+    def trained_on(self, producer: dict) -> bool:
+        """Whether features of this producer are those the network was trained on (the oldest checkpoints did
+        not record theirs: then yes)."""
+        theirs = self.store.get("provenance", {}).get("producer")
+        return theirs is None or not Stamp("features", producer).changed(theirs)
 
     @property
     def array_spec(self) -> ArraySpec:

@@ -58,7 +58,7 @@ def export_heads(heads: FusionHeads, dims: dict[str, int]) -> torch.export.Expor
 def export(workdir: str | Path, cfg: Config, out: str | Path | None = None, log=print) -> dict[str, Path]:
     """Every network of W's fusion into `out` (default W/export/); returns name -> file."""
     workdir = Path(workdir)
-    out = Path(out) if out else workdir / "export"
+    out = Path(out) if out else wd.export_dir(workdir)
     fusion = checkpoint.load(wd.fusion_path(workdir, cfg), "fusion", wd.command(cfg, workdir, "fuse"))
     out.mkdir(parents=True, exist_ok=True)
     files = {}

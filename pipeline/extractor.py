@@ -44,7 +44,7 @@ class Resources:
 
     text_model: Callable[[], Path]  # a Hugging Face directory
     image_weights: Callable[[], Path | None]  # a weights file (None: random weights, benchmarks only)
-    tokenizers: Path  # where title_bpe's SentencePiece model is kept
+    bpe_model: Path  # title_bpe's SentencePiece model (trained there on first use)
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +31,8 @@ from pipeline.errors import PipelineError, StaleStoreError
 from pipeline.extractor import Extractor
 from pipeline.progress import Progress
 from pipeline.provenance import Stamp, canonical_json, recover, swap_in
-from stores import FeatureStore, StoreError, local_path, store_location, store_lock, writer_claim
+from stores import (FeatureStore, StoreError, WriterConflictError, local_path, store_location, store_lock,
+                    writer_claim)
 
 # A store on object storage has no lock: workers K > 0 wait this long for worker 0's layout.
 PLAN_WAIT_S = float(os.environ.get("EMDE_PLAN_WAIT_S", 900))
@@ -129,11 +132,9 @@ class _Plan:
             raise StaleStoreError(f"{store.path} was built with another {', '.join(changed)} than this run's "
                                   f"(store: {canonical_json({k: old.get(k) for k in changed})}); refusing to mix "
                                   f"them: rebuild with `{rebuild_hint}`")
-        planned_ids, planned_fp = store.planned()
-        order = np.argsort(planned_ids)
-        pos = np.minimum(np.searchsorted(planned_ids[order], self.ids), max(len(order) - 1, 0))
-        known = planned_ids[order][pos] == self.ids if len(order) else np.zeros(len(self.ids), bool)
-        changed_items = known & (planned_fp[order][pos] != self.fp)
+        known, stored_fp = store.planned_hashes(self.ids)
+        changed_items = np.zeros(len(self.ids), bool)
+        changed_items[known] = stored_fp != self.fp[known]
         if changed_items.any():
             raise StaleStoreError(f"{store.path}: the input of {int(changed_items.sum())} stored item(s) changed "
                                   f"since extraction (e.g. item {int(self.ids[changed_items][0])}); refusing to "
@@ -221,13 +222,28 @@ def fill_store(extractor: Extractor, items: pl.DataFrame, store_path: Path | str
             return Summary(extractor.name, store_path, stored, 0, int(len(items)), 0,
                            time.perf_counter() - started, 0)
     keep_freed_memory()  # CPU forwards: no page faults on every big activation (3x on EfficientNet)
-    with writer_claim(target, shard):
+    with _claimed(target, shard):
         summary = _fill(plan, target, block_rows, shard, rebuild_hint, progress, started)
     if target != store_path:
         with store_lock(store_path):
             swap_in(local_path(target), local_path(store_path))
         summary.store = store_path
     return summary
+
+
+@contextmanager
+def _claimed(store_path, shard: tuple[int, int]):
+    """This process's writer claim on the store; a claim of another host (which this one cannot see alive or
+    dead) is refused with the command that clears it once that host is known to be gone."""
+    with ExitStack() as claim:
+        try:
+            claim.enter_context(writer_claim(store_path, shard))
+        except WriterConflictError as err:
+            if err.host == socket.gethostname():
+                raise
+            raise PipelineError(f"{err}; if {err.host} is gone (a restarted pod or job), clear its claim with "
+                                f"`pipeline inspect {store_path} --clear-claims`") from None
+        yield
 
 
 def _mark_damaged(store_path, rebuild_hint: str) -> None:

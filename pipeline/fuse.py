@@ -16,6 +16,7 @@ validation and test predictions of every rank are gathered before the metrics, a
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,17 +24,17 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline import checkpoint, registry, workdir as wd
+from pipeline.batches import Batch
 from pipeline.catalog import class_codes, probabilities_table, read_split, write_submission
 from pipeline.config import Config
 from pipeline.distributed import Dist, torchrun
 from pipeline.errors import PipelineError
 from pipeline.heads import FusionHeads
 from pipeline.metrics import PAPER_TABLE2, PAPER_TABLE3, class_weights, classification_metrics, save_pictures
-from pipeline.provenance import Stamp, digest, output_lock, partial_dir, read_json, recover, sha256_file, swap_in, write_json
+from pipeline.provenance import Stamp, digest, output_lock, read_json, recover, sha256_file, write_json
+from pipeline.trainer import RunSettings, find_resume, run_dir, train
 from stores import FeatureStore
 
 PARTS = ("train", "valid", "test")
@@ -73,7 +74,8 @@ def prepare(workdir: Path, cfg: Config) -> FuseJob:
     kind = split["split"].to_numpy()
     parts = {p: np.flatnonzero(kind == p) for p in PARTS}
     ids = split["item_id"].to_numpy()
-    stamp = Stamp("fuse", {"fusion": cfg.fusion.model_dump(), "checkpoints": checkpoints, "seed": cfg.seed,
+    stamp = Stamp("fuse", {"fusion": cfg.fusion.model_dump(exclude={"epochs"}), "epochs": cfg.fusion.epochs,
+                           "checkpoints": checkpoints, "seed": cfg.seed,
                            "items": digest([ids.tolist(), labels.tolist(), kind.tolist()])})
     return FuseJob(cfg, workdir, wd.fusion_dir(workdir, cfg), ids, labels, parts, codes, names, checkpoints, stamp)
 
@@ -137,85 +139,100 @@ def fuse(workdir: str | Path, cfg: Config, *, progress: bool = True, log=print) 
     if job.stamp.matches(job.out):
         if main:
             log(f"fuse: nothing to do, {job.out} is up to date (same sketches and config)")
-        return read_json(job.out / "metrics.json", "metrics file")
+        return read_json(job.out / wd.METRICS_FILE, "metrics file")
     wd.remember(workdir, cfg)
     with output_lock(job.out) if main else nullcontext(), wd.repair_hint(cfg, workdir):
         ctx = Dist("cpu")  # a few linear layers: the CPU, gloo
         try:
-            return _run(job, ctx, time.perf_counter(), log if ctx.main else (lambda *_a, **_k: None))
+            return _run(job, ctx, progress, log if ctx.main else (lambda *_a, **_k: None))
         finally:
             ctx.close()
 
 
-def _run(job: FuseJob, ctx: Dist, started: float, say) -> dict:
+def _run(job: FuseJob, ctx: Dist, progress: bool, say) -> dict:
+    started = time.perf_counter()
     shares = _shares(job.parts, ctx.rank, ctx.world)
     mine = np.unique(np.concatenate(list(shares.values())))  # split rows whose sketches this rank reads
     sketches = _load_sketches(job, job.ids[mine])
     local = {name: np.searchsorted(mine, rows) for name, rows in shares.items()}  # rows of `sketches`
     joint = job.cfg.fusion.method == "joint"
-    if joint:
-        model, best = _train(job, ctx, sketches, job.labels[mine], local, say)
-    else:
-        model, best = _pretrained_heads(job, ctx, sketches, local, say)
-    model.load_state_dict(best["state"])
-    test_logits = _gathered(ctx, _logits(model, sketches, local["test"]))  # (len(parts["test"]), classes)
-    metrics = {k: v for k, v in best.items() if k not in ("state", "valid_pred")}
-    support = np.bincount(job.labels[job.parts["valid"]], minlength=len(job.codes))
-    metrics |= {"method": job.cfg.fusion.method, "epochs": job.cfg.fusion.epochs if joint else 0,
-                "seconds": round(time.perf_counter() - started, 2),
-                "heads": [h.model_dump() for h in job.cfg.fusion.heads], "valid_items": len(job.parts["valid"]),
-                "test_items": len(job.parts["test"]), "world_size": ctx.world, "fingerprint": job.stamp.digest,
-                "valid_support": {str(c): int(n) for c, n in zip(job.codes, support) if n}}
-    if ctx.main:
-        dims = {m: s.shape[1] for m, s in sketches.items()}
-        _write(job, model, dims, best["valid_pred"], test_logits, metrics)
-        say(summary_table(job.workdir, metrics, job.cfg.fusion.output))
-        say(f"fuse: valid macro-F1 {metrics['macro_f1']:.4f} (best epoch {metrics['best_epoch']}) -> {job.out}")
+    state = find_resume(job.out, job.stamp.without("epochs").digest, job.cfg.fusion.epochs, "fuse", say) \
+        if joint else None
+    ctx.barrier()  # every rank has read the resume file before rank 0 touches the directory
+    with run_dir(job.out, state, ctx.main) as partial:
+        if joint:
+            readers = SketchReader.of(sketches, job, mine, local, ctx.rank)
+            model, best = _train(job, ctx, readers, partial, state, progress, say)
+        else:
+            model, best = _pretrained_heads(job, sketches, say)
+        valid_pred = _gathered(ctx, _logits(model, sketches, local["valid"]).argmax(-1))  # (len(parts["valid"]),)
+        test_logits = _gathered(ctx, _logits(model, sketches, local["test"]))  # (len(parts["test"]), classes)
+        valid_labels = job.labels[job.parts["valid"]]
+        support = np.bincount(valid_labels, minlength=len(job.codes))
+        metrics = classification_metrics(valid_labels, valid_pred, job.codes) | best | {
+            "method": job.cfg.fusion.method, "epochs": job.cfg.fusion.epochs if joint else 0,
+            "seconds": round(time.perf_counter() - started, 2), "heads": [h.model_dump() for h in job.cfg.fusion.heads],
+            "valid_items": len(job.parts["valid"]), "test_items": len(job.parts["test"]), "world_size": ctx.world,
+            "fingerprint": job.stamp.digest, "valid_support": {str(c): int(n) for c, n in zip(job.codes, support) if n}}
+        if ctx.main:
+            _write(job, partial, model, {m: s.shape[1] for m, s in sketches.items()}, valid_pred, test_logits, metrics)
+    say(summary_table(job.workdir, metrics, job.cfg.fusion.output))
+    say(f"fuse: valid macro-F1 {metrics['macro_f1']:.4f} (best epoch {metrics['best_epoch']}) -> {job.out}")
     ctx.barrier()  # every rank returns once the outputs are written
     return metrics
 
 
-def _train(job: FuseJob, ctx: Dist, sketches: dict, y_rows: np.ndarray, local: dict, say) -> tuple[FusionHeads, dict]:
-    """Train the heads on this rank's share (DDP under torchrun); the best epoch by gathered validation macro-F1."""
-    opts, seed = job.cfg.fusion, job.cfg.seed
-    torch.manual_seed(seed)  # the same initial heads on every rank
-    rng = np.random.default_rng(seed if ctx.world == 1 else [seed, ctx.rank])  # one process: its usual stream
-    model = FusionHeads([h.model_dump() for h in opts.heads], {m: s.shape[1] for m, s in sketches.items()},
+class SketchReader:
+    """Batches of sketches held in memory, for `trainer.train`: rows `rows` of `sketches` ({modality: (n, width)}),
+    in batches of `batch_size`, shuffled per epoch as a function of (seed, epoch, rank) only, so that a resumed
+    run draws the batches an uninterrupted one would."""
+
+    def __init__(self, sketches: dict[str, torch.Tensor], labels: np.ndarray, ids: np.ndarray, rows: np.ndarray,
+                 batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0):
+        self.sketches, self.labels, self.ids, self.rows = sketches, labels, ids, rows
+        self.batch_size, self.shuffle, self.seed, self.rank = batch_size, shuffle, seed, rank
+
+    @classmethod
+    def of(cls, sketches: dict, job: FuseJob, mine: np.ndarray, local: dict,
+           rank: int) -> tuple[SketchReader, SketchReader]:
+        """This rank's train and valid readers (`mine`: the split rows of `sketches`; `local`: each part's rows)."""
+        opts = job.cfg.fusion
+        labels, ids = job.labels[mine], job.ids[mine]
+        return (cls(sketches, labels, ids, local["train"], opts.batch_size, True, job.cfg.seed, rank),
+                cls(sketches, labels, ids, local["valid"], opts.batch_size, False))
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.batch_size)
+
+    def epoch(self, epoch: int = 0) -> Iterator[Batch]:
+        rows = np.random.default_rng([self.seed, epoch, self.rank]).permutation(self.rows) if self.shuffle \
+            else self.rows
+        for i in range(0, len(rows), self.batch_size):
+            r = rows[i : i + self.batch_size]
+            yield Batch(({m: s[r] for m, s in self.sketches.items()},), torch.from_numpy(self.labels[r]),
+                        torch.from_numpy(self.ids[r]))
+
+
+def _train(job: FuseJob, ctx: Dist, readers: tuple[SketchReader, SketchReader], partial: Path,
+           state: checkpoint.ResumeState | None, progress: bool, say) -> tuple[FusionHeads, dict]:
+    """Train the heads on this rank's share (DDP under torchrun) with `trainer.train`: the best epoch by the
+    gathered validation macro-F1, resumable after every epoch."""
+    opts = job.cfg.fusion
+    torch.manual_seed(job.cfg.seed)  # the same initial heads on every rank
+    model = FusionHeads([h.model_dump() for h in opts.heads], {m: s.shape[1] for m, s in readers[0].sketches.items()},
                         len(job.codes))
-    net = DDP(model) if ctx.active else model
-    optimizer = torch.optim.Adam(model.parameters(), lr=opts.lr)
-    schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=opts.decay)
-    loss_fn = nn.CrossEntropyLoss(weight=class_weights(job.labels[job.parts["train"]], len(job.codes), opts.loss))
-    y = torch.from_numpy(y_rows)  # (rows of `sketches`,)
-    valid_labels = job.labels[job.parts["valid"]]
     if ctx.active:
-        say(f"fuse: {ctx.world} processes (DistributedDataParallel, gloo), {len(local['train'])} of "
+        say(f"fuse: {ctx.world} processes (DistributedDataParallel, gloo), {len(readers[0].rows)} of "
             f"{len(job.parts['train'])} train items per rank")
-    best = {"macro_f1": -1.0}
-    for epoch in range(1, opts.epochs + 1):
-        model.train()
-        order = rng.permutation(local["train"])
-        total = 0.0
-        for i in range(0, len(order), opts.batch_size):
-            rows = order[i : i + opts.batch_size]
-            loss = loss_fn(net({m: s[rows] for m, s in sketches.items()}), y[rows])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(rows)
-        schedule.step()
-        total, seen = ctx.all_sum([total, len(order)])
-        valid_pred = _gathered(ctx, _logits(model, sketches, local["valid"]).argmax(-1))  # (len(parts["valid"]),)
-        scores = classification_metrics(valid_labels, valid_pred, job.codes)
-        say(f"fuse epoch {epoch}: loss {total / max(seen, 1):.4f}, valid macro-F1 {scores['macro_f1']:.4f}")
-        if scores["macro_f1"] > best["macro_f1"]:
-            best = scores | {"best_epoch": epoch, "valid_pred": valid_pred,
-                             "state": {k: v.clone() for k, v in model.state_dict().items()}}
-    return model, best
+    run = RunSettings("fuse", opts.epochs, opts.lr, opts.decay, stamp=job.stamp.without("epochs").digest)
+    weights = class_weights(job.labels[job.parts["train"]], len(job.codes), opts.loss)
+    done = train(model, *readers, run, ctx, job.codes, weights, partial / wd.RESUME_FILE, state, say, progress)
+    model.load_state_dict(done.best_state)
+    return model, {"best_epoch": done.best_epoch, "history": done.history}
 
 
-def _pretrained_heads(job: FuseJob, ctx: Dist, sketches: dict, local: dict, say) -> tuple[FusionHeads, dict]:
-    """`method = "average"`: each head is its modality's pretrained head (no training), scored on validation."""
+def _pretrained_heads(job: FuseJob, sketches: dict, say) -> tuple[FusionHeads, dict]:
+    """`method = "average"`: each head is its modality's pretrained head (no training)."""
     model = FusionHeads([h.model_dump() for h in job.cfg.fusion.heads], {m: s.shape[1] for m, s in sketches.items()},
                         len(job.codes), "average")
     for name, (modality,) in model.heads:
@@ -225,17 +242,13 @@ def _pretrained_heads(job: FuseJob, ctx: Dist, sketches: dict, local: dict, say)
             raise PipelineError(f"{wd.model_path(job.workdir, modality)} was trained on other classes than the "
                                 f"split's: run `{again}` again")
         model.linears[name].load_state_dict(ckpt.head())
-    valid_pred = _gathered(ctx, _logits(model, sketches, local["valid"]).argmax(-1))  # (len(parts["valid"]),)
-    scores = classification_metrics(job.labels[job.parts["valid"]], valid_pred, job.codes)
-    say(f"fuse: the mean of {len(model.heads)} pretrained heads' probabilities, valid macro-F1 {scores['macro_f1']:.4f}")
-    return model, scores | {"best_epoch": 0, "valid_pred": valid_pred, "state": model.state_dict()}
+    say(f"fuse: the mean of {len(model.heads)} pretrained heads' probabilities")
+    return model, {"best_epoch": 0}
 
 
-def _write(job: FuseJob, model: FusionHeads, dims: dict, valid_pred: np.ndarray, test_logits: np.ndarray,
+def _write(job: FuseJob, out: Path, model: FusionHeads, dims: dict, valid_pred: np.ndarray, test_logits: np.ndarray,
            metrics: dict) -> None:
-    """Every output into the partial directory, then the directory swapped in (stamp last)."""
-    out = partial_dir(job.out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Every output into the run's directory (stamp last; `run_dir` swaps it in)."""
     code_of = np.array(job.codes)
     test_ids = job.ids[job.parts["test"]]
     write_submission(out / "predictions.csv", test_ids, code_of[test_logits.argmax(-1)])
@@ -248,9 +261,8 @@ def _write(job: FuseJob, model: FusionHeads, dims: dict, valid_pred: np.ndarray,
     checkpoint.save(checkpoint.FusionCheckpoint(
         state_dict=model.state_dict(), heads=[h.model_dump() for h in job.cfg.fusion.heads], codes=job.codes,
         dims=dims, checkpoints=job.checkpoints, method=model.method), out / wd.MODEL_FILE)
-    write_json(out / "metrics.json", metrics)
+    write_json(out / wd.METRICS_FILE, metrics)
     job.stamp.write(out)
-    swap_in(out, job.out)
 
 
 def summary_table(workdir: Path, fused: dict, output: str = "fusion") -> str:
@@ -258,7 +270,7 @@ def summary_table(workdir: Path, fused: dict, output: str = "fusion") -> str:
     for its ablations' outputs, none for a system the paper does not score)."""
     rows = [("modality", "this run", "paper (Table 3)")]
     for m in registry.names():
-        path = wd.model_dir(workdir, m) / "metrics.json"
+        path = wd.metrics_path(workdir, m)
         if path.exists():
             paper = f"{100 * PAPER_TABLE3[m]:.2f}" if m in PAPER_TABLE3 else "-"
             rows.append((m, f"{100 * read_json(path, 'metrics file')['macro_f1']:.2f}", paper))

@@ -34,7 +34,7 @@ from pipeline.errors import PipelineError
 from pipeline.fill import keep_freed_memory, fill_store
 from pipeline.heads import FusionHeads
 from pipeline.extractor import ExtractContext
-from stores import FeatureStore, Ragged
+from stores import FeatureStore, IdIndex, Ragged
 
 CHUNK_ROWS = 512  # rows computed at once: bounds the memory of decoded photos and token states
 
@@ -65,20 +65,13 @@ class _Lookup:
 
     def __init__(self, store: FeatureStore | None):
         self.store = store
-        ids = store.ids if store is not None else np.zeros(0, np.int64)
-        planned_ids, planned_fp = store.planned() if store is not None else (ids, np.zeros(0, np.uint64))
-        order = np.argsort(planned_ids)
-        fp = planned_fp[order][np.searchsorted(planned_ids[order], ids)] if len(ids) else planned_fp[:0]
-        by_fp = np.argsort(fp, kind="stable")
-        self.fp, self.ids = fp[by_fp], ids[by_fp]
+        self.ids = store.ids if store is not None else np.zeros(0, np.int64)
+        self.index = IdIndex(store.input_hashes(self.ids) if store is not None else np.zeros(0, np.uint64))
 
     def find(self, fp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(mask of the fingerprints found, the stored item id of each found one)."""
-        if not len(self.fp):
-            return np.zeros(len(fp), bool), np.zeros(0, np.int64)
-        pos = np.minimum(np.searchsorted(self.fp, fp), len(self.fp) - 1)
-        found = self.fp[pos] == fp
-        return found, self.ids[pos[found]]
+        found, at = self.index.find(fp)
+        return found, self.ids[at]
 
 
 @dataclass
@@ -105,8 +98,7 @@ def _branch(name: str, workdir: Path, cfg: Config, device: torch.device, fusion:
     ctx = ExtractContext(cfg.options(name), cfg.text_model, upstream.resources(cfg, workdir),
                          pick_device(cfg.extract.device, "[extract] device"))
     extractor = registry.get(name).extractor(ctx)
-    trained_on = ckpt.features_producer
-    if trained_on is not None and trained_on != extractor.producer:
+    if not ckpt.trained_on(extractor.producer):
         raise PipelineError(f"{path} was trained on {name} features of another model or settings than "
                             f"{cfg.source} gives now; predict with the configuration it was trained with")
     features = _open(wd.feature_store_path(workdir, cfg, name)) if reuse else None
@@ -233,7 +225,7 @@ class Predictor:
         fp = b.extractor.fingerprints(frame)
         keyed = frame.with_columns(item_id=pl.Series(fp.view(np.int64))).unique("item_id", keep="first",
                                                                               maintain_order=True)
-        path = self.cache / "features" / f"{b.name}.zarr"
+        path = wd.store_path(self.cache, "features", b.name, "zarr")
         fill_store(b.extractor, keyed, path, block_rows=self.cfg.block_items(b.name), progress=False)
         return _Lookup(FeatureStore(path))
 

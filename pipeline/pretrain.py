@@ -35,7 +35,6 @@ layer (``[text_model] layers``) with ``tune_layers = k``: the text model's next 
 """
 from __future__ import annotations
 
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -46,16 +45,16 @@ import polars as pl
 import torch
 
 from pipeline import checkpoint, registry, upstream, workdir as wd
-from pipeline.catalog import SPLIT_FILE, class_codes, read_split
+from pipeline.catalog import class_codes, read_split
 from pipeline.config import Config
 from pipeline.distributed import Dist, torchrun
 from pipeline.encoders import vectors
 from pipeline.errors import PipelineError
 from pipeline.metrics import class_weights
-from pipeline.provenance import Stamp, digest, output_lock, partial_dir, read_json, recover, swap_in, write_json
+from pipeline.provenance import Stamp, digest, output_lock, read_json, recover, write_json
 from pipeline.schema import RUN_ONLY_KEYS
 from pipeline.train_reader import TrainReader
-from pipeline.trainer import RunSettings, RunState, train
+from pipeline.trainer import RunSettings, RunState, find_resume, run_dir, train
 from stores import FeatureStore
 
 __all__ = ["pretrain", "prepare", "initial_model"]
@@ -121,13 +120,13 @@ def prepare(modality: str, workdir: Path, cfg: Config, coder: str | None) -> Job
     split = read_split(workdir, extract_hint)
     store = _open_store(workdir, cfg, m)
     codes = class_codes(split)
-    parts = _parts(split, codes, store, extract_hint, workdir / SPLIT_FILE)
+    parts = _parts(split, codes, store, extract_hint, wd.split_path(workdir))
     model_config = checkpoint.model_config(modality, opts, store.specs[m.array], store.provenance["producer"],
                                            len(codes), cfg.seed)
     used = np.concatenate([parts["train"][0], parts["valid"][0]])
     order = np.argsort(used)
     items = {"ids": used[order].tolist(), "labels": np.concatenate([parts["train"][1], parts["valid"][1]])[order]
-             .tolist(), "valid": len(parts["valid"][0]), "inputs": _input_hashes(store, used[order])}
+             .tolist(), "valid": len(parts["valid"][0]), "inputs": digest(store.input_hashes(used[order]).tolist())}
     settings = opts.model_dump(exclude=set(RUN_ONLY_KEYS) | {"epochs"})
     stamp = Stamp("pretrain", {"settings": settings, "model": model_config, "seed": cfg.seed,
                                "length_sort_window": cfg.train_reader.length_sort_window,
@@ -150,12 +149,6 @@ def _warnings(codes: list[int], train_labels: np.ndarray) -> list[str]:
     return out
 
 
-def _input_hashes(store: FeatureStore, ids: np.ndarray) -> str:
-    planned_ids, planned_fp = store.planned()
-    order = np.argsort(planned_ids)
-    return digest(planned_fp[order][np.searchsorted(planned_ids[order], ids)].tolist())
-
-
 def pretrain(modality: str, workdir: Path, cfg: Config, *, coder: str | None = None, progress: bool = True,
              log=print) -> dict:
     """`pipeline pretrain MODALITY`: train (or resume, or skip) W/models/<modality>/; return its metrics."""
@@ -165,7 +158,7 @@ def pretrain(modality: str, workdir: Path, cfg: Config, *, coder: str | None = N
         if torchrun().main:
             recover(job.out)
         if job.stamp.matches(job.out):
-            done = read_json(job.out / "metrics.json", "metrics file")
+            done = read_json(job.out / wd.METRICS_FILE, "metrics file")
             if torchrun().main:
                 log(f"{modality}: nothing to do, {job.out} is up to date (store, split and config unchanged; "
                     f"valid macro-F1 {done['macro_f1']:.4f})")
@@ -175,33 +168,6 @@ def pretrain(modality: str, workdir: Path, cfg: Config, *, coder: str | None = N
             return _run(job, progress, log)
     finally:
         job.store.close()
-
-
-def _resume_state(job: Job, ctx: Dist, say) -> checkpoint.ResumeState | None:
-    """A killed run of this job (in the partial directory), or a finished one with fewer epochs: resumable."""
-    partial = partial_dir(job.out)
-    for where in (partial, job.out):
-        path = where / wd.RESUME_FILE
-        if not path.is_file():
-            continue
-        try:
-            state = checkpoint.load(path, "resume")
-        except PipelineError as err:
-            say(f"{job.modality.name}: not resuming from {path} ({err}); starting afresh")
-            continue
-        if state.stamp != job.stamp.without("epochs").digest:
-            say(f"{job.modality.name}: not resuming from {path}: the settings, split or features changed since "
-                "it was written; starting afresh")
-            continue
-        if state.progress["epoch"] > job.opts.epochs:
-            say(f"{job.modality.name}: not resuming from {path}: it is {state.progress['epoch']} epochs in, "
-                f"the config asks for {job.opts.epochs}")
-            continue
-        p = state.progress
-        say(f"{job.modality.name}: resuming from {path} after epoch {p['epoch']}/{job.opts.epochs} (best valid "
-            f"macro-F1 so far {p['best_f1']:.4f} at epoch {p['best_epoch']})")
-        return state
-    return None
 
 
 def _readers(job: Job, ctx: Dist) -> tuple[TrainReader, TrainReader]:
@@ -276,24 +242,22 @@ def _run(job: Job, progress: bool, log) -> dict:
     if ctx.device.type == "cpu" and job.opts.cpu_threads > 0:
         torch.set_num_threads(job.opts.cpu_threads)
     try:
-        state = _resume_state(job, ctx, say)
+        state = find_resume(job.out, job.stamp.without("epochs").digest, job.opts.epochs, job.modality.name, say)
         ctx.barrier()  # every rank has read the resume file before rank 0 touches the directory
-        partial = partial_dir(job.out)
-        if ctx.main:
-            _start_partial(partial, job.out, state)
-        train_reader, valid_reader = _readers(job, ctx)
-        _check_batches(job, ctx, train_reader)
-        model, run = _build(job, ctx, train_reader, state is None, say)
-        cut = _describe(job, model, ctx, train_reader, valid_reader, say)
-        weights = class_weights(job.parts["train"][1], len(job.codes), job.opts.loss)
-        done = train(model, train_reader, valid_reader, run, ctx, job.codes,
-                     None if weights is None else weights.to(ctx.device), partial / wd.RESUME_FILE,
-                     state, say, progress)
-        if done.best_epoch == 0:
-            raise PipelineError(f"{job.modality.name}: no epoch was trained (epochs = {job.opts.epochs})")
-        metrics = _metrics(job, done, ctx) | cut | {"warnings": job.warnings}
-        if ctx.main:
-            _finish(job, done, metrics, partial)
+        with run_dir(job.out, state, ctx.main) as partial:
+            train_reader, valid_reader = _readers(job, ctx)
+            _check_batches(job, ctx, train_reader)
+            model, run = _build(job, ctx, train_reader, state is None, say)
+            cut = _describe(job, model, ctx, train_reader, valid_reader, say)
+            weights = class_weights(job.parts["train"][1], len(job.codes), job.opts.loss)
+            done = train(model, train_reader, valid_reader, run, ctx, job.codes,
+                         None if weights is None else weights.to(ctx.device), partial / wd.RESUME_FILE,
+                         state, say, progress)
+            if done.best_epoch == 0:
+                raise PipelineError(f"{job.modality.name}: no epoch was trained (epochs = {job.opts.epochs})")
+            metrics = _metrics(job, done, ctx) | cut | {"warnings": job.warnings}
+            if ctx.main:
+                _write(job, done, metrics, partial)
         say(f"{job.modality.name}: best valid macro-F1 {done.best_f1:.4f} at epoch {done.best_epoch}/"
             f"{job.opts.epochs} ({metrics['valid_items']} validation items), {metrics['seconds']:.1f} s training "
             f"-> {job.out}")
@@ -302,18 +266,6 @@ def _run(job: Job, progress: bool, log) -> dict:
     finally:
         torch.set_num_threads(threads)
         ctx.close()
-
-
-def _start_partial(partial: Path, out: Path, state: checkpoint.ResumeState | None) -> None:
-    """The directory this run writes into: a killed run's (resumed), or a fresh one (seeded with the finished
-    run's resume file when that run is being continued with more epochs)."""
-    if state is not None and (partial / wd.RESUME_FILE).is_file():
-        return
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    if state is not None:
-        shutil.copy2(out / wd.RESUME_FILE, partial / wd.RESUME_FILE)
 
 
 def _describe(job: Job, model, ctx: Dist, train_reader, valid_reader, say) -> dict:
@@ -358,8 +310,8 @@ def _metrics(job: Job, done: RunState, ctx: Dist) -> dict:
     }
 
 
-def _finish(job: Job, done: RunState, metrics: dict, partial: Path) -> None:
-    """The best epoch into the partial directory, then the directory swapped in (stamp last)."""
+def _write(job: Job, done: RunState, metrics: dict, partial: Path) -> None:
+    """The best epoch into the run's directory (stamp last; `run_dir` swaps it in)."""
     checkpoint.save(checkpoint.ModelCheckpoint(
         modality=job.modality.name, coder=job.opts.coder, model_config=job.model_config, state_dict=done.best_state,
         class_codes=job.codes, store={"path": str(job.store.path), "provenance": job.store.provenance},
@@ -369,6 +321,5 @@ def _finish(job: Job, done: RunState, metrics: dict, partial: Path) -> None:
     cc = np.asarray(job.codes, dtype=np.int64)
     pl.DataFrame({"item_id": p["ids"], "label": cc[p["labels"]], "predicted": cc[p["preds"]]}).sort("item_id") \
         .write_parquet(partial / "valid_predictions.parquet")
-    write_json(partial / "metrics.json", metrics)
+    write_json(partial / wd.METRICS_FILE, metrics)
     job.stamp.write(partial)
-    swap_in(partial, job.out)

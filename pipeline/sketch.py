@@ -20,6 +20,7 @@ from pipeline.config import Config
 from pipeline.batches import sketches
 from pipeline.distributed import pick_device
 from pipeline.errors import PipelineError
+from pipeline.provenance import Stamp
 from pipeline.fill import Summary, fill_store
 from stores import ArraySpec, FeatureStore
 
@@ -35,8 +36,7 @@ class Sketcher:
         self.device = pick_device(cfg.extract.device, "[extract] device")
         self.model.to(self.device)
         self.features = features or FeatureStore(wd.feature_store_path(workdir, cfg, modality))
-        trained_on = ckpt.features_producer
-        if trained_on is not None and trained_on != self.features.provenance["producer"]:
+        if not ckpt.trained_on(self.features.provenance["producer"]):
             raise PipelineError(f"{self.features.path} was rebuilt since {path} was trained; run "
                                 f"`{wd.command(cfg, workdir, f'pretrain {modality}')}` again first")
         self.batch_size = cfg.sketch.batch_size
@@ -49,9 +49,7 @@ class Sketcher:
                          "features_producer": self.features.provenance["producer"]}
 
     def fingerprints(self, items: pl.DataFrame) -> np.ndarray:
-        planned_ids, planned_hash = self.features.planned()
-        order = np.argsort(planned_ids)
-        return planned_hash[order][np.searchsorted(planned_ids[order], items["item_id"].to_numpy())]
+        return self.features.input_hashes(items["item_id"].to_numpy())
 
     def lengths(self, items: pl.DataFrame) -> dict:
         return {}
@@ -70,7 +68,7 @@ def sketch_into_store(sketcher: Sketcher, ids: np.ndarray, path, cfg: Config, hi
     asked: a store whose layout is damaged)."""
     if FeatureStore.exists(path) and not rebuild:
         with FeatureStore(path) as old:
-            rebuild = old.provenance["producer"] != sketcher.producer
+            rebuild = bool(Stamp("sketch", sketcher.producer).changed(old.provenance["producer"]))
         if rebuild:
             log(f"{sketcher.name}: the checkpoint or its features changed since {path} was written: rebuilding it")
     # Items in the feature store's row order: each sketch block reads contiguous feature rows.

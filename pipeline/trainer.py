@@ -1,4 +1,4 @@
-"""The training loop of one modality's network (paper 3.4, Table 1).
+"""The training loop of a network: each modality's (paper 3.4, Table 1) and the fusion heads (3.5).
 
 Adam with the learning rate multiplied by `decay` after every epoch, cross-entropy (plain or class
 weighted), validation macro-F1 after every epoch, the best epoch kept. After every epoch the whole run
@@ -8,12 +8,15 @@ run continues from its last finished epoch and ends as an uninterrupted one woul
 Devices and processes come in a `Dist` (pipeline.distributed): under torchrun the model is wrapped in
 DistributedDataParallel, each rank reads its share, validation predictions are gathered from every
 rank, and only rank 0 writes. On CUDA the training steps run under bf16 autocast; validation always
-runs in float32, so the checkpoint is chosen on what `sketch` and `predict` compute with it.
+runs in float32, so the checkpoint is chosen on what `sketch` and `predict` compute with it. A reader
+is anything with `len()` (its batches per epoch, the same on every rank) and `epoch(e)` (those batches, as
+`pipeline.batches.Batch`): a `TrainReader` over a feature store, or fuse's sketches in memory.
 """
 from __future__ import annotations
 
+import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,10 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import checkpoint
+from pipeline import checkpoint, workdir as wd
 from pipeline.distributed import Dist
+from pipeline.errors import PipelineError
 from pipeline.metrics import classification_metrics
 from pipeline.progress import Progress
+from pipeline.provenance import partial_dir, staged_dir
 from pipeline.train_reader import TrainReader
 
 
@@ -58,6 +63,49 @@ class RunState:
     history: list = field(default_factory=list)
 
 
+# ---------------------------------------------------------------------- where a run lives
+def find_resume(out: Path, stamp: str, epochs: int, name: str, say) -> checkpoint.ResumeState | None:
+    """A killed run of this stamp (`out`'s partial directory), or a finished one with fewer epochs: resumable."""
+    for where in (partial_dir(out), out):
+        path = where / wd.RESUME_FILE
+        if not path.is_file():
+            continue
+        try:
+            state = checkpoint.load(path, "resume")
+        except PipelineError as err:
+            say(f"{name}: not resuming from {path} ({err}); starting afresh")
+            continue
+        if state.stamp != stamp:
+            say(f"{name}: not resuming from {path}: the settings, split or inputs changed since it was written; "
+                "starting afresh")
+            continue
+        p = state.progress
+        if p["epoch"] > epochs:
+            say(f"{name}: not resuming from {path}: it is {p['epoch']} epochs in, the config asks for {epochs}")
+            continue
+        say(f"{name}: resuming from {path} after epoch {p['epoch']}/{epochs} (best valid macro-F1 so far "
+            f"{p['best_f1']:.4f} at epoch {p['best_epoch']})")
+        return state
+    return None
+
+
+@contextmanager
+def run_dir(out: Path, state: checkpoint.ResumeState | None, main: bool):
+    """The directory a run writes into, swapped in over `out` when the block completes (`staged_dir`): a killed
+    run's, resumed, or a fresh one, seeded with the finished run's resume file when that run is continued with
+    more epochs. Other ranks than the main one get its path and change nothing."""
+    partial = partial_dir(out)
+    if not main:
+        yield partial
+        return
+    resumed_here = state is not None and (partial / wd.RESUME_FILE).is_file()
+    with staged_dir(out, fresh=not resumed_here) as partial:
+        if state is not None and not resumed_here:
+            shutil.copy2(out / wd.RESUME_FILE, partial / wd.RESUME_FILE)
+        yield partial
+
+
+# ---------------------------------------------------------------------- training
 def evaluate(model: nn.Module, reader: TrainReader, ctx: Dist) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(item ids, true class, predicted class) over the whole split, every rank's share gathered, in float32."""
     model.eval()

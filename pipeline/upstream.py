@@ -20,7 +20,7 @@ from pipeline.errors import PipelineError
 from pipeline.extractor import Resources
 from pipeline.weights import (IMAGE_WEIGHTS_HINT, ModelNotFoundError, build_tiny_camembert,
                               convert_efficientnet_lite)
-from pipeline.workdir import tokenizer_dir, upstream_dir
+from pipeline.workdir import bpe_model_path, upstream_dir
 from stores import store_lock
 
 
@@ -80,7 +80,7 @@ def resources(cfg: Config, workdir: str | Path, train_texts: Callable[[], list[s
     """The upstream files of `workdir` for the config, each built or converted on first use (the tiny text model
     from `train_texts()`: None when nothing may be built, predicting)."""
     return Resources(text_model=lambda: text_model_dir(cfg, workdir, train_texts),
-                     image_weights=lambda: image_weights(cfg, workdir), tokenizers=tokenizer_dir(workdir))
+                     image_weights=lambda: image_weights(cfg, workdir), bpe_model=bpe_model_path(workdir))
 
 
 def build_upstream(catalog_dir: str | Path, workdir: str | Path, cfg: Config) -> list[str]:

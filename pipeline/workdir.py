@@ -7,7 +7,8 @@ configuration and catalogue it was built with.
     W/sketches/<modality>.zarr|h5 sketch stores           (under [stores] root when it is set)
     W/tokenizers/, W/upstream/    title_bpe's SentencePiece model, tiny or converted upstream models
     W/models/<modality>/          model.pt, metrics.json, valid_predictions.parquet, last.pt, stamp.json
-    W/<[fusion] output>/          the fusion heads, metrics, pictures, predictions
+    W/<[fusion] output>/          the fusion heads (model.pt, last.pt), metrics, pictures, predictions
+    W/export/                     `pipeline export`'s programs (default --out)
 
 The first command that writes into W records its configuration there; a later command on W without
 `--config` uses it, so a work directory is always read with the settings it was built with. Hints
@@ -26,8 +27,10 @@ from stores import DamagedStoreError, is_url
 
 SUFFIX = {"zarr": ".zarr", "hdf5": ".h5"}
 RECORD = "config.json"
+SPLIT_FILE = "split.parquet"
 MODEL_FILE = "model.pt"  # in a model directory and a fusion directory
-RESUME_FILE = "last.pt"  # in a model directory (and its partial directory while it trains)
+RESUME_FILE = "last.pt"  # in a model or fusion directory (and its partial directory while it trains)
+METRICS_FILE = "metrics.json"  # in a model directory and a fusion directory
 
 
 # ---------------------------------------------------------------------- paths
@@ -68,12 +71,20 @@ def sketch_store_path(workdir, cfg: Config, modality: str, backend: str | None =
     return store_path(stores_root(workdir, cfg), "sketches", modality, backend)
 
 
+def split_path(workdir) -> Path:
+    return Path(workdir) / SPLIT_FILE
+
+
 def model_dir(workdir, modality: str) -> Path:
     return Path(workdir) / "models" / modality
 
 
 def model_path(workdir, modality: str) -> Path:
     return model_dir(workdir, modality) / MODEL_FILE
+
+
+def metrics_path(workdir, modality: str) -> Path:
+    return model_dir(workdir, modality) / METRICS_FILE
 
 
 def fusion_dir(workdir, cfg: Config) -> Path:
@@ -84,8 +95,13 @@ def fusion_path(workdir, cfg: Config) -> Path:
     return fusion_dir(workdir, cfg) / MODEL_FILE
 
 
-def tokenizer_dir(workdir) -> Path:
-    return Path(workdir) / "tokenizers"
+def bpe_model_path(workdir) -> Path:
+    """title_bpe's SentencePiece model (its settings in title_bpe.json beside it)."""
+    return Path(workdir) / "tokenizers" / "title_bpe.model"
+
+
+def export_dir(workdir) -> Path:
+    return Path(workdir) / "export"
 
 
 def upstream_dir(workdir) -> Path:

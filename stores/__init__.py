@@ -1,11 +1,11 @@
 """Item-keyed feature stores (Zarr or HDF5, picked by the path's suffix). Knows nothing about models."""
 from stores.errors import DamagedStoreError, StoreBusyError, StoreError, WriterConflictError
-from stores.locks import store_lock, writer_claim
-from stores.paths import is_url, local_path, store_location
-from stores.store import MISSING_REASONS, SCHEMA_VERSION, ArraySpec, FeatureStore, Ragged, fingerprint
+from stores.locks import clear_claims, file_lock, store_lock, writer_claim
+from stores.paths import is_url, local_path, sidecar, store_location
+from stores.store import MISSING_REASONS, SCHEMA_VERSION, ArraySpec, FeatureStore, IdIndex, Ragged, fingerprint
 
 __all__ = [
-    "ArraySpec", "DamagedStoreError", "FeatureStore", "MISSING_REASONS", "Ragged", "SCHEMA_VERSION",
-    "StoreBusyError", "StoreError", "WriterConflictError", "fingerprint", "is_url", "local_path", "store_location",
-    "store_lock", "writer_claim",
+    "ArraySpec", "DamagedStoreError", "FeatureStore", "IdIndex", "MISSING_REASONS", "Ragged", "SCHEMA_VERSION",
+    "StoreBusyError", "StoreError", "WriterConflictError", "clear_claims", "file_lock", "fingerprint", "is_url",
+    "local_path", "sidecar", "store_location", "store_lock", "writer_claim",
 ]

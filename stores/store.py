@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -40,7 +41,7 @@ import numpy as np
 
 from stores.backends import backend_for, store_location
 from stores.errors import DamagedStoreError, StoreError, WriterConflictError
-from stores.locks import acquire_sole_writer, release_sole_writer, sole_writer, store_lock, writer_claim
+from stores.locks import sole_writer, store_lock, writer_claim
 from stores.paths import sidecar
 
 # Old import paths that callers use: `from stores.store import sidecar, store_lock, ...`.
@@ -100,6 +101,24 @@ class Ragged(NamedTuple):
         col = np.arange(len(self.values)) - np.repeat(self.offsets[:-1], lengths)
         out[row, col] = self.values
         return out, lengths
+
+
+class IdIndex:
+    """Keys sorted once and looked up many at a time, vectorised (no Python loop per key): the one sorted
+    lookup of the project (item ids to rows, planned ids to input hashes, fingerprints to stored items)."""
+
+    def __init__(self, keys: np.ndarray):
+        self.keys = keys
+        self.order = np.argsort(keys, kind="stable")
+        self.sorted = keys[self.order]
+
+    def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mask of the `keys` found, the position in `self.keys` of each found one)."""
+        if not len(self.sorted):
+            return np.zeros(len(keys), bool), np.zeros(0, np.int64)
+        pos = np.minimum(np.searchsorted(self.sorted, keys), len(self.sorted) - 1)
+        found = self.sorted[pos] == keys
+        return found, self.order[pos[found]]
 
 
 def fingerprint(texts) -> np.ndarray:
@@ -175,12 +194,14 @@ class FeatureStore:
         if not backend.exists(self.path):
             raise StoreError(f"{self.path}: no such store")
         self.mode = mode
-        self._writer_lock = None if mode == "r" else acquire_sole_writer(self.path)
+        self._locks = ExitStack()  # an HDF5 store opened for writing holds its one-writer lock until closed
+        if mode != "r":
+            self._locks.enter_context(sole_writer(self.path))
         try:
             self.backend = backend(self.path, mode)
             prov = self.backend.get_attr("provenance")
         except BaseException:
-            release_sole_writer(self._writer_lock)
+            self._locks.close()
             raise
         if not prov or "layout" not in prov:
             self.close()
@@ -401,6 +422,12 @@ class FeatureStore:
         complete = self._read_range("complete", 0, self.n_blocks)
         return [int(blk) for blk in np.flatnonzero(complete == 0) if blk % n == k]
 
+    def planned_hashes(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        """(mask of the `ids` planned in the store, complete or not; the input hash stored for each of them)."""
+        planned_ids, planned_hash = self.planned()
+        found, at = IdIndex(planned_ids).find(_as_ids(self.path, ids))
+        return found, planned_hash[at]
+
     def planned(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids, input_hash) of every planned row, complete or not, in row order.
 
@@ -411,45 +438,40 @@ class FeatureStore:
         return (self._read_range("ids", 0, len(used))[used], self._read_range("input_hash", 0, len(used))[used])
 
     # ------------------------------------------------------------------ reading
-    def _load_index(self):
+    def _load_index(self) -> tuple[IdIndex, np.ndarray]:
+        """The ids of every complete row (in row order, indexed) and their rows."""
         if self._index is None:
             counts = self._counts()
             complete = self._read_range("complete", 0, len(counts)).astype(bool)
             valid = _used_rows(counts, self.block_rows) & np.repeat(complete, self.block_rows)
             rows = np.flatnonzero(valid)
-            ids = self._read_range("ids", 0, len(valid))[rows]
-            order = np.argsort(ids, kind="stable")
-            self._index = (ids[order], rows[order])
+            self._index = (IdIndex(self._read_range("ids", 0, len(valid))[rows]), rows)
         return self._index
 
     @property
     def ids(self) -> np.ndarray:
         """Item ids of every complete row, in row order."""
-        sorted_ids, rows = self._load_index()
-        return sorted_ids[np.argsort(rows)]
+        return self._load_index()[0].keys
 
     def __len__(self) -> int:
-        return len(self._load_index()[0])
+        return len(self._load_index()[1])
 
     def __contains__(self, item_id: int) -> bool:
         return bool(self.contains(np.array([item_id]))[0])
 
     def contains(self, ids) -> np.ndarray:
-        sorted_ids, _ = self._load_index()
-        ids = _as_ids(self.path, ids)
-        pos = np.minimum(np.searchsorted(sorted_ids, ids), max(len(sorted_ids) - 1, 0))
-        return (sorted_ids[pos] == ids) if len(sorted_ids) else np.zeros(len(ids), bool)
+        return self._load_index()[0].find(_as_ids(self.path, ids))[0]
 
     def rows(self, ids) -> np.ndarray:
         """Row of each id, in the order given (vectorised; unknown ids raise StoreError)."""
         ids = _as_ids(self.path, ids)
-        found = self.contains(ids)
+        index, rows = self._load_index()
+        found, at = index.find(ids)
         if not found.all():
             bad = ids[~found]
             raise StoreError(f"{self.path}: {len(bad)} item(s) not in the store (or in an incomplete "
                              f"block), e.g. {bad[:5].tolist()}")
-        sorted_ids, rows = self._load_index()
-        return rows[np.searchsorted(sorted_ids, ids)]
+        return rows[at]
 
     def read(self, name: str, ids) -> np.ndarray | Ragged:
         """Feature `name` of the items `ids`, in that order: an array, or Ragged for tokens.
@@ -666,8 +688,7 @@ class FeatureStore:
 
     def close(self) -> None:
         self.backend.close()
-        release_sole_writer(self._writer_lock)
-        self._writer_lock = None
+        self._locks.close()
 
     def __enter__(self):
         return self

@@ -128,7 +128,7 @@ def test_fuse_on_two_processes_scores_and_writes_the_whole_split_once(tmp_path):
     rows = (out / "predictions.csv").read_text().splitlines()
     assert rows[0] == ",prdtypecode" and [int(r.split(",")[0]) for r in rows[1:]] == test_ids
     # Written once: one rank speaks and writes.
-    assert proc.stderr.count("fuse epoch 6:") == 1 and proc.stderr.count("validation macro-F1 (%)") == 1
+    assert proc.stderr.count("fuse epoch 6/6:") == 1 and proc.stderr.count("validation macro-F1 (%)") == 1
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "one" / "fusion").iterdir())
     # As good as one process (6 classes: chance ~0.17).
     assert one["world_size"] == 1 and one["macro_f1"] > 0.6, one["macro_f1"]

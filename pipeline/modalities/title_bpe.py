@@ -20,7 +20,7 @@ import sentencepiece as spm
 
 from pipeline import registry
 from pipeline.errors import PipelineError, StaleStoreError
-from pipeline.provenance import atomic_path, sha256_file
+from pipeline.provenance import Stamp, atomic_path, read_json, sha256_file
 from pipeline.schema import Positive, PowerOfTwo, Section, TextTrainOptions
 from stores import ArraySpec, fingerprint, store_lock
 
@@ -47,42 +47,41 @@ class BpeTrainOptions(TextTrainOptions):
     static_embed_dim: Positive  # the static baseline's fixed random embedding of the BPE ids
 
 
-def _trained(model_dir: Path, options: dict, rebuild_hint: str) -> Path | None:
-    """The tokenizer in `model_dir` if one was trained with `options`; a StaleStoreError if with others."""
-    model_path, meta_path = model_dir / "title_bpe.model", model_dir / "title_bpe.json"
+def _trained(model_path: Path, options: dict, rebuild_hint: str) -> Path | None:
+    """The tokenizer at `model_path` if one was trained with `options`; a StaleStoreError if with others."""
+    meta_path = model_path.with_suffix(".json")  # written last: the tokenizer is complete
     if not (model_path.exists() and meta_path.exists()):
         return None
-    trained_with = json.loads(meta_path.read_text())
-    if trained_with != options:
+    trained_with = read_json(meta_path, "tokenizer record")
+    if Stamp("title_bpe tokenizer", options).changed(trained_with):
         raise StaleStoreError(f"{model_path} was trained with {trained_with}, the config asks for "
                               f"{options}; rebuild with `{rebuild_hint}`")
     return model_path
 
 
-def train_tokenizer(titles: list[str] | None, model_dir: Path, opts: TitleBpeOptions, rebuild: bool = False,
+def train_tokenizer(titles: list[str] | None, model_path: Path, opts: TitleBpeOptions, rebuild: bool = False,
                     rebuild_hint: str = "") -> Path:
-    """Train the BPE model on `titles`, or reuse the one in `model_dir` trained with the same options.
+    """Train the BPE model on `titles` into `model_path`, or reuse the one there trained with the same options.
 
     Under a lock: workers started together (torchrun, --shard K/N) train it once, the first one, and the
     others reuse it. A tokenizer that is there already is used without the lock (read-only work dirs).
     """
-    model_dir = Path(model_dir)
     options = {k: getattr(opts, k) for k in TRAINED_WITH}
-    if not rebuild and (found := _trained(model_dir, options, rebuild_hint)) is not None:
+    if not rebuild and (found := _trained(model_path, options, rebuild_hint)) is not None:
         return found
     if titles is None:
-        raise PipelineError(f"{model_dir / 'title_bpe.model'}: no title_bpe tokenizer trained with {options}; "
+        raise PipelineError(f"{model_path}: no title_bpe tokenizer trained with {options}; "
                             "run `pipeline extract title_bpe` on the training catalogue first")
-    with store_lock(model_dir / "title_bpe.model"):
+    with store_lock(model_path):
         if rebuild:
-            for f in model_dir.glob("title_bpe.*"):
+            for f in model_path.parent.glob(f"{model_path.stem}.*"):
                 f.unlink()
-        return _trained(model_dir, options, rebuild_hint) or _train(titles, model_dir, opts, options)
+        return _trained(model_path, options, rebuild_hint) or _train(titles, model_path, opts, options)
 
 
-def _train(titles: list[str], model_dir: Path, opts: TitleBpeOptions, options: dict) -> Path:
-    model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = model_dir / "title_bpe.tmp"
+def _train(titles: list[str], model_path: Path, opts: TitleBpeOptions, options: dict) -> Path:
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = model_path.with_suffix(".tmp")
     titles = [t for t in titles if t.strip()]
     try:
         spm.SentencePieceTrainer.train(
@@ -98,14 +97,14 @@ def _train(titles: list[str], model_dir: Path, opts: TitleBpeOptions, options: d
         )
     except (RuntimeError, ValueError) as err:  # SentencePiece refuses a setting or the data (no title, ...)
         settings = ", ".join(f"{k} = {v}" for k, v in options.items())
-        raise PipelineError(f"{model_dir / 'title_bpe.model'}: SentencePiece cannot learn a BPE from the "
+        raise PipelineError(f"{model_path}: SentencePiece cannot learn a BPE from the "
                             f"{len(titles)} non-empty train titles with [title_bpe] {settings} "
                             f"({str(err).strip().splitlines()[0]})") from None
     for suffix in (".model", ".vocab"):
-        shutil.move(f"{tmp}{suffix}", model_dir / f"title_bpe{suffix}")
-    with atomic_path(model_dir / "title_bpe.json") as meta:  # last: it marks the tokenizer complete
+        shutil.move(f"{tmp}{suffix}", model_path.with_suffix(suffix))
+    with atomic_path(model_path.with_suffix(".json")) as meta:  # last: it marks the tokenizer complete
         meta.write_text(json.dumps(options))
-    return model_dir / "title_bpe.model"
+    return model_path
 
 
 class TitleBpe:
@@ -145,7 +144,7 @@ class TitleBpe:
 
 def _extractor(ctx: ExtractContext) -> TitleBpe:
     titles = None if ctx.train_items is None else ctx.train_items["title"].to_list()
-    model = train_tokenizer(titles, ctx.resources.tokenizers, ctx.options, ctx.rebuild, ctx.rebuild_hint)
+    model = train_tokenizer(titles, ctx.resources.bpe_model, ctx.options, ctx.rebuild, ctx.rebuild_hint)
     return TitleBpe(model, ctx.options)
 
 
