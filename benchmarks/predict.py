@@ -71,7 +71,7 @@ def extraction_seconds(predictor: Predictor, frame: pl.DataFrame) -> float:
         t = time.perf_counter()
         for name, b in predictor.branches.items():
             fill_store(b.extractor, frame, Path(tmp) / f"{name}.zarr", block_rows=predictor.cfg.block_items(name),
-                           progress=False)
+                       stores=predictor.cfg.stores, progress=False)
         return time.perf_counter() - t
 
 

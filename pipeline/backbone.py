@@ -64,6 +64,6 @@ def build_tail(model_name: str, cache_at: str) -> tuple[nn.Sequential, int]:
 def pretrained_tail(model_name: str, cache_at: str, weights) -> nn.Sequential:
     """The tail of ``model_name`` cut at ``cache_at`` with the weights of the file ``weights`` (loaded as the
     extractor loads them, so the tail continues exactly the head that computed the cache)."""
-    from pipeline.weights import load_image_backbone
+    from pipeline.weights.image import load_image_backbone
 
     return split(load_image_backbone(model_name, weights), cache_at)[1]

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from pipeline.schema import Catalog as CatalogSettings, Layout
+from pipeline.schema import CatalogSettings, Layout
 from pipeline.text import clean_description
 from pipeline.errors import PipelineError
 from pipeline.provenance import atomic_path

@@ -41,7 +41,8 @@ class CheckpointError(PipelineError):
 def model_config(modality: str, opts, spec: ArraySpec, producer: dict, num_classes: int, seed: int) -> dict:
     """What `build_model` needs to rebuild a modality's network (saved in its checkpoint)."""
     emde = {"depth": opts.depth, "width": opts.width}
-    emde |= {"inner_dim": opts.inner_dim} if opts.coder == "trainable" else {"seed": seed}
+    emde |= {"inner_dim": opts.inner_dim} if opts.coder == "trainable" else \
+        {"seed": seed, "quantile_range": list(opts.static_quantiles)}
     return {"modality": modality, "coder": opts.coder, "encoder": registry.get(modality).encoder(opts, spec, producer),
             "emde": emde, "num_classes": num_classes}
 
@@ -55,7 +56,9 @@ def build_model(config: dict) -> ModalityClassifier:
         coder = DifferentiableEMDECoder(encoder.output_dim, depth=emde["depth"], width=emde["width"],
                                         inner_dim=emde["inner_dim"])
     else:
-        coder = StaticEMDE(encoder.output_dim, depth=emde["depth"], width=emde["width"], seed=emde["seed"])
+        # (checkpoints older than the quantile range's key hold a fitted coder: it is never fitted again)
+        coder = StaticEMDE(encoder.output_dim, depth=emde["depth"], width=emde["width"], seed=emde["seed"],
+                           quantile_range=emde.get("quantile_range"))
     return ModalityClassifier(encoder, coder, config["num_classes"])
 
 

@@ -100,13 +100,14 @@ class Config:
     raw: dict
     sources: tuple[str, ...]
     seed: int
-    catalog: schema.Catalog
+    catalog: schema.CatalogSettings
     split: schema.Split
     stores: schema.Stores
     extract: schema.Extract
     text_model: schema.TextModel
-    train_reader: schema.TrainReader
+    train_reader: schema.ReaderSettings
     sketch: schema.Sketch
+    predict: schema.Predict
     fusion: schema.Fusion
     demo: schema.Demo | None
     real_data: schema.RealData | None

@@ -12,6 +12,9 @@ Each modality is ``encoder -> EMDE coder -> linear head`` (paper 3.4, blocks 2-4
 * :class:`ModalityClassifier` -- encoder -> coder -> head; :meth:`ModalityClassifier.sketch` is the paper's
   "input sketch" that the fusion stage consumes (paper 3.5, Figure 2).
 
+An encoder with pretrained parts (the text and image tails) names them and the option of their learning rate
+in ``fine_tuned``; every other parameter trains at the network's ``lr``.
+
 Missing inputs (an empty description: mask all False; a missing image: ``present`` False) are replaced at the
 encoder output by a learned ``missing`` vector, so they never look like real data (no zero rows standing in
 for data, no NaN from a max over nothing). Every encoder exposes ``output_dim``. An encoder returns one vector
@@ -100,6 +103,8 @@ class TextTail(nn.Module):
 
     forward: x (B, L, hidden) float, mask (B, L) bool -> (B, len(kernel_sizes) * channels)
     """
+
+    fine_tuned = {"tail": "backbone_lr"}  # pretrained submodules -> the [pretrain.<modality>] key of their rate
 
     def __init__(self, hf_config: dict, first: int, count: int, cnn: dict):
         super().__init__()
@@ -204,6 +209,8 @@ class ImageTail(nn.Module):
 
     forward: maps (B, C_cut, h, w) float, present (B,) bool -> (B, channels)
     """
+
+    fine_tuned = {"tail": "backbone_lr"}  # pretrained submodules -> the [pretrain.<modality>] key of their rate
 
     def __init__(self, model: str, cache_at: str, weights_sha256: str):
         super().__init__()

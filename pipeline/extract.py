@@ -16,7 +16,7 @@ from pipeline.config import Config
 from pipeline.distributed import pick_device
 from pipeline.fill import Summary, check_writers, parse_shard, fill_store
 from pipeline.extractor import ExtractContext
-from stores import SCHEMA_VERSION, FeatureStore
+from stores import FeatureStore
 
 
 def extract(modality: str, catalog_dir: str | Path, workdir: str | Path, cfg: Config, *,
@@ -61,17 +61,9 @@ def extract_items(names: list[str], catalog: Catalog, split: pl.DataFrame, workd
                 + f" --backend {'hdf5' if str(path).endswith('.h5') else 'zarr'} --rebuild")
         ctx = ExtractContext(cfg.options(name), cfg.text_model, resources, device, train, rebuild, hint)
         extractor = registry.get(name).extractor(ctx)
-        summary = fill_store(extractor, catalog.items, path, block_rows=cfg.block_items(name), shard=shard,
-                                 rebuild=rebuild, repair=repair, rebuild_hint=hint, progress=progress)
+        summary = fill_store(extractor, catalog.items, path, block_rows=cfg.block_items(name), stores=cfg.stores,
+                             shard=shard, rebuild=rebuild, repair=repair, rebuild_hint=hint, progress=progress)
         log(summary.line())
-        _say_if_old(path, hint, log)
         summaries.append(summary)
     return summaries
 
-
-def _say_if_old(path, rebuild_hint: str, log) -> None:
-    """A store of an older schema still reads; say what its upgrade costs and how to run it."""
-    with FeatureStore(path) as store:
-        if store.schema_version < SCHEMA_VERSION:
-            log(f"{path}: schema {store.schema_version} (chunks without checksums: damage can go unnoticed); "
-                f"upgrade it with `{rebuild_hint}`")

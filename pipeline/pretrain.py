@@ -127,7 +127,8 @@ def prepare(modality: str, workdir: Path, cfg: Config, coder: str | None) -> Job
     order = np.argsort(used)
     items = {"ids": used[order].tolist(), "labels": np.concatenate([parts["train"][1], parts["valid"][1]])[order]
              .tolist(), "valid": len(parts["valid"][0]), "inputs": digest(store.input_hashes(used[order]).tolist())}
-    settings = opts.model_dump(exclude=set(RUN_ONLY_KEYS) | {"epochs"})
+    # (static_quantiles: in the model config when the coder uses it, so that a trainable model's stamp has none)
+    settings = opts.model_dump(exclude=set(RUN_ONLY_KEYS) | {"epochs", "static_quantiles"})
     stamp = Stamp("pretrain", {"settings": settings, "model": model_config, "seed": cfg.seed,
                                "length_sort_window": cfg.train_reader.length_sort_window,
                                "max_tokens": cfg.train_reader.max_tokens,
@@ -172,14 +173,12 @@ def pretrain(modality: str, workdir: Path, cfg: Config, *, coder: str | None = N
 
 def _readers(job: Job, ctx: Dist) -> tuple[TrainReader, TrainReader]:
     rc = job.cfg.train_reader
-    budget = rc.memory_gb * 1e9 / max(ctx.local_world, 1)
-    common = dict(mode=rc.mode, buffer_blocks=rc.buffer_blocks, prefetch=rc.prefetch_batches,
-                  sort_window=rc.length_sort_window, rank=ctx.rank, world_size=ctx.world,
-                  pin_memory=ctx.device.type == "cuda", seed=job.cfg.seed, max_tokens=rc.max_tokens)
+    budget = rc.memory_gb * 1e9 / max(ctx.local_world, 1)  # [train_reader] memory_gb is per machine
+    common = dict(rank=ctx.rank, world_size=ctx.world, pin_memory=ctx.device.type == "cuda", seed=job.cfg.seed)
     m = job.modality
-    train = TrainReader(job.store, m.array, m.batch, *job.parts["train"], batch_size=job.opts.batch_size,
+    train = TrainReader(job.store, m.array, m.batch, *job.parts["train"], rc, batch_size=job.opts.batch_size,
                         shuffle=True, memory_bytes=budget, **common)
-    valid = TrainReader(job.store, m.array, m.batch, *job.parts["valid"], shuffle=False,
+    valid = TrainReader(job.store, m.array, m.batch, *job.parts["valid"], rc, shuffle=False,
                         batch_size=job.opts.eval_batch_size,
                         memory_bytes=max(budget - (train.nbytes if train.mode == "memory" else 0), 0), **common)
     return train, valid
@@ -230,9 +229,15 @@ def _build(job: Job, ctx: Dist, train_reader: TrainReader, fresh: bool, say):
                 f"{time.perf_counter() - t:.1f} s")
     run = RunSettings(job.modality.name, job.opts.epochs, job.opts.lr, job.opts.decay, job.opts.weight_decay,
                       job.opts.label_smoothing, amp=ctx.device.type == "cuda" and not static,
-                      lr_groups=(("encoder.tail.", job.opts.backbone_lr),) if hasattr(job.opts, "backbone_lr") else (),
+                      lr_groups=_fine_tuned(model, job.opts),
                       fitted=("encoder", "coder") if static else (), stamp=job.stamp.without("epochs").digest)
     return model, run
+
+
+def _fine_tuned(model, opts) -> tuple[tuple[str, float], ...]:
+    """(parameter-name prefix, learning rate) of the pretrained parts the encoder declares (`fine_tuned`)."""
+    declared = getattr(model.encoder, "fine_tuned", {})
+    return tuple((f"encoder.{part}.", getattr(opts, key)) for part, key in declared.items())
 
 
 def _run(job: Job, progress: bool, log) -> dict:

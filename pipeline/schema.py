@@ -64,7 +64,7 @@ def _text_encoding(v: str) -> str:
     return v
 
 
-class Catalog(Section):
+class CatalogSettings(Section):
     layout: str
     encoding: Annotated[str, AfterValidator(_text_encoding)]
     layouts: dict[str, Layout]
@@ -86,6 +86,9 @@ class Stores(Section):
     backend: Literal["zarr", "hdf5"]
     block_items: PowerOfTwo
     root: str
+    chunk_bytes: Annotated[int, Field(ge=1024)]
+    gzip_level: Annotated[int, Field(ge=0, le=9)]
+    plan_wait_s: PositiveFloat
 
 
 class Extract(Section):
@@ -109,7 +112,7 @@ class TextModel(Section):
     tiny: TinyModel
 
 
-class TrainReader(Section):
+class ReaderSettings(Section):
     memory_gb: Annotated[float, Field(ge=0)]
     mode: Literal["auto", "memory", "stream"]
     buffer_blocks: Positive
@@ -133,6 +136,7 @@ class TrainOptions(Section):
     depth: Positive
     width: Positive
     weight_decay: Annotated[float, Field(ge=0)]
+    static_quantiles: Annotated[list[Probability], Field(min_length=2, max_length=2)]
     label_smoothing: Probability
     batch_size: Annotated[int, Field(ge=2)]  # the BatchNorm of a training batch needs 2 items
     epochs: Positive
@@ -143,6 +147,8 @@ class TrainOptions(Section):
     def _static_width(self):
         if self.coder == "static" and self.width & (self.width - 1):
             raise ValueError(f"the static coder needs a power-of-two width, not {self.width}")
+        if not 0 < self.static_quantiles[0] <= self.static_quantiles[1]:
+            raise ValueError(f"static_quantiles must be two quantiles 0 < low <= high < 1, not {self.static_quantiles}")
         return self
 
 
@@ -164,6 +170,11 @@ RUN_ONLY_KEYS = ("eval_batch_size", "device", "cpu_threads")
 class Sketch(Section):
     batch_size: Positive
     block_items: PowerOfTwo
+
+
+class Predict(Section):
+    batch_rows: Positive  # rows `pipeline predict` hands the predictor at once
+    chunk_rows: Positive  # rows the predictor computes at once: bounds the memory of decoded photos, token states
 
 
 class Head(Section):
@@ -206,7 +217,8 @@ class RealData(Section):
 # The general tables of a config (modality tables come from the registry); the optional ones are None
 # where no file has them ([demo] is in demo.toml, [real_data] in rakuten-real.toml).
 TABLES: dict[str, type[Section]] = {
-    "catalog": Catalog, "split": Split, "stores": Stores, "extract": Extract, "text_model": TextModel,
-    "train_reader": TrainReader, "sketch": Sketch, "fusion": Fusion, "demo": Demo, "real_data": RealData,
+    "catalog": CatalogSettings, "split": Split, "stores": Stores, "extract": Extract, "text_model": TextModel,
+    "train_reader": ReaderSettings, "sketch": Sketch, "predict": Predict, "fusion": Fusion, "demo": Demo,
+    "real_data": RealData,
 }
 OPTIONAL_TABLES = ("demo", "real_data")

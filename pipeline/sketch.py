@@ -74,8 +74,8 @@ def sketch_into_store(sketcher: Sketcher, ids: np.ndarray, path, cfg: Config, hi
     # Items in the feature store's row order: each sketch block reads contiguous feature rows.
     rows = sketcher.features.rows(ids)
     items = pl.DataFrame({"item_id": ids[np.argsort(rows, kind="stable")]})
-    summary = fill_store(sketcher, items, path, block_rows=cfg.sketch.block_items, rebuild=rebuild,
-                             repair=repair and not rebuild, rebuild_hint=hint, progress=progress)
+    summary = fill_store(sketcher, items, path, block_rows=cfg.sketch.block_items, stores=cfg.stores,
+                         rebuild=rebuild, repair=repair and not rebuild, rebuild_hint=hint, progress=progress)
     summary.verb = "sketched"
     return summary
 

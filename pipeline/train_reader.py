@@ -41,6 +41,7 @@ import numpy as np
 
 from pipeline.batches import Batch, Pool, assemble, check_spec, read_pool
 from pipeline.errors import PipelineError
+from pipeline.schema import ReaderSettings
 from stores import FeatureStore
 
 __all__ = ["TrainReader"]
@@ -116,37 +117,47 @@ def _split_sizes(n: int, steps: int) -> np.ndarray:
 class TrainReader:
     """Batches of one feature array of a store for the items `ids` (with class indices `labels`).
 
-    ``mode`` is "auto" (memory when this rank's share takes at most ``memory_bytes``, else stream),
-    "memory" or "stream". Iterate ``reader.epoch(e)`` once per epoch; ``len(reader)`` is the number of
-    batches every rank gets per epoch. ``shuffle=False`` serves the rows in store order (with the
-    length sort still applied within windows: evaluation does not care about order). ``max_tokens`` > 0:
-    a ragged row longer than that is read up to it (``cut`` counts this share's rows that are).
+    `settings` is [train_reader]: ``mode`` "auto" (memory when this rank's share takes at most its memory
+    budget, else stream), "memory" or "stream"; ``buffer_blocks``, ``prefetch_batches``,
+    ``length_sort_window`` and ``max_tokens`` as above; the budget is ``memory_gb`` unless ``memory_bytes``
+    gives this reader's own. Iterate ``reader.epoch(e)`` once per epoch; ``len(reader)`` is the number of
+    batches every rank gets per epoch. ``shuffle=False`` serves the rows in store order (with the length sort
+    still applied within windows: evaluation does not care about order); ``cut`` counts this share's ragged
+    rows read up to ``max_tokens``.
     """
 
-    def __init__(self, store: FeatureStore | str | Path, name: str, kind: str, ids, labels, *, batch_size: int,
-                 shuffle: bool = True, seed: int = 0, mode: str = "auto", memory_bytes: float = 8e9,
-                 buffer_blocks: int = 8, prefetch: int = 8, sort_window: int = 16, rank: int = 0,
-                 world_size: int = 1, pin_memory: bool = False, max_tokens: int = 0):
+    def __init__(self, store: FeatureStore | str | Path, name: str, kind: str, ids, labels,
+                 settings: ReaderSettings, *, batch_size: int, shuffle: bool = True, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, pin_memory: bool = False, memory_bytes: float | None = None):
         self._own_store = not isinstance(store, FeatureStore)
         self.store = FeatureStore(store) if self._own_store else store
         self.spec = check_spec(self.store, name, kind)
-        if mode not in ("auto", "memory", "stream"):
-            raise PipelineError(f"train_reader mode must be auto, memory or stream, not '{mode}'")
         if batch_size < 1:
             raise PipelineError(f"batch_size must be positive, not {batch_size}")
         self.name, self.kind = name, kind
-        self.batch_size = int(batch_size)
-        self.shuffle = bool(shuffle)
-        self.seed = int(seed)
-        self.buffer_blocks = max(int(buffer_blocks), 1)
-        self.prefetch = max(int(prefetch), 1)
-        self.sort_window = max(int(sort_window), 0) if self.spec.ragged else 0
+        self.batch_size, self.shuffle, self.seed = int(batch_size), bool(shuffle), int(seed)
+        self.buffer_blocks, self.prefetch = settings.buffer_blocks, settings.prefetch_batches
+        self.sort_window = settings.length_sort_window if self.spec.ragged else 0
+        self.max_tokens = settings.max_tokens if self.spec.ragged else 0
         self.rank, self.world_size = int(rank), int(world_size)
         self.pin_memory = bool(pin_memory)
-        self.max_tokens = max(int(max_tokens), 0) if self.spec.ragged else 0
+        self._take_share(np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64))
+        if self.spec.ragged:
+            self.lengths = self.store.lengths(name, self.ids)
+            self.nbytes = int(self.lengths.sum()) * self.spec.row_bytes + 16 * len(self.ids)
+            self.cut = int((self.lengths > self.max_tokens).sum()) if self.max_tokens else 0
+        else:
+            self.lengths = None
+            self.nbytes = len(self.ids) * self.spec.row_bytes + 24 * len(self.ids)
+            self.cut = 0
+        budget = settings.memory_gb * 1e9 if memory_bytes is None else memory_bytes
+        self.mode = settings.mode if settings.mode != "auto" else ("memory" if self.nbytes <= budget else "stream")
+        self._pool: Pool | None = None
+        self.load_seconds = 0.0
 
-        ids = np.asarray(ids, dtype=np.int64)
-        labels = np.asarray(labels, dtype=np.int64)
+    def _take_share(self, ids: np.ndarray, labels: np.ndarray) -> None:
+        """This rank's items, in store order: whole blocks when that is fair enough, rows modulo world size
+        otherwise; and the batch sizes of its `steps` batches per epoch (the same count on every rank)."""
         if ids.shape != labels.shape:
             raise PipelineError(f"{len(ids)} ids but {len(labels)} labels")
         rows = self.store.rows(ids)  # StoreError names absent items
@@ -154,8 +165,6 @@ class TrainReader:
         rows, ids, labels = rows[order], ids[order], labels[order]
         blocks = rows // self.store.block_rows
         self.total_items = len(ids)
-
-        # This rank's share: whole blocks when that is fair enough, rows modulo world size otherwise.
         W = self.world_size
         if W > 1:
             ublocks, counts = np.unique(blocks, return_counts=True)
@@ -177,18 +186,6 @@ class TrainReader:
         if self.steps and self.sizes.min() < 1:
             raise PipelineError(f"rank {self.rank} has {len(self.ids)} items for {self.steps} steps: "
                                 "too few items for this many processes")
-
-        if self.spec.ragged:
-            self.lengths = self.store.lengths(name, self.ids)
-            self.nbytes = int(self.lengths.sum()) * self.spec.row_bytes + 16 * len(self.ids)
-            self.cut = int((self.lengths > self.max_tokens).sum()) if self.max_tokens else 0
-        else:
-            self.lengths = None
-            self.nbytes = len(self.ids) * self.spec.row_bytes + 24 * len(self.ids)
-            self.cut = 0
-        self.mode = mode if mode != "auto" else ("memory" if self.nbytes <= memory_bytes else "stream")
-        self._pool: Pool | None = None
-        self.load_seconds = 0.0
 
     def __len__(self) -> int:
         return self.steps

@@ -16,10 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.errors import PipelineError
+from pipeline.errors import ModelNotFoundError, PipelineError
 from pipeline.extractor import Resources
-from pipeline.weights import (IMAGE_WEIGHTS_HINT, ModelNotFoundError, build_tiny_camembert,
-                              convert_efficientnet_lite)
+from pipeline.weights.image import IMAGE_WEIGHTS_HINT
+from pipeline.weights.lite import convert_efficientnet_lite
+from pipeline.weights.tiny_camembert import build_tiny_camembert
 from pipeline.workdir import bpe_model_path, upstream_dir
 from stores import store_lock
 

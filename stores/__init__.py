@@ -1,11 +1,14 @@
 """Item-keyed feature stores (Zarr or HDF5, picked by the path's suffix). Knows nothing about models."""
 from stores.errors import DamagedStoreError, StoreBusyError, StoreError, WriterConflictError
 from stores.locks import clear_claims, file_lock, store_lock, writer_claim
-from stores.paths import is_url, local_path, sidecar, store_location
-from stores.store import MISSING_REASONS, SCHEMA_VERSION, ArraySpec, FeatureStore, IdIndex, Ragged, fingerprint
+from stores.paths import is_url, local_path, partial_path, sidecar, store_location
+from stores.arrays import MISSING_REASONS, ArraySpec, IdIndex, Ragged, fingerprint
+from stores.layout import SCHEMA_VERSION
+from stores.store import FeatureStore
+from stores.upgrade import upgrade
 
 __all__ = [
     "ArraySpec", "DamagedStoreError", "FeatureStore", "IdIndex", "MISSING_REASONS", "Ragged", "SCHEMA_VERSION",
     "StoreBusyError", "StoreError", "WriterConflictError", "clear_claims", "file_lock", "fingerprint", "is_url",
-    "local_path", "sidecar", "store_location", "store_lock", "writer_claim",
+    "local_path", "partial_path", "sidecar", "store_location", "store_lock", "upgrade", "writer_claim",
 ]

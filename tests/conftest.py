@@ -46,3 +46,18 @@ def cli(*args, timeout: float | None = None):
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=timeout)
+
+
+def reader_settings(**over):
+    """The [train_reader] table of configs/default.toml with `over` replacing some of its values."""
+    from pipeline.config import load_config
+
+    return load_config().train_reader.model_copy(update=over)
+
+
+def store_layout() -> dict:
+    """FeatureStore.create's chunk and compression settings, as [stores] in configs/default.toml has them."""
+    from pipeline.config import load_config
+
+    stores = load_config().stores
+    return {"chunk_bytes": stores.chunk_bytes, "gzip_level": stores.gzip_level}

@@ -17,13 +17,16 @@ from stores import FeatureStore
 from tests.conftest import Log, quiet
 from tests.test_pretrain import image_store, small_cfg, token_store
 
+QUANTILES = tuple(load_config().train_options("title_bpe").static_quantiles)  # [pretrain] static_quantiles
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------- static EMDE: every token sketched
 def _fitted(depth=6, width=8, dim=5) -> StaticEMDE:
     g = torch.Generator().manual_seed(0)
-    return StaticEMDE(dim, depth=depth, width=width, seed=1).fit(torch.randn(500, dim, generator=g))
+    coder = StaticEMDE(dim, depth=depth, width=width, seed=1, quantile_range=QUANTILES)
+    return coder.fit(torch.randn(500, dim, generator=g))
 
 
 def test_per_token_static_sketches_sum_to_one_per_depth():
@@ -40,7 +43,8 @@ def test_per_token_static_sketches_sum_to_one_per_depth():
 
 
 def test_a_static_set_classifier_is_fitted_on_every_token():
-    model = ModalityClassifier(TokenSet(5), StaticEMDE(5, depth=4, width=4, seed=0), num_classes=3)
+    model = ModalityClassifier(TokenSet(5), StaticEMDE(5, depth=4, width=4, seed=0, quantile_range=QUANTILES),
+                               num_classes=3)
     x = torch.randn(30, 6, 5, generator=torch.Generator().manual_seed(3))
     mask = torch.rand(30, 6, generator=torch.Generator().manual_seed(4)) < 0.6
     model.fit_coder(x, mask)

@@ -21,6 +21,7 @@ from pipeline.fuse import fuse
 from pipeline.metrics import classification_metrics
 from pipeline.synth import synthesize
 from stores import ArraySpec, FeatureStore, fingerprint
+from tests.conftest import store_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,7 +87,7 @@ def sketch_workdir(w: Path, n: int = 1199, seed: int = 0) -> pl.DataFrame:
         store = FeatureStore.create(w / "sketches" / f"{modality}.zarr", modality,
                                     {"sketch": ArraySpec("float32", (dim,))},
                                     {"checkpoint_sha256": sha256_file(checkpoint)}, ids,
-                                    fingerprint([str(i) for i in ids]), None, block_rows=256)
+                                    fingerprint([str(i) for i in ids]), None, block_rows=256, **store_layout())
         pos = {int(i): k for k, i in enumerate(ids)}
         for b in store.pending_blocks():
             rows = [pos[int(i)] for i in store.block_ids(b)]

@@ -19,7 +19,7 @@ from pipeline.errors import PipelineError
 from pipeline.provenance import sha256_files
 from pipeline.schema import TextModel
 from pipeline.text import clean_description
-from pipeline.weights import load_text_model
+from pipeline.weights.text import load_text_model
 from stores import ArraySpec, fingerprint
 
 

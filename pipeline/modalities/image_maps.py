@@ -32,7 +32,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from pipeline.backbone import features_until
 from pipeline.distributed import torchrun
 from pipeline.provenance import sha256_file
-from pipeline.weights import load_image_backbone
+from pipeline.weights.image import load_image_backbone
 from stores import ArraySpec, fingerprint
 
 NO_FILE, UNREADABLE = 1, 2

@@ -27,6 +27,8 @@ from pipeline.checkpoint import load_model
 from pipeline.train_reader import TrainReader
 from stores import ArraySpec, FeatureStore, fingerprint
 
+from tests.conftest import reader_settings, store_layout
+
 from .conftest import DEMO, Log, Tiny, one_error_line, quiet, run_main, write_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -45,7 +47,8 @@ def test_the_reader_reads_a_pathological_row_up_to_max_tokens(tmp_path):
     lengths[7] = 50_000  # one 200,000-character title: its batch would be padded to 50,000 tokens
     values = [rng.integers(0, 2000, n).astype(np.int16) for n in lengths]
     store = FeatureStore.create(tmp_path / "t.zarr", "title_bpe", {"tokens": ArraySpec("int16", (), ragged=True)},
-                                {"model": "test"}, ids, fingerprint([str(i) for i in ids]), {"tokens": lengths}, block_rows=16)
+                                {"model": "test"}, ids, fingerprint([str(i) for i in ids]), {"tokens": lengths}, block_rows=16,
+                                **store_layout())
     for b in store.pending_blocks():
         rows = np.searchsorted(ids, store.block_ids(b))
         store.write_block(b, {"tokens": np.concatenate([values[r] for r in rows])})
@@ -54,8 +57,9 @@ def test_the_reader_reads_a_pathological_row_up_to_max_tokens(tmp_path):
         for world in (1, 2):
             seen, cut = [], 0
             for rank in range(world):
-                reader = TrainReader(store, "tokens", "ids", ids, labels, batch_size=16, mode=mode, buffer_blocks=2,
-                                     rank=rank, world_size=world, max_tokens=256)
+                settings = reader_settings(mode=mode, buffer_blocks=2, length_sort_window=16, max_tokens=256)
+                reader = TrainReader(store, "tokens", "ids", ids, labels, settings, batch_size=16, rank=rank,
+                                     world_size=world)
                 cut += reader.cut
                 for batch in reader.epoch(0):
                     x, mask = batch.inputs

@@ -1,0 +1,91 @@
+"""Hugging Face text models from local directories only (CamemBERT / XLM-R / BERT-like): tokenizer and model,
+offline (`local_files_only=True`), in eval mode, without their pooler."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ModelNotFoundError, WeightsMismatchError, one_line
+
+TEXT_MODEL_HINT = (
+    "pass a local Hugging Face directory (config.json, weights, tokenizer files) with --text-model DIR "
+    "or [text_model].path in the config; 'pipeline models --workdir W' builds the tiny test model"
+)
+# The name CamembertTokenizer (transformers 5) looks for; from_pretrained converts it into a
+# `tokenizers` (fast) tokenizer and save_pretrained writes tokenizer.json next to it.
+SPM_FILE = "sentencepiece.bpe.model"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", SPM_FILE, "sentencepiece.model", "spiece.model", "vocab.json", "vocab.txt")
+
+def _text_model_error(path: Any, what: str) -> ModelNotFoundError:
+    return ModelNotFoundError(f"{what} at '{path}': {TEXT_MODEL_HINT}")
+
+
+def load_text_model(path: str | Path | None):
+    """Load a local Hugging Face text encoder directory offline: ``(tokenizer, model)``, model in eval mode.
+
+    CamemBERT / XLM-R / BERT-like models are built without their pooler (``add_pooling_layer=False``).
+    Raises ModelNotFoundError (naming the path and the flag) when the directory or its files are missing
+    or cannot be loaded.
+    """
+    if path is None or str(path).strip() == "":
+        raise ModelNotFoundError(f"no text model given: {TEXT_MODEL_HINT}")
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise _text_model_error(path, "no text model")
+    if not (p / "config.json").is_file():
+        raise _text_model_error(path, "no text model (config.json missing)")
+    if not any((p / f).is_file() for f in WEIGHT_FILES):
+        raise _text_model_error(path, "no text model weights (model.safetensors / pytorch_model.bin missing)")
+    if not any((p / f).is_file() for f in _TOKENIZER_FILES):
+        raise _text_model_error(path, "no tokenizer (tokenizer.json / sentencepiece.bpe.model missing)")
+
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure here is "this directory is not usable"
+        raise ModelNotFoundError(
+            f"cannot load the tokenizer at '{path}' ({type(e).__name__}: {one_line(e)}): {TEXT_MODEL_HINT}"
+        ) from e
+    try:
+        with quiet_transformers():
+            try:
+                model, info = AutoModel.from_pretrained(
+                    str(p), local_files_only=True, add_pooling_layer=False, output_loading_info=True
+                )
+            except TypeError:  # an architecture without a pooler switch
+                model, info = AutoModel.from_pretrained(str(p), local_files_only=True, output_loading_info=True)
+    except Exception as e:  # noqa: BLE001
+        raise ModelNotFoundError(
+            f"cannot load the text model at '{path}' ({type(e).__name__}: {one_line(e)}): {TEXT_MODEL_HINT}"
+        ) from e
+    # Unexpected keys (an MLM head, a pooler) are fine; encoder weights left at their random init are not.
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(str(k) for k in (info.get("mismatched_keys") or []))
+    if missing or mismatched:
+        raise WeightsMismatchError(
+            f"the text model at '{path}' does not hold all its encoder weights: {len(missing)} missing "
+            f"(e.g. {', '.join(missing[:3]) or '-'}), {len(mismatched)} of the wrong shape; {TEXT_MODEL_HINT}"
+        )
+    model.eval()
+    return tokenizer, model
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No load reports or progress bars from transformers (the CLI prints one line per problem)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
