@@ -206,21 +206,10 @@ def inspect(
     config: ConfigOpt = None,
 ) -> None:
     """Shapes, chunks, provenance, one item, integrity of a store."""
-    from pipeline.inspect import inspect_store, summary
+    from pipeline.inspect import inspect_store, maintain, summary
 
-    if clear_claims:
-        from stores import FeatureStore, clear_claims as clear
-
-        cleared = clear(store)
-        log(f"{store}: cleared {len(cleared)} writer claim(s)" + "".join(
-            f"; process {c['pid']} on {c['host']} ({c['k']}/{c['n']})" for c in cleared))
-        if not FeatureStore.exists(store):  # a writer that died before laying the store out
-            return
-    if upgrade:
-        from stores import upgrade as run
-
-        done = run(store, settings(None, config).stores.gzip_level)
-        log(f"{store}: upgraded to schema version 2" if done else f"{store}: schema version 2 already")
+    if (clear_claims or upgrade) and not maintain(store, clear_claims, upgrade, settings(None, config), log):
+        return  # claims cleared where no store was laid out yet
     report = inspect_store(store, item=item, verify=verify)
     if as_json:
         print(json.dumps(report))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import importlib.resources
-import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,6 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = (PROJECT_ROOT / "configs" if (PROJECT_ROOT / "configs" / "default.toml").is_file()
               else Path(str(importlib.resources.files("pipeline.configs"))))
 DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
-DEMO_CONFIG = CONFIG_DIR / "demo.toml"  # `pipeline demo`: multilingual-e5-small features, every stage in minutes
 TINY_CONFIG = CONFIG_DIR / "tiny.toml"  # the same synthetic setup with a tiny text model: every stage in seconds
 ROOT_KEYS = {"seed": int}
 
@@ -149,9 +147,6 @@ class Config:
         """This config with `over` merged into its tables (validated again)."""
         origins = self.origins | _origins(over, source or "(override)")
         return build(merge(self.raw, over), self.sources + ((source,) if source else ()), origins)
-
-    def digest(self) -> str:
-        return json.dumps(self.raw, sort_keys=True)
 
 
 def _suggest(key: str, known) -> str:

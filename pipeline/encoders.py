@@ -369,10 +369,6 @@ class ModalityClassifier(nn.Module):
         self.sketch_dim = int(coder.output_dim)
         self.head = nn.Linear(self.sketch_dim, self.num_classes)
 
-    def encode(self, *inputs: Tensor) -> Tensor:
-        """Encoder output (B, encoder.output_dim)."""
-        return self.encoder(*inputs)
-
     def sketch(self, *inputs: Tensor) -> Tensor:
         """The input sketch (B, depth * width) that multimodal fusion consumes (paper 3.5)."""
         z = self.encoder(*inputs)  # (B, D), or a set per item: ((B, L, D), mask (B, L))

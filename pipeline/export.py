@@ -21,7 +21,7 @@ from pipeline.config import Config
 from pipeline.heads import FusionHeads
 
 
-class Sketcher(nn.Module):
+class SketchModule(nn.Module):
     """A modality's network up to its input sketch (the head left out, as in paper 3.5)."""
 
     def __init__(self, model: nn.Module):
@@ -46,7 +46,7 @@ def export_sketcher(model: nn.Module, modality: str, spec) -> torch.export.Expor
     x, mask = example_inputs(modality, spec)
     b, length = torch.export.Dim("batch", min=1), torch.export.Dim("length", min=1)
     dims = ({0: b}, {0: b}) if registry.get(modality).batch == "fixed" else ({0: b, 1: length}, {0: b, 1: length})
-    return torch.export.export(Sketcher(model.eval()), (x, mask), dynamic_shapes=dims)
+    return torch.export.export(SketchModule(model.eval()), (x, mask), dynamic_shapes=dims)
 
 
 def export_heads(heads: FusionHeads, dims: dict[str, int]) -> torch.export.ExportedProgram:

@@ -7,6 +7,7 @@ stage that builds it, so that no record reads a work directory or a config itsel
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,10 @@ if TYPE_CHECKING:
 
 
 class Extractor(Protocol):
-    """Computes one modality's features, block by block."""
+    """Computes one modality's features, block by block.
+
+    Building one is cheap: `producer` comes from files (hashes, config files) and the model is loaded on first
+    use (`arrays` may load it; `fingerprints` never does), so a stage with nothing to do loads none."""
 
     name: str
     arrays: dict[str, ArraySpec]  # the arrays it writes
@@ -59,3 +63,17 @@ class ExtractContext:
     train_items: pl.DataFrame | None = None
     rebuild: bool = False
     rebuild_hint: str = ""
+
+
+class LoadedOnce:
+    """What `build()` returns, built on the first call and kept (an extractor's model: built by the first block that
+    needs it, in whichever thread that is, and never by a run with nothing to do)."""
+
+    def __init__(self, build: Callable[[], Any]):
+        self._build, self._value, self._lock = build, None, threading.Lock()
+
+    def __call__(self):
+        with self._lock:
+            if self._value is None:
+                self._value = self._build()
+        return self._value

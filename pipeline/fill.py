@@ -37,13 +37,10 @@ from stores import (FeatureStore, StoreError, WriterConflictError, local_path, p
 
 
 def keep_freed_memory() -> None:
-    """Let glibc keep the big blocks a CPU forward frees instead of giving each back to the OS.
-
-    By default every allocation above 32 MiB is a fresh mmap, page-faulted (zeroed) on first touch and
-    unmapped when freed, so each large activation of a forward costs page faults: measured on 2 cores,
-    tf_efficientnet_lite0 at 224, batch 32, runs 41 -> 114 img/s without them.
-    Served from the heap and never trimmed, the model's working set (a few hundred MB) stays mapped and
-    is reused. Process-wide and idempotent; where there is no glibc `mallopt` it does nothing.
+    """Let glibc keep the big blocks a CPU forward frees instead of giving each back to the OS: by default every
+    allocation above 32 MiB is a fresh mmap, page-faulted on first touch and unmapped when freed, so each large
+    activation costs page faults (docs/design.md has the measurement). Process-wide and idempotent; where there
+    is no glibc `mallopt` it does nothing.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -1,17 +1,13 @@
 """Stage 4, fuse (paper 3.5, Figure 2): linear heads over the input sketches, trained jointly, logits summed.
 
-The heads are `[fusion] heads` (pipeline.heads); Adam 1e-3 with decay 0.9 per epoch (Table 1); the
-best epoch by validation macro-F1 is kept. With `[fusion] method = "average"` nothing is trained: each
-head is its modality's pretrained head (from the modality's checkpoint) and the prediction is the mean
-of their class probabilities (the late fusion paper 3.5 compares with); the outputs are the same.
-Writes W/fusion/ (or `[fusion] output`): model.pt, metrics.json, predictions.csv (the challenge's
-submission format, one row per test item), predictions.parquet (item id, code, probability of every
-class), valid_predictions.csv, confusion_worst.png (Table 4), per_class_f1.png and stamp.json. The
-directory is built beside the old one and swapped in when complete; one fuse per output at a time.
-
-Under torchrun (WORLD_SIZE > 1) the heads train with DistributedDataParallel (gloo, on the CPU): each
-rank reads the sketches of its share of the split only (every WORLD_SIZE-th row of each part), the
-validation and test predictions of every rank are gathered before the metrics, and rank 0 alone writes.
+The heads are `[fusion] heads` (pipeline.heads), trained by `pipeline.trainer` over the sketches held in memory
+(Adam, Table 1's rate and decay, the best epoch by validation macro-F1, resumable after every epoch). With
+`[fusion] method = "average"` nothing is trained: each head is its modality's pretrained head and the
+prediction is the mean of their class probabilities (the late fusion paper 3.5 compares with). Writes
+W/fusion/ (or `[fusion] output`): model.pt, last.pt, metrics.json, predictions.csv (the challenge's
+submission format), predictions.parquet, valid_predictions.csv, confusion_worst.png (Table 4),
+per_class_f1.png and stamp.json, built beside the old directory and swapped in whole; one fuse at a time.
+Under torchrun each rank reads the sketches of its share of the split and rank 0 alone writes.
 """
 from __future__ import annotations
 
@@ -111,9 +107,9 @@ def _shares(parts: dict[str, np.ndarray], rank: int, world: int) -> dict[str, np
     return {"train": train[rank::world], "valid": parts["valid"][rank::world], "test": parts["test"][rank::world]}
 
 
-def _gathered(ctx: Dist, mine: np.ndarray) -> np.ndarray:
+def _gathered(dist: Dist, mine: np.ndarray) -> np.ndarray:
     """Every rank's rows of `part[rank::world]` (predictions, logits), put back in the part's order."""
-    shares = ctx.gather(mine)
+    shares = dist.gather(mine)
     out = np.empty((sum(len(p) for p in shares),) + mine.shape[1:], mine.dtype)
     for rank, p in enumerate(shares):
         out[rank :: len(shares)] = p
@@ -142,43 +138,43 @@ def fuse(workdir: str | Path, cfg: Config, *, progress: bool = True, log=print) 
         return read_json(job.out / wd.METRICS_FILE, "metrics file")
     wd.remember(workdir, cfg)
     with output_lock(job.out) if main else nullcontext(), wd.repair_hint(cfg, workdir):
-        ctx = Dist("cpu")  # a few linear layers: the CPU, gloo
+        dist = Dist("cpu")  # a few linear layers: the CPU, gloo
         try:
-            return _run(job, ctx, progress, log if ctx.main else (lambda *_a, **_k: None))
+            return _run(job, dist, progress, log if dist.main else (lambda *_a, **_k: None))
         finally:
-            ctx.close()
+            dist.close()
 
 
-def _run(job: FuseJob, ctx: Dist, progress: bool, say) -> dict:
+def _run(job: FuseJob, dist: Dist, progress: bool, say) -> dict:
     started = time.perf_counter()
-    shares = _shares(job.parts, ctx.rank, ctx.world)
+    shares = _shares(job.parts, dist.rank, dist.world)
     mine = np.unique(np.concatenate(list(shares.values())))  # split rows whose sketches this rank reads
     sketches = _load_sketches(job, job.ids[mine])
     local = {name: np.searchsorted(mine, rows) for name, rows in shares.items()}  # rows of `sketches`
     joint = job.cfg.fusion.method == "joint"
     state = find_resume(job.out, job.stamp.without("epochs").digest, job.cfg.fusion.epochs, "fuse", say) \
         if joint else None
-    ctx.barrier()  # every rank has read the resume file before rank 0 touches the directory
-    with run_dir(job.out, state, ctx.main) as partial:
+    dist.barrier()  # every rank has read the resume file before rank 0 touches the directory
+    with run_dir(job.out, state, dist.main) as partial:
         if joint:
-            readers = SketchReader.of(sketches, job, mine, local, ctx.rank)
-            model, best = _train(job, ctx, readers, partial, state, progress, say)
+            readers = SketchReader.of(sketches, job, mine, local, dist.rank)
+            model, best = _train(job, dist, readers, partial, state, progress, say)
         else:
             model, best = _pretrained_heads(job, sketches, say)
-        valid_pred = _gathered(ctx, _logits(model, sketches, local["valid"]).argmax(-1))  # (len(parts["valid"]),)
-        test_logits = _gathered(ctx, _logits(model, sketches, local["test"]))  # (len(parts["test"]), classes)
+        valid_pred = _gathered(dist, _logits(model, sketches, local["valid"]).argmax(-1))  # (len(parts["valid"]),)
+        test_logits = _gathered(dist, _logits(model, sketches, local["test"]))  # (len(parts["test"]), classes)
         valid_labels = job.labels[job.parts["valid"]]
         support = np.bincount(valid_labels, minlength=len(job.codes))
         metrics = classification_metrics(valid_labels, valid_pred, job.codes) | best | {
             "method": job.cfg.fusion.method, "epochs": job.cfg.fusion.epochs if joint else 0,
             "seconds": round(time.perf_counter() - started, 2), "heads": [h.model_dump() for h in job.cfg.fusion.heads],
-            "valid_items": len(job.parts["valid"]), "test_items": len(job.parts["test"]), "world_size": ctx.world,
+            "valid_items": len(job.parts["valid"]), "test_items": len(job.parts["test"]), "world_size": dist.world,
             "fingerprint": job.stamp.digest, "valid_support": {str(c): int(n) for c, n in zip(job.codes, support) if n}}
-        if ctx.main:
+        if dist.main:
             _write(job, partial, model, {m: s.shape[1] for m, s in sketches.items()}, valid_pred, test_logits, metrics)
     say(summary_table(job.workdir, metrics, job.cfg.fusion.output))
     say(f"fuse: valid macro-F1 {metrics['macro_f1']:.4f} (best epoch {metrics['best_epoch']}) -> {job.out}")
-    ctx.barrier()  # every rank returns once the outputs are written
+    dist.barrier()  # every rank returns once the outputs are written
     return metrics
 
 
@@ -213,7 +209,7 @@ class SketchReader:
                         torch.from_numpy(self.ids[r]))
 
 
-def _train(job: FuseJob, ctx: Dist, readers: tuple[SketchReader, SketchReader], partial: Path,
+def _train(job: FuseJob, dist: Dist, readers: tuple[SketchReader, SketchReader], partial: Path,
            state: checkpoint.ResumeState | None, progress: bool, say) -> tuple[FusionHeads, dict]:
     """Train the heads on this rank's share (DDP under torchrun) with `trainer.train`: the best epoch by the
     gathered validation macro-F1, resumable after every epoch."""
@@ -221,12 +217,12 @@ def _train(job: FuseJob, ctx: Dist, readers: tuple[SketchReader, SketchReader], 
     torch.manual_seed(job.cfg.seed)  # the same initial heads on every rank
     model = FusionHeads([h.model_dump() for h in opts.heads], {m: s.shape[1] for m, s in readers[0].sketches.items()},
                         len(job.codes))
-    if ctx.active:
-        say(f"fuse: {ctx.world} processes (DistributedDataParallel, gloo), {len(readers[0].rows)} of "
+    if dist.active:
+        say(f"fuse: {dist.world} processes (DistributedDataParallel, gloo), {len(readers[0].rows)} of "
             f"{len(job.parts['train'])} train items per rank")
     run = RunSettings("fuse", opts.epochs, opts.lr, opts.decay, stamp=job.stamp.without("epochs").digest)
     weights = class_weights(job.labels[job.parts["train"]], len(job.codes), opts.loss)
-    done = train(model, *readers, run, ctx, job.codes, weights, partial / wd.RESUME_FILE, state, say, progress)
+    done = train(model, *readers, run, dist, job.codes, weights, partial / wd.RESUME_FILE, state, say, progress)
     model.load_state_dict(done.best_state)
     return model, {"best_epoch": done.best_epoch, "history": done.history}
 

@@ -43,7 +43,7 @@ def predict(catalog_dir: str | Path, workdir: str | Path, out_csv: str | Path, c
 
 
 def _predict(catalog_dir, workdir: Path, out_csv: Path, cfg: Config, cache, progress: bool, log) -> pl.DataFrame:
-    predictor = Predictor.open(workdir, cfg, cache=cache)
+    predictor = Predictor.load(workdir, cfg, cache=cache)
     catalog = load_catalog(catalog_dir, cfg, require_train=False)
     log(catalog.summary())
     items = catalog.items.select("item_id", "title", "description", image=pl.col("image_path"))

@@ -121,13 +121,8 @@ class Predictor:
         or a Config, is given). `cache`: a folder where new items' features are kept for later calls;
         `reuse=False` computes every item afresh (to check that a stored input gives what W stored)."""
         workdir = Path(workdir)
-        if not isinstance(config, Config):
-            config = wd.load(workdir, [config] if isinstance(config, (str, Path)) else config)
-        return cls.open(workdir, config, device, cache, reuse)
-
-    @classmethod
-    def open(cls, workdir: Path, cfg: Config, device: str = "auto", cache: str | Path | None = None,
-             reuse: bool = True) -> Predictor:
+        cfg = config if isinstance(config, Config) else \
+            wd.load(workdir, [config] if isinstance(config, (str, Path)) else config)
         path = wd.fusion_path(workdir, cfg)
         if not path.is_file():
             raise PipelineError(f"{path} not found: train the work directory first (extract, pretrain, sketch, "

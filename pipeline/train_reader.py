@@ -1,31 +1,16 @@
 """The training reader: batches from a feature store, fast enough that the model never waits.
 
-Random row access over row-chunked, compressed stores is the trap (random 256-row batches read at
-5-42 MB/s against 9,200 MB/s from RAM, docs/design.md), so a reader never reads by random id. It reads the
-store in its own order, block by block (each block one sequential slice), and shuffles in memory:
+Random row reads over row-chunked, compressed stores are slow (docs/design.md), so the reader never reads by
+random id: it reads the store block by block, each block one sequential slice, and shuffles in memory:
 
-* **memory** -- when this rank's share of the features fits the budget, one sequential pass loads it
-  into RAM (tokens back to back with offsets, no padding) and every epoch draws shuffled batches from
-  there;
-* **stream** -- otherwise, per epoch, the blocks go in a shuffled order, groups of ``buffer_blocks``
-  blocks are read (the next group is read by a loader thread while the current one is served), and
-  rows are shuffled within the group; rows left over at the end of a group are carried to the next.
+* **memory** -- this rank's share fits the budget: loaded once, every epoch draws shuffled batches from RAM;
+* **stream** -- otherwise the blocks of an epoch go in a shuffled order, in groups of ``buffer_blocks`` read by a
+  loader thread one group ahead, rows shuffled within a group (the rows left over carried to the next).
 
-In both modes a background thread assembles batches ahead of the model (``prefetch`` batches deep):
-each batch is padded to its own longest row, and within windows of ``sort_window`` batches rows are
-sorted by length before being cut into batches (the batches themselves are then shuffled), so little
-is spent on padding. With ``max_tokens`` set, a row is read up to that many tokens, so that one
-pathological item (a 200,000-character title) cannot make its batch cost batch_size x its length. On
-CUDA the batches are built in pinned memory and ``Batch.to`` copies them with ``non_blocking=True``;
-token features stay float16 until they are on the device. Each batch owns its pinned tensors
-(allocated by torch, never reused while a copy from them may be in flight).
-
-Distributed training: the items are shared among ranks by store block (each rank reads only its own
-blocks), or by row modulo the world size when blocks would share them too unevenly. Every rank makes
-the same number of steps per epoch (``len(reader)``): a rank's items are spread over that many batches
-of near-equal size (at most ``batch_size``), so no rank waits in a collective for a missing batch and
-no item is dropped. Shuffling is a function of (seed, epoch, rank) only: the same run gives the same
-batches.
+A background thread assembles batches ``prefetch_batches`` ahead (pipeline.batches), length-sorted within
+windows of ``length_sort_window`` batches when asked. Under torchrun each rank reads its own blocks (or rows
+modulo the world size when blocks would share them unevenly) and every rank makes the same number of steps
+per epoch. Shuffling is a function of (seed, epoch, rank) only: the same run gives the same batches.
 """
 from __future__ import annotations
 

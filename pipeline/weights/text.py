@@ -3,6 +3,7 @@ offline (`local_files_only=True`), in eval mode, without their pooler."""
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,8 @@ def _text_model_error(path: Any, what: str) -> ModelNotFoundError:
     return ModelNotFoundError(f"{what} at '{path}': {TEXT_MODEL_HINT}")
 
 
-def load_text_model(path: str | Path | None):
-    """Load a local Hugging Face text encoder directory offline: ``(tokenizer, model)``, model in eval mode.
-
-    CamemBERT / XLM-R / BERT-like models are built without their pooler (``add_pooling_layer=False``).
-    Raises ModelNotFoundError (naming the path and the flag) when the directory or its files are missing
-    or cannot be loaded.
-    """
+def _checked_dir(path: str | Path | None) -> Path:
+    """`path` as a directory holding a config, weights and a tokenizer, or a ModelNotFoundError saying what lacks."""
     if path is None or str(path).strip() == "":
         raise ModelNotFoundError(f"no text model given: {TEXT_MODEL_HINT}")
     p = Path(path).expanduser()
@@ -40,7 +36,45 @@ def load_text_model(path: str | Path | None):
         raise _text_model_error(path, "no text model weights (model.safetensors / pytorch_model.bin missing)")
     if not any((p / f).is_file() for f in _TOKENIZER_FILES):
         raise _text_model_error(path, "no tokenizer (tokenizer.json / sentencepiece.bpe.model missing)")
+    return p
 
+
+def text_config(path: str | Path | None):
+    """The model config of a local text model directory (its config.json, as transformers reads it), checked as
+    `load_text_model` checks the directory, without loading the model."""
+    p = _checked_dir(path)
+    from transformers import AutoConfig
+
+    try:
+        with quiet_transformers():
+            return AutoConfig.from_pretrained(str(p), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure here is "this directory is not usable"
+        raise ModelNotFoundError(
+            f"cannot read the text model's config at '{path}' ({type(e).__name__}: {one_line(e)}): {TEXT_MODEL_HINT}"
+        ) from e
+
+
+def tokenizer_max_length(path: str | Path) -> float:
+    """The longest input the directory's tokenizer takes (its tokenizer_config.json's `model_max_length`; no limit,
+    as transformers says, when it sets none), without loading the tokenizer."""
+    config = Path(path) / "tokenizer_config.json"
+    value = json.loads(config.read_text()).get("model_max_length") if config.is_file() else None
+    return float("inf") if value is None else value
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The directory's weights files, in a fixed order (their sha256 names the model)."""
+    return sorted(p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".bin"))
+
+
+def load_text_model(path: str | Path | None):
+    """Load a local Hugging Face text encoder directory offline: ``(tokenizer, model)``, model in eval mode.
+
+    CamemBERT / XLM-R / BERT-like models are built without their pooler (``add_pooling_layer=False``).
+    Raises ModelNotFoundError (naming the path and the flag) when the directory or its files are missing
+    or cannot be loaded.
+    """
+    p = _checked_dir(path)
     from transformers import AutoModel, AutoTokenizer
 
     try:

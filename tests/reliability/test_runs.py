@@ -13,7 +13,10 @@ import pytest
 import torch
 
 from pipeline import checkpoint
+from pipeline.extract import extract
 from pipeline.fuse import fuse
+from pipeline.modalities import camembert
+from pipeline.sketch import sketch
 
 from .conftest import Log, Tiny, cli, copy_workdir, quiet, run_cli
 
@@ -99,3 +102,17 @@ def test_a_fusion_continued_with_more_epochs_ends_as_an_uninterrupted_one(tmp_pa
     assert strip(got["history"]) == strip(ref["history"]) and got["macro_f1"] == ref["macro_f1"]
     a, b = (checkpoint.load(d / "fusion" / "model.pt", "fusion").state_dict for d in (w, tiny.workdir))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stage_with_nothing_to_do_loads_no_model(tmp_path, tiny: Tiny, monkeypatch):
+    w = copy_workdir(tiny.workdir, tmp_path / "w", TRAINED)
+
+    def refuse(*_a, **_k):
+        raise AssertionError("a model was loaded by a stage with nothing to do")
+
+    monkeypatch.setattr(camembert, "load_text_model", refuse)  # the text model of title_cam
+    monkeypatch.setattr(checkpoint, "load", refuse)  # the networks the sketch stage runs
+    log = Log()
+    extract("title_cam", tiny.catalog, w, tiny.cfg, progress=False, log=log)
+    sketch("all", w, tiny.cfg, progress=False, log=log)
+    assert log.text().count("nothing to do") == 2, log.text()
