@@ -247,7 +247,7 @@ def image_extractor(cfg: dict, tmp: Path, device: torch.device, model: str, inpu
     label = f"{model} ({'packaged ImageNet' if weights else 'random'} weights)"
     extractor = ImageMaps(model, weights, device, input_size=input_size or PAPER_SIZE.get(model, 0),
                           batch_size=opts.batch_size, decode_workers=opts.decode_workers,
-                          decode_device=decode_device, cache_at=opts.cache_at)
+                          decode_device=decode_device, cache_at=opts.cache_at, max_bytes=opts.max_bytes)
     return extractor, label, cfg.block_items("image")
 
 

@@ -21,13 +21,12 @@ from pathlib import Path
 import torch
 
 import pipeline.modalities  # noqa: F401  (the paper's four records, which rebuild their networks)
-from pipeline import registry
+from pipeline import registry, workdir as wd
 from pipeline.emde import DifferentiableEMDECoder, StaticEMDE
 from pipeline.encoders import ModalityClassifier, build_encoder
 from pipeline.errors import PipelineError
 from pipeline.heads import FusionHeads
-from pipeline.provenance import Stamp, atomic_path
-from pipeline.workdir import MODEL_FILE
+from pipeline.provenance import Stamp, write_bytes
 from stores import ArraySpec
 
 FORMAT = 3  # 3: every tensor checksummed; 2 (no checksums) still loads
@@ -171,8 +170,9 @@ def save(record: ModelCheckpoint | FusionCheckpoint | ResumeState, path: str | P
     kind = next(k for k, cls in KINDS.items() if isinstance(record, cls))
     data = {f.name: getattr(record, f.name) for f in dataclasses.fields(record) if f.name != "sha256"}
     blob = {"format": FORMAT, "kind": kind, **data, "checksums": _checksums(data)}
-    with atomic_path(path) as tmp:
-        torch.save(blob, tmp)
+    buffer = io.BytesIO()
+    torch.save(blob, buffer)
+    write_bytes(path, buffer.getvalue())  # atomically (a reader never sees half a checkpoint); a full disk: OSError
 
 
 def _read(path: Path) -> tuple[dict, str]:
@@ -223,8 +223,23 @@ def load_model(path: str | Path, hint: str = "") -> ModelCheckpoint:
     (default: `pipeline pretrain MODALITY --workdir W` from the path)."""
     path = Path(path)
     if path.is_dir() or not path.suffix:
-        path = path / MODEL_FILE
+        path = path / wd.MODEL_FILE
     hint = hint or f"pipeline pretrain {path.parent.name} --workdir {path.parent.parent.parent}"
     if not path.is_file():
         raise CheckpointError(f"{path}: no pretrained model; run `{hint}` first")
     return load(path, "model", hint)
+
+
+def load_fused(workdir, cfg) -> tuple[FusionCheckpoint, dict[str, ModelCheckpoint]]:
+    """W's fusion heads and every modality model they read, each refused unless it is the model the fusion was
+    trained over (the sha256 it recorded)."""
+    path = wd.fusion_path(workdir, cfg)
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: train the work directory first (extract, pretrain, sketch, "
+                              f"fuse; or `pipeline demo --workdir {workdir}`)")
+    fusion = load(path, "fusion", wd.command(cfg, workdir, "fuse"))
+    models = {}
+    for name in fusion.checkpoints:
+        models[name] = load_model(wd.model_path(workdir, name), wd.command(cfg, workdir, f"pretrain {name}"))
+        fusion.check(name, models[name], wd.model_path(workdir, name), wd.refit(cfg, workdir, name))
+    return fusion, models

@@ -10,7 +10,6 @@ the key, what is expected, and the near miss when there is one.
 from __future__ import annotations
 
 import difflib
-import importlib.resources
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +21,7 @@ from pipeline import registry, schema
 from pipeline.errors import PipelineError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# configs/ beside the code in a checkout (even when another checkout is the one installed in editable mode:
-# importlib would then find that one's), the package data in a wheel
-CONFIG_DIR = (PROJECT_ROOT / "configs" if (PROJECT_ROOT / "configs" / "default.toml").is_file()
-              else Path(str(importlib.resources.files("pipeline.configs"))))
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # in a checkout, a link to configs/; in a wheel, its copy
 DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
 TINY_CONFIG = CONFIG_DIR / "tiny.toml"  # the same synthetic setup with a tiny text model: every stage in seconds
 ROOT_KEYS = {"seed": int}
@@ -109,6 +105,7 @@ class Config:
     fusion: schema.Fusion
     demo: schema.Demo | None
     real_data: schema.RealData | None
+    serve: schema.Serve
     modality_tables: dict = field(repr=False)  # name -> its [<name>] options
     train_tables: dict = field(repr=False)  # name -> its [pretrain.<name>] options, [pretrain] applied
     origins: dict = field(repr=False, compare=False, default_factory=dict)

@@ -16,7 +16,7 @@ from pipeline.config import Config
 from pipeline.distributed import pick_device
 from pipeline.fill import Summary, check_writers, parse_shard, fill_store
 from pipeline.extractor import ExtractContext
-from stores import FeatureStore
+from stores import FeatureStore, StoreError
 
 
 def extract(modality: str, catalog_dir: str | Path, workdir: str | Path, cfg: Config, *,
@@ -60,10 +60,25 @@ def extract_items(names: list[str], catalog: Catalog, split: pl.DataFrame, workd
         hint = (wd.command(cfg, workdir, f"extract {name}", catalog=True)
                 + f" --backend {'hdf5' if str(path).endswith('.h5') else 'zarr'} --rebuild")
         ctx = ExtractContext(cfg.options(name), cfg.text_model, resources, device, train, rebuild, hint)
+        if not rebuild:
+            _check_model_first(path, cfg, name, hint)
         extractor = registry.get(name).extractor(ctx)
-        summary = fill_store(extractor, catalog.items, path, block_rows=cfg.block_items(name), stores=cfg.stores,
-                             shard=shard, rebuild=rebuild, repair=repair, rebuild_hint=hint, progress=progress)
+        with wd.repair_hint(cfg, workdir):  # a store whose metadata is damaged: the rebuild that restores it
+            summary = fill_store(extractor, catalog.items, path, block_rows=cfg.block_items(name),
+                                 stores=cfg.stores, shard=shard, rebuild=rebuild, repair=repair, rebuild_hint=hint,
+                                 progress=progress)
         log(summary.line())
         summaries.append(summary)
     return summaries
 
+
+def _check_model_first(path, cfg: Config, name: str, hint: str) -> None:
+    """A store of another upstream model is refused before this run builds or converts its own."""
+    if not FeatureStore.exists(path):
+        return
+    try:
+        with FeatureStore(path) as store:
+            producer = store.provenance["producer"]
+    except StoreError:  # damaged or busy: the run itself says so, naming the fix
+        return
+    upstream.check_planned_model(cfg, name, producer, path, f"refusing to mix them: rebuild with `{hint}`")

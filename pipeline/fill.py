@@ -31,9 +31,10 @@ from pipeline.extractor import Extractor
 from pipeline.progress import Progress
 from pipeline.provenance import Stamp, canonical_json, recover, swap_in
 from pipeline.schema import Stores
-from stores import (FeatureStore, StoreError, WriterConflictError, local_path, partial_path, store_location,
-                    store_lock, writer_claim)
+from stores import (FeatureStore, StoreError, UnreadableStoreError, WriterConflictError, local_path, partial_path,
+                    store_location, store_lock, writer_claim)
 
+MAX_SHARDS = 1 << 20  # --shard K/N: N workers at most
 
 
 def keep_freed_memory() -> None:
@@ -85,6 +86,8 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
         raise PipelineError(f"--shard must look like K/N (e.g. 0/4), not '{shard}'") from None
     if not 0 <= k < n:
         raise PipelineError(f"--shard {shard}: K must be in 0..N-1")
+    if n > MAX_SHARDS:  # a typo: more workers than blocks any store has (and past what numpy slices take)
+        raise PipelineError(f"--shard {shard}: N must be at most {MAX_SHARDS} workers")
     return k, n
 
 
@@ -259,7 +262,7 @@ def _prepare_rebuild(store_path, plan: _Plan, rebuild_hint: str):
         try:
             with FeatureStore(partial, "r") as old:
                 plan.check(old, rebuild_hint)  # a killed rebuild of the same inputs: resume it
-        except PipelineError:
+        except (PipelineError, UnreadableStoreError):  # another rebuild's, or left damaged: start afresh
             FeatureStore.remove(partial)
     return partial
 
@@ -275,10 +278,12 @@ def _fill(plan: _Plan, store_path, shard: tuple[int, int], rebuild_hint: str, pr
         finally:
             store.close()
     except OSError as err:  # a full disk, a lost mount, a permission change mid-run
-        raise PipelineError(
-            f"{store_path}: writing failed ({err.strerror or err}{': ' + str(err.filename) if err.filename else ''}); "
-            f"every block written before is kept: fix the cause and run the same command to resume"
-        ) from None
+        failed = f"{store_path}: writing failed ({err.strerror or err}{': ' + str(err.filename) if err.filename else ''})"
+        if not getattr(err, "intact", True):  # an HDF5 file cut mid-write
+            raise PipelineError(f"{failed}; an HDF5 file cut mid-write cannot be trusted: fix the cause, then "
+                                f"rebuild it with `{rebuild_hint}` (a .zarr store would resume)") from None
+        raise PipelineError(f"{failed}; every block written before is kept: fix the cause and run the same "
+                            "command to resume") from None
 
 
 def _write_blocks(extractor: Extractor, items: pl.DataFrame, store: FeatureStore, shard: tuple[int, int],
@@ -300,20 +305,26 @@ def _write_blocks(extractor: Extractor, items: pl.DataFrame, store: FeatureStore
             ThreadPoolExecutor(max_workers=1) as preparer, ThreadPoolExecutor(max_workers=1) as writer:
         next_prepared = preparer.submit(prepare, pending[0]) if pending else None
         written = None
-        for i, block in enumerate(pending):
-            prepared = next_prepared.result()
-            if i + 1 < len(pending):
-                next_prepared = preparer.submit(prepare, pending[i + 1])
-            data, miss = extractor.compute(prepared)
+        try:
+            for i, block in enumerate(pending):
+                prepared = next_prepared.result()
+                if i + 1 < len(pending):
+                    next_prepared = preparer.submit(prepare, pending[i + 1])
+                data, miss = extractor.compute(prepared)
+                if written is not None:
+                    written.result()  # at most one block waiting to be written
+                written = writer.submit(store.write_block, block, data, miss)
+                computed += int(counts[block])
+                missing += 0 if miss is None else int((np.asarray(miss) > 0).sum())
+                bar.advance(int(counts[block]))
             if written is not None:
-                written.result()  # at most one block waiting to be written
-            written = writer.submit(store.write_block, block, data, miss)
-            n = len(store.block_ids(block))
-            computed += n
-            missing += 0 if miss is None else int((np.asarray(miss) > 0).sum())
-            bar.advance(n)
-        if written is not None:
-            written.result()
+                written.result()
+        except Exception:
+            # A write the disk refused lets the store go (an HDF5 file's reads fail from then on): that is the
+            # error to report, not a read that failed after it in this or the preparing thread.
+            if written is not None and written.exception() is not None:
+                raise written.exception() from None
+            raise
     bytes_written = store.bytes_stored() - bytes_before
     return Summary(extractor.name, store.path, len(store), computed, skipped, missing,
                    time.perf_counter() - started, max(bytes_written, 0))

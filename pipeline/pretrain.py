@@ -29,7 +29,7 @@ from pipeline.distributed import Dist, torchrun
 from pipeline.encoders import vectors
 from pipeline.errors import PipelineError
 from pipeline.metrics import class_weights
-from pipeline.provenance import Stamp, digest, output_lock, read_json, recover, write_json
+from pipeline.provenance import Stamp, digest, output_lock, read_json, recover, write_json, write_parquet
 from pipeline.schema import RUN_ONLY_KEYS
 from pipeline.train_reader import TrainReader
 from pipeline.trainer import RunSettings, RunState, find_resume, run_dir, train
@@ -132,7 +132,8 @@ def pretrain(modality: str, workdir: Path, cfg: Config, *, coder: str | None = N
              log=print) -> dict:
     """`pipeline pretrain MODALITY`: train (or resume, or skip) W/models/<modality>/; return its metrics."""
     workdir = Path(workdir)
-    job = prepare(modality, workdir, cfg, coder)
+    with wd.repair_hint(cfg, workdir):  # a damaged feature store met on open names its repair
+        job = prepare(modality, workdir, cfg, coder)
     try:
         if torchrun().main:
             recover(job.out)
@@ -302,7 +303,7 @@ def _write(job: Job, done: RunState, metrics: dict, partial: Path) -> None:
         macro_f1=done.best_f1, max_tokens=job.cfg.train_reader.max_tokens), partial / wd.MODEL_FILE)
     p = {k: v.numpy() for k, v in done.best_predictions.items()}
     cc = np.asarray(job.codes, dtype=np.int64)
-    pl.DataFrame({"item_id": p["ids"], "label": cc[p["labels"]], "predicted": cc[p["preds"]]}).sort("item_id") \
-        .write_parquet(partial / "valid_predictions.parquet")
+    write_parquet(pl.DataFrame({"item_id": p["ids"], "label": cc[p["labels"]], "predicted": cc[p["preds"]]})
+                  .sort("item_id"), partial / "valid_predictions.parquet")
     write_json(partial / wd.METRICS_FILE, metrics)
     job.stamp.write(partial)

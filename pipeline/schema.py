@@ -8,6 +8,7 @@ file, the table and the key.
 from __future__ import annotations
 
 import codecs
+import re
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -182,8 +183,26 @@ class Head(Section):
     inputs: Annotated[list[str], Field(min_length=1)]
 
 
+# The work directory's own entries: what the stages write there (pipeline/workdir.py's paths; `evaluations/`:
+# the per-model evaluations). `[fusion] output` names a folder beside them, never one of them; `--out`
+# arguments never point into them.
+WORKDIR_ENTRIES = ("config.json", "split.parquet", "features", "sketches", "models", "tokenizers", "upstream",
+                   "export", "evaluations")
+
+
+def _stage_output(name: str) -> str:
+    """`[fusion] output`: a plain folder name inside W that no other stage writes."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ValueError("expected a plain folder name inside the work directory (letters, digits, '_', '-', '.'; "
+                         "no path, not hidden)")
+    if name.casefold() in {e.casefold() for e in WORKDIR_ENTRIES}:
+        raise ValueError(f"'{name}' is another stage's output in the work directory ({', '.join(WORKDIR_ENTRIES)}); "
+                         "name a folder of its own (e.g. \"fusion\")")
+    return name
+
+
 class Fusion(Section):
-    output: Annotated[str, Field(min_length=1)]
+    output: Annotated[str, AfterValidator(_stage_output)]  # a folder of its own inside the work directory
     method: Literal["joint", "average"]  # heads trained jointly, or the pretrained heads' probabilities averaged
     heads: Annotated[list[Head], Field(min_length=1)]
     lr: PositiveFloat
@@ -214,11 +233,26 @@ class RealData(Section):
     catalog: str
 
 
+class Serve(Section):
+    """`pipeline serve`: where it listens, how it batches, what one request may hold, how it swaps models."""
+
+    host: str
+    port: Annotated[int, Field(ge=0, le=65535)]  # 0: any free port (the ready line names it)
+    max_batch_items: Positive  # items of concurrent requests grouped into one Predictor call
+    max_wait_ms: Annotated[float, Field(ge=0, le=10_000, allow_inf_nan=False)]  # how long a batch waits for more items once the first is queued
+    max_request_items: Positive
+    max_body_bytes: Positive
+    top_k: Positive  # classes in each answer
+    watch_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)]  # model files checked for a swap this often (0: on SIGHUP only)
+    drain_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)]  # SIGTERM: requests in flight get this long to finish
+    class_names: str  # a CSV file of `prdtypecode,name` rows ("": answers name codes only)
+
+
 # The general tables of a config (modality tables come from the registry); the optional ones are None
 # where no file has them ([demo] is in demo.toml, [real_data] in rakuten-real.toml).
 TABLES: dict[str, type[Section]] = {
     "catalog": CatalogSettings, "split": Split, "stores": Stores, "extract": Extract, "text_model": TextModel,
     "train_reader": ReaderSettings, "sketch": Sketch, "predict": Predict, "fusion": Fusion, "demo": Demo,
-    "real_data": RealData,
+    "real_data": RealData, "serve": Serve,
 }
 OPTIONAL_TABLES = ("demo", "real_data")

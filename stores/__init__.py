@@ -1,5 +1,5 @@
 """Item-keyed feature stores (Zarr or HDF5, picked by the path's suffix). Knows nothing about models."""
-from stores.errors import DamagedStoreError, StoreBusyError, StoreError, WriterConflictError
+from stores.errors import DamagedStoreError, StoreBusyError, StoreError, UnreadableStoreError, WriterConflictError
 from stores.locks import clear_claims, file_lock, store_lock, writer_claim
 from stores.paths import is_url, local_path, partial_path, sidecar, store_location
 from stores.arrays import MISSING_REASONS, ArraySpec, IdIndex, Ragged, fingerprint
@@ -9,6 +9,7 @@ from stores.upgrade import upgrade
 
 __all__ = [
     "ArraySpec", "DamagedStoreError", "FeatureStore", "IdIndex", "MISSING_REASONS", "Ragged", "SCHEMA_VERSION",
-    "StoreBusyError", "StoreError", "WriterConflictError", "clear_claims", "file_lock", "fingerprint", "is_url",
-    "local_path", "partial_path", "sidecar", "store_location", "store_lock", "upgrade", "writer_claim",
+    "StoreBusyError", "StoreError", "UnreadableStoreError", "WriterConflictError",
+    "clear_claims", "file_lock", "fingerprint", "is_url", "local_path", "partial_path", "sidecar",
+    "store_location", "store_lock", "upgrade", "writer_claim",
 ]

@@ -7,7 +7,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-MISSING_REASONS = {0: "present", 1: "no input (file not found)", 2: "input unreadable"}
+MISSING_REASONS = {0: "present", 1: "no input (file not found)", 2: "input unreadable",
+                   3: "input refused (not a regular file, or over the size limit)"}
 
 
 @dataclass(frozen=True)

@@ -126,11 +126,11 @@ class Integrity:
         values = np.zeros(arr.shape, arr.dtype) if keep else None
         for c in chunks:
             c = int(c)
-            if not self.backend.chunk_exists(name, c):
-                if not missing_ok:
-                    bad[c] = "missing"
-                continue
             try:
+                if not self.backend.chunk_exists(name, c):
+                    if not missing_ok:
+                        bad[c] = "missing"
+                    continue
                 part = arr[c * clen : (c + 1) * clen]
             except Exception as err:  # a decoder error of any kind means a damaged chunk
                 bad[c] = f"unreadable ({type(err).__name__})"

@@ -11,14 +11,15 @@ and token range were fixed when planned.
 from __future__ import annotations
 
 import datetime as dt
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Self
 
 import numpy as np
 
 from stores.arrays import MISSING_REASONS, ArraySpec, IdIndex
-from stores.backends import backend_for
-from stores.errors import StoreError
+from stores.backends import backend_for, room_for
+from stores.errors import StoreError, StoreWriteError
 from stores.locks import sole_writer
 from stores.paths import store_location
 
@@ -97,6 +98,7 @@ class Layout:
             raise StoreError(f"{path}: a feature array may not be called {', '.join(taken)} (the store's own arrays: "
                              f"{', '.join(INDEX_ARRAYS)})")
         ids, input_hash, lengths = _check_new_items(path, arrays, ids, input_hash, lengths, np.zeros(0, np.int64))
+        room_for(path, len(ids) * 32)  # the layout's own arrays; each block checks for its data
         with sole_writer(path):
             if backend.exists(path):
                 raise StoreError(f"{path}: already exists")
@@ -137,6 +139,7 @@ class Layout:
         nb0 = self.n_blocks
         n_new = -(-len(ids) // B)
         r0, r1 = nb0 * B, (nb0 + n_new) * B
+        room_for(self.path, (r1 - r0) * 32)  # ids, hashes, missing flags, token ranges
         for name in ("ids", "input_hash", "missing"):
             b.array(name).resize((r1,))
         b.array("ids")[r0 : r0 + len(ids)] = ids
@@ -186,14 +189,26 @@ class Layout:
         missing = np.zeros(n, np.uint8) if missing is None else np.asarray(missing, np.uint8)
         if missing.shape != (n,):
             raise StoreError(f"{self.path}: block {block} expects {n} missing codes, got {missing.shape}")
-        for target, start, arr in writes:
-            if len(arr):  # a block of empty descriptions has no tokens to write
-                b.array(target)[start : start + len(arr)] = arr
-        b.array("missing")[r0 : r0 + B] = np.pad(missing, (0, B - n))
-        b.flush()
-        b.array("complete")[block] = 1  # last: a block is valid only once all its data is down
-        b.flush()
+        room_for(self.path, sum(arr.nbytes for _, _, arr in writes) + B)
+        with self._writing():
+            for target, start, arr in writes:
+                if len(arr):  # a block of empty descriptions has no tokens to write
+                    b.array(target)[start : start + len(arr)] = arr
+            b.array("missing")[r0 : r0 + B] = np.pad(missing, (0, B - n))
+            b.flush()
+            b.array("complete")[block] = 1  # last: a block is valid only once all its data is down
+            b.flush()
         self._index = None
+
+    @contextmanager
+    def _writing(self):
+        """A write the disk refuses (full, gone, read-only) is a StoreWriteError; an HDF5 file is then let go as
+        the disk has it (closing it would write again: HDF5 1.14 crashes there), and may need a rebuild."""
+        try:
+            yield
+        except (OSError, RuntimeError) as err:
+            self.backend.abandon()
+            raise StoreWriteError(self.path, err, intact=self.backend.name == "zarr") from err
 
     def _block_writes(self, block: int, r0: int, n: int, data: dict) -> list[tuple[str, int, np.ndarray]]:
         """(array, first position, values) of each array of the block, every shape checked."""

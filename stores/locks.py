@@ -24,7 +24,7 @@ from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from stores.errors import StoreBusyError, WriterConflictError
+from stores.errors import StoreBusyError, StoreError, WriterConflictError
 from stores.paths import is_hdf5, sidecar
 
 # The locks this process holds: (lock file, thread) -> [open file, depth]. flock treats two open files of one
@@ -172,17 +172,24 @@ def clear_claims(path: str | Path) -> list[dict]:
 
 
 def _claims(claims_path: Path) -> list[dict]:
-    """The claims on file; a damaged file counts as none (it is rewritten whole at the next claim)."""
+    """The claims on file (none without a file); a damaged file is refused, naming the file to delete."""
     try:
         claims = json.loads(claims_path.read_text())
-    except (FileNotFoundError, ValueError, UnicodeDecodeError):
+    except FileNotFoundError:
         return []
-    keys = {"host", "pid", "k", "n"}
-    return [c for c in claims if isinstance(c, dict) and keys <= c.keys()] if isinstance(claims, list) else []
+    except (ValueError, UnicodeDecodeError):
+        claims = None
+    if not isinstance(claims, list) or not all(isinstance(c, dict) and isinstance(c.get("host"), str) and
+                                               type(c.get("pid")) is int and type(c.get("k")) is int and
+                                               type(c.get("n")) is int for c in claims):
+        raise StoreError(f"{claims_path}: damaged writers file (who is writing this store); delete it once no "
+                         "extraction or sketch of the store runs, then run the command again")
+    return claims
 
 
 def _write_claims(claims_path: Path, claims: list[dict]) -> None:
-    tmp = claims_path.with_name(claims_path.name + f".{os.getpid()}.tmp")
+    """Replace the claims file in one rename: a writer killed mid-write never leaves half a file."""
+    tmp = claims_path.with_name(f".{claims_path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(claims))
     os.replace(tmp, claims_path)
 

@@ -29,10 +29,11 @@ from pathlib import Path
 
 from stores.arrays import ArraySpec
 from stores.backends import backend_for
-from stores.errors import StoreError
+from stores.errors import StoreError, UnreadableStoreError
 from stores.integrity import Integrity
 from stores.layout import SCHEMA_VERSION, Layout
 from stores.locks import sole_writer
+from stores.metadata import check_arrays, check_provenance
 from stores.paths import store_location
 from stores.read import Reader
 from stores.report import Report
@@ -54,25 +55,23 @@ class FeatureStore(Layout, Reader, Integrity, Report):
         self._locks = ExitStack()  # an HDF5 store opened for writing holds its one-writer lock until closed
         if mode != "r":
             self._locks.enter_context(sole_writer(self.path))
+        self.backend = None
         try:
-            self.backend = backend(self.path, mode)
-            prov = self.backend.get_attr("provenance")
+            self.backend, prov = _open_backend(backend, self.path, mode)
+            if not prov:
+                raise StoreError(f"{self.path}: not a feature store (no provenance attributes); rebuild it")
+            if isinstance(prov, dict) and prov.get("schema_version") == 1:
+                raise StoreError(f"{self.path}: a store of schema version 1, and this code reads version "
+                                 f"{SCHEMA_VERSION}: upgrade it once with `pipeline inspect {self.path} --upgrade`")
+            check_provenance(self.path, prov, SCHEMA_VERSION)
+            self.schema_version = prov["schema_version"]
+            self.provenance = prov
+            self.block_rows = int(prov["layout"]["block_rows"])
+            self.specs = {k: ArraySpec.from_json(v) for k, v in prov["layout"]["arrays"].items()}
+            check_arrays(self)  # every array as the layout says, before any chunk is read
         except BaseException:
-            self._locks.close()
+            self.close()
             raise
-        if not prov or "layout" not in prov:
-            self.close()
-            raise StoreError(f"{self.path}: not a feature store (no provenance attributes); rebuild it")
-        self.schema_version = prov.get("schema_version")
-        if self.schema_version != SCHEMA_VERSION:
-            self.close()
-            fix = (f"upgrade it once with `pipeline inspect {self.path} --upgrade`" if self.schema_version == 1
-                   else "rebuild it")
-            raise StoreError(f"{self.path}: a store of schema version {self.schema_version}, and this code reads "
-                             f"version {SCHEMA_VERSION}: {fix}")
-        self.provenance = prov
-        self.block_rows = int(prov["layout"]["block_rows"])
-        self.specs = {k: ArraySpec.from_json(v) for k, v in prov["layout"]["arrays"].items()}
         self._index = None
         self._naming_damage = False
 
@@ -87,7 +86,8 @@ class FeatureStore(Layout, Reader, Integrity, Report):
             backend_for(path).remove(store_location(path))
 
     def close(self) -> None:
-        self.backend.close()
+        if self.backend is not None:
+            self.backend.close()
         self._locks.close()
 
     def __enter__(self):
@@ -95,3 +95,19 @@ class FeatureStore(Layout, Reader, Integrity, Report):
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _open_backend(backend, path, mode: str):
+    """(the backend of the store at `path`, its provenance); metadata it cannot parse (a truncated zarr.json,
+    an attribute that is not JSON) is UnreadableStoreError."""
+    opened = None
+    try:
+        opened = backend(path, mode)
+        return opened, opened.get_attr("provenance")
+    except Exception as err:  # noqa: BLE001 - zarr and h5py meet damaged metadata with errors of every kind
+        if opened is not None:
+            opened.close()
+        if isinstance(err, StoreError):
+            raise
+        raise UnreadableStoreError(path, f"its metadata cannot be read ({type(err).__name__}: {str(err)[:120]})") \
+            from None

@@ -30,6 +30,7 @@ class ImageOptions(Section):
     decode_workers: NonNegative  # 0 = one per usable core
     decode_device: Literal["auto", "cpu"]  # auto: nvJPEG when the model runs on CUDA
     cache_at: str  # "" = the final maps; a module name (pipeline.backbone): store its input, fine-tune from there
+    max_bytes: Positive  # a photo file larger than this is not read (recorded as refused)
 
 
 class ImageTrainOptions(TrainOptions):
@@ -45,7 +46,7 @@ def _extractor(ctx: ExtractContext) -> Extractor:
     o = ctx.options
     return ImageMaps(o.model, ctx.resources.image_weights(), ctx.device, input_size=o.input_size,
                      batch_size=o.batch_size, decode_workers=o.decode_workers, decode_device=o.decode_device,
-                     cache_at=o.cache_at)
+                     cache_at=o.cache_at, max_bytes=o.max_bytes)
 
 
 def _encoder(opts: ImageTrainOptions, spec: ArraySpec, producer: dict) -> dict:

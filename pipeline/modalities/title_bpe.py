@@ -8,8 +8,10 @@ random embedding).
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +22,7 @@ import sentencepiece as spm
 
 from pipeline import registry
 from pipeline.errors import PipelineError, StaleStoreError
-from pipeline.provenance import Stamp, atomic_path, read_json, sha256_file
+from pipeline.provenance import Stamp, atomic_path, sha256_file
 from pipeline.schema import Positive, PowerOfTwo, Section, TextTrainOptions
 from stores import ArraySpec, fingerprint, store_lock
 
@@ -28,6 +30,10 @@ if TYPE_CHECKING:
     from pipeline.extractor import ExtractContext
 
 TRAINED_WITH = ("vocab_size", "character_coverage", "max_sentence_length")
+
+
+def _retrain(rebuild_hint: str) -> str:
+    return f"train the tokenizer and its store again with `{rebuild_hint or 'pipeline extract title_bpe ... --rebuild'}`"
 
 
 class TitleBpeOptions(Section):
@@ -52,7 +58,12 @@ def _trained(model_path: Path, options: dict, rebuild_hint: str) -> Path | None:
     meta_path = model_path.with_suffix(".json")  # written last: the tokenizer is complete
     if not (model_path.exists() and meta_path.exists()):
         return None
-    trained_with = read_json(meta_path, "tokenizer record")
+    try:
+        trained_with = json.loads(meta_path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        trained_with = None
+    if not isinstance(trained_with, dict):
+        raise PipelineError(f"{meta_path}: damaged tokenizer record; {_retrain(rebuild_hint)}")
     if Stamp("title_bpe tokenizer", options).changed(trained_with):
         raise StaleStoreError(f"{model_path} was trained with {trained_with}, the config asks for "
                               f"{options}; rebuild with `{rebuild_hint}`")
@@ -96,6 +107,8 @@ def _train(titles: list[str], model_path: Path, opts: TitleBpeOptions, options: 
             minloglevel=2,
         )
     except (RuntimeError, ValueError) as err:  # SentencePiece refuses a setting or the data (no title, ...)
+        if shutil.disk_usage(model_path.parent).free < 1 << 20:  # ... or could not write its files
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(model_path.parent)) from None
         settings = ", ".join(f"{k} = {v}" for k, v in options.items())
         raise PipelineError(f"{model_path}: SentencePiece cannot learn a BPE from the "
                             f"{len(titles)} non-empty train titles with [title_bpe] {settings} "
@@ -112,8 +125,12 @@ class TitleBpe:
 
     name = "title_bpe"
 
-    def __init__(self, model_path: Path, opts: TitleBpeOptions):
-        self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    def __init__(self, model_path: Path, opts: TitleBpeOptions, rebuild_hint: str = ""):
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
+        except (RuntimeError, OSError) as err:
+            raise PipelineError(f"{model_path}: damaged SentencePiece model "
+                                f"({str(err).strip().splitlines()[0][:120]}); {_retrain(rebuild_hint)}") from None
         self.threads = opts.threads
         vocab = self.sp.vocab_size()
         self.arrays = {"tokens": ArraySpec("int16" if vocab < 2**15 else "int32", (), ragged=True)}
@@ -145,7 +162,7 @@ class TitleBpe:
 def _extractor(ctx: ExtractContext) -> TitleBpe:
     titles = None if ctx.train_items is None else ctx.train_items["title"].to_list()
     model = train_tokenizer(titles, ctx.resources.bpe_model, ctx.options, ctx.rebuild, ctx.rebuild_hint)
-    return TitleBpe(model, ctx.options)
+    return TitleBpe(model, ctx.options, ctx.rebuild_hint)
 
 
 def _encoder(opts: BpeTrainOptions, spec: ArraySpec, producer: dict) -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ModelNotFoundError, WeightsMismatchError, one_line
+from pipeline.trust import check_hf_directory
 
 TEXT_MODEL_HINT = (
     "pass a local Hugging Face directory (config.json, weights, tokenizer files) with --text-model DIR "
@@ -36,6 +37,7 @@ def _checked_dir(path: str | Path | None) -> Path:
         raise _text_model_error(path, "no text model weights (model.safetensors / pytorch_model.bin missing)")
     if not any((p / f).is_file() for f in _TOKENIZER_FILES):
         raise _text_model_error(path, "no tokenizer (tokenizer.json / sentencepiece.bpe.model missing)")
+    check_hf_directory(p)  # no code of its own, never a prompt
     return p
 
 
@@ -47,7 +49,7 @@ def text_config(path: str | Path | None):
 
     try:
         with quiet_transformers():
-            return AutoConfig.from_pretrained(str(p), local_files_only=True)
+            return AutoConfig.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - any failure here is "this directory is not usable"
         raise ModelNotFoundError(
             f"cannot read the text model's config at '{path}' ({type(e).__name__}: {one_line(e)}): {TEXT_MODEL_HINT}"
@@ -79,7 +81,7 @@ def load_text_model(path: str | Path | None):
 
     try:
         with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - any failure here is "this directory is not usable"
         raise ModelNotFoundError(
             f"cannot load the tokenizer at '{path}' ({type(e).__name__}: {one_line(e)}): {TEXT_MODEL_HINT}"
@@ -88,10 +90,12 @@ def load_text_model(path: str | Path | None):
         with quiet_transformers():
             try:
                 model, info = AutoModel.from_pretrained(
-                    str(p), local_files_only=True, add_pooling_layer=False, output_loading_info=True
+                    str(p), local_files_only=True, add_pooling_layer=False, output_loading_info=True,
+                    trust_remote_code=False,
                 )
             except TypeError:  # an architecture without a pooler switch
-                model, info = AutoModel.from_pretrained(str(p), local_files_only=True, output_loading_info=True)
+                model, info = AutoModel.from_pretrained(str(p), local_files_only=True, output_loading_info=True,
+                                                        trust_remote_code=False)
     except Exception as e:  # noqa: BLE001
         raise ModelNotFoundError(
             f"cannot load the text model at '{path}' ({type(e).__name__}: {one_line(e)}): {TEXT_MODEL_HINT}"

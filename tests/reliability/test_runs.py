@@ -18,13 +18,7 @@ from pipeline.fuse import fuse
 from pipeline.modalities import camembert
 from pipeline.sketch import sketch
 
-from .conftest import Log, Tiny, cli, copy_workdir, quiet, run_cli
-
-TRAINED = ("features", "models", "sketches", "fusion", "split.parquet", "config.json", "tokenizers", "upstream")
-
-
-def snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+from .conftest import TRAINED, Log, Tiny, cli, copy_workdir, quiet, run_cli, snapshot
 
 
 def config_over(tiny: Tiny, directory: Path, text: str, name: str = "over.toml") -> Path:
