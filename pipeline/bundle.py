@@ -22,12 +22,14 @@ import shutil
 import time
 from pathlib import Path
 
+import polars as pl
+
 from pipeline import checkpoint, workdir as wd
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.manifest import CLASS_NAMES, FORMAT, IMAGE_WEIGHTS, MANIFEST, TEXT_MODEL, is_bundle
 from pipeline.provenance import output_lock, sha256_file, staged_dir, write_json
-from pipeline.predictor import Predictor
+from pipeline.predictor import Predictor, split_class_names
 
 TEXT_MODALITIES = ("title_cam", "desc_cam")
 
@@ -66,6 +68,8 @@ def write_bundle(workdir: str | Path, out: str | Path, cfg: Config, log=print) -
             _image_weights(cfg, workdir, tmp / IMAGE_WEIGHTS)
         if cfg.serve.class_names:
             _copy(Path(cfg.serve.class_names).expanduser(), tmp / CLASS_NAMES)
+        elif names := split_class_names(workdir):  # the training catalogue's own names
+            pl.DataFrame({"prdtypecode": list(names), "name": list(names.values())}).write_csv(tmp / CLASS_NAMES)
         files = {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {"format": FORMAT, "workdir": str(workdir.resolve()), "modalities": sorted(models),

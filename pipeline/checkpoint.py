@@ -235,8 +235,8 @@ def load_fused(workdir, cfg) -> tuple[FusionCheckpoint, dict[str, ModelCheckpoin
     trained over (the sha256 it recorded)."""
     path = wd.fusion_path(workdir, cfg)
     if not path.is_file():
-        raise CheckpointError(f"{path} not found: train the work directory first (extract, pretrain, sketch, "
-                              f"fuse; or `pipeline demo --workdir {workdir}`)")
+        raise CheckpointError(f"{path} not found: train the work directory first, "
+                              f"`{wd.command(cfg, workdir, 'train', catalog=True)}`")
     fusion = load(path, "fusion", wd.command(cfg, workdir, "fuse"))
     models = {}
     for name in fusion.checkpoints:

@@ -31,10 +31,11 @@ def extract(modality: str, catalog_dir: str | Path, workdir: str | Path, cfg: Co
     shard_kn = parse_shard(shard)
     for name in names:  # an unknown backend, an HDF5 store for several workers, a sharded rebuild
         check_writers(_store_for(Path(workdir), cfg, name, backend), shard_kn, rebuild)
+    upstream.check_models(cfg, names, catalog_dir, workdir, f"extract {modality}")  # found before W is touched
     catalog = load_catalog(catalog_dir, cfg)
     log(catalog.summary())
     wd.remember(workdir, cfg, catalog_dir)
-    split = make_split(catalog, cfg, workdir)
+    split = make_split(catalog, cfg, workdir, log)
     return extract_items(names, catalog, split, Path(workdir), cfg, backend=backend, shard=shard_kn,
                          rebuild=rebuild, repair=repair, progress=progress, log=log)
 

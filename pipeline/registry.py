@@ -34,7 +34,9 @@ class Modality:
       checkpoint); build_encoder(config): the nn.Module it describes (None: the pipeline.encoders class
       that the config's "type" names);
     init_encoder(encoder, resources, producer) (optional): what a new network's encoder starts from
-      besides its random init (a fine-tuned tail: the upstream weights the extractor used).
+      besides its random init (a fine-tuned tail: the upstream weights the extractor used);
+    upstream: the upstream model its extractor runs, "text" ([text_model]) or "image" (its own table's
+      `model` and `weights`), found before a run writes anything (pipeline.upstream); None: none.
     """
 
     name: str
@@ -46,6 +48,7 @@ class Modality:
     encoder: Callable[[TrainOptions, ArraySpec, dict], dict]
     build_encoder: Callable[[dict], nn.Module] | None = None
     init_encoder: Callable[[nn.Module, Resources, dict], None] | None = None
+    upstream: str | None = None  # "text" | "image" | None
 
 
 REGISTRY: dict[str, Modality] = {}
@@ -54,6 +57,8 @@ REGISTRY: dict[str, Modality] = {}
 def register(modality: Modality) -> Modality:
     if modality.batch not in ("ids", "tokens", "fixed"):
         raise ValueError(f"modality {modality.name}: batch must be ids, tokens or fixed, not {modality.batch!r}")
+    if modality.upstream not in ("text", "image", None):
+        raise ValueError(f"modality {modality.name}: upstream must be text, image or None, not {modality.upstream!r}")
     REGISTRY[modality.name] = modality
     return modality
 

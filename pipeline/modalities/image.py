@@ -81,4 +81,4 @@ def _init(encoder: nn.Module, resources: Resources, producer: dict) -> None:
 
 registry.register(registry.Modality("image", array="maps", batch="fixed", options=ImageOptions,
                                     train_options=ImageTrainOptions, extractor=_extractor, encoder=_encoder,
-                                    init_encoder=_init))
+                                    init_encoder=_init, upstream="image"))

@@ -72,8 +72,8 @@ def _init(encoder: nn.Module, resources: Resources, producer: dict) -> None:
 
 registry.register(registry.Modality("title_cam", array="tokens", batch="tokens", options=TextCamOptions,
                                     train_options=TextCamTrainOptions, extractor=_extractor("title_cam", "title"),
-                                    encoder=_encoder, init_encoder=_init))
+                                    encoder=_encoder, init_encoder=_init, upstream="text"))
 registry.register(registry.Modality("desc_cam", array="tokens", batch="tokens", options=TextCamOptions,
                                     train_options=TextCamTrainOptions,
                                     extractor=_extractor("desc_cam", "description"), encoder=_encoder,
-                                    init_encoder=_init))
+                                    init_encoder=_init, upstream="text"))

