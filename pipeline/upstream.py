@@ -33,7 +33,7 @@ from pipeline.extractor import Resources
 from pipeline.weights.image import IMAGE_WEIGHTS_HINT
 from pipeline.weights.lite import convert_efficientnet_lite
 from pipeline.weights.tiny_camembert import build_tiny_camembert
-from pipeline.workdir import bpe_model_path, upstream_dir
+from pipeline.workdir import RECORD, bpe_model_path, upstream_dir
 
 HF_FILES = ["config.json", "*.safetensors", "*.json", "*.model", "*.txt"]  # what a text model needs, no other formats
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -246,7 +246,7 @@ def check_models(cfg: Config, names, catalog: str | Path, workdir: str | Path, v
                ([p for p in [_image_problem(cfg)] if p] if "image" in needs else [])
     if not problems:
         return
-    record = Path(workdir) / "config.json"
+    record = Path(workdir) / RECORD
     configs = [a for s in cfg.sources if not s.startswith("(") and s != str(record) for a in ("--config", s)]
     sets = [a for s in cfg.sets for a in ("--set", s)]
     fetch = shlex.join(["pipeline", "models", "--catalog", str(catalog), "--workdir", str(workdir), *configs, *sets])

@@ -2,13 +2,14 @@
 configuration and catalogue it was built with.
 
     W/config.json                 the resolved configuration (and catalogue) W was built with
-    W/split.parquet               item_id, split, label
+    W/split.parquet               item_id, split, label, label_name
     W/features/<modality>.zarr|h5 feature stores          (under [stores] root when it is set)
     W/sketches/<modality>.zarr|h5 sketch stores           (under [stores] root when it is set)
     W/tokenizers/, W/upstream/    title_bpe's SentencePiece model, tiny or converted upstream models
     W/models/<modality>/          model.pt, metrics.json, valid_predictions.parquet, last.pt, stamp.json
     W/<[fusion] output>/          the fusion heads (model.pt, last.pt), metrics, pictures, predictions
     W/export/                     `pipeline export`'s programs (default --out)
+    W/evaluations/<catalogue>/    `pipeline evaluate`'s reports (default --out)
 
 The first command that writes into W records its configuration there; a later command on W without
 `--config` uses it, so a work directory is always read with the settings it was built with. Hints
@@ -127,6 +128,11 @@ def check_output_path(path: str | Path, workdir, cfg: Config, flag: str, allow: 
 
 def upstream_dir(workdir) -> Path:
     return Path(workdir) / "upstream"
+
+
+def evaluation_dir(workdir, name: str) -> Path:
+    """`pipeline evaluate`'s report on the catalogue `name`."""
+    return Path(workdir) / "evaluations" / name
 
 
 # ---------------------------------------------------------------------- the recorded configuration
