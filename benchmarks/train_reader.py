@@ -37,13 +37,14 @@ from pipeline.train_reader import TrainReader  # noqa: E402
 from stores import ArraySpec, FeatureStore, fingerprint  # noqa: E402
 
 
-def build_store(path: Path, n: int, hidden: int, classes: int, rng) -> tuple[np.ndarray, np.ndarray]:
+def build_store(path: Path, n: int, hidden: int, classes: int, rng, stores) -> tuple[np.ndarray, np.ndarray]:
     ids = np.arange(n, dtype=np.int64) * 3 + 1
     labels = rng.integers(0, classes, n)
     lengths = rng.integers(10, 41, n)
     store = FeatureStore.create(path, "title_cam", {"tokens": ArraySpec("float16", (hidden,), ragged=True)},
                                 {"model": "benchmark"}, ids, fingerprint([str(i) for i in ids]),
-                                {"tokens": lengths}, block_rows=256)
+                                {"tokens": lengths}, block_rows=256,
+                                chunk_bytes=stores.chunk_bytes, gzip_level=stores.gzip_level)
     for b in store.pending_blocks():
         k = int(lengths[b * 256 : (b + 1) * 256].sum())
         store.write_block(b, {"tokens": rng.standard_normal((k, hidden), dtype=np.float32).astype(np.float16)})
@@ -115,11 +116,13 @@ def main() -> None:
     suffix = ".zarr" if args.backend == "zarr" else ".h5"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"title_cam{suffix}"
-        ids, labels = build_store(path, args.items, args.hidden, classes, rng)
+        ids, labels = build_store(path, args.items, args.hidden, classes, rng, cfg.stores)
         store_mb = sum(f.stat().st_size for f in Path(tmp).rglob("*") if f.is_file()) / 1e6
         for mode in ("memory", "stream"):
-            reader = TrainReader(path, "tokens", "tokens", ids, labels, batch_size=batch_size, mode=mode, buffer_blocks=4,
-                                 prefetch=8, sort_window=16, pin_memory=cuda, seed=0)
+            settings = cfg.train_reader.model_copy(update={"mode": mode, "buffer_blocks": 4, "prefetch_batches": 8,
+                                                           "length_sort_window": 16, "max_tokens": 0})
+            reader = TrainReader(path, "tokens", "tokens", ids, labels, settings, batch_size=batch_size,
+                                 pin_memory=cuda, seed=0)
             load_s = reader.load() if mode == "memory" else 0.0
             epoch = 1
             in_memory = list(reader.epoch(epoch))  # the same epoch, materialised: tensors already in memory

@@ -1,15 +1,11 @@
 """The image backbone cut in two at a named module: what extraction caches, and what pretraining fine-tunes.
 
 A timm EfficientNet's ``forward_features`` is ``conv_stem -> bn1 -> blocks.0 -> ... -> blocks.N -> conv_head
--> bn2``. `split(model, cache_at)` cuts that sequence just before the module named ``cache_at`` (``[image]
-cache_at``, e.g. "blocks.6", the last stage of a b0-b2 or lite0-lite2): the *head* computes the input of
-that module, which the extract stage stores instead of the final maps, and the *tail* turns it into the
-final maps. Paper 3.3 fine-tunes EfficientNet; fine-tuning only the tail over a cache of its input costs a
-fraction of a full forward per step (lite2 at 260 px: 208 x 9 x 9 cached values per photo against 1280 x 9
-x 9 final maps, and one block + a 1x1 conv to run).
-
-The head and the tail are `nn.Sequential`s of the model's own modules (not copies), named after them with
-"." as "_" ("blocks_6", "conv_head", "bn2"), so `tail(head(x))` is ``forward_features(x)``.
+-> bn2``. `split(model, cache_at)` cuts it just before the module ``cache_at`` (``[image] cache_at``, e.g.
+"blocks.6"): the *head* computes that module's input, which the extract stage stores instead of the final
+maps, and the *tail* turns it into the final maps, fine-tuned in pretraining (paper 3.3 fine-tunes
+EfficientNet; the tail costs a fraction of a full forward per step). Head and tail are `nn.Sequential`s of the
+model's own modules, so `tail(head(x))` is ``forward_features(x)``.
 """
 from __future__ import annotations
 
@@ -64,6 +60,6 @@ def build_tail(model_name: str, cache_at: str) -> tuple[nn.Sequential, int]:
 def pretrained_tail(model_name: str, cache_at: str, weights) -> nn.Sequential:
     """The tail of ``model_name`` cut at ``cache_at`` with the weights of the file ``weights`` (loaded as the
     extractor loads them, so the tail continues exactly the head that computed the cache)."""
-    from pipeline.weights import load_image_backbone
+    from pipeline.weights.image import load_image_backbone
 
     return split(load_image_backbone(model_name, weights), cache_at)[1]

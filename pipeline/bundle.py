@@ -20,62 +20,18 @@ from __future__ import annotations
 
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import polars as pl
 
-from pipeline import workdir as wd
+from pipeline import checkpoint, workdir as wd
 from pipeline.config import Config
 from pipeline.errors import PipelineError
-from pipeline.provenance import output_lock, read_json, sha256_file, staged_dir, write_json
+from pipeline.manifest import CLASS_NAMES, FORMAT, IMAGE_WEIGHTS, MANIFEST, TEXT_MODEL, is_bundle
+from pipeline.provenance import output_lock, sha256_file, staged_dir, write_json
+from pipeline.predictor import Predictor, split_class_names
 
-FORMAT = 1
-MANIFEST = "manifest.json"
-TEXT_MODEL = "upstream/text-model"
-IMAGE_WEIGHTS = "upstream/image.safetensors"
-CLASS_NAMES = "class_names.csv"
 TEXT_MODALITIES = ("title_cam", "desc_cam")
-
-
-def is_bundle(path: str | Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
-
-
-def verify(bundle: str | Path) -> dict:
-    """The manifest, once every file it lists has its size and sha256 (one line naming the first that does not)."""
-    bundle = Path(bundle)
-    manifest = read_json(bundle / MANIFEST, "bundle manifest")
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
-        raise PipelineError(f"{bundle / MANIFEST}: not a bundle manifest of format {FORMAT}; build the bundle again "
-                            f"with `pipeline bundle --workdir W --out {bundle}`")
-
-    def problem(item) -> str | None:
-        name, want = item
-        path = bundle / name
-        if not path.is_file() or path.stat().st_size != want.get("bytes"):
-            return f"{path}: missing or of another size than the manifest says"
-        return None if sha256_file(path) == want.get("sha256") else f"{path}: damaged (sha256 differs from the manifest)"
-
-    with ThreadPoolExecutor(4) as pool:  # hashlib releases the GIL: the big files hash side by side
-        problems = [p for p in pool.map(problem, sorted(manifest["files"].items())) if p]
-    if problems:
-        raise PipelineError(f"{problems[0]}{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}; "
-                            f"build the bundle again with `pipeline bundle --workdir W --out {bundle}`")
-    return manifest
-
-
-def settings(bundle: str | Path, cfg: Config) -> Config:
-    """`cfg` with the upstream models and class names read from the bundle (after `verify`)."""
-    bundle = Path(bundle).resolve()
-    files = verify(bundle)["files"]
-    over: dict = {"stores": {"root": ""}}
-    if any(name.startswith(TEXT_MODEL + "/") for name in files):
-        over["text_model"] = {"path": str(bundle / TEXT_MODEL)}
-    if IMAGE_WEIGHTS in files:
-        over["image"] = {"weights": str(bundle / IMAGE_WEIGHTS)}
-    over["serve"] = {"class_names": str(bundle / CLASS_NAMES) if CLASS_NAMES in files else ""}
-    return cfg.merged(over, f"(bundle {bundle})")
 
 
 # ---------------------------------------------------------------------- writing one
@@ -92,22 +48,20 @@ def _check_out(out: Path, workdir: Path) -> None:
 
 def write_bundle(workdir: str | Path, out: str | Path, cfg: Config, log=print) -> dict:
     """Write B from W; returns its manifest (with the loaded bundle's `version`)."""
-    from pipeline.predictor import Predictor, fused_checkpoints, split_class_names
-
     workdir, out = Path(workdir), Path(out)
     if is_bundle(workdir):
         raise PipelineError(f"--workdir {workdir} is a bundle already; bundle a trained work directory")
     _check_out(out, workdir)
     started = time.perf_counter()
-    fusion_path, models = fused_checkpoints(workdir, cfg)  # every checkpoint the one the fusion recorded
+    fusion, models = checkpoint.load_fused(workdir, cfg)  # every model the one the fusion recorded
     with output_lock(out), staged_dir(out) as tmp:
-        write_json(tmp / "config.json", {"sources": list(cfg.sources), "tables": cfg.raw})
-        _copy(fusion_path, tmp / fusion_path.relative_to(workdir))
-        for path in models.values():
+        wd.remember(tmp, cfg)  # the configuration W was trained with, as W records it
+        for path in [wd.fusion_path(workdir, cfg), *(wd.model_path(workdir, m) for m in models)]:
             _copy(path, tmp / path.relative_to(workdir))
         if "title_bpe" in models:
-            for f in sorted(wd.tokenizer_dir(workdir).glob("title_bpe.*")):
-                _copy(f, tmp / "tokenizers" / f.name)
+            bpe = wd.bpe_model_path(workdir)
+            for f in sorted(bpe.parent.glob(f"{bpe.stem}.*")):
+                _copy(f, tmp / bpe.parent.relative_to(workdir) / f.name)
         if set(TEXT_MODALITIES) & set(models):
             _text_model(cfg, workdir, tmp / TEXT_MODEL)
         if "image" in models:
@@ -140,7 +94,7 @@ def _text_model(cfg: Config, workdir: Path, out: Path) -> None:
     from safetensors.torch import save_file
 
     from pipeline.upstream import text_model_dir
-    from pipeline.weights import load_text_model
+    from pipeline.weights.text import load_text_model
 
     src = text_model_dir(cfg, workdir)
     tokenizer, model = load_text_model(src)
@@ -165,7 +119,7 @@ def _tokenizer(tokenizer, src: Path, out: Path, texts: list[str]) -> None:
 
     from transformers import AutoTokenizer
 
-    from pipeline.weights import quiet_transformers
+    from pipeline.weights.text import quiet_transformers
 
     if hasattr(tokenizer, "backend_tokenizer"):
         special = {k: str(getattr(tokenizer, k)) for k in ("bos_token", "eos_token", "unk_token", "sep_token",
@@ -208,7 +162,7 @@ def _image_weights(cfg: Config, workdir: Path, out: Path) -> None:
     from safetensors.torch import save_file
 
     from pipeline.upstream import image_weights
-    from pipeline.weights import load_image_backbone
+    from pipeline.weights.image import load_image_backbone
 
     weights = image_weights(cfg, workdir)
     if weights is None:

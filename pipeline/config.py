@@ -13,24 +13,19 @@ the key, what is expected, and the near miss when there is one.
 from __future__ import annotations
 
 import difflib
-import importlib.resources
-import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from pipeline import modalities, schema
+import pipeline.modalities  # noqa: F401  (registers the paper's four modalities)
+from pipeline import registry, schema
 from pipeline.errors import PipelineError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-# configs/ beside the code in a checkout (even when another checkout is the one installed in editable mode:
-# importlib would then find that one's), the package data in a wheel
-CONFIG_DIR = (PROJECT_ROOT / "configs" if (PROJECT_ROOT / "configs" / "default.toml").is_file()
-              else Path(str(importlib.resources.files("pipeline.configs"))))
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # in a checkout, a link to configs/; in a wheel, its copy
 DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
-DEMO_CONFIG = CONFIG_DIR / "demo.toml"  # `pipeline demo`: multilingual-e5-small features, every stage in minutes
 TINY_CONFIG = CONFIG_DIR / "tiny.toml"  # the same synthetic setup with a tiny text model: every stage in seconds
 ROOT_KEYS = {"seed": int}
 
@@ -115,13 +110,14 @@ class Config:
     raw: dict
     sources: tuple[str, ...]
     seed: int
-    catalog: schema.Catalog
+    catalog: schema.CatalogSettings
     split: schema.Split
     stores: schema.Stores
     extract: schema.Extract
     text_model: schema.TextModel
-    train_reader: schema.TrainReader
+    train_reader: schema.ReaderSettings
     sketch: schema.Sketch
+    predict: schema.Predict
     fusion: schema.Fusion
     demo: schema.Demo | None
     real_data: schema.RealData | None
@@ -138,19 +134,19 @@ class Config:
     @property
     def modality_names(self) -> list[str]:
         """The registered modalities this config has a table for ("all" on the command line)."""
-        return [m for m in modalities.names() if m in self.modality_tables]
+        return [m for m in registry.names() if m in self.modality_tables]
 
     def options(self, modality: str):
         """The `[<modality>]` table (how its features are extracted)."""
         if modality not in self.modality_tables:
-            modalities.get(modality)  # an unknown name: say so
+            registry.get(modality)  # an unknown name: say so
             raise ConfigError(f"{self.source}: no [{modality}] table")
         return self.modality_tables[modality]
 
     def train_options(self, modality: str, coder: str | None = None) -> schema.TrainOptions:
         """`[pretrain.<modality>]` over `[pretrain]`, with --coder applied."""
         if modality not in self.train_tables:
-            modalities.get(modality)
+            registry.get(modality)
             raise ConfigError(f"{self.source}: no [pretrain.{modality}] table")
         opts = self.train_tables[modality]
         if coder is None or coder == opts.coder:
@@ -165,9 +161,6 @@ class Config:
         """This config with `over` merged into its tables (validated again)."""
         origins = self.origins | _origins(over, source or "(override)")
         return build(merge(self.raw, over), self.sources + ((source,) if source else ()), origins, self.sets)
-
-    def digest(self) -> str:
-        return json.dumps(self.raw, sort_keys=True)
 
 
 def _suggest(key: str, known) -> str:
@@ -233,7 +226,7 @@ def _train_tables(raw: dict, origins: dict, default: str) -> dict:
     """[pretrain.<modality>] over the [pretrain] keys that modality knows, validated per modality."""
     pretrain = raw.get("pretrain", {})
     common = {k: v for k, v in pretrain.items() if not isinstance(v, dict)}
-    known = set().union(*(m.train_options.model_fields for m in modalities.REGISTRY.values()))
+    known = set().union(*(m.train_options.model_fields for m in registry.REGISTRY.values()))
     for key in common:
         if key not in known:
             where = _where(("pretrain", key), origins, default)
@@ -242,10 +235,10 @@ def _train_tables(raw: dict, origins: dict, default: str) -> dict:
     for name, table in pretrain.items():
         if not isinstance(table, dict):
             continue
-        if name not in modalities.REGISTRY:
+        if name not in registry.REGISTRY:
             where = _where(("pretrain", name), origins, default)
-            raise ConfigError(f"{where}: [pretrain.{name}]: unknown modality{_suggest(name, modalities.REGISTRY)}")
-        cls = modalities.REGISTRY[name].train_options
+            raise ConfigError(f"{where}: [pretrain.{name}]: unknown modality{_suggest(name, registry.REGISTRY)}")
+        cls = registry.REGISTRY[name].train_options
         inherited = {k: v for k, v in common.items() if k in cls.model_fields and k not in table}
         # a refused value names the file that set it: [pretrain] for the keys this table inherits
         where = origins | {("pretrain", name, k): origins[("pretrain", k)] for k in inherited
@@ -258,7 +251,7 @@ def build(raw: dict, sources: tuple[str, ...] = (), origins: dict | None = None,
     """Validate merged tables into a Config (refusing unknown tables, keys, types and values)."""
     origins = origins or {}
     default = sources[-1] if sources else str(DEFAULT_CONFIG)
-    known = set(schema.TABLES) | set(modalities.REGISTRY) | set(ROOT_KEYS) | {"pretrain"}
+    known = set(schema.TABLES) | set(registry.REGISTRY) | set(ROOT_KEYS) | {"pretrain"}
     for key in raw:
         if key not in known:
             raise ConfigError(f"{_where((key,), origins, default)}: [{key}]: unknown table or key{_suggest(key, known)}")
@@ -269,13 +262,13 @@ def build(raw: dict, sources: tuple[str, ...] = (), origins: dict | None = None,
               if name in raw or name not in schema.OPTIONAL_TABLES}
     tables |= {name: None for name in schema.OPTIONAL_TABLES if name not in raw}
     modality_tables = {name: _validate(m.options, raw[name], (name,), origins, default)
-                       for name, m in modalities.REGISTRY.items() if name in raw}
+                       for name, m in registry.REGISTRY.items() if name in raw}
     train_tables = _train_tables(raw, origins, default)
     for head in tables["fusion"].heads:
         for m in head.inputs:
-            if m not in modalities.REGISTRY:
+            if m not in registry.REGISTRY:
                 raise ConfigError(f"{_where(('fusion', 'heads'), origins, default)}: [fusion] heads: unknown modality "
-                                  f"'{m}'{_suggest(m, modalities.REGISTRY)}")
+                                  f"'{m}'{_suggest(m, registry.REGISTRY)}")
     return Config(raw=raw, sources=tuple(sources), seed=seed, modality_tables=modality_tables,
                   train_tables=train_tables, origins=origins, sets=tuple(sets), **tables)
 

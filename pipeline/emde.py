@@ -97,8 +97,8 @@ class StaticEMDE(nn.Module):
         input_dim: int,
         depth: int,
         width: int,
-        seed: int = 0,
-        quantile_range: tuple[float, float] = (0.4, 0.6),
+        seed: int,
+        quantile_range: tuple[float, float] | None,
         eps: float = 1e-6,
     ):
         super().__init__()
@@ -107,8 +107,7 @@ class StaticEMDE(nn.Module):
         width = int(width)
         if width < 2 or width & (width - 1):
             raise ValueError(f"StaticEMDE width must be a power of two >= 2, got {width}")
-        lo, hi = (float(q) for q in quantile_range)
-        if not 0.0 < lo <= hi < 1.0:
+        if quantile_range is not None and not 0.0 < quantile_range[0] <= quantile_range[1] < 1.0:
             raise ValueError(f"quantile_range must satisfy 0 < low <= high < 1, got {quantile_range!r}")
         self.input_dim = int(input_dim)
         self.depth = int(depth)
@@ -116,7 +115,7 @@ class StaticEMDE(nn.Module):
         self.bits = int(math.log2(width))
         self.output_dim = self.depth * self.width
         self.seed = int(seed)
-        self.quantile_range = (lo, hi)
+        self.quantile_range = None if quantile_range is None else tuple(float(q) for q in quantile_range)
         self.eps = float(eps)
         self.register_buffer("mean", torch.zeros(self.input_dim))
         self.register_buffer("std", torch.ones(self.input_dim))
@@ -150,6 +149,8 @@ class StaticEMDE(nn.Module):
             # bits are then close to independent, which keeps the 2**bits regions balanced
             planes = torch.linalg.qr(planes.transpose(1, 2)).Q.transpose(1, 2)
         planes = planes / planes.norm(dim=-1, keepdim=True)
+        if self.quantile_range is None:
+            raise ValueError("StaticEMDE.fit needs a quantile_range (None: a fitted coder, loaded from a checkpoint)")
         lo, hi = self.quantile_range
         q = lo + (hi - lo) * torch.rand(self.depth, self.bits, generator=g, dtype=torch.float64)
         self.hyperplanes.copy_(planes)

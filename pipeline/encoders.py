@@ -12,6 +12,9 @@ Each modality is ``encoder -> EMDE coder -> linear head`` (paper 3.4, blocks 2-4
 * :class:`ModalityClassifier` -- encoder -> coder -> head; :meth:`ModalityClassifier.sketch` is the paper's
   "input sketch" that the fusion stage consumes (paper 3.5, Figure 2).
 
+An encoder with pretrained parts (the text and image tails) names them and the option of their learning rate
+in ``fine_tuned``; every other parameter trains at the network's ``lr``.
+
 Missing inputs (an empty description: mask all False; a missing image: ``present`` False) are replaced at the
 encoder output by a learned ``missing`` vector, so they never look like real data (no zero rows standing in
 for data, no NaN from a max over nothing). Every encoder exposes ``output_dim``. An encoder returns one vector
@@ -96,10 +99,12 @@ class TextTail(nn.Module):
     The store holds layer `first`'s hidden states ([text_model] layers = first); the layers `first + 1 ..
     first + count` are built here from the model's config (`hf_config`, recorded in the store's producer) at
     random, and given their weights by the checkpoint, or before the first step by the upstream model the
-    extractor used (pipeline.modalities), so that training starts from the frozen model's own states.
+    extractor used (its record's `init_encoder`), so that training starts from the frozen model's own states.
 
     forward: x (B, L, hidden) float, mask (B, L) bool -> (B, len(kernel_sizes) * channels)
     """
+
+    fine_tuned = {"tail": "backbone_lr"}  # pretrained submodules -> the [pretrain.<modality>] key of their rate
 
     def __init__(self, hf_config: dict, first: int, count: int, cnn: dict):
         super().__init__()
@@ -197,13 +202,15 @@ class ImageTail(nn.Module):
 
     The store holds the input of the module ``cache_at`` (pipeline.backbone); the tail is the rest of the timm
     ``model``'s ``forward_features``, built here at random and given its weights by the checkpoint, or, before
-    the first step, by the weights file the extractor used (``weights_sha256`` names it; pipeline.modalities
-    loads it), so that training starts from the frozen backbone's own maps. The tail's BatchNorm layers keep
+    the first step, by the weights file the extractor used (``weights_sha256`` names it; its record's
+    `init_encoder` loads it), so that training starts from the frozen backbone's own maps. The tail's BatchNorm layers keep
     their ImageNet statistics (always in eval mode; their scale and shift still learn): a batch holds few
     photos where most items have none, and batch statistics of a few photos would move every map.
 
     forward: maps (B, C_cut, h, w) float, present (B,) bool -> (B, channels)
     """
+
+    fine_tuned = {"tail": "backbone_lr"}  # pretrained submodules -> the [pretrain.<modality>] key of their rate
 
     def __init__(self, model: str, cache_at: str, weights_sha256: str):
         super().__init__()
@@ -361,10 +368,6 @@ class ModalityClassifier(nn.Module):
         self.num_classes = int(num_classes)
         self.sketch_dim = int(coder.output_dim)
         self.head = nn.Linear(self.sketch_dim, self.num_classes)
-
-    def encode(self, *inputs: Tensor) -> Tensor:
-        """Encoder output (B, encoder.output_dim)."""
-        return self.encoder(*inputs)
 
     def sketch(self, *inputs: Tensor) -> Tensor:
         """The input sketch (B, depth * width) that multimodal fusion consumes (paper 3.5)."""

@@ -24,9 +24,7 @@ from pipeline.catalog import class_names, load_catalog, read_split
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.metrics import class_report, save_report
-from pipeline.provenance import staged_dir
-
-BATCH_ROWS = 4096
+from pipeline.provenance import staged_dir, write_parquet
 
 
 def evaluate(catalog_dir: str | Path, workdir: str | Path, cfg: Config, out: str | Path | None = None, *,
@@ -34,7 +32,7 @@ def evaluate(catalog_dir: str | Path, workdir: str | Path, cfg: Config, out: str
     """Score the labelled items of `catalog_dir`; the reports of every system (fused first)."""
     workdir, catalog_dir = Path(workdir), Path(catalog_dir)
     name = catalog_dir.stem if catalog_dir.is_file() else catalog_dir.resolve().name
-    out = Path(out) if out is not None else workdir / "evaluations" / name
+    out = Path(out) if out is not None else wd.evaluation_dir(workdir, name)
     _check_out(out, workdir)
     split = read_split(workdir, wd.command(cfg, workdir, "train", catalog=True))  # W is trained, or this says how
     catalog = load_catalog(catalog_dir, cfg)
@@ -47,8 +45,8 @@ def evaluate(catalog_dir: str | Path, workdir: str | Path, cfg: Config, out: str
         for system, report in reports.items():
             title = f"{system} on {catalog_dir.name} ({len(items)} items)"
             save_report(tmp if system == "fused" else tmp / system, report, title)
-        pl.DataFrame({"item_id": items["item_id"], "label": items["code"]}
-                     | {f"predicted_{s}": c for s, c in predictions.items()}).write_parquet(tmp / "predictions.parquet")
+        write_parquet(pl.DataFrame({"item_id": items["item_id"], "label": items["code"]}
+                                   | {f"predicted_{s}": c for s, c in predictions.items()}), tmp / "predictions.parquet")
     log(_summary(reports, catalog_dir, len(items), out))
     return reports
 
@@ -94,12 +92,12 @@ def _predict(workdir: Path, cfg: Config, items: pl.DataFrame) -> dict[str, np.nd
 
     from pipeline.predictor import Predictor
 
-    predictor = Predictor.open(workdir, cfg)
+    predictor = Predictor.load(workdir, cfg)
     frame = items.select("item_id", "title", "description", image=pl.col("image_path"))
     classes = np.asarray(predictor.classes, np.int64)
     out = {"fused": [], **{m: [] for m in predictor.branches}}
-    for start in range(0, len(frame), BATCH_ROWS):
-        chunk = frame[start : start + BATCH_ROWS]
+    for start in range(0, len(frame), cfg.predict.batch_rows):
+        chunk = frame[start : start + cfg.predict.batch_rows]
         # the sketches the fusion heads read (Predictor.embed), then the heads: the fused system and each
         # modality network's own head over the same sketch (what it was pretrained with)
         sketches = {m: torch.from_numpy(np.asarray(_array(predictor.embed(chunk, m)), np.float32))

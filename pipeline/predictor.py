@@ -35,22 +35,19 @@ import numpy as np
 import polars as pl
 import torch
 
-from pipeline import bundle as bundles, checkpoint, modalities, workdir as wd
+from pipeline import checkpoint, manifest, registry, upstream, workdir as wd
+from pipeline.batches import sketches
 from pipeline.config import Config
 from pipeline.distributed import pick_device
 from pipeline.errors import PipelineError
-from pipeline.extract.driver import keep_freed_memory, run_extraction
+from pipeline.extractor import ExtractContext
+from pipeline.fill import fill_store, keep_freed_memory
 from pipeline.heads import FusionHeads
 from pipeline.items import Items
-from pipeline.catalog import SPLIT_FILE, class_names as named_classes, read_split
-from pipeline.modalities import ExtractContext
-from pipeline.provenance import digest, sha256_file
-from pipeline.sketch import sketches
-from pipeline.upstream import check_planned_model
-from stores import FeatureStore, Ragged, StoreBusyError, WriterConflictError
-from stores.paths import is_url
+from pipeline.catalog import class_names as named_classes, read_split
+from pipeline.provenance import digest
+from stores import FeatureStore, IdIndex, Ragged, StoreBusyError, WriterConflictError, is_url
 
-CHUNK_ROWS = 512  # rows computed at once: bounds the memory of decoded photos and token states
 _CACHE_LOCKS: dict[str, threading.Lock] = {}  # one writer per cache store in this process
 _CACHE_LOCKS_GUARD = threading.Lock()
 
@@ -104,7 +101,7 @@ class _Lookup:
     def __init__(self, path, accepts=lambda provenance: True):
         self.path, self.accepts, self.lock = path, accepts, threading.Lock()
         self.stamp, self.store = object(), None
-        self.fp, self.ids = np.zeros(0, np.uint64), np.zeros(0, np.int64)
+        self.ids, self.index = np.zeros(0, np.int64), IdIndex(np.zeros(0, np.uint64))
         if path is not None:
             self.refresh()
 
@@ -120,12 +117,8 @@ class _Lookup:
             if self.store is not None:
                 self.store.close()
             self.store, self.stamp = store, stamp
-            ids = store.ids if store is not None else np.zeros(0, np.int64)
-            planned_ids, planned_fp = store.planned() if store is not None else (ids, np.zeros(0, np.uint64))
-            order = np.argsort(planned_ids)
-            fp = planned_fp[order][np.searchsorted(planned_ids[order], ids)] if len(ids) else planned_fp[:0]
-            by_fp = np.argsort(fp, kind="stable")
-            self.fp, self.ids = fp[by_fp], ids[by_fp]
+            self.ids = store.ids if store is not None else np.zeros(0, np.int64)
+            self.index = IdIndex(store.input_hashes(self.ids) if store is not None else np.zeros(0, np.uint64))
 
     def unchanged(self) -> bool:
         """Whether the store is still the one indexed (checked after reading from it)."""
@@ -133,11 +126,8 @@ class _Lookup:
 
     def find(self, fp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(mask of the fingerprints found, the stored item id of each found one)."""
-        if not len(self.fp):
-            return np.zeros(len(fp), bool), np.zeros(0, np.int64)
-        pos = np.minimum(np.searchsorted(self.fp, fp), len(self.fp) - 1)
-        found = self.fp[pos] == fp
-        return found, self.ids[pos[found]]
+        found, at = self.index.find(fp)
+        return found, self.ids[at]
 
 
 @dataclass
@@ -152,66 +142,34 @@ class _Branch:
     max_tokens: int = 0  # tokens of an item the network reads, as in training ([train_reader] max_tokens)
 
 
-def _not_fused(path: Path, name: str, now: str, sha: str, fusion_path: Path, cfg: Config, workdir: Path) -> str:
-    return (f"{path} is not the checkpoint {fusion_path} was fused with (sha256 {now[:12]}, the fusion recorded "
-            f"{sha[:12]}): {name} was retrained after fuse; run `{wd.command(cfg, workdir, f'sketch {name}')}` and "
-            f"`{wd.command(cfg, workdir, 'fuse')}`, or restore the checkpoint fuse used")
-
-
-def _model(workdir: Path, name: str, sha: str, fusion_path: Path, cfg: Config):
-    """The modality's network, refused unless its checkpoint is the one the fusion recorded."""
-    path = wd.model_dir(workdir, name) / checkpoint.MODEL_FILE
-    model, ckpt = checkpoint.load_model(path)
-    if (now := sha256_file(path)) != sha:  # hashed after loading: what was loaded is no older than this
-        raise PipelineError(_not_fused(path, name, now, sha, fusion_path, cfg, workdir))
-    return model, ckpt
-
-
-def fused_checkpoints(workdir: Path, cfg: Config) -> tuple[Path, dict[str, Path]]:
-    """The fusion checkpoint and each modality checkpoint it names, refused unless each is the one it recorded."""
-    path = wd.fusion_dir(workdir, cfg) / checkpoint.MODEL_FILE
-    if not path.is_file():
-        raise PipelineError(f"{path} not found: train the work directory first (extract, pretrain, sketch, "
-                            f"fuse; or `pipeline demo --workdir {workdir}`)")
-    models = {}
-    for name, sha in checkpoint.load(path)["checkpoints"].items():
-        models[name] = wd.model_dir(workdir, name) / checkpoint.MODEL_FILE
-        if not models[name].is_file():
-            raise PipelineError(f"{models[name]} not found: the fusion {path} reads {name}; train it again")
-        if (now := sha256_file(models[name])) != sha:
-            raise PipelineError(_not_fused(models[name], name, now, sha, path, cfg, workdir))
-    return path, models
-
-
-def _branch(name: str, workdir: Path, cfg: Config, device: torch.device, sha: str, fusion_path: Path,
+def _branch(name: str, ckpt: checkpoint.ModelCheckpoint, workdir: Path, cfg: Config, device: torch.device,
             reuse: bool, bundled: bool) -> _Branch:
-    model, ckpt = _model(workdir, name, sha, fusion_path, cfg)
-    trained_on = ckpt.get("store", {}).get("provenance", {}).get("producer")
+    """One modality of the fusion: its checkpoint (the one the fusion recorded), its extractor, W's stores."""
+    path = wd.model_path(workdir, name)
+    trained_on = ckpt.store.get("provenance", {}).get("producer")
     if not bundled:  # before any upstream model is built or converted
-        check_planned_model(cfg, name, trained_on, wd.model_dir(workdir, name) / checkpoint.MODEL_FILE,
-                            "predict with the configuration it was trained with")
-    ctx = ExtractContext(cfg, workdir, pick_device(cfg.extract.device, "[extract] device"))
-    extractor = modalities.get(name).extractor(ctx)
-    if not bundled and trained_on is not None and trained_on != extractor.producer:  # a bundle: its manifest
-        raise PipelineError(f"{wd.model_dir(workdir, name) / checkpoint.MODEL_FILE} was trained on {name} features "
-                            f"of another model or settings than {cfg.source} gives now; predict with the "
-                            f"configuration it was trained with")
+        upstream.check_planned_model(cfg, name, trained_on, path, "predict with the configuration it was trained with")
+    ctx = ExtractContext(cfg.options(name), cfg.text_model, upstream.resources(cfg, workdir),
+                         pick_device(cfg.extract.device, "[extract] device"))
+    extractor = registry.get(name).extractor(ctx)
+    if not bundled and not ckpt.trained_on(extractor.producer):  # a bundle's files: checked by its manifest
+        raise PipelineError(f"{path} was trained on {name} features of another model or settings than "
+                            f"{cfg.source} gives now; predict with the configuration it was trained with")
     features = sketched = None
     if reuse and not bundled:
         features = wd.feature_store_path(workdir, cfg, name)
         sketched = wd.sketch_store_path(workdir, cfg, name)
     made_here = lambda p: p["producer"] == extractor.producer  # noqa: E731
-    by_this = lambda p: p["producer"].get("checkpoint_sha256") == sha  # noqa: E731
-    return _Branch(name, model.to(device), extractor, _Lookup(sketched, by_this), _Lookup(features, made_here),
-                   ckpt.get("max_tokens", 0))
+    by_this = lambda p: p["producer"].get("checkpoint_sha256") == ckpt.sha256  # noqa: E731
+    return _Branch(name, ckpt.network().to(device), extractor, _Lookup(sketched, by_this),
+                   _Lookup(features, made_here), ckpt.max_tokens)
 
 
 def model_stamp(source: str | Path, cfg: Config) -> tuple:
     """The stat of every model file a Predictor of `source` (a work directory or a bundle) loads: it changes
     when one is replaced (a new pretrain or fuse, a bundle swapped in or a symlink repointed)."""
     source = Path(source)
-    files = [wd.fusion_dir(source, cfg) / checkpoint.MODEL_FILE,
-             *sorted(source.glob(f"models/*/{checkpoint.MODEL_FILE}"))]
+    files = [wd.fusion_path(source, cfg), *sorted(source.glob(f"models/*/{wd.MODEL_FILE}"))]
     stamp = []
     for f in files:
         try:
@@ -252,7 +210,7 @@ def read_class_names(path: str) -> dict[int, str]:
 
 def split_class_names(workdir: Path) -> dict[int, str]:
     """Code -> name as the training catalogue named its classes (W/split.parquet); {} when it gave codes."""
-    return named_classes(read_split(workdir)) if (Path(workdir) / SPLIT_FILE).is_file() else {}
+    return named_classes(read_split(workdir)) if wd.split_path(workdir).is_file() else {}
 
 
 class Predictor:
@@ -278,36 +236,22 @@ class Predictor:
         features are kept for later calls; `reuse=False` computes every item afresh (to check that a stored
         input gives what W stored)."""
         workdir = Path(workdir)
-        if not isinstance(config, Config):
-            config = wd.load(workdir, [config] if isinstance(config, (str, Path)) else config)
-        return cls.open(workdir, config, device, cache, reuse)
-
-    @classmethod
-    def open(cls, workdir: Path, cfg: Config, device: str = "auto", cache: str | Path | None = None,
-             reuse: bool = True) -> Predictor:
-        workdir = Path(workdir)
-        bundled = bundles.is_bundle(workdir)
+        cfg = config if isinstance(config, Config) else \
+            wd.load(workdir, [config] if isinstance(config, (str, Path)) else config)
+        bundled = manifest.is_bundle(workdir)
         if bundled:
-            cfg = bundles.settings(workdir, cfg)  # checks every file against the manifest first
+            cfg = manifest.settings(workdir, cfg)  # checks every file against the manifest first
         elif not workdir.is_dir():
             raise PipelineError(f"{workdir}: no such work directory or bundle")
-        path = wd.fusion_dir(workdir, cfg) / checkpoint.MODEL_FILE
-        if not path.is_file():
-            raise PipelineError(f"{path} not found: train the work directory first, "
-                                f"`{wd.command(cfg, workdir, 'train', catalog=True)}`")
+        fusion, models = checkpoint.load_fused(workdir, cfg)
         if cache is not None:
             cache = check_cache(Path(cache), workdir, cfg)
         names = read_class_names(cfg.serve.class_names) or ({} if bundled else split_class_names(workdir))
-        fusion = checkpoint.load(path)
-        fusion_sha = sha256_file(path)
         keep_freed_memory()  # CPU forwards: no page faults on every big activation (3x on EfficientNet)
         dev = pick_device(device, "device")
-        branches = {m: _branch(m, workdir, cfg, dev, sha, path, reuse, bundled)
-                    for m, sha in fusion["checkpoints"].items()}
-        heads = FusionHeads(fusion["heads"], fusion["dims"], len(fusion["codes"]), fusion.get("method", "joint"))
-        heads.load_state_dict(fusion["state_dict"])
-        version = digest([fusion_sha, fusion["checkpoints"], {m: b.extractor.producer for m, b in branches.items()}])
-        return cls(cfg, heads.eval(), fusion["codes"], branches, dev, cache, version[:16], workdir, names)
+        branches = {m: _branch(m, ckpt, workdir, cfg, dev, reuse, bundled) for m, ckpt in models.items()}
+        version = digest([fusion.sha256, fusion.checkpoints, {m: b.extractor.producer for m, b in branches.items()}])
+        return cls(cfg, fusion.network(), fusion.codes, branches, dev, cache, version[:16], workdir, names)
 
     # ------------------------------------------------------------------ the public calls
     def predict(self, df):
@@ -408,8 +352,9 @@ class Predictor:
         self._reuse(b, b.feature_store, fp, out, todo)
         if self.cache is not None and todo.any():
             self._reuse(b, self._cached(b, frame.filter(pl.Series(todo))), fp, out, todo)
-        for start in range(0, int(todo.sum()), CHUNK_ROWS):
-            rows = np.flatnonzero(todo)[start : start + CHUNK_ROWS]
+        chunk = self.cfg.predict.chunk_rows  # rows computed at once: bounds the memory of photos and token states
+        for start in range(0, int(todo.sum()), chunk):
+            rows = np.flatnonzero(todo)[start : start + chunk]
             features = self._compute(b, frame[rows])
             if features.missing is not None and b.name == "image":
                 items.undecodable(rows[np.asarray(features.missing) != 0])
@@ -430,7 +375,7 @@ class Predictor:
                 todo[rows] = False
 
     def _compute(self, b: _Branch, frame: pl.DataFrame) -> MemoryFeatures:
-        m = modalities.get(b.name)
+        m = registry.get(b.name)
         data, missing = b.extractor.compute(b.extractor.prepare(frame))
         spec = b.extractor.arrays[m.array]
         values = data[m.array]
@@ -445,12 +390,13 @@ class Predictor:
         fp = b.extractor.fingerprints(frame)
         keyed = frame.with_columns(item_id=pl.Series(fp.view(np.int64))).unique("item_id", keep="first",
                                                                               maintain_order=True)
-        path = self.cache / "features" / f"{b.name}.zarr"
+        path = wd.store_path(self.cache, "features", b.name, "zarr")
         with _CACHE_LOCKS_GUARD:
             lock = _CACHE_LOCKS.setdefault(str(path.resolve()), threading.Lock())
         try:
             with lock:
-                run_extraction(b.extractor, keyed, path, block_rows=self.cfg.block_items(b.name), progress=False)
+                fill_store(b.extractor, keyed, path, block_rows=self.cfg.block_items(b.name), stores=self.cfg.stores,
+                           progress=False)
         except (StoreBusyError, WriterConflictError):
             return _Lookup(None)
         return _Lookup(path)

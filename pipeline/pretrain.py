@@ -1,41 +1,18 @@
 """Stage 2, pretrain: one classifier per modality, ``encoder -> EMDE coder -> linear head`` (paper 3.4).
 
-``pipeline pretrain MODALITY --workdir W [--config F] [--coder trainable|static]`` reads the modality's
-feature store and ``W/split.parquet`` and writes ``W/models/<modality>/``:
+`pipeline pretrain MODALITY --workdir W` trains on the modality's feature store and W/split.parquet and writes
+W/models/<modality>/: model.pt (the best epoch by validation macro-F1, pipeline.checkpoint), metrics.json,
+valid_predictions.parquet, last.pt (the run state: a killed run resumes from it, and raising `epochs` continues a
+finished run) and stamp.json (unchanged inputs: nothing to do). The directory is built beside the old one and
+swapped in whole; one run per modality at a time.
 
-* ``model.pt`` -- the best epoch's weights (by validation macro-F1), the model config
-  (pipeline.checkpoint rebuilds the network from it), class codes, what it was trained on;
-* ``metrics.json`` -- ``macro_f1`` (0..1, validation split), ``per_class_f1`` (code -> F1), ``accuracy``,
-  ``epochs``, ``best_epoch``, ``seconds``, ``coder``, ``device``, the per-epoch history, ...;
-* ``valid_predictions.parquet`` -- item_id, label and predicted code of every validation item;
-* ``last.pt`` -- the run state after its last epoch (raising ``epochs`` continues a finished run);
-* ``stamp.json`` -- what the model was computed from (settings, features, split): unchanged, the stage
-  does nothing.
-
-A run trains in ``W/models/.<modality>.partial/`` and swaps the finished directory in, so a refused,
-failed, killed or interrupted run leaves the last good model as it was; run again, a killed run resumes
-from its last finished epoch. One run per modality at a time: a second is refused at once.
-
-The networks: the modality's encoder (its registry record: n-gram CNNs over token features, a learned
-BPE embedding + CNN, average pooling + BatchNorm over image maps), the trainable EMDE coder (paper 3.2)
-and a linear head; Adam with Table 1's learning rate and per-epoch decay.
-
-``--coder static`` is the paper's "Baseline (Static EMDE)" (Table 3): a fitted, non-trainable
-:class:`~pipeline.emde.StaticEMDE` (data-dependent LSH of the original EMDE paper) cannot pass gradients
-to an encoder, so the encoder in front of it trains nothing: the token features as a set (each token
-sketched, the region counts normalised per depth; or their mean, ``static_pooling = "mean"``), a fixed
-random embedding of the BPE ids (likewise), the pooled image map as one token; the coder is fitted on the
-train items' vectors (every token of a set; all ranks'), then only the head is trained.
-
-Over an image store cut at ``[image] cache_at``, the image network's encoder is the rest of the backbone
-(:class:`~pipeline.encoders.ImageTail`), which starts from the extractor's weights file (`initial_model`)
-and trains at ``[pretrain.image] backbone_lr``, the new layers at ``lr``. Likewise over a text store of a lower
-layer (``[text_model] layers``) with ``tune_layers = k``: the text model's next k layers
-(:class:`~pipeline.encoders.TextTail`) at that table's ``backbone_lr``.
+The encoder is the modality record's. `--coder static` is Table 3's baseline: a fitted StaticEMDE passes no
+gradient, so its encoder trains nothing (token sets, a fixed random embedding of ids, pooled maps) and only the
+head learns. An encoder with pretrained parts (the image or text tail over a cut cache) trains them at the rate
+it names (`fine_tuned`).
 """
 from __future__ import annotations
 
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -45,18 +22,17 @@ import numpy as np
 import polars as pl
 import torch
 
-from pipeline import checkpoint, modalities, workdir as wd
-from pipeline.catalog import SPLIT_FILE, class_codes, read_split
+from pipeline import checkpoint, registry, upstream, workdir as wd
+from pipeline.catalog import class_codes, read_split
 from pipeline.config import Config
 from pipeline.distributed import Dist, torchrun
 from pipeline.encoders import vectors
 from pipeline.errors import PipelineError
 from pipeline.metrics import class_weights
-from pipeline.provenance import (Stamp, digest, output_lock, partial_dir, read_json, recover, swap_in, write_json,
-                                 write_parquet)
+from pipeline.provenance import Stamp, digest, output_lock, read_json, recover, write_json, write_parquet
 from pipeline.schema import RUN_ONLY_KEYS
 from pipeline.train_reader import TrainReader
-from pipeline.trainer import RunSettings, RunState, train
+from pipeline.trainer import RunSettings, RunState, find_resume, run_dir, train
 from stores import FeatureStore
 
 __all__ = ["pretrain", "prepare", "initial_model"]
@@ -66,7 +42,7 @@ __all__ = ["pretrain", "prepare", "initial_model"]
 class Job:
     """Everything a pretraining run is computed from, resolved and checked before anything is written."""
 
-    modality: modalities.Modality
+    modality: registry.Modality
     opts: object  # the modality's TrainOptions
     cfg: Config
     workdir: Path
@@ -82,7 +58,7 @@ class Job:
         return wd.model_dir(self.workdir, self.modality.name)
 
 
-def _open_store(workdir: Path, cfg: Config, m: modalities.Modality) -> FeatureStore:
+def _open_store(workdir: Path, cfg: Config, m: registry.Modality) -> FeatureStore:
     path = wd.feature_store_path(workdir, cfg, m.name)
     if not FeatureStore.exists(path):
         raise PipelineError(f"no {m.name} features at {path}: build them with "
@@ -116,20 +92,21 @@ def _parts(split: pl.DataFrame, codes: list[int], store: FeatureStore, job_hint:
 
 def prepare(modality: str, workdir: Path, cfg: Config, coder: str | None) -> Job:
     """Resolve settings, split, features and the stamp; refuse bad input before anything is written."""
-    m = modalities.get(modality)
+    m = registry.get(modality)
     opts = cfg.train_options(modality, coder)
     extract_hint = wd.command(cfg, workdir, f"extract {modality}", catalog=True)
     split = read_split(workdir, extract_hint)
     store = _open_store(workdir, cfg, m)
     codes = class_codes(split)
-    parts = _parts(split, codes, store, extract_hint, workdir / SPLIT_FILE)
+    parts = _parts(split, codes, store, extract_hint, wd.split_path(workdir))
     model_config = checkpoint.model_config(modality, opts, store.specs[m.array], store.provenance["producer"],
                                            len(codes), cfg.seed)
     used = np.concatenate([parts["train"][0], parts["valid"][0]])
     order = np.argsort(used)
     items = {"ids": used[order].tolist(), "labels": np.concatenate([parts["train"][1], parts["valid"][1]])[order]
-             .tolist(), "valid": len(parts["valid"][0]), "inputs": _input_hashes(store, used[order])}
-    settings = opts.model_dump(exclude=set(RUN_ONLY_KEYS) | {"epochs"})
+             .tolist(), "valid": len(parts["valid"][0]), "inputs": digest(store.input_hashes(used[order]).tolist())}
+    # (static_quantiles: in the model config when the coder uses it, so that a trainable model's stamp has none)
+    settings = opts.model_dump(exclude=set(RUN_ONLY_KEYS) | {"epochs", "static_quantiles"})
     stamp = Stamp("pretrain", {"settings": settings, "model": model_config, "seed": cfg.seed,
                                "length_sort_window": cfg.train_reader.length_sort_window,
                                "max_tokens": cfg.train_reader.max_tokens,
@@ -151,12 +128,6 @@ def _warnings(codes: list[int], train_labels: np.ndarray) -> list[str]:
     return out
 
 
-def _input_hashes(store: FeatureStore, ids: np.ndarray) -> str:
-    planned_ids, planned_fp = store.planned()
-    order = np.argsort(planned_ids)
-    return digest(planned_fp[order][np.searchsorted(planned_ids[order], ids)].tolist())
-
-
 def pretrain(modality: str, workdir: Path, cfg: Config, *, coder: str | None = None, progress: bool = True,
              log=print) -> dict:
     """`pipeline pretrain MODALITY`: train (or resume, or skip) W/models/<modality>/; return its metrics."""
@@ -167,7 +138,7 @@ def pretrain(modality: str, workdir: Path, cfg: Config, *, coder: str | None = N
         if torchrun().main:
             recover(job.out)
         if job.stamp.matches(job.out):
-            done = read_json(job.out / "metrics.json", "metrics file")
+            done = read_json(job.out / wd.METRICS_FILE, "metrics file")
             if torchrun().main:
                 log(f"{modality}: nothing to do, {job.out} is up to date (store, split and config unchanged; "
                     f"valid macro-F1 {done['macro_f1']:.4f})")
@@ -179,65 +150,36 @@ def pretrain(modality: str, workdir: Path, cfg: Config, *, coder: str | None = N
         job.store.close()
 
 
-def _resume_state(job: Job, ctx: Dist, say) -> dict | None:
-    """A killed run of this job (in the partial directory), or a finished one with fewer epochs: resumable."""
-    partial = partial_dir(job.out)
-    for where in (partial, job.out):
-        path = where / checkpoint.RESUME_FILE
-        if not path.is_file():
-            continue
-        try:
-            state = checkpoint.load(path)
-        except PipelineError as err:
-            say(f"{job.modality.name}: not resuming from {path} ({err}); starting afresh")
-            continue
-        if state.get("format") != checkpoint.FORMAT or state.get("stamp") != job.stamp.without("epochs").digest:
-            say(f"{job.modality.name}: not resuming from {path}: the settings, split or features changed since "
-                "it was written; starting afresh")
-            continue
-        if state["progress"]["epoch"] > job.opts.epochs:
-            say(f"{job.modality.name}: not resuming from {path}: it is {state['progress']['epoch']} epochs in, "
-                f"the config asks for {job.opts.epochs}")
-            continue
-        p = state["progress"]
-        say(f"{job.modality.name}: resuming from {path} after epoch {p['epoch']}/{job.opts.epochs} (best valid "
-            f"macro-F1 so far {p['best_f1']:.4f} at epoch {p['best_epoch']})")
-        return state
-    return None
-
-
-def _readers(job: Job, ctx: Dist) -> tuple[TrainReader, TrainReader]:
+def _readers(job: Job, dist: Dist) -> tuple[TrainReader, TrainReader]:
     rc = job.cfg.train_reader
-    budget = rc.memory_gb * 1e9 / max(ctx.local_world, 1)
-    common = dict(mode=rc.mode, buffer_blocks=rc.buffer_blocks, prefetch=rc.prefetch_batches,
-                  sort_window=rc.length_sort_window, rank=ctx.rank, world_size=ctx.world,
-                  pin_memory=ctx.device.type == "cuda", seed=job.cfg.seed, max_tokens=rc.max_tokens)
+    budget = rc.memory_gb * 1e9 / max(dist.local_world, 1)  # [train_reader] memory_gb is per machine
+    common = dict(rank=dist.rank, world_size=dist.world, pin_memory=dist.device.type == "cuda", seed=job.cfg.seed)
     m = job.modality
-    train = TrainReader(job.store, m.array, m.batch, *job.parts["train"], batch_size=job.opts.batch_size,
+    train = TrainReader(job.store, m.array, m.batch, *job.parts["train"], rc, batch_size=job.opts.batch_size,
                         shuffle=True, memory_bytes=budget, **common)
-    valid = TrainReader(job.store, m.array, m.batch, *job.parts["valid"], shuffle=False,
+    valid = TrainReader(job.store, m.array, m.batch, *job.parts["valid"], rc, shuffle=False,
                         batch_size=job.opts.eval_batch_size,
                         memory_bytes=max(budget - (train.nbytes if train.mode == "memory" else 0), 0), **common)
     return train, valid
 
 
-def _fit_static(model, reader: TrainReader, ctx: Dist) -> None:
+def _fit_static(model, reader: TrainReader, dist: Dist) -> None:
     """Fit the static coder on the encoder outputs of every train item (all ranks' shares; every token of an
     encoder that outputs sets), in float32."""
     model.encoder.eval()
     outs, ids = [], []
     with torch.no_grad():
         for batch in reader.epoch(0):
-            batch = batch.to(ctx.device)
+            batch = batch.to(dist.device)
             z = model.encoder(*batch.inputs)  # (B, D), or a set per item ((B, L, D), mask (B, L))
             outs.append(vectors(z).float().cpu())  # (B or real tokens, D)
             per_item = z[1].sum(1) if isinstance(z, tuple) else torch.ones_like(batch.ids)  # (B,) vectors per item
             ids.append(batch.ids.repeat_interleave(per_item).cpu())
     mine = (torch.cat(ids).numpy(), torch.cat(outs).numpy()) if outs else (np.zeros(0, np.int64), None)
-    parts = [p for p in ctx.gather(mine) if p[1] is not None]
+    parts = [p for p in dist.gather(mine) if p[1] is not None]
     all_ids = np.concatenate([p[0] for p in parts])
     feats = np.concatenate([p[1] for p in parts])[np.argsort(all_ids, kind="stable")]  # rank-independent
-    model.coder.fit(torch.from_numpy(feats).to(ctx.device))
+    model.coder.fit(torch.from_numpy(feats).to(dist.device))
 
 
 def initial_model(job: Job, pretrained: bool = True):
@@ -248,85 +190,78 @@ def initial_model(job: Job, pretrained: bool = True):
     np.random.seed(job.cfg.seed % 2**32)
     model = checkpoint.build_model(job.model_config)
     if pretrained and job.modality.init_encoder is not None:
-        job.modality.init_encoder(model.encoder, job.cfg, job.workdir, job.store.provenance["producer"])
+        job.modality.init_encoder(model.encoder, upstream.resources(job.cfg, job.workdir),
+                                  job.store.provenance["producer"])
     return model
 
 
-def _build(job: Job, ctx: Dist, train_reader: TrainReader, fresh: bool, say):
-    model = initial_model(job, pretrained=fresh).to(ctx.device)  # a resumed run loads its own weights
+def _build(job: Job, dist: Dist, train_reader: TrainReader, fresh: bool, say):
+    model = initial_model(job, pretrained=fresh).to(dist.device)  # a resumed run loads its own weights
     static = job.opts.coder == "static"
     if static:
         for p in list(model.encoder.parameters()) + list(model.coder.parameters()):
             p.requires_grad_(False)
         if fresh:
             t = time.perf_counter()
-            _fit_static(model, train_reader, ctx)
+            _fit_static(model, train_reader, dist)
             say(f"{job.modality.name}: static EMDE fitted on {train_reader.total_items} train items in "
                 f"{time.perf_counter() - t:.1f} s")
     run = RunSettings(job.modality.name, job.opts.epochs, job.opts.lr, job.opts.decay, job.opts.weight_decay,
-                      job.opts.label_smoothing, amp=ctx.device.type == "cuda" and not static,
-                      lr_groups=(("encoder.tail.", job.opts.backbone_lr),) if hasattr(job.opts, "backbone_lr") else (),
+                      job.opts.label_smoothing, amp=dist.device.type == "cuda" and not static,
+                      lr_groups=_fine_tuned(model, job.opts),
                       fitted=("encoder", "coder") if static else (), stamp=job.stamp.without("epochs").digest)
     return model, run
 
 
+def _fine_tuned(model, opts) -> tuple[tuple[str, float], ...]:
+    """(parameter-name prefix, learning rate) of the pretrained parts the encoder declares (`fine_tuned`)."""
+    declared = getattr(model.encoder, "fine_tuned", {})
+    return tuple((f"encoder.{part}.", getattr(opts, key)) for part, key in declared.items())
+
+
 def _run(job: Job, progress: bool, log) -> dict:
-    ctx = Dist(job.opts.device, "[pretrain] device")
-    say = log if ctx.main else (lambda *_a, **_k: None)
+    dist = Dist(job.opts.device, "[pretrain] device")
+    say = log if dist.main else (lambda *_a, **_k: None)
     threads = torch.get_num_threads()
-    if ctx.device.type == "cpu" and job.opts.cpu_threads > 0:
+    if dist.device.type == "cpu" and job.opts.cpu_threads > 0:
         torch.set_num_threads(job.opts.cpu_threads)
     try:
-        state = _resume_state(job, ctx, say)
-        ctx.barrier()  # every rank has read the resume file before rank 0 touches the directory
-        partial = partial_dir(job.out)
-        if ctx.main:
-            _start_partial(partial, job.out, state)
-        train_reader, valid_reader = _readers(job, ctx)
-        _check_batches(job, ctx, train_reader)
-        model, run = _build(job, ctx, train_reader, state is None, say)
-        cut = _describe(job, model, ctx, train_reader, valid_reader, say)
-        weights = class_weights(job.parts["train"][1], len(job.codes), job.opts.loss)
-        done = train(model, train_reader, valid_reader, run, ctx, job.codes,
-                     None if weights is None else weights.to(ctx.device), partial / checkpoint.RESUME_FILE,
-                     state, say, progress)
-        if done.best_epoch == 0:
-            raise PipelineError(f"{job.modality.name}: no epoch was trained (epochs = {job.opts.epochs})")
-        metrics = _metrics(job, done, ctx) | cut | {"warnings": job.warnings}
-        if ctx.main:
-            _finish(job, done, metrics, partial)
+        state = find_resume(job.out, job.stamp.without("epochs").digest, job.opts.epochs, job.modality.name, say)
+        dist.barrier()  # every rank has read the resume file before rank 0 touches the directory
+        with run_dir(job.out, state, dist.main) as partial:
+            train_reader, valid_reader = _readers(job, dist)
+            _check_batches(job, dist, train_reader)
+            model, run = _build(job, dist, train_reader, state is None, say)
+            cut = _describe(job, model, dist, train_reader, valid_reader, say)
+            weights = class_weights(job.parts["train"][1], len(job.codes), job.opts.loss)
+            done = train(model, train_reader, valid_reader, run, dist, job.codes,
+                         None if weights is None else weights.to(dist.device), partial / wd.RESUME_FILE,
+                         state, say, progress)
+            if done.best_epoch == 0:
+                raise PipelineError(f"{job.modality.name}: no epoch was trained (epochs = {job.opts.epochs})")
+            metrics = _metrics(job, done, dist) | cut | {"warnings": job.warnings}
+            if dist.main:
+                _write(job, done, metrics, partial)
         say(f"{job.modality.name}: best valid macro-F1 {done.best_f1:.4f} at epoch {done.best_epoch}/"
             f"{job.opts.epochs} ({metrics['valid_items']} validation items), {metrics['seconds']:.1f} s training "
             f"-> {job.out}")
-        ctx.barrier()
+        dist.barrier()
         return metrics
     finally:
         torch.set_num_threads(threads)
-        ctx.close()
+        dist.close()
 
 
-def _start_partial(partial: Path, out: Path, state: dict | None) -> None:
-    """The directory this run writes into: a killed run's (resumed), or a fresh one (seeded with the finished
-    run's resume file when that run is being continued with more epochs)."""
-    if state is not None and (partial / checkpoint.RESUME_FILE).is_file():
-        return
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    if state is not None:
-        shutil.copy2(out / checkpoint.RESUME_FILE, partial / checkpoint.RESUME_FILE)
-
-
-def _describe(job: Job, model, ctx: Dist, train_reader, valid_reader, say) -> dict:
+def _describe(job: Job, model, dist: Dist, train_reader, valid_reader, say) -> dict:
     """Say what is trained on what; return the count of items read up to [train_reader] max_tokens."""
     name, opts = job.modality.name, job.opts
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"{name}: {opts.coder} EMDE (depth {opts.depth}, width {opts.width}), {type(model.encoder).__name__} "
-        f"encoder, {trainable:,} trainable parameters, {len(job.codes)} classes on {ctx.describe()}")
+        f"encoder, {trainable:,} trainable parameters, {len(job.codes)} classes on {dist.describe()}")
     say(f"{name}: train {train_reader.describe()}; valid {valid_reader.describe()}")
     for warning in job.warnings:
         say(f"{name}: warning: {warning}")
-    cut = [int(n) for n in ctx.all_sum([float(train_reader.cut), float(valid_reader.cut)])]
+    cut = [int(n) for n in dist.all_sum([float(train_reader.cut), float(valid_reader.cut)])]
     if sum(cut):
         cap = job.cfg.train_reader.max_tokens
         say(f"{name}: {cut[0]} train and {cut[1]} validation item(s) have more than {cap} tokens: the network "
@@ -338,39 +273,37 @@ def _describe(job: Job, model, ctx: Dist, train_reader, valid_reader, say) -> di
             "items_over_max_tokens": {"train": cut[0], "valid": cut[1]}}
 
 
-def _check_batches(job: Job, ctx: Dist, reader: TrainReader) -> None:
+def _check_batches(job: Job, dist: Dist, reader: TrainReader) -> None:
     """Refuse a batch plan with a one-item batch (the BatchNorm of a training batch needs 2), on every rank."""
-    if ctx.all_sum([float(reader.steps and reader.sizes.min() < 2)])[0]:
+    if dist.all_sum([float(reader.steps and reader.sizes.min() < 2)])[0]:
         name, n = job.modality.name, reader.total_items
-        fewer = " (or run fewer processes)" if ctx.world > 1 else ""
+        fewer = " (or run fewer processes)" if dist.world > 1 else ""
         raise PipelineError(f"{name}: {n} train items in batches of at most {job.opts.batch_size} leave a batch of "
                             f"1 item (the BatchNorm of a training batch needs 2): set [pretrain.{name}] batch_size "
                             f"to 3 or more{fewer}")
 
 
-def _metrics(job: Job, done: RunState, ctx: Dist) -> dict:
+def _metrics(job: Job, done: RunState, dist: Dist) -> dict:
     return {
         "modality": job.modality.name, "macro_f1": done.best_f1, "per_class_f1": done.best_metrics["per_class_f1"],
         "accuracy": done.best_metrics["accuracy"], "epochs": job.opts.epochs, "best_epoch": done.best_epoch,
         "seconds": float(sum(h["seconds"] for h in done.history)), "coder": job.opts.coder,
-        "device": ctx.describe(), "world_size": ctx.world, "train_items": int(len(job.parts["train"][0])),
+        "device": dist.describe(), "world_size": dist.world, "train_items": int(len(job.parts["train"][0])),
         "valid_items": int(len(done.best_predictions["ids"])), "class_codes": [int(c) for c in job.codes],
         "history": done.history, "fingerprint": job.stamp.digest, "store": str(job.store.path),
     }
 
 
-def _finish(job: Job, done: RunState, metrics: dict, partial: Path) -> None:
-    """The best epoch into the partial directory, then the directory swapped in (stamp last)."""
-    checkpoint.save({"format": checkpoint.FORMAT, "modality": job.modality.name, "coder": job.opts.coder,
-                     "model_config": job.model_config, "state_dict": done.best_state, "class_codes": job.codes,
-                     "store": {"path": str(job.store.path), "provenance": job.store.provenance},
-                     "train_config": job.opts.model_dump(), "fingerprint": job.stamp.digest,
-                     "max_tokens": job.cfg.train_reader.max_tokens,
-                     "best_epoch": done.best_epoch, "macro_f1": done.best_f1}, partial / checkpoint.MODEL_FILE)
+def _write(job: Job, done: RunState, metrics: dict, partial: Path) -> None:
+    """The best epoch into the run's directory (stamp last; `run_dir` swaps it in)."""
+    checkpoint.save(checkpoint.ModelCheckpoint(
+        modality=job.modality.name, coder=job.opts.coder, model_config=job.model_config, state_dict=done.best_state,
+        class_codes=job.codes, store={"path": str(job.store.path), "provenance": job.store.provenance},
+        train_config=job.opts.model_dump(), fingerprint=job.stamp.digest, best_epoch=done.best_epoch,
+        macro_f1=done.best_f1, max_tokens=job.cfg.train_reader.max_tokens), partial / wd.MODEL_FILE)
     p = {k: v.numpy() for k, v in done.best_predictions.items()}
     cc = np.asarray(job.codes, dtype=np.int64)
     write_parquet(pl.DataFrame({"item_id": p["ids"], "label": cc[p["labels"]], "predicted": cc[p["preds"]]})
                   .sort("item_id"), partial / "valid_predictions.parquet")
-    write_json(partial / "metrics.json", metrics)
+    write_json(partial / wd.METRICS_FILE, metrics)
     job.stamp.write(partial)
-    swap_in(partial, job.out)

@@ -11,17 +11,13 @@
 """
 from __future__ import annotations
 
-import datetime as dt
-import fcntl
 import hashlib
 import io
 import json
 import os
 import secrets
 import shutil
-import socket
 import stat
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -202,40 +198,13 @@ def staged_dir(final: str | Path, fresh: bool = True):
 
 
 # ---------------------------------------------------------------------- one runner per output
-def lock_path(target: str | Path) -> Path:
-    target = Path(target)
-    return target.parent / ".locks" / f"{target.name}.lock"
-
-
-@contextmanager
 def output_lock(target: str | Path):
-    """Hold the lock of output `target` for this process; a second runner is refused at once.
+    """Hold the lock of output `target` (beside it, in `.locks/`) for this process; a second runner is refused at
+    once, naming the first (pid, host, command, since when). The kernel releases it when the process dies, so a
+    killed run never leaves a stale lock."""
+    from stores import file_lock, sidecar  # here, not at import: a refused argument never loads the store layer
 
-    The lock file says who holds it (pid, host, command, since when), for the refusal message.
-    flock is released by the kernel when the process dies, so a killed run never leaves a stale lock."""
-    path = lock_path(target)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            raise PipelineError(f"{target} is being written by {_holder(fh.read())}; wait for it to finish "
-                                "(or stop it) before running this again") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(canonical_json({"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
-                                 "since": dt.datetime.now().isoformat(timespec="seconds")}))
-        fh.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _holder(text: str) -> str:
-    try:
-        who = json.loads(text)
-        return f"process {who['pid']} on {who['host']} (`{who['command']}`, since {who['since']})"
-    except (ValueError, KeyError, TypeError):
-        return "another process"
+    def busy(holder: str) -> PipelineError:
+        return PipelineError(f"{target} is being written by {holder}; wait for it to finish (or stop it) before "
+                             "running this again")
+    return file_lock(sidecar(target, "lock"), wait=False, busy=busy)

@@ -8,6 +8,7 @@ file, the table and the key.
 from __future__ import annotations
 
 import codecs
+import re
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -77,7 +78,7 @@ class Table(Section):
     separator: Annotated[str, Field(min_length=1, max_length=1)]  # of .csv files (.tsv: a tab)
 
 
-class Catalog(Section):
+class CatalogSettings(Section):
     layout: str  # "auto", "table" or a table of [catalog.layouts]
     encoding: Annotated[str, AfterValidator(_text_encoding)]
     table: Table
@@ -101,6 +102,9 @@ class Stores(Section):
     backend: Literal["zarr", "hdf5"]
     block_items: PowerOfTwo
     root: str
+    chunk_bytes: Annotated[int, Field(ge=1024)]
+    gzip_level: Annotated[int, Field(ge=0, le=9)]
+    plan_wait_s: PositiveFloat
 
 
 class Extract(Section):
@@ -124,7 +128,7 @@ class TextModel(Section):
     tiny: TinyModel
 
 
-class TrainReader(Section):
+class ReaderSettings(Section):
     memory_gb: Annotated[float, Field(ge=0)]
     mode: Literal["auto", "memory", "stream"]
     buffer_blocks: Positive
@@ -137,7 +141,7 @@ class TrainReader(Section):
 class TrainOptions(Section):
     """[pretrain] (defaults of every modality) and [pretrain.<modality>]: one modality's network and run.
 
-    A modality's table is this plus the keys of its own options class (see pipeline.modalities)."""
+    A modality's table is this plus the keys of its own class (its record's `train_options`)."""
 
     coder: Literal["trainable", "static"]
     loss: Loss
@@ -148,6 +152,7 @@ class TrainOptions(Section):
     depth: Positive
     width: Positive
     weight_decay: Annotated[float, Field(ge=0)]
+    static_quantiles: Annotated[list[Probability], Field(min_length=2, max_length=2)]
     label_smoothing: Probability
     batch_size: Annotated[int, Field(ge=2)]  # the BatchNorm of a training batch needs 2 items
     epochs: Positive
@@ -158,7 +163,19 @@ class TrainOptions(Section):
     def _static_width(self):
         if self.coder == "static" and self.width & (self.width - 1):
             raise ValueError(f"the static coder needs a power-of-two width, not {self.width}")
+        if not 0 < self.static_quantiles[0] <= self.static_quantiles[1]:
+            raise ValueError(f"static_quantiles must be two quantiles 0 < low <= high < 1, not {self.static_quantiles}")
         return self
+
+
+class TextTrainOptions(TrainOptions):
+    """The n-gram CNN over token features, shared by the text modalities (title_cam, desc_cam, title_bpe)."""
+
+    kernel_sizes: KernelSizes
+    channels: Positive
+    dropout: Probability
+    token_dropout: Probability  # training only: the probability of hiding each token ("word dropout")
+    static_pooling: Literal["tokens", "mean"]  # static coder: sketch every token and sum, or sketch their mean
 
 
 # Keys that decide how a run is executed, not what it computes: they are not part of a model's stamp.
@@ -171,15 +188,32 @@ class Sketch(Section):
     block_items: PowerOfTwo
 
 
+class Predict(Section):
+    batch_rows: Positive  # rows `pipeline predict` hands the predictor at once
+    chunk_rows: Positive  # rows the predictor computes at once: bounds the memory of decoded photos, token states
+
+
 class Head(Section):
     name: str
     inputs: Annotated[list[str], Field(min_length=1)]
 
 
-def _stage_output(name: str) -> str:
-    from pipeline.workdir import check_output_name  # the work directory's own entries are named there
+# The work directory's own entries: what the stages write there (pipeline/workdir.py's paths; `evaluations/`:
+# the per-model evaluations). `[fusion] output` names a folder beside them, never one of them; `--out`
+# arguments never point into them.
+WORKDIR_ENTRIES = ("config.json", "split.parquet", "features", "sketches", "models", "tokenizers", "upstream",
+                   "export", "evaluations")
 
-    return check_output_name(name)
+
+def _stage_output(name: str) -> str:
+    """`[fusion] output`: a plain folder name inside W that no other stage writes."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ValueError("expected a plain folder name inside the work directory (letters, digits, '_', '-', '.'; "
+                         "no path, not hidden)")
+    if name.casefold() in {e.casefold() for e in WORKDIR_ENTRIES}:
+        raise ValueError(f"'{name}' is another stage's output in the work directory ({', '.join(WORKDIR_ENTRIES)}); "
+                         "name a folder of its own (e.g. \"fusion\")")
+    return name
 
 
 class Fusion(Section):
@@ -232,8 +266,8 @@ class Serve(Section):
 # The general tables of a config (modality tables come from the registry); the optional ones are None
 # where no file has them ([demo] is in demo.toml, [real_data] in rakuten-real.toml).
 TABLES: dict[str, type[Section]] = {
-    "catalog": Catalog, "split": Split, "stores": Stores, "extract": Extract, "text_model": TextModel,
-    "train_reader": TrainReader, "sketch": Sketch, "fusion": Fusion, "demo": Demo, "real_data": RealData,
-    "serve": Serve,
+    "catalog": CatalogSettings, "split": Split, "stores": Stores, "extract": Extract, "text_model": TextModel,
+    "train_reader": ReaderSettings, "sketch": Sketch, "predict": Predict, "fusion": Fusion, "demo": Demo,
+    "real_data": RealData, "serve": Serve,
 }
 OPTIONAL_TABLES = ("demo", "real_data")

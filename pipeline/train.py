@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline import modalities
+from pipeline import registry
 from pipeline.config import Config
 from pipeline.upstream import check_models
 
@@ -21,7 +21,7 @@ def pretrain_all(modality: str, workdir: str | Path, cfg: Config, *, coder: str 
     """`pipeline pretrain MODALITY|all`: each modality's network (every modality of the config for "all")."""
     from pipeline.pretrain import pretrain
 
-    names = cfg.modality_names if modality == "all" else [modalities.get(modality).name]
+    names = cfg.modality_names if modality == "all" else [registry.get(modality).name]
     return {m: pretrain(m, Path(workdir), cfg, coder=coder, progress=progress, log=log) for m in names}
 
 

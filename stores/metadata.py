@@ -17,15 +17,15 @@ MAX_CHUNK_BYTES = 1 << 26  # 64 MiB: the layout's chunks are about 2 MiB (a chun
 NUMERIC_KINDS = "biuf"
 
 
-def check_provenance(path, prov, readable_schemas: tuple[int, ...]) -> None:
-    """The provenance's own shape: a schema this code reads, and a layout of sane numbers."""
+def check_provenance(path, prov, schema_version: int) -> None:
+    """The provenance's own shape: the schema this code reads, and a layout of sane numbers."""
     def bad(what: str) -> UnreadableStoreError:
         return UnreadableStoreError(path, f"its provenance is damaged ({what})")
 
     if not isinstance(prov, dict) or not isinstance(prov.get("layout"), dict):
         raise bad("no layout")
-    if prov.get("schema_version") not in readable_schemas:
-        raise bad(f"schema version {prov.get('schema_version')!r}, not one this code reads {readable_schemas}")
+    if prov.get("schema_version") != schema_version:
+        raise bad(f"schema version {prov.get('schema_version')!r}, not the one this code reads ({schema_version})")
     if not isinstance(prov.get("kind"), str) or not isinstance(prov.get("producer"), dict):
         raise bad("no kind or producer")
     rows, arrays = prov["layout"].get("block_rows"), prov["layout"].get("arrays")
@@ -54,22 +54,19 @@ def _sane_array(spec) -> bool:
 
 
 def expected_arrays(store) -> dict[str, tuple[np.dtype, tuple, int | None]]:
-    """Every array the layout of `store` (a FeatureStore) implies: name -> (dtype, row shape, chunk rows).
-    The chunk is None where a schema 1 store may have chunked otherwise."""
-    B, exact = store.block_rows, store.schema_version >= 2
+    """Every array the layout of `store` (a FeatureStore) implies: name -> (dtype, row shape, chunk rows);
+    the chunk of `counts` (None) is not checked."""
+    B = store.block_rows
     chunks = store.provenance["layout"]["arrays"]
-    out = {"ids": (np.dtype("int64"), (), B if exact else None),
-           "input_hash": (np.dtype("uint64"), (), B if exact else None),
-           "missing": (np.dtype("uint8"), (), B if exact else None),
-           "complete": (np.dtype("uint8"), (), 1 if exact else None)}
-    if exact:
-        out["counts"] = (np.dtype("int32"), (), None)
+    out = {"ids": (np.dtype("int64"), (), B), "input_hash": (np.dtype("uint64"), (), B),
+           "missing": (np.dtype("uint8"), (), B), "complete": (np.dtype("uint8"), (), 1),
+           "counts": (np.dtype("int32"), (), None)}
     for name, spec in store.specs.items():
         data = f"{name}/values" if spec.ragged else name
         out[data] = (np.dtype(spec.dtype), tuple(spec.shape), int(chunks[name]["chunk"]))
         if spec.ragged:
-            out[f"{name}/starts"] = (np.dtype("int64"), (), B if exact else None)
-            out[f"{name}/lengths"] = (np.dtype("int32"), (), B if exact else None)
+            out[f"{name}/starts"] = (np.dtype("int64"), (), B)
+            out[f"{name}/lengths"] = (np.dtype("int32"), (), B)
     return out
 
 
@@ -91,8 +88,8 @@ def check_arrays(store) -> None:
             raise UnreadableStoreError(store.path, f"array '{name}' is {got[0]} {got[1]} in chunks of {got[2]}, "
                                                    f"not what its layout says ({dtype} {row}, chunks of {chunk})")
     blocks = lengths["complete"]
-    short = [n for n in ("ids", "input_hash", "missing", "counts") if n in lengths and
-             lengths[n] < blocks * (1 if n == "counts" else store.block_rows)]
+    short = [n for n in ("ids", "input_hash", "missing", "counts")
+             if lengths[n] < blocks * (1 if n == "counts" else store.block_rows)]
     if short:
         raise UnreadableStoreError(store.path, f"array '{short[0]}' holds {lengths[short[0]]} rows, fewer than the "
                                                f"{blocks} blocks of 'complete' need")

@@ -61,3 +61,14 @@ def sidecar(path: str | Path, what: str) -> Path | None:
     """
     local = local_path(path)
     return None if local is None else local.parent / ".locks" / f"{local.name}.{what}"
+
+
+def partial_path(path: str | Path) -> Path | str:
+    """Where a store is built (a rebuild, an upgrade) before it replaces the one at `path`:
+    `.<name>.partial.<suffix>` beside it."""
+    path = store_location(path)
+    if isinstance(path, Path):
+        return path.with_name(f".{path.stem}.partial{path.suffix}")
+    head, _, name = path.rpartition("/")
+    stem, _, suffix = name.rpartition(".")
+    return f"{head}/.{stem}.partial.{suffix}"

@@ -48,6 +48,21 @@ def cli(*args, timeout: float | None = None):
                           cwd=ROOT, env=env, timeout=timeout)
 
 
+def reader_settings(**over):
+    """The [train_reader] table of configs/default.toml with `over` replacing some of its values."""
+    from pipeline.config import load_config
+
+    return load_config().train_reader.model_copy(update=over)
+
+
+def store_layout() -> dict:
+    """FeatureStore.create's chunk and compression settings, as [stores] in configs/default.toml has them."""
+    from pipeline.config import load_config
+
+    stores = load_config().stores
+    return {"chunk_bytes": stores.chunk_bytes, "gzip_level": stores.gzip_level}
+
+
 # ---------------------------------------------------------------------- one small trained work directory
 TRAINED_OVERRIDES = """
 [demo]

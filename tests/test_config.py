@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import modalities
+from pipeline import registry
 from pipeline.config import ConfigError, load_config
 from pipeline.workdir import load, remember
 
-MODALITIES = modalities.names()
+MODALITIES = registry.names()
 
 
 def _over(tmp_path, text: str, base: str = "configs/demo.toml"):

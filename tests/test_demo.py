@@ -12,12 +12,12 @@ import polars as pl
 import pytest
 import torch
 
-from pipeline import modalities
+from pipeline import registry
 from pipeline.checkpoint import load_model
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.fuse import fuse
-from pipeline.train_reader import inference_batches
+from pipeline.batches import inference_batches
 from stores import FeatureStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,11 +73,11 @@ def test_predictions_hold_one_row_per_test_item(demo_dir):
 
 def test_sketch_store_equals_the_encoder_output(demo_dir):
     for modality in ("title_bpe", "image"):
-        model, _ = load_model(demo_dir / "models" / modality)
+        model = load_model(demo_dir / "models" / modality).network()
         with FeatureStore(demo_dir / "features" / f"{modality}.zarr") as features, \
                 FeatureStore(demo_dir / "sketches" / f"{modality}.zarr") as sketches:
             ids = features.ids[::37]
-            m = modalities.get(modality)
+            m = registry.get(modality)
             with torch.inference_mode():
                 for batch in inference_batches(features, m.array, m.batch, ids, batch_size=64):
                     stored = sketches.read("sketch", batch.ids.numpy())
@@ -157,8 +157,8 @@ def test_exported_networks_give_the_same_outputs(demo_dir, demo_config, tmp_path
         ids = np.concatenate([images.ids[:5], images.ids[np.flatnonzero(images.read_missing(images.ids))[:3]]])
     for modality in MODALITIES:
         program = load_program(files[modality]).module()  # the safe loader takes every genuine program
-        model, _ = load_model(demo_dir / "models" / modality)
-        m = modalities.get(modality)
+        model = load_model(demo_dir / "models" / modality).network()
+        m = registry.get(modality)
         with FeatureStore(demo_dir / "features" / f"{modality}.zarr") as features:
             batch = next(inference_batches(features, m.array, m.batch, ids, batch_size=len(ids)))  # another batch size
         with torch.inference_mode():
@@ -194,8 +194,8 @@ def test_probability_averaging_is_the_mean_of_the_modality_networks(demo_dir, de
     ids = table["item_id"].to_numpy()
     probabilities = []  # each pretrained network's own class probabilities, straight from its feature store
     for modality in MODALITIES:
-        model, _ = load_model(demo_dir / "models" / modality)
-        m = modalities.get(modality)
+        model = load_model(demo_dir / "models" / modality).network()
+        m = registry.get(modality)
         with FeatureStore(demo_dir / "features" / f"{modality}.zarr") as features, torch.inference_mode():
             batch = next(inference_batches(features, m.array, m.batch, ids, batch_size=len(ids)))
             probabilities.append(torch.softmax(model(*batch.inputs), -1).numpy())
@@ -215,7 +215,7 @@ def test_the_static_emde_system_runs_every_stage(demo_dir, demo_config, tmp_path
         {"pretrain": {m: {"epochs": 2} for m in MODALITIES}, "fusion": {"epochs": 3}})  # it runs: scores are not the point
     for modality in MODALITIES:
         pretrain(modality, w, cfg, progress=False, log=lambda *_: None)
-        assert load_model(w / "models" / modality)[1]["coder"] == "static"
+        assert load_model(w / "models" / modality).coder == "static"
     sketch("all", w, cfg, progress=False, log=lambda *_: None)
     with FeatureStore(w / "sketches" / "title_cam.zarr") as store:
         depth = cfg.train_options("title_cam").depth

@@ -15,7 +15,7 @@ import sentencepiece as spm
 from pipeline.catalog import load_catalog
 from pipeline.config import load_config
 from pipeline.extract import extract
-from pipeline.extract.driver import StaleStoreError
+from pipeline.errors import StaleStoreError
 from pipeline.synth import synthesize
 from stores import FeatureStore
 from tests.conftest import quiet
@@ -131,5 +131,5 @@ def test_cli_contract_inspect_json_and_errors(tmp_path, catalog_dir):
     assert sharded.returncode == 1 and "use --backend zarr for --shard" in sharded.stderr
     missing = cli("extract", "title_bpe", "--catalog", str(tmp_path / "none"), "--workdir", str(w))
     assert missing.returncode == 1
-    assert missing.stderr.strip().startswith("error: catalogue folder not found")
+    assert missing.stderr.strip().startswith("error: catalogue not found")
     assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1

@@ -18,10 +18,12 @@ from PIL import Image
 from pipeline.catalog import load_catalog
 from pipeline.config import load_config
 from pipeline.extract import extract
-from pipeline.extract.driver import StaleStoreError
+from pipeline.errors import StaleStoreError
 from pipeline.text import clean_description
 from pipeline.synth import synthesize
-from pipeline.weights import ModelNotFoundError, load_image_backbone, load_text_model
+from pipeline.errors import ModelNotFoundError
+from pipeline.weights.image import load_image_backbone
+from pipeline.weights.text import load_text_model
 from stores import FeatureStore
 from tests.conftest import quiet
 

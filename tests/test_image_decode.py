@@ -16,10 +16,9 @@ from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.config import DEFAULT_CONFIG, load_config
-from pipeline.extract.image import NO_FILE, REFUSED, UNREADABLE, ImageMaps, encoded, jpeg_frame, load_photo
+from pipeline.modalities.image_maps import NO_FILE, REFUSED, UNREADABLE, ImageMaps, encoded, jpeg_frame, load_photo
 
-OPTS = load_config(DEFAULT_CONFIG).options("image").model_dump() | {
-    "model": "tf_efficientnet_lite0", "input_size": 64, "batch_size": 4, "decode_workers": 2}
+IMAGE = load_config(DEFAULT_CONFIG).options("image")
 
 
 def picture(height: int, width: int, seed: int) -> Image.Image:
@@ -67,7 +66,9 @@ def photos(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def extractor() -> ImageMaps:
-    return ImageMaps(OPTS, None, torch.device("cpu"))
+    return ImageMaps("tf_efficientnet_lite0", None, torch.device("cpu"), input_size=64, batch_size=4,
+                     decode_workers=2, decode_device=IMAGE.decode_device, cache_at=IMAGE.cache_at,
+                     max_bytes=IMAGE.max_bytes)
 
 
 GOOD = ["jpeg", "wide", "small", "progressive", "444", "grey", "cmyk", "png", "rgba", "webp"]

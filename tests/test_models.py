@@ -6,8 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.config import load_config
 from pipeline.emde import DifferentiableEMDECoder, StaticEMDE
 from pipeline.encoders import BpeCNN, ImagePool, ModalityClassifier, TextCNN, TokenMeanPool
+
+QUANTILES = tuple(load_config().train_options("title_bpe").static_quantiles)  # [pretrain] static_quantiles
 
 
 # Tiny tensors: a second intra-op thread only spins (tests/conftest.py).
@@ -94,7 +97,7 @@ def _static_data(n=4000, d=24):
 def test_static_emde_buckets_balanced_and_sketch_normalised():
     x = _static_data()
     n, depth, width = x.shape[0], 4, 16
-    s = StaticEMDE(x.shape[1], depth=depth, width=width, seed=3).fit(x)
+    s = StaticEMDE(x.shape[1], depth=depth, width=width, seed=3, quantile_range=QUANTILES).fit(x)
     assert s.fitted and s.output_dim == depth * width
     assert len(list(s.parameters())) == 0
     b = s.buckets(x)
@@ -112,13 +115,13 @@ def test_static_emde_buckets_balanced_and_sketch_normalised():
 
 def test_static_emde_deterministic_and_state_dict_roundtrip():
     x = _static_data(1000, 12)
-    a = StaticEMDE(12, depth=3, width=8, seed=7).fit(x)
-    b = StaticEMDE(12, depth=3, width=8, seed=7).fit(x)
-    c = StaticEMDE(12, depth=3, width=8, seed=8).fit(x)
+    a = StaticEMDE(12, depth=3, width=8, seed=7, quantile_range=QUANTILES).fit(x)
+    b = StaticEMDE(12, depth=3, width=8, seed=7, quantile_range=QUANTILES).fit(x)
+    c = StaticEMDE(12, depth=3, width=8, seed=8, quantile_range=QUANTILES).fit(x)
     assert torch.equal(a(x), b(x))
     assert not torch.equal(a.hyperplanes, c.hyperplanes)
     assert not torch.equal(a(x), c(x))
-    loaded = StaticEMDE(12, depth=3, width=8)
+    loaded = StaticEMDE(12, depth=3, width=8, seed=0, quantile_range=QUANTILES)
     assert not loaded.fitted
     loaded.load_state_dict(a.state_dict())
     assert loaded.fitted and torch.equal(loaded(x), a(x))
@@ -126,8 +129,8 @@ def test_static_emde_deterministic_and_state_dict_roundtrip():
 
 def test_static_emde_errors():
     with pytest.raises(ValueError, match="power of two"):
-        StaticEMDE(8, depth=2, width=12)
-    s = StaticEMDE(8, depth=2, width=8)
+        StaticEMDE(8, depth=2, width=12, seed=0, quantile_range=QUANTILES)
+    s = StaticEMDE(8, depth=2, width=8, seed=0, quantile_range=QUANTILES)
     with pytest.raises(RuntimeError, match="not fitted"):
         s(torch.randn(4, 8))
     with pytest.raises(ValueError):
@@ -279,7 +282,8 @@ def test_trainable_coder_beats_static_partition():
 
     x, y = problem(1024, 0)
     xv, yv = problem(1024, 1)
-    static = ModalityClassifier(_Identity(32), StaticEMDE(32, depth=4, width=16, seed=0), num_classes=4)
+    coder = StaticEMDE(32, depth=4, width=16, seed=0, quantile_range=QUANTILES)
+    static = ModalityClassifier(_Identity(32), coder, num_classes=4)
     static.fit_coder(x)
     assert static.sketch(xv[:3]).shape == (3, 64)
     _train(static, (x,), y, steps=100, lr=2e-2, params=static.head.parameters())

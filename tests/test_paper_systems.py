@@ -6,16 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoint, modalities
+from pipeline import checkpoint, registry
 from pipeline.config import TINY_CONFIG, ConfigError, load_config
 from pipeline.emde import StaticEMDE
 from pipeline.errors import PipelineError
 from pipeline.encoders import ModalityClassifier, TokenSet
 from pipeline.pretrain import initial_model, prepare, pretrain
-from pipeline.train_reader import inference_batches
+from pipeline.batches import inference_batches
 from stores import FeatureStore
 from tests.conftest import Log, quiet
 from tests.test_pretrain import image_store, small_cfg, token_store
+
+QUANTILES = tuple(load_config().train_options("title_bpe").static_quantiles)  # [pretrain] static_quantiles
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -23,7 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # ---------------------------------------------------------------------- static EMDE: every token sketched
 def _fitted(depth=6, width=8, dim=5) -> StaticEMDE:
     g = torch.Generator().manual_seed(0)
-    return StaticEMDE(dim, depth=depth, width=width, seed=1).fit(torch.randn(500, dim, generator=g))
+    coder = StaticEMDE(dim, depth=depth, width=width, seed=1, quantile_range=QUANTILES)
+    return coder.fit(torch.randn(500, dim, generator=g))
 
 
 def test_per_token_static_sketches_sum_to_one_per_depth():
@@ -40,7 +43,8 @@ def test_per_token_static_sketches_sum_to_one_per_depth():
 
 
 def test_a_static_set_classifier_is_fitted_on_every_token():
-    model = ModalityClassifier(TokenSet(5), StaticEMDE(5, depth=4, width=4, seed=0), num_classes=3)
+    model = ModalityClassifier(TokenSet(5), StaticEMDE(5, depth=4, width=4, seed=0, quantile_range=QUANTILES),
+                               num_classes=3)
     x = torch.randn(30, 6, 5, generator=torch.Generator().manual_seed(3))
     mask = torch.rand(30, 6, generator=torch.Generator().manual_seed(4)) < 0.6
     model.fit_coder(x, mask)
@@ -54,8 +58,9 @@ def test_static_text_modalities_train_on_token_sketches(tmp_path, pooling, encod
     token_store(tmp_path / "w", "desc_cam", empty_fraction=0.2, seed=3)
     cfg = small_cfg("desc_cam", coder="static", static_pooling=pooling, epochs=6, lr=3e-2)
     metrics = pretrain("desc_cam", tmp_path / "w", cfg, progress=False, log=Log())
-    model, ckpt = checkpoint.load_model(tmp_path / "w" / "models" / "desc_cam")
-    assert ckpt["model_config"]["encoder"]["type"] == encoder and model.coder.fitted
+    ckpt = checkpoint.load_model(tmp_path / "w" / "models" / "desc_cam")
+    model = ckpt.network()
+    assert ckpt.model_config["encoder"]["type"] == encoder and model.coder.fitted
     assert metrics["macro_f1"] > 0.45, metrics["history"]  # 6 classes, a fifth without text: chance ~0.17
     _exports_the_same_sketches(model.eval(), "desc_cam", tmp_path / "w")
 
@@ -65,7 +70,7 @@ def test_static_image_is_one_token_and_a_missing_photo_the_empty_set(tmp_path):
     metrics = pretrain("image", tmp_path / "w", small_cfg("image", coder="static", width=4, lr=3e-2),
                        progress=False, log=Log())
     assert metrics["macro_f1"] > 0.5, metrics["history"]
-    model, _ = checkpoint.load_model(tmp_path / "w" / "models" / "image")
+    model = checkpoint.load_model(tmp_path / "w" / "models" / "image").network()
     with FeatureStore(tmp_path / "w" / "features" / "image.zarr") as store:
         ids = np.concatenate([missing_ids[:3], split["item_id"].to_numpy()[:5]])
         maps = torch.from_numpy(store.read("maps", ids).astype(np.float32))
@@ -141,10 +146,11 @@ def test_pretraining_fine_tunes_the_tail_and_keeps_it_in_the_checkpoint(image_ca
     root, cfg = image_caches
     start = initial_model(prepare("image", root / "cut", cfg, None)).encoder.tail.state_dict()
     metrics = pretrain("image", root / "cut", cfg, progress=False, log=Log())
-    model, ckpt = checkpoint.load_model(root / "cut" / "models" / "image")
-    enc = ckpt["model_config"]["encoder"]
+    ckpt = checkpoint.load_model(root / "cut" / "models" / "image")
+    model = ckpt.network()
+    enc = ckpt.model_config["encoder"]
     assert enc["type"] == "ImageTail" and enc["cache_at"] == "blocks.6" and enc["model"] == "tf_efficientnet_lite0"
-    assert enc["weights_sha256"] == ckpt["store"]["provenance"]["producer"]["weights_sha256"]
+    assert enc["weights_sha256"] == ckpt.store["provenance"]["producer"]["weights_sha256"]
     tuned = model.encoder.tail.state_dict()
     moved = [k for k in start if start[k].is_floating_point() and not torch.equal(start[k], tuned[k])]
     assert any(k.startswith("blocks_6") for k in moved) and any(k.startswith("conv_head") for k in moved)
@@ -161,7 +167,7 @@ def _exports_the_same_sketches(model, modality: str, workdir) -> None:
     with FeatureStore(workdir / "features" / f"{modality}.zarr") as store:
         missing = store.read_missing(store.ids).astype(bool)
         ids = np.concatenate([store.ids[missing][:3], store.ids[~missing][:5]])
-        record = modalities.get(modality)
+        record = registry.get(modality)
         spec = store.specs[record.array]
         batch = next(inference_batches(store, record.array, record.batch, ids, batch_size=len(ids)))
     program = export_sketcher(model, modality, spec)
@@ -203,8 +209,9 @@ def test_pretraining_tunes_the_text_layers_at_their_own_rate(text_caches):
     root, cfg = text_caches
     start = initial_model(prepare("title_cam", root / "cut", cfg, None)).encoder.tail.state_dict()
     metrics = pretrain("title_cam", root / "cut", cfg, progress=False, log=Log())
-    model, ckpt = checkpoint.load_model(root / "cut" / "models" / "title_cam")
-    assert ckpt["model_config"]["encoder"]["type"] == "TextTail" and ckpt["model_config"]["encoder"]["count"] == 1
+    ckpt = checkpoint.load_model(root / "cut" / "models" / "title_cam")
+    model = ckpt.network()
+    assert ckpt.model_config["encoder"]["type"] == "TextTail" and ckpt.model_config["encoder"]["count"] == 1
     tuned = model.encoder.tail.state_dict()
     assert any(not torch.equal(start[k], tuned[k]) for k in start)
     assert 0 < metrics["macro_f1"] <= 1

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-import torch
 
 from pipeline import Predictor, checkpoint
 from pipeline.catalog import load_catalog
@@ -120,12 +119,12 @@ def test_unreadable_photos_are_named_per_item_and_paths_mix_with_bytes(predictor
 
 def test_a_modality_retrained_after_fuse_is_refused_in_one_line(trained_workdir, tmp_path):
     w = copy_of(trained_workdir, tmp_path)
-    path = w / "models" / "title_bpe" / checkpoint.MODEL_FILE
-    ckpt = torch.load(path, weights_only=True)
-    ckpt["state_dict"]["head.bias"] += 1.0  # retrained: another checkpoint than the fusion recorded
+    path = w / "models" / "title_bpe" / "model.pt"
+    ckpt = checkpoint.load_model(path)
+    ckpt.state_dict["head.bias"] += 1.0  # retrained: another checkpoint than the fusion recorded
     checkpoint.save(ckpt, path)
-    with pytest.raises(PipelineError, match=r"title_bpe/model.pt is not the checkpoint .* was fused with .*"
-                                            r"pipeline sketch title_bpe .*pipeline fuse"):
+    with pytest.raises(PipelineError, match=r"title_bpe/model.pt is not the title_bpe model the fusion was trained "
+                                            r"over .*pipeline sketch title_bpe .*pipeline fuse"):
         Predictor.load(w)
 
 
@@ -135,16 +134,16 @@ def test_a_predictor_keeps_its_own_models_when_the_workdir_is_retrained_in_place
     stored = stored.select("title", "description", image=pl.when(pl.col("has_image")).then(pl.col("image_path")))
     old = Predictor.load(w)
     before = old.predict_proba(stored).to_numpy()  # stored sketches, found by input
-    path = w / "models" / "title_bpe" / checkpoint.MODEL_FILE
-    ckpt = torch.load(path, weights_only=True)
-    ckpt["state_dict"] = {k: v * 1.5 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    path = w / "models" / "title_bpe" / "model.pt"
+    ckpt = checkpoint.load_model(path)
+    ckpt.state_dict = {k: v * 1.5 if v.is_floating_point() else v for k, v in ckpt.state_dict.items()}
     checkpoint.save(ckpt, path)
     sketch("title_bpe", w, old.cfg, progress=False, log=quiet)  # the store now holds the new network's sketches
     assert old.changed()
     with pytest.warns(UserWarning, match="its models changed since this Predictor was loaded"):
         after = old.predict_proba(stored).to_numpy()
     np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-5)  # its own title_bpe, not the new sketches
-    with pytest.raises(PipelineError, match="was retrained after fuse"):
+    with pytest.raises(PipelineError, match="is not the title_bpe model the fusion was trained over"):
         Predictor.load(w)  # a new Predictor: the new checkpoint, which the fusion never saw
 
 
@@ -196,10 +195,10 @@ def test_records_that_are_not_tables_are_refused(predictor):
 def test_class_names_from_serve_class_names_name_the_codes(trained_workdir, predictor, items, tmp_path):
     names = tmp_path / "names.csv"
     names.write_text("prdtypecode,name\n" + "".join(f"{c},classe {c}\n" for c in predictor.classes.tolist()))
-    named = Predictor.open(trained_workdir, predictor.cfg.merged({"serve": {"class_names": str(names)}}))
+    named = Predictor.load(trained_workdir, predictor.cfg.merged({"serve": {"class_names": str(names)}}))
     top = named.top(items[:1], k=2)[0]
     assert top["name"] == f"classe {top['code']}" and [c["name"] for c in top["top"]] == \
         [f"classe {c['code']}" for c in top["top"]]
     names.write_bytes(b"\xff\xfe not a csv")
     with pytest.raises(PipelineError, match=r"\[serve\] class_names = .*not a CSV of prdtypecode,name rows"):
-        Predictor.open(trained_workdir, predictor.cfg.merged({"serve": {"class_names": str(names)}}))
+        Predictor.load(trained_workdir, predictor.cfg.merged({"serve": {"class_names": str(names)}}))

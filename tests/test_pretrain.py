@@ -21,7 +21,7 @@ from pipeline.checkpoint import load_model
 from pipeline.pretrain import pretrain
 from pipeline.train_reader import TrainReader
 from stores import ArraySpec, FeatureStore, fingerprint
-from tests.conftest import Log
+from tests.conftest import Log, reader_settings, store_layout
 
 CODES = [10, 40, 50, 60, 1140, 1160]  # a few real product type codes
 # Small networks for the directly-built stores: each run takes a second or two.
@@ -66,7 +66,7 @@ def token_store(workdir: Path, modality: str = "title_cam", n: int = 600, hidden
     path = workdir / "features" / f"{modality}{suffix}"
     store = FeatureStore.create(path, modality, {"tokens": ArraySpec("float16", (hidden,), ragged=True)},
                                 {"model": producer}, ids, fingerprint([str(i) for i in ids]),
-                                {"tokens": lengths}, block_rows=64)
+                                {"tokens": lengths}, block_rows=64, **store_layout())
     pos = {int(i): k for k, i in enumerate(ids)}
     for b in store.pending_blocks():
         rows = [pos[int(i)] for i in store.block_ids(b)]
@@ -87,7 +87,7 @@ def image_store(workdir: Path, n: int = 600, channels: int = 16, seed: int = 0, 
     maps[missing > 0] = protos[0] * 4  # not zeros, and not data: must never be read as a photo
     store = FeatureStore.create(workdir / "features" / "image.zarr", "image",
                                 {"maps": ArraySpec("float16", (channels, 3, 3))}, {"model": "synthetic"},
-                                ids, fingerprint([str(i) for i in ids]), None, block_rows=64)
+                                ids, fingerprint([str(i) for i in ids]), None, block_rows=64, **store_layout())
     pos = {int(i): k for k, i in enumerate(ids)}
     for b in store.pending_blocks():
         rows = [pos[int(i)] for i in store.block_ids(b)]
@@ -114,8 +114,9 @@ def test_reader_serves_every_item_once_with_its_own_tokens(tmp_path, suffix):
         for world in (1, 2, 3):
             seen, steps = [], set()
             for rank in range(world):
-                reader = TrainReader(store, "tokens", "tokens", ids, labels, batch_size=16, mode=mode, buffer_blocks=2,
-                                     rank=rank, world_size=world, seed=3)
+                settings = reader_settings(mode=mode, buffer_blocks=2, length_sort_window=16, max_tokens=0)
+                reader = TrainReader(store, "tokens", "tokens", ids, labels, settings, batch_size=16, rank=rank,
+                                     world_size=world, seed=3)
                 steps.add(len(reader))
                 n = 0
                 for batch in reader.epoch(1):
@@ -133,7 +134,8 @@ def test_reader_serves_every_item_once_with_its_own_tokens(tmp_path, suffix):
             assert len(steps) == 1, "every rank must make the same number of steps"
             assert sorted(seen) == sorted(by_id), f"{mode}, {world} ranks: items lost or repeated"
     # Shuffled by (seed, epoch): the same epoch twice is the same, another epoch differs.
-    reader = TrainReader(store, "tokens", "tokens", ids, labels, batch_size=16, mode="stream", buffer_blocks=2)
+    reader = TrainReader(store, "tokens", "tokens", ids, labels, reader_settings(mode="stream", buffer_blocks=2),
+                         batch_size=16)
     first = [b.ids.tolist() for b in reader.epoch(5)]
     assert first == [b.ids.tolist() for b in reader.epoch(5)] != [b.ids.tolist() for b in reader.epoch(6)]
 
@@ -141,8 +143,9 @@ def test_reader_serves_every_item_once_with_its_own_tokens(tmp_path, suffix):
 def test_reader_picks_streaming_over_budget_and_flags_missing_images(tmp_path):
     split, missing_ids = image_store(tmp_path, n=300)
     ids = split["item_id"].to_numpy()
-    small = TrainReader(tmp_path / "features" / "image.zarr", "maps", "fixed", ids, np.zeros(len(ids)), batch_size=50)
-    tight = TrainReader(tmp_path / "features" / "image.zarr", "maps", "fixed", ids, np.zeros(len(ids)), batch_size=50,
+    path = tmp_path / "features" / "image.zarr"
+    small = TrainReader(path, "maps", "fixed", ids, np.zeros(len(ids)), reader_settings(), batch_size=50)
+    tight = TrainReader(path, "maps", "fixed", ids, np.zeros(len(ids)), reader_settings(), batch_size=50,
                         memory_bytes=small.nbytes // 2)
     assert small.mode == "memory" and tight.mode == "stream"
     for reader in (small, tight):
@@ -188,15 +191,17 @@ def test_title_bpe_learns_and_writes_its_outputs(bpe_run):
     assert on_disk["coder"] == "trainable" and on_disk["epochs"] == 12 and 1 <= on_disk["best_epoch"] <= 12
     assert on_disk["valid_items"] == len(valid)
     # The checkpoint rebuilds the network and reproduces the validation predictions.
-    model, ckpt = load_model(out)
-    assert ckpt["coder"] == "trainable" and ckpt["class_codes"] == sorted(split.filter(
+    ckpt = load_model(out)
+    model = ckpt.network()
+    assert ckpt.coder == "trainable" and ckpt.class_codes == sorted(split.filter(
         pl.col("split") != "test")["label"].unique().to_list())
-    assert ckpt["store"]["provenance"]["kind"] == "title_bpe" and ckpt["store"]["path"].endswith("title_bpe.zarr")
+    assert ckpt.store["provenance"]["kind"] == "title_bpe" and ckpt.store["path"].endswith("title_bpe.zarr")
     preds = pl.read_parquet(out / "valid_predictions.parquet")
     assert sorted(preds["item_id"].to_list()) == sorted(valid["item_id"].to_list())
-    codes = np.asarray(ckpt["class_codes"])
+    codes = np.asarray(ckpt.class_codes)
     reader = TrainReader(FeatureStore(root / "w" / "features" / "title_bpe.zarr"), "tokens", "ids",
-                         preds["item_id"].to_numpy(), np.zeros(len(preds)), batch_size=256, shuffle=False)
+                         preds["item_id"].to_numpy(), np.zeros(len(preds)), reader_settings(), batch_size=256,
+                         shuffle=False)
     logits = {}
     with torch.no_grad():
         for batch in reader.epoch(0):
@@ -236,8 +241,9 @@ def test_trainable_coder_beats_static_on_title_bpe(bpe_run, tmp_path):
     log = Log()
     static = pretrain("title_bpe", w, cfg, coder="static", progress=False, log=log)
     assert static["coder"] == "static" and "static EMDE fitted" in log.text()
-    model, ckpt = load_model(w / "models" / "title_bpe")
-    assert ckpt["coder"] == "static" and model.coder.fitted
+    ckpt = load_model(w / "models" / "title_bpe")
+    model = ckpt.network()
+    assert ckpt.coder == "static" and model.coder.fitted
     assert trained["macro_f1"] > static["macro_f1"] + 0.1, (trained["macro_f1"], static["macro_f1"])
 
 
@@ -260,11 +266,12 @@ def test_image_like_store_trains_and_ignores_missing_photos(tmp_path):
     split, missing_ids = image_store(tmp_path / "w")
     metrics = pretrain("image", tmp_path / "w", small_cfg("image", lr=1e-2), progress=False, log=Log())
     assert metrics["macro_f1"] > 0.7, metrics["history"]  # 6 classes: chance ~0.17
-    model, _ = load_model(tmp_path / "w" / "models" / "image")
+    model = load_model(tmp_path / "w" / "models" / "image").network()
     store = FeatureStore(tmp_path / "w" / "features" / "image.zarr")
     all_ids = split["item_id"].to_numpy()
     ids = np.concatenate([missing_ids[:20], all_ids[~np.isin(all_ids, missing_ids)][:20]])
-    reader = TrainReader(store, "maps", "fixed", ids, np.zeros(len(ids)), batch_size=64, shuffle=False)
+    reader = TrainReader(store, "maps", "fixed", ids, np.zeros(len(ids)), reader_settings(), batch_size=64,
+                         shuffle=False)
     with torch.no_grad():
         batch = next(iter(reader.epoch(0)))
         sketches = model.sketch(*batch.inputs)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import modalities
+from pipeline import registry
 from pipeline.config import ConfigError, load_config
 from pipeline.extract import extract
 from pipeline.fuse import fuse
@@ -70,9 +70,9 @@ class HashEncoder(nn.Module):
         return torch.relu(self.lin(x))
 
 
-TOY = modalities.Modality(
+TOY = registry.Modality(
     name="toy", array="hashes", batch="fixed", options=WordHashOptions, train_options=WordHashTrainOptions,
-    extractor=lambda ctx: WordHashes(ctx.cfg.options("toy").buckets),
+    extractor=lambda ctx: WordHashes(ctx.options.buckets),
     encoder=lambda opts, spec, producer: {"buckets": int(spec.shape[0]), "hidden": opts.hidden},
     build_encoder=lambda config: HashEncoder(**config),
 )
@@ -102,9 +102,9 @@ epochs = 15
 
 @pytest.fixture
 def toy():
-    modalities.register(TOY)
+    registry.register(TOY)
     yield TOY
-    modalities.REGISTRY.pop("toy")
+    registry.REGISTRY.pop("toy")
 
 
 def test_a_fifth_modality_runs_every_stage_without_editing_the_project(tmp_path, toy):

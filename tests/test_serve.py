@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline import Predictor, checkpoint
+from pipeline import Predictor
 from pipeline.catalog import load_catalog
 from pipeline.config import load_config
 from pipeline.fuse import fuse
@@ -188,7 +188,7 @@ def test_a_hot_swap_under_load_fails_no_request(trained_workdir, tmp_path):
     rows = load_catalog(trained_workdir / "catalog", cfg).items.head(3)
     body = {"items": [{"title": t, "description": d} for t, d in zip(rows["title"], rows["description"])]}
     log, answers, stop = Log(), [], threading.Event()
-    model = w / "models" / "title_bpe" / checkpoint.MODEL_FILE
+    model = w / "models" / "title_bpe" / "model.pt"
     with serving(w, log=log, watch_seconds=0.2) as (url, app):
         old = app.state.models.current
         threads = [threading.Thread(target=_load, args=(url, stop, answers, body)) for _ in range(3)]
@@ -212,7 +212,7 @@ def test_a_hot_swap_under_load_fails_no_request(trained_workdir, tmp_path):
         got = [[c["probability"] for c in i["top"]] for i in a["items"]]
         want = [[c["probability"] for c in i["top"]] for i in expected[a["model_version"]]]
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
-    assert "is not the checkpoint" in log.text()
+    assert "is not the title_bpe model the fusion was trained over" in log.text()
 
 
 def test_a_new_model_pointed_at_is_swapped_in_on_reload(trained_workdir, tmp_path):

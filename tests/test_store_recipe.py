@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from stores import ArraySpec, FeatureStore, fingerprint
+from tests.conftest import store_layout
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SPECS = {"tokens": ArraySpec("float16", (4,), ragged=True), "maps": ArraySpec("float32", (3, 2))}
@@ -33,7 +34,7 @@ def build(path: Path, rng) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     truth = {int(i): (rng.standard_normal((k, 4)).astype(np.float16), rng.standard_normal((3, 2)).astype(np.float32))
              for i, k in zip(ids, lengths)}
     store = FeatureStore.create(path, "recipe", SPECS, {}, ids, fingerprint([str(i) for i in ids]),
-                                {"tokens": lengths}, block_rows=64)
+                                {"tokens": lengths}, block_rows=64, **store_layout())
     for block in (0, 2):
         items = [truth[int(i)] for i in store.block_ids(block)]
         store.write_block(block, {"tokens": np.concatenate([t for t, _ in items]),

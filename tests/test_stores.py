@@ -16,8 +16,10 @@ import pytest
 import zarr
 
 from stores import (
-    ArraySpec, FeatureStore, Ragged, StoreBusyError, StoreError, WriterConflictError, fingerprint, writer_claim,
+    ArraySpec, FeatureStore, Ragged, StoreBusyError, StoreError, WriterConflictError, fingerprint, upgrade,
+    writer_claim,
 )
+from tests.conftest import store_layout
 
 BACKENDS = [".zarr", ".h5"]
 SPECS = {"tokens": ArraySpec("float16", (4,), ragged=True), "vec": ArraySpec("float32", (3, 2))}
@@ -45,7 +47,8 @@ def build(path: Path, n=700, block_rows=64, seed=0, blocks=None, ids=None):
     made_ids, lengths, tokens, vec = make_items(n if ids is None else len(ids), seed)
     ids = made_ids if ids is None else np.asarray(ids, dtype=np.int64)
     store = FeatureStore.create(path, "test", SPECS, {"model": "m", "weights_sha256": "abc"}, ids,
-                                fingerprint([str(i) for i in ids]), {"tokens": lengths}, block_rows=block_rows)
+                                fingerprint([str(i) for i in ids]), {"tokens": lengths}, block_rows=block_rows,
+                                **store_layout())
     for b in store.pending_blocks() if blocks is None else blocks:
         store.write_block(b, block_data(store, b, ids, tokens, vec))
     return store, (ids, lengths, tokens, vec)
@@ -86,7 +89,8 @@ def test_padding_waste_at_most_ten_percent(tmp_path, suffix):
     # Title-like lengths, paper-size blocks: the token array holds at most 10% more than real tokens.
     ids, lengths, *_ = make_items(5000, max_len=60)
     store = FeatureStore.create(tmp_path / f"s{suffix}", "test", {"tokens": ArraySpec("float16", (768,), True)},
-                                {}, ids, fingerprint([str(i) for i in ids]), {"tokens": lengths}, block_rows=1024)
+                                {}, ids, fingerprint([str(i) for i in ids]), {"tokens": lengths}, block_rows=1024,
+                                **store_layout())
     stored = store.backend.array("tokens/values").shape[0]
     assert lengths.sum() <= stored <= 1.1 * lengths.sum()
 
@@ -272,25 +276,30 @@ def as_schema_1(path: Path) -> None:
         f.attrs["provenance"] = json.dumps(provenance)
 
 
-def test_a_schema_1_store_still_reads_and_takes_new_items(tmp_path, suffix):
+def test_a_schema_1_store_is_refused_until_upgraded_once_then_reads_and_takes_new_items(tmp_path, suffix):
+    from tests.reliability.conftest import run_main
+
     path = tmp_path / f"s{suffix}"
     store, (ids, lengths, tokens, vec) = build(path, n=100)
     store.close()
     as_schema_1(path)
-    with FeatureStore(path, "a") as old:
-        # Schema 1 HDF5 stores had Fletcher-32 already; its Zarr stores had no checksum.
-        assert old.schema_version == 1 and old.checksummed == (suffix == ".h5") == old.info()["checksummed"]
-        assert len(old) == 100 and old.block_counts().tolist() == [64, 36] and old.verify()["ok"]
-        np.testing.assert_array_equal(old.read("tokens", ids).values, np.concatenate(tokens))
+    with pytest.raises(StoreError, match=rf"schema version 1.*`pipeline inspect {re.escape(str(path))} --upgrade`"):
+        FeatureStore(path)
+    code, err = run_main("inspect", path, "--upgrade")  # the command the refusal names
+    assert code == 0 and "upgraded to schema version 2" in err, err
+    assert not upgrade(path, gzip_level=1)  # once: a schema 2 store is left as it is
+    with FeatureStore(path, "a") as new:
+        assert new.schema_version == 2 and new.checksummed and new.info()["checksummed"]
+        assert len(new) == 100 and new.block_counts().tolist() == [64, 36] and new.verify()["ok"]
+        np.testing.assert_array_equal(new.read("tokens", ids).values, np.concatenate(tokens))
+        np.testing.assert_array_equal(new.read("vec", ids), np.stack(vec))
         new_ids, new_lengths, new_tokens, new_vec = make_items(40, seed=4)
-        new_ids += 10**10
-        blocks = old.add_items(new_ids, fingerprint([str(i) for i in new_ids]), {"tokens": new_lengths})
+        new_ids -= 10**10  # negative ids too: `counts`, not id -1, now says which rows are used
+        blocks = new.add_items(new_ids, fingerprint([str(i) for i in new_ids]), {"tokens": new_lengths})
         for b in blocks:
-            old.write_block(b, block_data(old, b, new_ids, new_tokens, new_vec))
-        assert len(old) == 140 and old.verify()["ok"]
-        np.testing.assert_array_equal(old.read("vec", new_ids), new_vec)
-        with pytest.raises(StoreError, match="cannot hold negative ids"):
-            old.add_items([-5], [0], {"tokens": [1]})
+            new.write_block(b, block_data(new, b, new_ids, new_tokens, new_vec))
+        assert len(new) == 140 and new.verify()["ok"]
+        np.testing.assert_array_equal(new.read("vec", new_ids), new_vec)
 
 
 def test_wrong_suffix_and_missing_store(tmp_path):
@@ -433,5 +442,5 @@ def test_zarr_writers_of_disjoint_shards_run_side_by_side(tmp_path):
 def test_a_feature_may_not_take_the_name_of_the_stores_own_arrays(tmp_path):
     with pytest.raises(StoreError, match=r"a feature array may not be called counts"):
         FeatureStore.create(tmp_path / "s.zarr", "test", {"counts": ArraySpec("float32", (2,))}, {}, np.arange(3),
-                            fingerprint(["a", "b", "c"]))
+                            fingerprint(["a", "b", "c"]), block_rows=64, **store_layout())
     assert not FeatureStore.exists(tmp_path / "s.zarr")

@@ -1,5 +1,5 @@
 """Zarr stores addressed by URL through fsspec (memory://, file://): the store contract's basics, two
-processes writing disjoint shards of one file:// store, the driver's lock-free plan on object storage, and
+processes writing disjoint shards of one file:// store, the store filler's lock-free plan on object storage, and
 the stages (extract, pretrain, sketch, fuse, predict) with their stores under a `[stores] root` URL."""
 from __future__ import annotations
 
@@ -17,16 +17,17 @@ import pytest
 
 from pipeline.config import TINY_CONFIG, load_config
 from pipeline.errors import PipelineError
-from pipeline.extract import driver, extract
-from pipeline.extract.driver import run_extraction
+from pipeline.extract import extract
+from pipeline.fill import fill_store
 from pipeline.fuse import fuse
 from pipeline.predict import predict
 from pipeline.pretrain import pretrain
 from pipeline.sketch import sketch
 from pipeline.synth import synthesize
-from stores import ArraySpec, FeatureStore, Ragged, StoreError, fingerprint, store_lock, writer_claim
-from stores.backends import local_path
+from stores import ArraySpec, FeatureStore, Ragged, StoreError, fingerprint, local_path, store_lock, writer_claim
 from tests.test_stores import build
+
+STORES = load_config(TINY_CONFIG).stores
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -146,11 +147,12 @@ def toy_items(n: int = 300) -> pl.DataFrame:
 def test_shard_workers_on_object_storage_wait_for_worker_zero_to_plan():
     items = toy_items()
     one = memory_url()
-    run_extraction(Chars(), items, one, block_rows=32, progress=False)
+    fill_store(Chars(), items, one, block_rows=32, stores=STORES, progress=False)
     shared, results = memory_url(), {}
 
     def worker(k):
-        results[k] = run_extraction(Chars(), items, shared, block_rows=32, shard=(k, 2), progress=False)
+        results[k] = fill_store(Chars(), items, shared, block_rows=32, stores=STORES, shard=(k, 2),
+                                progress=False)
 
     late = threading.Thread(target=worker, args=(1,))
     late.start()  # worker 1 first: it must wait for worker 0's layout, not make its own
@@ -165,9 +167,9 @@ def test_shard_workers_on_object_storage_wait_for_worker_zero_to_plan():
 
 
 def test_a_worker_without_a_plan_gives_up_with_the_remedy(monkeypatch):
-    monkeypatch.setattr(driver, "PLAN_WAIT_S", 0.3)
     with pytest.raises(PipelineError, match=r"waited .* for worker 0/2 .*--shard 0/2"):
-        run_extraction(Chars(), toy_items(), memory_url(), block_rows=32, shard=(1, 2), progress=False)
+        fill_store(Chars(), toy_items(), memory_url(), block_rows=32, shard=(1, 2), progress=False,
+                   stores=STORES.model_copy(update={"plan_wait_s": 0.3}))
 
 
 @pytest.mark.usefixtures("one_torch_thread")

@@ -21,11 +21,12 @@ from pipeline.fuse import fuse
 from pipeline.metrics import classification_metrics
 from pipeline.synth import synthesize
 from stores import ArraySpec, FeatureStore, fingerprint
+from tests.conftest import store_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_torchrun_extraction_fills_one_store_like_one_process(tmp_path):
+def test_torchfill_store_fills_one_store_like_one_process(tmp_path):
     catalog = tmp_path / "cat"
     synthesize(catalog, items=600, seed=5)
     config = tmp_path / "small_blocks.toml"
@@ -86,7 +87,7 @@ def sketch_workdir(w: Path, n: int = 1199, seed: int = 0) -> pl.DataFrame:
         store = FeatureStore.create(w / "sketches" / f"{modality}.zarr", modality,
                                     {"sketch": ArraySpec("float32", (dim,))},
                                     {"checkpoint_sha256": sha256_file(checkpoint)}, ids,
-                                    fingerprint([str(i) for i in ids]), None, block_rows=256)
+                                    fingerprint([str(i) for i in ids]), None, block_rows=256, **store_layout())
         pos = {int(i): k for k, i in enumerate(ids)}
         for b in store.pending_blocks():
             rows = [pos[int(i)] for i in store.block_ids(b)]
@@ -128,7 +129,7 @@ def test_fuse_on_two_processes_scores_and_writes_the_whole_split_once(tmp_path):
     rows = (out / "predictions.csv").read_text().splitlines()
     assert rows[0] == ",prdtypecode" and [int(r.split(",")[0]) for r in rows[1:]] == test_ids
     # Written once: one rank speaks and writes.
-    assert proc.stderr.count("fuse epoch 6:") == 1 and proc.stderr.count("validation macro-F1 (%)") == 1
+    assert proc.stderr.count("fuse epoch 6/6:") == 1 and proc.stderr.count("validation macro-F1 (%)") == 1
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "one" / "fusion").iterdir())
     # As good as one process (6 classes: chance ~0.17).
     assert one["world_size"] == 1 and one["macro_f1"] > 0.6, one["macro_f1"]

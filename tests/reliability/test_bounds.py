@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.extract.image import REFUSED, content_hash
+from pipeline.modalities.image_maps import REFUSED, content_hash
 from stores import ArraySpec, FeatureStore, StoreError, UnreadableStoreError, fingerprint
+from tests.conftest import store_layout
 
 from .conftest import ROOT
 
@@ -59,11 +60,11 @@ def test_photos_that_are_not_regular_files_or_too_large_are_refused_unread(tmp_p
     done = bounded(f"""
         import json, polars as pl, torch
         from pipeline.config import DEFAULT_CONFIG, load_config
-        from pipeline.extract.image import ImageMaps
-        opts = load_config(DEFAULT_CONFIG).options("image").model_dump() | {{
-            "model": "tf_efficientnet_lite0", "input_size": 64, "batch_size": 4, "decode_workers": 2,
-            "max_bytes": {max_bytes}}}
-        extractor = ImageMaps(opts, None, torch.device("cpu"))
+        from pipeline.modalities.image_maps import ImageMaps
+        opts = load_config(DEFAULT_CONFIG).options("image")
+        extractor = ImageMaps("tf_efficientnet_lite0", None, torch.device("cpu"), input_size=64, batch_size=4,
+                              decode_workers=2, decode_device=opts.decode_device, cache_at=opts.cache_at,
+                              max_bytes={max_bytes})
         frame = pl.DataFrame({{"image_path": {list(photos.values())!r}}})
         fp = extractor.fingerprints(frame)
         batch, missing = extractor.prepare(frame)
@@ -76,7 +77,7 @@ def test_photos_that_are_not_regular_files_or_too_large_are_refused_unread(tmp_p
 
 
 def test_a_photo_is_read_at_most_to_its_limit(tmp_path):
-    from pipeline.extract.image import read
+    from pipeline.modalities.image_maps import read
 
     path = tmp_path / "p.jpg"
     path.write_bytes(b"x" * 100)
@@ -88,7 +89,7 @@ def test_a_photo_is_read_at_most_to_its_limit(tmp_path):
 def small_store(path: Path) -> np.ndarray:
     ids = np.arange(40, dtype=np.int64)
     store = FeatureStore.create(path, "test", {"vec": ArraySpec("float32", (4,))}, {"model": "test"}, ids,
-                                fingerprint([str(i) for i in ids]), block_rows=16)
+                                fingerprint([str(i) for i in ids]), block_rows=16, **store_layout())
     for b in store.pending_blocks():
         store.write_block(b, {"vec": np.ones((len(store.block_ids(b)), 4), np.float32)})
     store.close()

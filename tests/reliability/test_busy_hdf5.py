@@ -25,9 +25,10 @@ def test_a_second_hdf5_writer_is_refused_before_any_model_loads(tmp_path, tiny: 
         monkeypatch.setattr(pipeline.extract, "extract_items", models_loaded)
         code, err = run_main("extract", "title_cam", "--catalog", tiny.catalog, "--workdir", tmp_path / "w",
                              "--backend", "hdf5", "--config", tiny.config)
-        assert one_error_line(code, err) == (f"error: {store}: process {holder.pid} on "
-                                             f"{__import__('socket').gethostname()} is writing this HDF5 store, and "
-                                             "an HDF5 store takes one writer at a time: wait for it to end")
+        line = one_error_line(code, err)  # the holder named by its lock: process, host, command, since when
+        assert line.startswith(f"error: {store}: process {holder.pid} on {__import__('socket').gethostname()} (") \
+            and line.endswith(") is writing this HDF5 store, and an HDF5 store takes one writer at a time: wait for "
+                              "it to end"), line
         assert not (tmp_path / "w" / "split.parquet").exists()
     finally:
         holder.kill()

@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 import torch
 
+from pipeline.batches import inference_batches, sketches
 from pipeline.catalog import load_catalog, make_split
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
@@ -20,11 +21,13 @@ from pipeline.extract import extract
 from pipeline.fuse import fuse
 from pipeline.predict import predict
 from pipeline.pretrain import pretrain
-from pipeline.sketch import sketch, sketches
+from pipeline.sketch import sketch
 from pipeline.synth import synthesize
 from pipeline.checkpoint import load_model
-from pipeline.train_reader import TrainReader, inference_batches
+from pipeline.train_reader import TrainReader
 from stores import ArraySpec, FeatureStore, fingerprint
+
+from tests.conftest import reader_settings, store_layout
 
 from .conftest import DEMO, Log, Tiny, one_error_line, quiet, run_main, write_config
 
@@ -44,7 +47,8 @@ def test_the_reader_reads_a_pathological_row_up_to_max_tokens(tmp_path):
     lengths[7] = 50_000  # one 200,000-character title: its batch would be padded to 50,000 tokens
     values = [rng.integers(0, 2000, n).astype(np.int16) for n in lengths]
     store = FeatureStore.create(tmp_path / "t.zarr", "title_bpe", {"tokens": ArraySpec("int16", (), ragged=True)},
-                                {"model": "test"}, ids, fingerprint([str(i) for i in ids]), {"tokens": lengths}, block_rows=16)
+                                {"model": "test"}, ids, fingerprint([str(i) for i in ids]), {"tokens": lengths}, block_rows=16,
+                                **store_layout())
     for b in store.pending_blocks():
         rows = np.searchsorted(ids, store.block_ids(b))
         store.write_block(b, {"tokens": np.concatenate([values[r] for r in rows])})
@@ -53,8 +57,9 @@ def test_the_reader_reads_a_pathological_row_up_to_max_tokens(tmp_path):
         for world in (1, 2):
             seen, cut = [], 0
             for rank in range(world):
-                reader = TrainReader(store, "tokens", "ids", ids, labels, batch_size=16, mode=mode, buffer_blocks=2,
-                                     rank=rank, world_size=world, max_tokens=256)
+                settings = reader_settings(mode=mode, buffer_blocks=2, length_sort_window=16, max_tokens=256)
+                reader = TrainReader(store, "tokens", "ids", ids, labels, settings, batch_size=16, rank=rank,
+                                     world_size=world)
                 cut += reader.cut
                 for batch in reader.epoch(0):
                     x, mask = batch.inputs
@@ -88,8 +93,9 @@ def test_a_200000_character_title_is_trained_and_sketched_on_its_first_tokens(tm
            "256" in log.text()
     [summary] = sketch("title_bpe", tmp_path / "w", cfg, progress=False, log=quiet)
     assert summary.items == 120
-    model, ckpt = load_model(tmp_path / "w" / "models" / "title_bpe" / "model.pt")
-    assert ckpt["max_tokens"] == 256
+    ckpt = load_model(tmp_path / "w" / "models" / "title_bpe" / "model.pt")
+    model = ckpt.network()
+    assert ckpt.max_tokens == 256
     with FeatureStore(tmp_path / "w" / "features" / "title_bpe.zarr") as features, \
             FeatureStore(tmp_path / "w" / "sketches" / "title_bpe.zarr") as sketched:
         assert features.read("tokens", [long_id]).lengths[0] > 10_000  # stored whole

@@ -19,7 +19,7 @@ import torch
 
 from pipeline.export import export, load_program
 from pipeline.trust import CodeRefusedError
-from pipeline.weights import load_text_model
+from pipeline.weights.text import load_text_model
 
 from .conftest import ROOT, TRAINED, Tiny, copy_workdir
 

@@ -1,15 +1,24 @@
 """Runs that never lose the last good result: bad configs refused before anything is touched, one runner per
-output, a killed run leaving the previous model in place, a work directory that remembers its settings."""
+output, a killed run leaving the previous model in place, a finished run continued with more epochs, a work
+directory that remembers its settings."""
 from __future__ import annotations
 
+import json
 import re
 import signal
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from .conftest import TRAINED, Tiny, cli, copy_workdir, run_cli, snapshot
+from pipeline import checkpoint
+from pipeline.extract import extract
+from pipeline.fuse import fuse
+from pipeline.modalities import camembert
+from pipeline.sketch import sketch
+
+from .conftest import TRAINED, Log, Tiny, cli, copy_workdir, quiet, run_cli, snapshot
 
 
 def config_over(tiny: Tiny, directory: Path, text: str, name: str = "over.toml") -> Path:
@@ -72,3 +81,32 @@ def test_the_work_directory_remembers_its_configuration_and_hints_repeat_it(tmp_
     done = run_cli("pretrain", "desc_cam", "--workdir", w, "--config", other)
     assert f"`pipeline extract desc_cam --catalog {catalog} --workdir {w} --config {other}`" in done.stderr, \
         done.stderr
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_fusion_continued_with_more_epochs_ends_as_an_uninterrupted_one(tmp_path, tiny: Tiny):
+    w = copy_workdir(tiny.workdir, tmp_path / "w", ("sketches", "models", "split.parquet", "config.json"))
+    fuse(w, tiny.cfg.merged({"fusion": {"epochs": 1}}), progress=False, log=quiet)
+    log = Log()
+    got = fuse(w, tiny.cfg, progress=False, log=log)  # 3 epochs: the trainer resumes from the first one
+    assert f"fuse: resuming from {w / 'fusion' / 'last.pt'} after epoch 1/3" in log.text(), log.text()
+    assert "fuse epoch 1/3" not in log.text() and "fuse epoch 3/3" in log.text()
+    ref = json.loads((tiny.workdir / "fusion" / "metrics.json").read_text())
+    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
+    assert strip(got["history"]) == strip(ref["history"]) and got["macro_f1"] == ref["macro_f1"]
+    a, b = (checkpoint.load(d / "fusion" / "model.pt", "fusion").state_dict for d in (w, tiny.workdir))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_stage_with_nothing_to_do_loads_no_model(tmp_path, tiny: Tiny, monkeypatch):
+    w = copy_workdir(tiny.workdir, tmp_path / "w", TRAINED)
+
+    def refuse(*_a, **_k):
+        raise AssertionError("a model was loaded by a stage with nothing to do")
+
+    monkeypatch.setattr(camembert, "load_text_model", refuse)  # the text model of title_cam
+    monkeypatch.setattr(checkpoint, "load", refuse)  # the networks the sketch stage runs
+    log = Log()
+    extract("title_cam", tiny.catalog, w, tiny.cfg, progress=False, log=log)
+    sketch("all", w, tiny.cfg, progress=False, log=log)
+    assert log.text().count("nothing to do") == 2, log.text()

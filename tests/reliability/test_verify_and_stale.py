@@ -17,8 +17,8 @@ import polars as pl
 import pytest
 
 from pipeline.extract import extract
-from pipeline.extract.driver import StaleStoreError
-from pipeline.weights import build_tiny_camembert
+from pipeline.errors import StaleStoreError
+from pipeline.weights.tiny_camembert import build_tiny_camembert
 from stores import FeatureStore
 
 from .conftest import Tiny, copy_workdir, quiet, run_cli

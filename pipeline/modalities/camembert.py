@@ -1,4 +1,4 @@
-"""title_cam and desc_cam (paper 3.3-3.4): CamemBERT last-layer features of every token.
+"""The title_cam and desc_cam extractor (paper 3.3-3.4): a text model's last-layer states of every token.
 
 Titles go in as they are and are never truncated: a title longer than the model's 512 positions
 is cut into consecutive windows, each run on its own, and the windows' token features are stored
@@ -16,9 +16,11 @@ import polars as pl
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.extractor import LoadedOnce
 from pipeline.provenance import sha256_files
+from pipeline.schema import TextModel
 from pipeline.text import clean_description
-from pipeline.weights import load_text_model
+from pipeline.weights.text import load_text_model, text_config, tokenizer_max_length, weight_files
 from stores import ArraySpec, fingerprint
 
 
@@ -28,43 +30,55 @@ HF_LAYER_KEYS = ("model_type", "hidden_size", "num_attention_heads", "intermedia
 
 
 class CamembertTokens:
-    """Extractor for title_cam / desc_cam: one ragged float16 array `tokens` (hidden size per token)."""
+    """Extractor for title_cam / desc_cam: one ragged float16 array `tokens` (hidden size per token).
 
-    def __init__(self, name: str, model_dir: Path, opts, model_opts, device: torch.device):
-        self.name = name
-        self.field = "title" if name == "title_cam" else "description"
-        self.clean = opts.clean_html
-        self.max_chars = opts.max_chars
+    Built from the model directory's files alone (config, tokenizer config, weights and tokenizer hashes);
+    the tokenizer and the model are loaded on first use, so a run with nothing to do loads neither."""
+
+    def __init__(self, name: str, field: str, model_dir: Path, clean_html: bool, max_chars: int,
+                 model_opts: TextModel, device: torch.device):
+        self.name, self.field = name, field  # field: the catalogue column ("title", "description")
+        self.clean = clean_html
+        self.max_chars = max_chars  # 0: the whole text
         self.prefix = model_opts.prefix  # e5 models expect "passage: " before a text
-        self.tokenizer, self.model = load_text_model(model_dir)
-        if model_opts.layers:  # the first k layers only: their last hidden state is layer k's
-            if model_opts.layers > len(self.model.encoder.layer):
-                raise PipelineError(f"[text_model] layers = {model_opts.layers}: {model_dir} has "
-                                    f"{len(self.model.encoder.layer)} layers")
-            self.model.encoder.layer = self.model.encoder.layer[: model_opts.layers]
-        self.device = device
-        self.model.to(device)
-        cfg = self.model.config
+        self.model_dir, self.layers, self.device = Path(model_dir), model_opts.layers, device
+        cfg = text_config(model_dir)
+        if self.layers > cfg.num_hidden_layers:  # the first k layers only: their last hidden state is layer k's
+            raise PipelineError(f"[text_model] layers = {self.layers}: {model_dir} has {cfg.num_hidden_layers} layers")
         # RoBERTa-style position ids start after the padding index: 514 positions -> 512 tokens.
-        self.max_len = min(int(self.tokenizer.model_max_length),
-                           cfg.max_position_embeddings - (cfg.pad_token_id or 0) - 1)
+        positions = cfg.max_position_embeddings - (cfg.pad_token_id or 0) - 1
+        self.max_len = int(min(tokenizer_max_length(model_dir), positions))
         self.batch_tokens = model_opts.batch_tokens
         self.max_batch = model_opts.max_batch
         self.arrays = {"tokens": ArraySpec("float16", (cfg.hidden_size,), ragged=True)}
-        weights = sorted(p for p in Path(model_dir).iterdir() if p.suffix in (".safetensors", ".bin"))
         tokenizer_files = sorted(p for p in Path(model_dir).iterdir()
                                  if p.name in ("tokenizer.json", "sentencepiece.bpe.model", "tokenizer_config.json"))
         self.producer = {
             "model": f"{cfg.model_type}:{Path(model_dir).resolve().name}",
-            "weights_sha256": sha256_files(weights),
+            "weights_sha256": sha256_files(weight_files(model_dir)),
             "tokenizer_sha256": sha256_files(tokenizer_files),
-            "config": {"field": self.field, "clean_html": self.clean, "max_chars": self.max_chars, "prefix": self.prefix,
-                       "max_len": self.max_len, "hidden_size": cfg.hidden_size},
+            "config": {"field": self.field, "clean_html": self.clean, "max_chars": self.max_chars,
+                       "prefix": self.prefix, "max_len": self.max_len, "hidden_size": cfg.hidden_size},
         }
-        if model_opts.layers:  # only then: a store of the last layer's features keeps the producer it always had
-            self.producer["config"]["layers"] = model_opts.layers
+        if self.layers:  # only then: a store of the last layer's features keeps the producer it always had
+            self.producer["config"]["layers"] = self.layers
             # what a network needs to build the layers above this one and fine-tune them (encoders.TextTail)
             self.producer["hf_config"] = {k: getattr(cfg, k) for k in HF_LAYER_KEYS if hasattr(cfg, k)}
+        self._loaded = LoadedOnce(self._load)  # (tokenizer, model)
+
+    def _load(self):
+        tokenizer, model = load_text_model(self.model_dir)
+        if self.layers:
+            model.encoder.layer = model.encoder.layer[: self.layers]
+        return tokenizer, model.to(self.device)
+
+    @property
+    def tokenizer(self):
+        return self._loaded()[0]
+
+    @property
+    def model(self):
+        return self._loaded()[1]
 
     def texts(self, items: pl.DataFrame) -> list[str]:
         texts = items[self.field].to_list()
@@ -127,8 +141,7 @@ class CamembertTokens:
 def model_layers(model_dir: Path, producer: dict, first: int, count: int) -> dict:
     """The state dict of layers `first .. first + count - 1` (0-based: the `count` layers above layer `first`'s
     output) of the text model at `model_dir`, which must be the one the store was extracted with."""
-    weights = sorted(p for p in Path(model_dir).iterdir() if p.suffix in (".safetensors", ".bin"))
-    if sha256_files(weights) != producer["weights_sha256"]:
+    if sha256_files(weight_files(model_dir)) != producer["weights_sha256"]:
         raise PipelineError(f"{model_dir} is not the text model this store was extracted with: the fine-tuned layers "
                             f"must start from the extractor's own weights")
     _, model = load_text_model(model_dir)

@@ -1,17 +1,13 @@
-"""image (paper 3.3-3.4): EfficientNet `forward_features` maps of every item's photo (or, with `[image] cache_at`,
-the input of that backbone module, where pretraining fine-tunes the rest: pipeline.backbone).
+"""The image extractor (paper 3.3-3.4): EfficientNet `forward_features` maps of every item's photo (or, with
+`[image] cache_at`, the input of that backbone module, where pretraining fine-tunes the rest of it).
 
-Photos are decoded one block ahead of the model. On a CUDA device, nvJPEG decodes a block's JPEGs in one
-batch (`torchvision.io.decode_jpeg(..., device="cuda")`) and they are resized there; elsewhere
-libjpeg-turbo decodes them in threads (torch ops release the GIL). Each photo is resized and
-center-cropped as a uint8 tensor with the backbone's own eval transform (ImageNet statistics; no other
-transformation, as in the paper), so only uint8 pixels ever cross the bus: the float conversion and the
-normalisation run on the model's device just before the forward, channels_last under
-`torch.inference_mode` (bf16 on CUDA). Photos libjpeg-turbo does not take as they are (PNG, WebP, CMYK
-JPEG, ...) go through Pillow, as before. Only a regular file of at most `[image] max_bytes` is read (a FIFO,
-a device or a huge file never is); a missing, refused or unreadable photo is recorded in the store's `missing`
-array with its reason, its map left at zero, counted, and the run goes on. A photo's input fingerprint is a
-hash of its bytes, so a photo replaced by another (of any name and size) is never taken for the old one.
+Photos are decoded one block ahead of the model: on CUDA by nvJPEG in one batch, elsewhere by libjpeg-turbo
+in threads; each is resized and center-cropped as uint8 with the backbone's own eval transform (ImageNet
+statistics, no other transformation, as in the paper), and normalised on the model's device just before
+the forward. Photos libjpeg-turbo does not take (PNG, WebP, CMYK JPEG, ...) go through Pillow. Only a regular
+file of at most `[image] max_bytes` is read (never a FIFO, a device or a huge file); a missing, refused or
+unreadable photo is recorded in the store's `missing` array with its reason, and the run goes on. A photo's
+input fingerprint is a hash of its bytes, so a photo replaced by another is never taken for the old one.
 """
 from __future__ import annotations
 
@@ -23,11 +19,11 @@ import struct
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import polars as pl
-import timm
 import torch
 import torchvision.transforms.v2.functional as F
 from joblib import Parallel, delayed
@@ -37,8 +33,10 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.backbone import features_until
 from pipeline.distributed import torchrun
+from pipeline.errors import PipelineError
+from pipeline.extractor import LoadedOnce
 from pipeline.provenance import sha256_file
-from pipeline.weights import load_image_backbone
+from pipeline.weights.image import load_image_backbone
 from stores import ArraySpec
 
 NO_FILE, UNREADABLE, REFUSED = 1, 2, 3  # REFUSED: not a regular file, or over [image] max_bytes
@@ -224,32 +222,59 @@ class ImageMaps:
 
     name = "image"
 
-    def __init__(self, opts: dict, weights: Path | None, device: torch.device):
-        self.model = load_image_backbone(opts["model"], weights, random_ok=weights is None)
-        self.device = device
-        self.model.to(device, memory_format=torch.channels_last)
-        overrides = {"input_size": (3, opts["input_size"], opts["input_size"])} if opts["input_size"] else {}
-        self.data_cfg = timm.data.resolve_data_config(overrides, model=self.model)
+    def __init__(self, model: str, weights: Path | None, device: torch.device, *, input_size: int, batch_size: int,
+                 decode_workers: int, decode_device: str, cache_at: str, max_bytes: int):
+        """[image] as arguments: the timm `model` with its `weights` file (None: random), `input_size` (0: the
+        model's own), photos per forward, decoding threads (0: one per core), where JPEGs are decoded ("auto":
+        nvJPEG on CUDA, "cpu"), the module whose input is stored ("": the final maps) and the largest photo
+        file read. The backbone is built
+        and loaded on first use: its eval transform comes from timm's record of the model, its producer from
+        the weights file's sha256."""
+        import timm
+
+        pretrained_cfg = timm.get_pretrained_cfg(model)
+        if pretrained_cfg is None:
+            raise PipelineError(f"unknown image backbone '{model}': [image] model must be a timm model name")
+        self.model_name, self.weights, self.cache_at, self.device = model, weights, cache_at, device
+        overrides = {"input_size": (3, input_size, input_size)} if input_size else {}
+        self.data_cfg = timm.data.resolve_data_config(overrides, pretrained_cfg=pretrained_cfg.to_dict())
         self.transform = timm.data.create_transform(**self.data_cfg, is_training=False)  # Pillow: the reference
         self.resize = EvalResize(self.transform)
         self.mean, self.std = list(self.data_cfg["mean"]), list(self.data_cfg["std"])
-        self.batch_size = int(opts["batch_size"])
-        self.max_bytes = int(opts["max_bytes"])  # a photo file past this is not read (recorded REFUSED)
-        self.workers = int(opts["decode_workers"]) or decode_threads()
-        self.nvjpeg = opts["decode_device"] == "auto" and nvjpeg_works(device)
-        self.features = features_until(self.model, opts["cache_at"])  # final maps, or the input of `cache_at`
-        size = self.data_cfg["input_size"][1]
-        with torch.inference_mode():
-            shape = tuple(self.features(torch.zeros(1, 3, size, size, device=device)).shape[1:])
-        self.arrays = {"maps": ArraySpec("float16", shape)}
-        digest = sha256_file(weights) if weights else "random"
+        self.batch_size = batch_size
+        self.max_bytes = max_bytes  # a photo file past this is not read (recorded REFUSED)
+        self.workers = decode_workers or decode_threads()
+        self.nvjpeg = decode_device == "auto" and nvjpeg_works(device)
         self.producer = {
-            "model": opts["model"],
-            "weights_sha256": digest,
+            "model": model,
+            "weights_sha256": sha256_file(weights) if weights else "random",
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_cfg.items()},
         }
-        if opts["cache_at"]:  # only then: a store of final maps keeps the producer it always had
-            self.producer["cache_at"] = opts["cache_at"]
+        if cache_at:  # only then: a store of final maps keeps the producer it always had
+            self.producer["cache_at"] = cache_at
+        self._loaded = LoadedOnce(self._load)  # (backbone, what of it computes the stored features)
+
+    def _load(self):
+        backbone = load_image_backbone(self.model_name, self.weights, random_ok=self.weights is None)
+        backbone.to(self.device, memory_format=torch.channels_last)
+        return backbone, features_until(backbone, self.cache_at)  # final maps, or cache_at's input
+
+    @property
+    def model(self):
+        """The timm backbone, with its weights."""
+        return self._loaded()[0]
+
+    @property
+    def features(self):
+        """The backbone's `forward_features`, or its head up to `cache_at`."""
+        return self._loaded()[1]
+
+    @cached_property
+    def arrays(self) -> dict[str, ArraySpec]:
+        size = self.data_cfg["input_size"][1]
+        with torch.inference_mode():
+            shape = tuple(self.features(torch.zeros(1, 3, size, size, device=self.device)).shape[1:])
+        return {"maps": ArraySpec("float16", shape)}
 
     def fingerprints(self, items: pl.DataFrame) -> np.ndarray:
         """A hash of each photo's bytes (read in threads): it changes whenever the bytes do, whatever the name,

@@ -1,7 +1,8 @@
 """Stage 1, extract: each modality's upstream representation into a feature store (paper 3.3-3.4).
 
-What a modality extracts, and how, is its record in pipeline.modalities; this module reads the
-catalogue, keeps the split, and runs each modality's extractor through the block driver.
+What a modality extracts, and how, is its record (pipeline.registry; the paper's four in
+pipeline.modalities); this module reads the catalogue, keeps the split, resolves the upstream files,
+and runs each modality's extractor through the store filler (pipeline.fill).
 """
 from __future__ import annotations
 
@@ -9,16 +10,13 @@ from pathlib import Path
 
 import polars as pl
 
-from pipeline import modalities, workdir as wd
-from pipeline.catalog import Catalog, load_catalog, make_split, split_items
+from pipeline import registry, upstream, workdir as wd
+from pipeline.catalog import Catalog, load_catalog, make_split, split_items, train_texts
 from pipeline.config import Config
 from pipeline.distributed import pick_device
-from pipeline.errors import PipelineError
-from pipeline.extract.driver import Summary, check_writers, parse_shard, run_extraction
-from pipeline.modalities import ExtractContext
-from pipeline.upstream import check_models, check_planned_model
-from stores import SCHEMA_VERSION, FeatureStore, StoreError
-from stores.locks import writer_of
+from pipeline.fill import Summary, check_writers, parse_shard, fill_store
+from pipeline.extractor import ExtractContext
+from stores import FeatureStore, StoreError
 
 
 def extract(modality: str, catalog_dir: str | Path, workdir: str | Path, cfg: Config, *,
@@ -29,15 +27,11 @@ def extract(modality: str, catalog_dir: str | Path, workdir: str | Path, cfg: Co
 
     The stores go under `[stores] root` instead of W when it is set (a local directory or a URL)."""
     # Every argument is checked before anything is read or written.
-    names = cfg.modality_names if modality == "all" else [modalities.get(modality).name]
+    names = cfg.modality_names if modality == "all" else [registry.get(modality).name]
     shard_kn = parse_shard(shard)
     for name in names:  # an unknown backend, an HDF5 store for several workers, a sharded rebuild
-        path = _store_for(Path(workdir), cfg, name, backend)
-        check_writers(path, shard_kn, rebuild)
-        if (who := writer_of(path)) is not None:  # a second HDF5 writer: refused before any model loads
-            raise PipelineError(f"{path}: {who} is writing this HDF5 store, and an HDF5 store takes one writer at "
-                                "a time: wait for it to end")
-    check_models(cfg, names, catalog_dir, workdir, f"extract {modality}")  # found (or fetched) before W is touched
+        check_writers(_store_for(Path(workdir), cfg, name, backend), shard_kn, rebuild)
+    upstream.check_models(cfg, names, catalog_dir, workdir, f"extract {modality}")  # found before W is touched
     catalog = load_catalog(catalog_dir, cfg)
     log(catalog.summary())
     wd.remember(workdir, cfg, catalog_dir)
@@ -60,19 +54,21 @@ def extract_items(names: list[str], catalog: Catalog, split: pl.DataFrame, workd
     """Extract the modalities `names` of every item of `catalog` (the split says what is train)."""
     summaries = []
     train = split_items(catalog, split, "train")
+    resources = upstream.resources(cfg, workdir, lambda: train_texts(train))
+    device = pick_device(cfg.extract.device, "[extract] device")
     for name in names:
         path = _store_for(workdir, cfg, name, backend)
         hint = (wd.command(cfg, workdir, f"extract {name}", catalog=True)
                 + f" --backend {'hdf5' if str(path).endswith('.h5') else 'zarr'} --rebuild")
-        ctx = ExtractContext(cfg, workdir, pick_device(cfg.extract.device, "[extract] device"), train, rebuild, hint)
+        ctx = ExtractContext(cfg.options(name), cfg.text_model, resources, device, train, rebuild, hint)
         if not rebuild:
             _check_model_first(path, cfg, name, hint)
-        extractor = modalities.get(name).extractor(ctx)
+        extractor = registry.get(name).extractor(ctx)
         with wd.repair_hint(cfg, workdir):  # a store whose metadata is damaged: the rebuild that restores it
-            summary = run_extraction(extractor, catalog.items, path, block_rows=cfg.block_items(name), shard=shard,
-                                     rebuild=rebuild, repair=repair, rebuild_hint=hint, progress=progress)
+            summary = fill_store(extractor, catalog.items, path, block_rows=cfg.block_items(name),
+                                 stores=cfg.stores, shard=shard, rebuild=rebuild, repair=repair, rebuild_hint=hint,
+                                 progress=progress)
         log(summary.line())
-        _say_if_old(path, hint, log)
         summaries.append(summary)
     return summaries
 
@@ -86,12 +82,4 @@ def _check_model_first(path, cfg: Config, name: str, hint: str) -> None:
             producer = store.provenance["producer"]
     except StoreError:  # damaged or busy: the run itself says so, naming the fix
         return
-    check_planned_model(cfg, name, producer, path, f"refusing to mix them: rebuild with `{hint}`")
-
-
-def _say_if_old(path, rebuild_hint: str, log) -> None:
-    """A store of an older schema still reads; say what its upgrade costs and how to run it."""
-    with FeatureStore(path) as store:
-        if store.schema_version < SCHEMA_VERSION:
-            log(f"{path}: schema {store.schema_version} (chunks without checksums: damage can go unnoticed); "
-                f"upgrade it with `{rebuild_hint}`")
+    upstream.check_planned_model(cfg, name, producer, path, f"refusing to mix them: rebuild with `{hint}`")

