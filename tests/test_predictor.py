@@ -202,3 +202,13 @@ def test_class_names_from_serve_class_names_name_the_codes(trained_workdir, pred
     names.write_bytes(b"\xff\xfe not a csv")
     with pytest.raises(PipelineError, match=r"\[serve\] class_names = .*not a CSV of prdtypecode,name rows"):
         Predictor.load(trained_workdir, predictor.cfg.merged({"serve": {"class_names": str(names)}}))
+
+
+def test_title_and_description_read_one_loaded_text_model(trained_workdir, predictor, items):
+    """title_cam and desc_cam run the same text model: loaded once, held once, freed with the predictor."""
+    predictor.predict(items.head(3).with_columns(pl.col("title") + " (new)"))  # new texts: the model runs
+    title, desc = (predictor.branches[m].extractor for m in ("title_cam", "desc_cam"))
+    assert title.model is desc.model and title.tokenizer is desc.tokenizer
+    other = Predictor.load(trained_workdir)
+    other.branches["title_cam"].extractor.model  # loaded while the first predictor holds it: the same one
+    assert other.branches["title_cam"].extractor.model is title.model

@@ -9,6 +9,8 @@ costs little; the forward runs under `torch.inference_mode`, in bf16 on CUDA.
 """
 from __future__ import annotations
 
+import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,30 @@ from stores import ArraySpec, fingerprint
 # The config keys a transformer layer is built from (not the vocabulary or the library's version).
 HF_LAYER_KEYS = ("model_type", "hidden_size", "num_attention_heads", "intermediate_size", "hidden_act", "layer_norm_eps",
                  "hidden_dropout_prob", "attention_probs_dropout_prob", "position_embedding_type")
+
+
+class _TextModel:
+    def __init__(self, tokenizer, model):
+        self.tokenizer, self.model = tokenizer, model
+
+
+_SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_text_model(model_dir: Path, layers: int, device) -> _TextModel:
+    """The text model of `model_dir` (its first `layers`), loaded once for every extractor that reads it at the
+    same time (title_cam and desc_cam in a predictor: one load, one copy in memory), freed with the last one.
+    The model is only run forward, never changed, so sharing it is safe."""
+    key = (str(Path(model_dir).resolve()), layers, str(device))
+    with _SHARED_LOCK:
+        found = _SHARED.get(key)
+        if found is None:
+            tokenizer, model = load_text_model(model_dir)
+            if layers:
+                model.encoder.layer = model.encoder.layer[:layers]
+            found = _SHARED[key] = _TextModel(tokenizer, model.to(device))
+        return found
 
 
 class CamembertTokens:
@@ -67,10 +93,9 @@ class CamembertTokens:
         self._loaded = LoadedOnce(self._load)  # (tokenizer, model)
 
     def _load(self):
-        tokenizer, model = load_text_model(self.model_dir)
-        if self.layers:
-            model.encoder.layer = model.encoder.layer[: self.layers]
-        return tokenizer, model.to(self.device)
+        loaded = shared_text_model(self.model_dir, self.layers, self.device)
+        self._shared = loaded  # held while this extractor lives: title_cam and desc_cam share one model
+        return loaded.tokenizer, loaded.model
 
     @property
     def tokenizer(self):
