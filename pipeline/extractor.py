@@ -32,6 +32,8 @@ class Extractor(Protocol):
     arrays: dict[str, ArraySpec]  # the arrays it writes
     producer: dict  # model, weights and tokenizer sha256, settings: what the features depend on
 
+    def load(self) -> Any: ...  # its model now, not on first use (a predictor is ready once loaded)
+
     def fingerprints(self, items: pl.DataFrame) -> np.ndarray: ...  # (n,) uint64: each item's input
 
     def lengths(self, items: pl.DataFrame) -> dict[str, np.ndarray]: ...  # tokens per item of ragged arrays

@@ -212,3 +212,10 @@ def test_title_and_description_read_one_loaded_text_model(trained_workdir, predi
     other = Predictor.load(trained_workdir)
     other.branches["title_cam"].extractor.model  # loaded while the first predictor holds it: the same one
     assert other.branches["title_cam"].extractor.model is title.model
+
+
+def test_a_loaded_predictor_holds_its_upstream_models_before_the_first_call(trained_workdir):
+    """The extract stage loads models on first use; a predictor (a server's) is ready when `load` returns."""
+    fresh = Predictor.load(trained_workdir)
+    for m in ("title_cam", "desc_cam", "image"):
+        assert fresh.branches[m].extractor._loaded._value is not None, m

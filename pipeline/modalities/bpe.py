@@ -120,6 +120,9 @@ class TitleBpe:
     def _encode(self, items: pl.DataFrame) -> list[list[int]]:
         return self.sp.encode(items["title"].to_list(), num_threads=self.threads)
 
+    def load(self):
+        return self.sp  # loaded when built: a SentencePiece model is small
+
     def fingerprints(self, items: pl.DataFrame) -> np.ndarray:
         return fingerprint(items["title"].to_list())
 

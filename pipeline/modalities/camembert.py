@@ -97,6 +97,9 @@ class CamembertTokens:
         self._shared = loaded  # held while this extractor lives: title_cam and desc_cam share one model
         return loaded.tokenizer, loaded.model
 
+    def load(self):
+        return self._loaded()
+
     @property
     def tokenizer(self):
         return self._loaded()[0]

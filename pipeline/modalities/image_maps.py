@@ -259,6 +259,9 @@ class ImageMaps:
         backbone.to(self.device, memory_format=torch.channels_last)
         return backbone, features_until(backbone, self.cache_at)  # final maps, or cache_at's input
 
+    def load(self):
+        return self._loaded()
+
     @property
     def model(self):
         """The timm backbone, with its weights."""
