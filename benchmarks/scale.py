@@ -10,11 +10,13 @@ stage is its own process (`cli.py`), so its peak RSS is its own (`os.wait4`'s ru
 added to its output folder. benchmarks/scale.toml: the tiny models (tiny CamemBERT, lite0 at 32 px, 2 epochs):
 the run measures the pipeline's costs, not the models'.
 
-Prints one JSON line per size and stage (`items`, `stage`, `seconds`, `items_per_s`, `peak_rss_mb`, `bytes`;
-pretrain adds `reader_mb`, the features its reader holds, and `epoch_s`; the stream run adds `memory_epoch_s`
-and `stream_ratio`; predict adds `items_per_s_first_tenth` and `items_per_s_last_tenth`), then one per stage
-(`stage`, `time_exponent`: the least-squares slope of log seconds on log items, `memory_ratio`: peak RSS at the
-largest size over the smallest, and for pretrain `memory_ratio_outside_reader`: the same less `reader_mb`).
+Prints one JSON line per size and stage (`items`, `stage`, `seconds`, `cpu_seconds`: user + system time of the
+stage's process, less sensitive than wall time to a machine shared with other work, `items_per_s`,
+`peak_rss_mb`, `bytes`; pretrain adds `reader_mb`, the features its reader holds, and `epoch_s`; the stream run
+adds `memory_epoch_s` and `stream_ratio`; predict adds `items_per_s_first_tenth` and `items_per_s_last_tenth`),
+then one per stage (`stage`, `time_exponent`: the least-squares slope of log seconds on log items,
+`cpu_time_exponent`: the same of CPU seconds, `memory_ratio`: peak RSS at the largest size over the smallest,
+and for pretrain `memory_ratio_outside_reader`: the same less `reader_mb`).
 Writes every line to <workdir>/scale.jsonl and, with --plot, time and memory per stage against items, log-log.
 """
 from __future__ import annotations
@@ -59,7 +61,8 @@ def run_stage(args: list[str], out: Path, python: tuple[str, ...] = ("cli.py",))
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         sys.exit(f"error: `{' '.join(map(str, args))}` failed:\n" + "\n".join(line for _, line in lines[-20:]))
-    return {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+    return {"seconds": round(seconds, 2), "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
             "bytes": tree_bytes(out) - before, "lines": lines}
 
 
@@ -106,8 +109,7 @@ def one_size(n: int, root: Path, config: Path) -> list[dict]:
     records = []
     for stage, args, out in stages:
         r = run_stage(args, out)
-        rec = {"items": n, "stage": stage, "seconds": r["seconds"], "items_per_s": round(n / r["seconds"], 1),
-               "peak_rss_mb": r["peak_rss_mb"], "bytes": r["bytes"]}
+        rec = {"items": n, "stage": stage, **stage_figures(n, r)}
         if stage.startswith("pretrain"):
             m = stage.split()[1]
             rec |= {"reader_mb": reader_mb(r["lines"]), "epoch_s": epoch_seconds(w / "models" / m / "metrics.json")}
@@ -117,8 +119,7 @@ def one_size(n: int, root: Path, config: Path) -> list[dict]:
     r = run_stage(["predict", "--catalog", new, "--workdir", w, "--out", root / f"predict-{n}.csv", *cfg], root,
                   python=("-c", PREDICT))
     first, last = tenth_rates(r["lines"], n)
-    records.append(emit({"items": n, "stage": "predict", "seconds": r["seconds"], "items_per_s": round(n / r["seconds"], 1),
-                         "peak_rss_mb": r["peak_rss_mb"], "bytes": r["bytes"], "items_per_s_first_tenth": first,
+    records.append(emit({"items": n, "stage": "predict", **stage_figures(n, r), "items_per_s_first_tenth": first,
                          "items_per_s_last_tenth": last}))
     return records
 
@@ -135,10 +136,14 @@ def stream_stage(n: int, w: Path, root: Path, config: Path, records: list[dict])
     r = run_stage(["pretrain", "title_cam", "--workdir", ws, "--config", stream_cfg], ws)
     memory = next(x for x in records if x["stage"] == "pretrain title_cam")
     epoch = epoch_seconds(ws / "models" / "title_cam" / "metrics.json")
-    return {"items": n, "stage": "pretrain title_cam (stream)", "seconds": r["seconds"],
-            "items_per_s": round(n / r["seconds"], 1), "peak_rss_mb": r["peak_rss_mb"], "bytes": r["bytes"],
+    return {"items": n, "stage": "pretrain title_cam (stream)", **stage_figures(n, r),
             "reader_mb": reader_mb(r["lines"]), "epoch_s": epoch, "memory_epoch_s": memory["epoch_s"],
             "stream_ratio": round(epoch / memory["epoch_s"], 2)}
+
+
+def stage_figures(n: int, r: dict) -> dict:
+    return {"seconds": r["seconds"], "cpu_seconds": r["cpu_seconds"], "items_per_s": round(n / r["seconds"], 1),
+            "peak_rss_mb": r["peak_rss_mb"], "bytes": r["bytes"]}
 
 
 def emit(record: dict) -> dict:
@@ -153,8 +158,9 @@ def growth(records: list[dict]) -> list[dict]:
         rows = sorted((r for r in records if r["stage"] == stage), key=lambda r: r["items"])
         if len(rows) < 2:
             continue
-        x, y = np.log([r["items"] for r in rows]), np.log([r["seconds"] for r in rows])
-        rec = {"stage": stage, "time_exponent": round(float(np.polyfit(x, y, 1)[0]), 2),
+        x = np.log([r["items"] for r in rows])
+        slope = lambda key: round(float(np.polyfit(x, np.log([r[key] for r in rows]), 1)[0]), 2)  # noqa: E731
+        rec = {"stage": stage, "time_exponent": slope("seconds"), "cpu_time_exponent": slope("cpu_seconds"),
                "memory_ratio": round(rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"], 2)}
         if "reader_mb" in rows[0]:
             outside = [r["peak_rss_mb"] - r["reader_mb"] for r in (rows[0], rows[-1])]
@@ -169,21 +175,23 @@ def plot(records: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), dpi=90)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), dpi=80)
     stages = list(dict.fromkeys(r["stage"] for r in records))
     colours = plt.get_cmap("tab20")(np.linspace(0, 1, len(stages)))
     for stage, colour in zip(stages, colours):
         rows = sorted((r for r in records if r["stage"] == stage), key=lambda r: r["items"])
         x = [r["items"] for r in rows]
         axes[0].plot(x, [r["seconds"] for r in rows], "o-", color=colour, label=stage)
-        axes[1].plot(x, [r["peak_rss_mb"] for r in rows], "o-", color=colour, label=stage)
-    for ax, what in zip(axes, ("seconds", "peak RSS (MB)")):
+        axes[1].plot(x, [r["cpu_seconds"] for r in rows], "o-", color=colour, label=stage)
+        axes[2].plot(x, [r["peak_rss_mb"] for r in rows], "o-", color=colour, label=stage)
+    for ax, what in zip(axes, ("wall seconds", "CPU seconds (user + system)", "peak RSS (MB)")):
         ax.set(xscale="log", yscale="log", xlabel="items", ylabel=what)
         ax.grid(True, which="both", alpha=0.3)
     lo, hi = min(r["items"] for r in records), max(r["items"] for r in records)
-    ref = [min(r["seconds"] for r in records if r["items"] == lo)] * 2
-    axes[0].plot([lo, hi], [ref[0], ref[0] * hi / lo], "k--", lw=0.8, label="slope 1")
-    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    for ax, key in zip(axes, ("seconds", "cpu_seconds")):
+        ref = min(r[key] for r in records if r["items"] == lo)
+        ax.plot([lo, hi], [ref, ref * hi / lo], "k--", lw=0.8, label="slope 1")
+    axes[2].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.suptitle("benchmarks/scale.py: each stage's time and peak memory against catalogue size (2 CPU cores)")
     fig.tight_layout()
     fig.savefig(path)
