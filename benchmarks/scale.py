@@ -8,7 +8,7 @@ For each N: `pipeline data synth` (N items, and N new ones for predict), `models
 from the store (`[train_reader] mode = "stream"`), `sketch all`, `fuse`, `predict` on the N new items. Each
 stage is its own process (`cli.py`), so its peak RSS is its own (`os.wait4`'s ru_maxrss); `bytes` is what it
 added to its output folder. benchmarks/scale.toml: the tiny models (tiny CamemBERT, lite0 at 32 px, 2 epochs):
-the run measures the pipeline's costs, not the models'.
+the run measures the pipeline's costs, not the models'. Each stage runs with one torch intra-op thread.
 
 Prints one JSON line per size and stage (`items`, `stage`, `seconds`, `cpu_seconds`: user + system time of the
 stage's process, less sensitive than wall time to a machine shared with other work, `items_per_s`,
@@ -36,6 +36,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "benchmarks" / "scale.toml"
 MODALITIES = ("title_bpe", "title_cam", "desc_cam", "image")
+# One intra-op thread per stage: on a shared machine, idle OpenMP threads spin and bill CPU time that is not
+# work, which would blur the growth this measures (decode and writer threads are the stages' own).
+THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # `pipeline predict` with a progress line after every batch (its rate counts from the loop's start).
 PREDICT = ("import sys, cli, pipeline.progress as p; p.LINE_EVERY_S = 0.0; "
            "sys.argv = ['pipeline', *sys.argv[1:]]; cli.main()")
@@ -51,7 +54,7 @@ def run_stage(args: list[str], out: Path, python: tuple[str, ...] = ("cli.py",))
     """One stage in its own process: seconds, peak RSS (MB), bytes added under `out`, its stderr lines with the
     time each arrived."""
     before = tree_bytes(out) if out.exists() else 0
-    env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = os.environ | {"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **THREADS}
     t = time.perf_counter()
     proc = subprocess.Popen([sys.executable, *python, *map(str, args)], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
