@@ -16,18 +16,18 @@ title_bpe and image stores) and its `tuned-s0/` (the title_cam and desc_cam stor
    Figure 2, scored on the inner held-out part.
 
 The base of every run is ``BASE``: configs/rakuten-real.toml with e5's layer 11 stored. Runs go ``--jobs`` at
-a time, one torch thread each. Writes W/sweep/networks.jsonl and fusions.jsonl and prints both tables.
+a time, one torch thread each, each in a process of its own. Writes W/sweep/networks.jsonl and fusions.jsonl and prints both tables.
 """
 from __future__ import annotations
 
 import argparse
+from concurrent.futures import ProcessPoolExecutor, as_completed
 import json
 import sys
 import time
 from pathlib import Path
 
 import polars as pl
-from joblib import Parallel, delayed
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -119,9 +119,12 @@ def fusion(name: str, nets: dict[str, str], over: dict, seed: int, w: Path, inne
 
 
 def run_all(jobs: list, n_jobs: int, out: Path) -> list[dict]:
+    """Each job in a process of its own (a process that ran a stage keeps the memory it freed: the extraction
+    driver's `keep_freed_memory`), `n_jobs` at a time; the results as they come, appended to `out`."""
     results = []
-    with out.open("a") as f:
-        for r in Parallel(n_jobs=n_jobs, return_as="generator_unordered")(jobs):
+    with out.open("a") as f, ProcessPoolExecutor(n_jobs, max_tasks_per_child=1) as pool:
+        for done in as_completed([pool.submit(fn, *a, **kw) for fn, a, kw in jobs]):
+            r = done.result()
             results.append(r)
             f.write(json.dumps(r) + "\n")
             f.flush()
@@ -160,7 +163,7 @@ def main() -> None:
     print(f"inner split of the train items: {dict(inner.group_by('split').len().iter_rows())}", flush=True)
     names = [n for n in CANDIDATES if not a.only or n in a.only]
     if not a.fusions_only:
-        run_all([delayed(network)(n, s, w, inner_file) for n in names for s in a.seeds], a.jobs,
+        run_all([(network, (n, s, w, inner_file), {}) for n in names for s in a.seeds], a.jobs,
                 w / "sweep" / "networks.jsonl")
     done = [json.loads(line) for line in (w / "sweep" / "networks.jsonl").read_text().splitlines()]
     trained = {(r["name"], r["seed"]) for r in done}
@@ -171,7 +174,7 @@ def main() -> None:
         nets = best if nets == "best" else nets
         for s in a.seeds:
             if all((n, s) in trained for n in nets.values()):
-                jobs.append(delayed(fusion)(name, nets, over, s, w, inner_file))
+                jobs.append((fusion, (name, nets, over, s, w, inner_file), {}))
     run_all(jobs, a.jobs, w / "sweep" / "fusions.jsonl")
 
 
