@@ -2,6 +2,7 @@
 
     python benchmarks/scale.py --items 10000 30000 100000 [--workdir /tmp/scale] [--config benchmarks/scale.toml]
                                [--plot docs/scaling_curve.png]
+    python benchmarks/scale.py --table W/scale.jsonl    # a finished run's lines as a markdown table
 
 For each N: `pipeline data synth` (N items, and N new ones for predict), `models`, `extract` of each modality,
 `pretrain` of each (features held in memory, the reader's `auto` mode), `pretrain title_cam` again streaming
@@ -200,13 +201,35 @@ def plot(records: list[dict], path: Path) -> None:
     fig.savefig(path)
 
 
+def table(records: list[dict]) -> str:
+    """The records as markdown: per stage, CPU seconds and peak RSS at each size, then the growth figures."""
+    sizes = sorted({r["items"] for r in records if "items" in r})
+    growth_of = {r["stage"]: r for r in records if "items" not in r}
+    head = ["stage", *(f"CPU s at {n:,}" for n in sizes), *(f"peak MB at {n:,}" for n in sizes),
+            "time exp. (wall)", "time exp. (CPU)", "memory ratio"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for stage, g in growth_of.items():
+        rows = {r["items"]: r for r in records if r.get("stage") == stage and "items" in r}
+        cells = [stage, *(f"{rows[n]['cpu_seconds']:.1f}" if n in rows else "" for n in sizes),
+                 *(f"{rows[n]['peak_rss_mb']:.0f}" if n in rows else "" for n in sizes),
+                 f"{g['time_exponent']:.2f}", f"{g['cpu_time_exponent']:.2f}",
+                 f"{g['memory_ratio']:.2f}" + (f" ({g['memory_ratio_outside_reader']:.2f} outside the reader)"
+                                               if "memory_ratio_outside_reader" in g else "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--items", type=int, nargs="+", default=[10000, 30000, 100000])
     ap.add_argument("--workdir", type=Path, default=ROOT / "work" / "scale")
     ap.add_argument("--config", type=Path, default=CONFIG)
     ap.add_argument("--plot", type=Path, default=None, help="a PNG of time and memory per stage against items")
+    ap.add_argument("--table", type=Path, default=None, help="print a scale.jsonl as a markdown table, run nothing")
     a = ap.parse_args()
+    if a.table:
+        print(table([json.loads(line) for line in a.table.read_text().splitlines()]))
+        return
     a.workdir.mkdir(parents=True, exist_ok=True)
     records = []
     for n in sorted(a.items):
