@@ -222,6 +222,12 @@ def seeded(scores: dict, key: str) -> str:
     return " / ".join(pct(scores[s][key]) for s in sorted(scores))
 
 
+def system_rows(scores: dict, label: str, paper_fused: str) -> list[str]:
+    """A system's four networks and its Figure-2 fusion, a row each."""
+    return [*(f"| {label}: {m} | {seeded(scores, m)} | - |" for m in ("title_cam", "desc_cam", "title_bpe", "image")),
+            f"| **{label}: fused (Figure 2)** | **{seeded(scores, 'fusion')}** | {paper_fused} |"]
+
+
 def text_rows(text: dict) -> list[str]:
     """The table rows of the text systems that ran."""
     paper3 = lambda k: f"{pct(PAPER_TABLE3[k])} (Table 3)"  # noqa: E731
@@ -236,19 +242,13 @@ def text_rows(text: dict) -> list[str]:
                  f"{pct(PAPER_TABLE2['fusion-concat-all'])} (Table 2) |",
                  f"| probabilities averaged (no joint training) | {seeded(t, 'fusion-ensemble')} | below joint (3.5) |"]
     if "static" in text:
-        st = text["static"]
-        rows += [*(f"| static EMDE: {m} | {seeded(st, m)} | - |" for m in ("title_cam", "desc_cam", "title_bpe",
-                                                                           "image")),
-                 f"| static EMDE: fused (Figure 2) | {seeded(st, 'fusion')} | {paper3('static')} |"]
+        rows += system_rows(text["static"], "static EMDE", paper3("static"))
     if "image fine-tuned" in text:
         ft = text["image fine-tuned"]
         rows += [f"| image, backbone tail fine-tuned | {seeded(ft, 'image')} | {paper3('image')} |",
                  f"| fused (Figure 2), image fine-tuned | {seeded(ft, 'fusion')} | - |"]
     if "tuned" in text:
-        tu = text["tuned"]
-        rows += [*(f"| tuned ({TUNED}): {m} | {seeded(tu, m)} | - |" for m in ("title_cam", "desc_cam", "title_bpe",
-                                                                               "image")),
-                 f"| **tuned: fused (Figure 2)** | **{seeded(tu, 'fusion')}** | - |"]
+        rows += system_rows(text["tuned"], f"tuned ({TUNED})", "-")
     return rows
 
 
