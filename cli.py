@@ -1,6 +1,7 @@
 """The `pipeline` command: parses arguments and calls the stage; nothing else lives here."""
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -164,20 +165,65 @@ def fuse(workdir: WorkdirOpt, config: ConfigOpt = None) -> None:
     run(workdir, settings(workdir, config), log=log)
 
 
+ModelOpt = Annotated[Optional[Path], typer.Option(
+    "--model", file_okay=False, help="a trained work directory or a bundle (`pipeline bundle`)")]
+
+
+def model_source(workdir: Path | None, model: Path | None) -> Path:
+    """The model to load: --model, or --workdir (the same thing; either names a work directory or a bundle)."""
+    if workdir is not None and model is not None and workdir != model:
+        raise PipelineError(f"--workdir {workdir} and --model {model}: give one of them")
+    if workdir is None and model is None:
+        raise PipelineError("no model: give --model W|BUNDLE (a trained work directory or a bundle)")
+    return model if model is not None else workdir
+
+
 @app.command()
 def predict(
     catalog: Annotated[Path, typer.Option("--catalog", help="catalogue folder of the items to classify")],
-    workdir: WorkdirOpt,
     out_csv: Annotated[Path, typer.Option("--out", help="CSV in the challenge's submission format "
                                                        "(probabilities in the .parquet beside it)")],
-    cache: Annotated[Optional[Path], typer.Option(help="keep new items' features in this folder for later runs")] = None,
+    workdir: Annotated[Optional[Path], typer.Option("--workdir", file_okay=False,
+                                                    help="a trained work directory (or use --model)")] = None,
+    model: ModelOpt = None,
+    cache: Annotated[Optional[Path], typer.Option(help="keep new items' features in this folder for later runs "
+                                                       "(never inside the work directory)")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Classify the items of any catalogue (the training stores and split are never changed)."""
     from pipeline.predict import check_output, predict as run
 
+    source = model_source(workdir, model)
     check_output(out_csv)
-    run(catalog, workdir, out_csv, settings(workdir, config), cache=cache, log=log)
+    run(catalog, source, out_csv, settings(source, config), cache=cache, log=log)
+
+
+@app.command()
+def bundle(
+    workdir: WorkdirOpt,
+    out: Annotated[Path, typer.Option("--out", file_okay=False, help="the bundle's folder (new, or a bundle to replace)")],
+    config: ConfigOpt = None,
+) -> None:
+    """Only what prediction needs (networks, upstream weights, tokenizers, classes, config, checksums) into a folder
+    that `predict --model`, `serve --model` and Predictor.load read without W."""
+    from pipeline.bundle import write_bundle
+
+    write_bundle(workdir, out, settings(workdir, config), log=log)
+
+
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Option("--model", file_okay=False, help="a trained work directory or a bundle")],
+    host: Annotated[Optional[str], typer.Option(help="address to listen on (default: [serve] host, 127.0.0.1)")] = None,
+    port: Annotated[Optional[int], typer.Option(min=0, max=65535, help="port (default: [serve] port; 0: any free one)")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Classify items over HTTP: POST /v1/predict (batched), a page at /, /healthz, /readyz, /metrics, /docs; new
+    models swapped in while serving; a bearer token when EMDE_SERVE_TOKEN is set."""
+    from pipeline.serve import serve as run
+
+    settings(model, config)  # a bad config is refused before anything listens
+    run(model, config, host=host, port=port, log=log)
 
 
 @app.command()
@@ -248,8 +294,10 @@ def main() -> None:
         refuse(e.format_message() + (f" (see `{ctx.command_path} --help`)" if ctx else ""))
     except (PipelineError, StoreError) as e:
         refuse(str(e))
-    except OSError as e:
-        refuse(f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else ""))
+    except OSError as e:  # a full disk: every stage keeps what it completed (blocks, epochs, the last good output)
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        refuse(f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else "")
+               + ("; free some space and run the same command again: what was complete is kept" if full else ""))
     except MemoryError as e:  # a setting far too large for this machine (a batch size, a model width, ...)
         refuse(f"out of memory ({e or 'MemoryError'}); lower the setting that sizes the largest array")
 

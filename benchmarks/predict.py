@@ -1,6 +1,6 @@
 """Latency and throughput of `Predictor` (pipeline/predictor.py) on this machine.
 
-    python benchmarks/predict.py --workdir W [--items 20] [--batch 512]
+    python benchmarks/predict.py --model W|BUNDLE [--catalog DIR] [--items 20] [--batch 512]
 
 * one item after load (title, description, photo; every feature computed, nothing reused): p50/p99
   seconds over `--items` different items, against the bare upstream work for the same item (the
@@ -34,10 +34,13 @@ from pipeline.catalog import load_catalog  # noqa: E402
 from pipeline.extract.driver import run_extraction  # noqa: E402
 
 
-def rows_of(workdir: Path, n: int) -> pl.DataFrame:
+def rows_of(workdir: Path, n: int, catalog: Path | None = None) -> pl.DataFrame:
     """n catalogue items with a photo and a description, as the predictor takes them."""
     cfg = wd.load(workdir)
-    items = load_catalog(wd.recorded(workdir)["catalog"], cfg).items
+    catalog = catalog or (wd.recorded(workdir) or {}).get("catalog")
+    if not catalog:
+        raise SystemExit(f"{workdir} names no catalogue (a bundle): give --catalog DIR")
+    items = load_catalog(catalog, cfg).items
     full = items.filter(pl.col("has_image") & (pl.col("description") != ""))
     return full[:n].select("item_id", "title", "description", image=pl.col("image_path"))
 
@@ -125,7 +128,9 @@ def build_real(workdir: Path, n: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("--model", "--workdir", dest="workdir", type=Path, required=True,
+                    help="a trained work directory or a bundle")
+    ap.add_argument("--catalog", type=Path, help="the items (default: the work directory's catalogue)")
     ap.add_argument("--items", type=int, default=20, help="single-item calls (distinct items)")
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--build-real", type=int, default=0, help="first train a small real-data W of N items")
@@ -140,7 +145,7 @@ def main() -> None:
     t = time.perf_counter()
     predictor = Predictor.load(args.workdir, reuse=False)
     load_s = time.perf_counter() - t
-    rows = rows_of(args.workdir, max(args.items, args.batch))
+    rows = rows_of(args.workdir, max(args.items, args.batch), args.catalog)
     report = {"workdir": str(args.workdir), "load_s": load_s} | one_item(predictor, rows[: args.items])
     report |= batch(predictor, rows[: args.batch])
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in report.items()}))

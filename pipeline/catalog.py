@@ -30,7 +30,7 @@ import polars as pl
 from pipeline.schema import Catalog as CatalogSettings, Layout
 from pipeline.text import clean_description
 from pipeline.errors import PipelineError
-from pipeline.provenance import atomic_path
+from pipeline.provenance import atomic_path, write_parquet
 
 FIELDS = ("id", "title", "description", "product_id", "image_id")
 SPLIT_FILE = "split.parquet"
@@ -403,8 +403,7 @@ def make_split(catalog: Catalog, cfg, workdir: str | Path) -> pl.DataFrame:
         if len(new) == 0:
             return split
         split = pl.concat([split, new.select("item_id", split=pl.col("part"), label="label")])
-    with atomic_path(path) as tmp:  # shard workers starting together write the same table
-        split.write_parquet(tmp)
+    write_parquet(split, path)  # atomically: shard workers starting together write the same table
     return split
 
 

@@ -9,6 +9,7 @@ to open.
 """
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from pipeline import modalities
 from pipeline.emde import DifferentiableEMDECoder, StaticEMDE
 from pipeline.encoders import ModalityClassifier
 from pipeline.errors import PipelineError
-from pipeline.provenance import atomic_path
+from pipeline.provenance import write_bytes
 
 FORMAT = 2
 MODEL_FILE = "model.pt"
@@ -50,9 +51,10 @@ def build_model(config: dict) -> ModalityClassifier:
 
 
 def save(obj: dict, path: str | Path) -> None:
-    """torch.save, atomically: a reader never sees half a checkpoint."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save, atomically: a reader never sees half a checkpoint (and a full disk is one OSError)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getvalue())
 
 
 def load(path: str | Path, map_location="cpu") -> dict:

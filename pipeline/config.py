@@ -109,6 +109,7 @@ class Config:
     fusion: schema.Fusion
     demo: schema.Demo | None
     real_data: schema.RealData | None
+    serve: schema.Serve
     modality_tables: dict = field(repr=False)  # name -> its [<name>] options
     train_tables: dict = field(repr=False)  # name -> its [pretrain.<name>] options, [pretrain] applied
     origins: dict = field(repr=False, compare=False, default_factory=dict)

@@ -1,5 +1,5 @@
 """Export a trained work directory for serving: each modality's encoder + EMDE coder, and the fusion heads,
-as `torch.export` programs (`.pt2`, loadable with `torch.export.load` without this project's classes).
+as `torch.export` programs (`.pt2`, run without this project's classes; `load_program` loads one safely).
 
     W/export/<modality>.pt2   (*inputs) -> sketch (B, depth * width); inputs as pipeline.train_reader makes them:
                               ids (B, L) int64 + mask (B, L) bool | x (B, L, H) float32 + mask | x (B, *shape) + present (B,)
@@ -11,6 +11,7 @@ branch; tests/test_demo.py and tests/test_paper_systems.py compare each program 
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ from torch import nn
 from pipeline import checkpoint, modalities, workdir as wd
 from pipeline.config import Config
 from pipeline.heads import FusionHeads
+from pipeline.provenance import write_bytes
+from pipeline.trust import check_program
 from stores import ArraySpec
 
 
@@ -56,9 +59,27 @@ def export_heads(heads: FusionHeads, dims: dict[str, int]) -> torch.export.Expor
     return torch.export.export(heads.eval(), (sketches,), dynamic_shapes=({m: {0: b} for m in dims},))
 
 
+def save_program(program: torch.export.ExportedProgram, path: Path) -> None:
+    """torch.export.save, atomically (a regular file or nothing replaced; see pipeline.provenance)."""
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    write_bytes(path, buffer.getvalue())
+
+
+def load_program(path: str | Path) -> torch.export.ExportedProgram:
+    """A `.pt2` program, as `torch.export.load` reads it, once the archive is checked to hold nothing that
+    loading would unpickle or run (pipeline.trust: a crafted file is refused in one line, unrun)."""
+    path = Path(path)
+    data = path.read_bytes()  # checked and loaded from the same bytes
+    check_program(data, path)
+    return torch.export.load(io.BytesIO(data))
+
+
 def export(workdir: str | Path, cfg: Config, out: str | Path | None = None, log=print) -> dict[str, Path]:
     """Every network of W's fusion into `out` (default W/export/); returns name -> file."""
     workdir = Path(workdir)
+    if out:
+        wd.check_output_path(out, workdir, cfg, f"--out {out}", allow=("export",))
     out = Path(out) if out else workdir / "export"
     fusion = checkpoint.load(wd.fusion_dir(workdir, cfg) / checkpoint.MODEL_FILE)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,11 +88,11 @@ def export(workdir: str | Path, cfg: Config, out: str | Path | None = None, log=
         model, ckpt = checkpoint.load_model(wd.model_dir(workdir, m))
         spec_json = ckpt["store"]["provenance"]["layout"]["arrays"][modalities.get(m).array]
         files[m] = out / f"{m}.pt2"
-        torch.export.save(export_sketcher(model, m, ArraySpec.from_json(spec_json)), files[m])
+        save_program(export_sketcher(model, m, ArraySpec.from_json(spec_json)), files[m])
         log(f"export: {m} -> {files[m]}")
     heads = FusionHeads(fusion["heads"], fusion["dims"], len(fusion["codes"]), fusion.get("method", "joint"))
     heads.load_state_dict(fusion["state_dict"])
     files["fusion"] = out / "fusion.pt2"
-    torch.export.save(export_heads(heads, fusion["dims"]), files["fusion"])
+    save_program(export_heads(heads, fusion["dims"]), files["fusion"])
     log(f"export: fusion -> {files['fusion']}")
     return files

@@ -33,7 +33,8 @@ from pipeline.distributed import Dist, torchrun
 from pipeline.errors import PipelineError
 from pipeline.heads import FusionHeads
 from pipeline.metrics import PAPER_TABLE2, PAPER_TABLE3, class_weights, classification_metrics, save_pictures
-from pipeline.provenance import Stamp, digest, output_lock, partial_dir, read_json, recover, sha256_file, swap_in, write_json
+from pipeline.provenance import (Stamp, digest, output_lock, partial_dir, read_json, recover, sha256_file, swap_in,
+                                 write_json, write_parquet)
 from stores import FeatureStore
 
 PARTS = ("train", "valid", "test")
@@ -241,7 +242,7 @@ def _write(job: FuseJob, model: FusionHeads, dims: dict, valid_pred: np.ndarray,
     test_ids = job.ids[job.parts["test"]]
     write_submission(out / "predictions.csv", test_ids, code_of[test_logits.argmax(-1)])
     test_probs = torch.softmax(torch.from_numpy(test_logits), dim=-1).numpy()  # (test items, classes)
-    probabilities_table(test_ids, test_probs, job.codes).write_parquet(out / "predictions.parquet")
+    write_parquet(probabilities_table(test_ids, test_probs, job.codes), out / "predictions.parquet")
     valid_labels = job.labels[job.parts["valid"]]
     pl.DataFrame({"item_id": job.ids[job.parts["valid"]], "label": code_of[valid_labels],
                   "predicted": code_of[valid_pred]}).write_csv(out / "valid_predictions.csv")

@@ -49,6 +49,30 @@ class FusionHeads(nn.Module):
         """One (B, num_classes) logit tensor per head, in config order."""
         return [self.linears[name](torch.cat([sketches[m] for m in inputs], dim=-1)) for name, inputs in self.heads]
 
+    def shares(self, sketches: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each modality's additive share of the output, and the biases': (len(sketches) + 1, B, num_classes),
+        rows in `sketches` order, the biases last.
+
+        "joint": shares of the logit. A head over concatenated sketches is W [s1; s2] + b = W1 s1 + W2 s2 + b,
+        so even a shared head splits exactly into one term per modality; the rows sum to `forward`'s logits.
+        "average": shares of the probability: each head's softmax over the number of heads (their mean is
+        the fused probability; every head's bias is inside its own softmax, so the bias row is zero)."""
+        names = list(sketches)
+        first = next(iter(sketches.values()))
+        out = first.new_zeros((len(names) + 1, first.shape[0], self.num_classes))
+        for name, inputs in self.heads:
+            linear, start = self.linears[name], 0
+            for m in inputs:
+                width = sketches[m].shape[-1]
+                term = sketches[m] @ linear.weight[:, start : start + width].T  # (B, num_classes)
+                if self.method == "average":
+                    term = torch.softmax(linear(sketches[m]), dim=-1) / len(self.heads)
+                out[names.index(m)] += term
+                start += width
+            if self.method == "joint":
+                out[-1] += linear.bias
+        return out
+
     def forward(self, sketches: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = torch.stack(self.head_logits(sketches))  # (heads, B, num_classes)
         if self.method == "joint":

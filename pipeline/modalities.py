@@ -134,6 +134,7 @@ class ImageOptions(Section):
     decode_workers: NonNegative  # 0 = one per usable core
     decode_device: Literal["auto", "cpu"]  # auto: nvJPEG when the model runs on CUDA
     cache_at: str  # "" = the final maps; a module name (pipeline.backbone): store its input, fine-tune from there
+    max_bytes: Positive  # a photo file larger than this is not read (recorded as refused)
 
 
 class ImageTrainOptions(TrainOptions):
@@ -173,7 +174,7 @@ def _title_bpe_extractor(ctx: ExtractContext) -> Extractor:
     opts = ctx.cfg.options("title_bpe")
     titles = None if ctx.train_items is None else ctx.train_items["title"].to_list()
     model = train_tokenizer(titles, tokenizer_dir(ctx.workdir), opts, ctx.rebuild, ctx.rebuild_hint)
-    return TitleBpe(model, opts)
+    return TitleBpe(model, opts, ctx.rebuild_hint)
 
 
 def _text_cam_extractor(name: str) -> Callable[[ExtractContext], Extractor]:

@@ -52,7 +52,8 @@ from pipeline.distributed import Dist, torchrun
 from pipeline.encoders import vectors
 from pipeline.errors import PipelineError
 from pipeline.metrics import class_weights
-from pipeline.provenance import Stamp, digest, output_lock, partial_dir, read_json, recover, swap_in, write_json
+from pipeline.provenance import (Stamp, digest, output_lock, partial_dir, read_json, recover, swap_in, write_json,
+                                 write_parquet)
 from pipeline.schema import RUN_ONLY_KEYS
 from pipeline.train_reader import TrainReader
 from pipeline.trainer import RunSettings, RunState, train
@@ -160,7 +161,8 @@ def pretrain(modality: str, workdir: Path, cfg: Config, *, coder: str | None = N
              log=print) -> dict:
     """`pipeline pretrain MODALITY`: train (or resume, or skip) W/models/<modality>/; return its metrics."""
     workdir = Path(workdir)
-    job = prepare(modality, workdir, cfg, coder)
+    with wd.repair_hint(cfg, workdir):  # a damaged feature store met on open names its repair
+        job = prepare(modality, workdir, cfg, coder)
     try:
         if torchrun().main:
             recover(job.out)
@@ -367,8 +369,8 @@ def _finish(job: Job, done: RunState, metrics: dict, partial: Path) -> None:
                      "best_epoch": done.best_epoch, "macro_f1": done.best_f1}, partial / checkpoint.MODEL_FILE)
     p = {k: v.numpy() for k, v in done.best_predictions.items()}
     cc = np.asarray(job.codes, dtype=np.int64)
-    pl.DataFrame({"item_id": p["ids"], "label": cc[p["labels"]], "predicted": cc[p["preds"]]}).sort("item_id") \
-        .write_parquet(partial / "valid_predictions.parquet")
+    write_parquet(pl.DataFrame({"item_id": p["ids"], "label": cc[p["labels"]], "predicted": cc[p["preds"]]})
+                  .sort("item_id"), partial / "valid_predictions.parquet")
     write_json(partial / "metrics.json", metrics)
     job.stamp.write(partial)
     swap_in(partial, job.out)

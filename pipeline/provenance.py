@@ -14,10 +14,13 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import hashlib
+import io
 import json
 import os
+import secrets
 import shutil
 import socket
+import stat
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,17 +54,49 @@ def sha256_files(paths) -> str:
     return h.hexdigest()
 
 
+def replaceable(path: Path) -> None:
+    """Refuse to replace anything but a regular file (or nothing): a rename would swap out a symlink, a
+    device, a FIFO or a folder, not write to it."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(mode):
+        kind = ("a symbolic link" if stat.S_ISLNK(mode) else "a folder" if stat.S_ISDIR(mode)
+                else "a FIFO" if stat.S_ISFIFO(mode) else "a device or special file")
+        raise PipelineError(f"{path}: is {kind}, not a regular file; refusing to replace it (give another path, "
+                            "or remove it first)")
+
+
 @contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path beside `path`; once the block succeeds it replaces `path` in one rename."""
+    """Yield a temporary path beside `path`; once the block succeeds it replaces `path` in one rename
+    (only a regular file or nothing: see `replaceable`)."""
     path = Path(path)
+    replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # a new file of ours, never a link
     try:
         yield tmp
+        replaceable(path)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """`data` into `path` atomically, through Python's own write: a full disk is an OSError (ENOSPC) whatever
+    made the bytes (polars and torch report it as errors of their own when they write files themselves)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_parquet(table, path: str | Path) -> None:
+    """A polars table as a parquet file, atomically (see `write_bytes`)."""
+    buffer = io.BytesIO()
+    table.write_parquet(buffer)
+    write_bytes(path, buffer.getvalue())
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -109,6 +144,9 @@ class Stamp:
         if not path.is_file():
             return None
         data = read_json(path, "stage stamp")
+        if not isinstance(data, dict) or not isinstance(data.get("inputs", {}), dict):
+            raise PipelineError(f"{path}: damaged stage stamp (not a stamp's JSON object); delete it and run the "
+                                "stage again")
         return cls(data.get("stage", ""), data.get("inputs", {}))
 
     def matches(self, directory: str | Path) -> bool:

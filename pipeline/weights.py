@@ -25,6 +25,7 @@ from typing import Any, Iterable
 
 from pipeline.errors import PipelineError
 from pipeline.provenance import atomic_path, staged_dir
+from pipeline.trust import check_hf_directory
 
 __all__ = [
     "ModelNotFoundError",
@@ -188,11 +189,12 @@ def load_text_model(path: str | Path | None):
     if not any((p / f).is_file() for f in _TOKENIZER_FILES):
         raise _text_model_error(path, "no tokenizer (tokenizer.json / sentencepiece.bpe.model missing)")
 
+    check_hf_directory(p)  # no code of its own, never a prompt
     from transformers import AutoModel, AutoTokenizer
 
     try:
         with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - any failure here is "this directory is not usable"
         raise ModelNotFoundError(
             f"cannot load the tokenizer at '{path}' ({type(e).__name__}: {_one_line(e)}): {TEXT_MODEL_HINT}"
@@ -201,10 +203,12 @@ def load_text_model(path: str | Path | None):
         with quiet_transformers():
             try:
                 model, info = AutoModel.from_pretrained(
-                    str(p), local_files_only=True, add_pooling_layer=False, output_loading_info=True
+                    str(p), local_files_only=True, add_pooling_layer=False, output_loading_info=True,
+                    trust_remote_code=False,
                 )
             except TypeError:  # an architecture without a pooler switch
-                model, info = AutoModel.from_pretrained(str(p), local_files_only=True, output_loading_info=True)
+                model, info = AutoModel.from_pretrained(str(p), local_files_only=True, output_loading_info=True,
+                                                        trust_remote_code=False)
     except Exception as e:  # noqa: BLE001
         raise ModelNotFoundError(
             f"cannot load the text model at '{path}' ({type(e).__name__}: {_one_line(e)}): {TEXT_MODEL_HINT}"

@@ -15,6 +15,7 @@ that send the user to another command repeat the options it needs (`command`).
 """
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
@@ -22,11 +23,14 @@ from pipeline import config as config_module
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.provenance import read_json, write_json
-from stores import DamagedStoreError
+from stores import DamagedStoreError, UnreadableStoreError
 from stores.paths import is_url
 
 SUFFIX = {"zarr": ".zarr", "hdf5": ".h5"}
 RECORD = "config.json"
+# W's own entries: what the stages write there (`evaluations/`: the per-model evaluations). `[fusion] output`
+# names a folder beside them, never one of them; `--out` arguments never point into them.
+ENTRIES = (RECORD, "split.parquet", "features", "sketches", "models", "tokenizers", "upstream", "export", "evaluations")
 
 
 # ---------------------------------------------------------------------- paths
@@ -75,6 +79,33 @@ def fusion_dir(workdir, cfg: Config) -> Path:
     return Path(workdir) / cfg.fusion.output
 
 
+def check_output_name(name: str) -> str:
+    """`[fusion] output`: a plain folder name inside W that no other stage writes (ValueError otherwise)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ValueError("expected a plain folder name inside the work directory (letters, digits, '_', '-', '.'; "
+                         "no path, not hidden)")
+    if name.casefold() in {e.casefold() for e in ENTRIES}:
+        raise ValueError(f"'{name}' is another stage's output in the work directory ({', '.join(ENTRIES)}); "
+                         "name a folder of its own (e.g. \"fusion\")")
+    return name
+
+
+def check_output_path(path: str | Path, workdir, cfg: Config, flag: str, allow: tuple[str, ...] = ()) -> None:
+    """Refuse an output path (`--out`) inside W's own entries (the split, the stores, the models, the
+    fusion, ...: `allow` names the command's own), before anything runs."""
+    target = Path(path).expanduser().resolve()
+    if target == Path(workdir).expanduser().resolve():
+        raise PipelineError(f"{flag}: {path} is the work directory itself; write into a folder of its own")
+    own = [Path(workdir) / e for e in ENTRIES if e not in allow] + [fusion_dir(workdir, cfg)]
+    root = stores_root(workdir, cfg)
+    own += [Path(root) / kind for kind in ("features", "sketches")] if not is_url(root) else []
+    for entry in own:
+        entry = entry.expanduser().resolve()
+        if target == entry or target.is_relative_to(entry):
+            raise PipelineError(f"{flag}: writing {path} would replace or enter {entry}, an output of the work "
+                                "directory's stages; write it elsewhere (e.g. beside the work directory)")
+
+
 def tokenizer_dir(workdir) -> Path:
     return Path(workdir) / "tokenizers"
 
@@ -114,7 +145,19 @@ def load(workdir, configs: list | None = None, overrides: dict | None = None) ->
     # Keys added to default.toml since W was recorded take their default value.
     defaults, _ = config_module.read_tables([])
     cfg = config_module.build(config_module.merge(defaults, record["tables"]), (source,), {})
+    _confined(cfg, workdir, source)
     return cfg.merged(overrides, "(command line)") if overrides else cfg
+
+
+def _confined(cfg: Config, workdir, source: str) -> None:
+    """A record may have come from elsewhere: it may not send outputs outside W (`[fusion] output` is a name
+    inside W already); a `[stores] root` elsewhere is used when the user's own --config sets it."""
+    root = cfg.stores.root
+    where = stores_root(workdir, cfg)
+    if root and (is_url(where) or not Path(where).resolve().is_relative_to(Path(workdir).resolve())):
+        raise PipelineError(f"{source}: [stores] root = {root!r} puts stores outside the work directory, which a "
+                            "recorded configuration may not do (it may come from elsewhere); pass the "
+                            "configuration that sets it with --config")
 
 
 def command(cfg: Config, workdir, verb: str, catalog: bool = False) -> str:
@@ -137,11 +180,13 @@ def repair_hint(cfg: Config, workdir):
     (the stage that wrote the store extracts its damaged blocks again, or rebuilds it when its layout is hit)."""
     try:
         yield
-    except DamagedStoreError as err:
+    except (DamagedStoreError, UnreadableStoreError) as err:
         where = PurePosixPath(str(err.path))
-        name = where.name.rsplit(".", 1)[0]
+        name = where.name.rsplit(".", 1)[0].removeprefix(".").removesuffix(".partial")
         verb = f"extract {name}" if where.parent.name == "features" else f"sketch {name}"
         base = command(cfg, workdir, verb, catalog=verb.startswith("extract"))
+        if isinstance(err, UnreadableStoreError):
+            raise PipelineError(f"{err}; only a rebuild restores it: `{base} --rebuild`") from None
         if err.repairable:
             raise PipelineError(f"{err}; repair it with `{base} --repair`") from None
         raise PipelineError(f"{err}; that array is the store's layout, which only a rebuild restores: "

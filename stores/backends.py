@@ -13,7 +13,10 @@ A Zarr store may also be a URL read and written through fsspec (see `stores.path
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -23,7 +26,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync
 
-from stores.errors import StoreBusyError, StoreError
+from stores.errors import StoreBusyError, StoreError, StoreWriteError, UnreadableStoreError
 from stores.locks import writer_of
 from stores.paths import is_hdf5, is_url, local_path, storage_options, store_location, suffix, url_to_fs
 
@@ -41,6 +44,41 @@ def backend_for(path: str | Path) -> type[ZarrBackend] | type[H5Backend]:
             raise StoreError(f"{path}: an HDF5 store must be a local file; a store URL must end in .zarr")
         return H5Backend
     raise StoreError(f"{path}: a store path must end in .zarr (Zarr directory) or .h5 (HDF5 file)")
+
+
+class BoundedZstdCodec(ZstdCodec):
+    """zstd that decodes a chunk into a buffer of the chunk's own size (the layout's, checked on open): a frame
+    that would decompress past it (a "bomb": gigabytes of zeros in a few kilobytes) fails as a damaged chunk
+    instead of taking the memory. It reads every "zstd" of this process's zarr.json files (registered below);
+    zarr's own allocates whatever size the frame declares. A dtype without a fixed size decodes as zarr does."""
+
+    def _decode_sync(self, chunk_bytes, chunk_spec):
+        dtype = chunk_spec.dtype.to_native_dtype()
+        if dtype.hasobject or not dtype.itemsize:
+            return super()._decode_sync(chunk_bytes, chunk_spec)
+        out = np.empty(int(np.prod(chunk_spec.shape, dtype=np.int64)) * dtype.itemsize, np.uint8)
+        self._zstd_codec.decode(chunk_bytes.as_numpy_array(), out=out)  # a frame larger than `out` is refused
+        return chunk_spec.prototype.buffer.from_array_like(out)
+
+
+zarr.registry.register_codec("zstd", BoundedZstdCodec)
+zarr.config.set({"codecs.zstd": f"{BoundedZstdCodec.__module__}.{BoundedZstdCodec.__qualname__}"})
+
+ROOM_MARGIN = 1 << 20  # metadata, chunk headers, and the estimate's slack
+
+
+def room_for(path: str | Path, nbytes: int) -> None:
+    """Refuse a write of about `nbytes` (uncompressed: more than it takes) that the local disk has no room for,
+    before anything is written: a store never meets a full disk mid-block, and an HDF5 file never mid-write
+    (which HDF5 cannot undo). Object storage is not checked."""
+    local = local_path(path)
+    if local is None:
+        return
+    folder = next((p for p in (local, *local.parents) if p.exists()), None)
+    free = shutil.disk_usage(folder).free if folder is not None else None
+    if free is not None and free < nbytes + ROOM_MARGIN:
+        raise StoreWriteError(local, OSError(errno.ENOSPC, f"{free} bytes free, a block needs up to "
+                                                           f"{nbytes + ROOM_MARGIN}"), intact=True)
 
 
 class ZarrBackend:
@@ -105,6 +143,9 @@ class ZarrBackend:
     def flush(self) -> None:
         pass  # every chunk write is a complete file
 
+    def abandon(self) -> None:
+        pass  # a chunk cut by a failed write belongs to a block not marked complete: written again
+
     def close(self) -> None:
         pass
 
@@ -115,6 +156,35 @@ class ZarrBackend:
         return int(fs.du(root, total=True))
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _locked(path: Path, mode: str) -> bool:
+    """Whether another process holds HDF5's own lock on the file (flock: shared for readers, exclusive for
+    a writer), tested by taking it, never guessed from an error's wording."""
+    try:
+        with open(path, "rb") as fh:
+            fcntl.flock(fh, (fcntl.LOCK_SH if mode == "r" else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+
+
+def _what_is_wrong(path: Path, err: Exception) -> str:
+    """Why h5py cannot open `path`, in words: empty, not HDF5 at all, or cut or damaged (HDF5's own reason)."""
+    with open(path, "rb") as fh:
+        head = fh.read(len(HDF5_SIGNATURE))
+    if not head:
+        return "the file is empty"
+    if head != HDF5_SIGNATURE:
+        return "no HDF5 signature at its start"
+    reason = str(err).split("(", 1)[-1].rstrip(")") if "(" in str(err) else str(err)
+    return f"{path.stat().st_size} bytes, cut or damaged: {reason[:120]}"
+
+
 class H5Backend:
     name = "hdf5"
 
@@ -123,13 +193,16 @@ class H5Backend:
         try:
             self.file = h5py.File(self.path, "r" if mode == "r" else "a")
         except (BlockingIOError, OSError) as err:
-            if "lock" in str(err).lower():
+            if _locked(self.path, mode):
                 # HDF5's own file lock: a writer excludes everyone, a reader excludes writers.
                 writer = writer_of(self.path)
                 who = f"{writer} is writing this HDF5 store" if writer else "another process has this HDF5 store open"
                 raise StoreBusyError(f"{self.path}: {who}, and an HDF5 store takes one writer at a time, never "
                                      "beside readers (use a .zarr store for --shard K/N workers)") from None
-            raise StoreError(f"{self.path}: cannot open HDF5 store ({err})") from None
+            if isinstance(err, PermissionError):
+                raise StoreError(f"{self.path}: cannot open HDF5 store ({err.strerror})") from None
+            raise UnreadableStoreError(self.path, f"not a readable HDF5 file ({_what_is_wrong(self.path, err)})") \
+                from None
 
     @staticmethod
     def exists(path: Path) -> bool:
@@ -172,8 +245,30 @@ class H5Backend:
     def flush(self) -> None:
         self.file.flush()
 
+    def abandon(self) -> None:
+        """After a write the disk refused: point the file's descriptor at /dev/null, so that closing it (which
+        writes HDF5's caches again, and crashes HDF5 1.14 once a write failed) ends cleanly and the file stays
+        as the disk has it."""
+        try:
+            fd = self.file.id.get_vfd_handle()
+        except Exception:  # noqa: BLE001 - closed already, or another driver: nothing to let go
+            return
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, fd)
+        os.close(null)
+
     def close(self) -> None:
-        self.file.close()
+        """Close the file; one that cannot be written as it closes (a damaged file, a full disk) is let go as
+        the disk has it (see `abandon`) rather than crash HDF5."""
+        try:
+            if self.file.mode != "r":
+                self.file.flush()
+        except (RuntimeError, OSError):
+            self.abandon()
+        try:
+            self.file.close()
+        except (RuntimeError, OSError):  # HDF5 could not finish a damaged file: the disk keeps it as it was
+            pass
 
     def nbytes_stored(self) -> int:
         return self.path.stat().st_size

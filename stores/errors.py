@@ -2,6 +2,10 @@
 so that a command line can print it as it is."""
 from __future__ import annotations
 
+import errno
+import os
+import re
+
 import numpy as np
 
 
@@ -15,6 +19,37 @@ class StoreBusyError(StoreError):
 
 class WriterConflictError(StoreError):
     """Another live process is writing the same blocks of this store."""
+
+
+class UnreadableStoreError(StoreError):
+    """The store's own metadata cannot be read or is not what its layout says: a truncated `zarr.json`, a
+    damaged provenance, an HDF5 file left unreadable by a crash. No block rewrite mends it; only a rebuild."""
+
+    def __init__(self, path, what: str):
+        self.path, self.what = path, what
+        super().__init__(f"{path}: damaged: {what}")
+
+
+class StoreWriteError(StoreError, OSError):
+    """A write the disk refused (full, gone, read-only). `intact`: the store on disk is still consistent and the
+    same run resumes it (a Zarr store, or a write refused before it began); an HDF5 file cut mid-write may not
+    be, and is rebuilt."""
+
+    def __init__(self, path, cause: BaseException, intact: bool):
+        code = getattr(cause, "errno", None) or _errno_in(str(cause)) or errno.EIO
+        lines = (cause.strerror if isinstance(cause, OSError) else str(cause) or "").splitlines()
+        detail = lines[0][:160] if lines and lines[0] != os.strerror(code) else ""
+        super().__init__(code, os.strerror(code) + (f" ({detail})" if detail else ""), str(path))
+        self.path, self.intact = path, intact
+
+    def __str__(self) -> str:
+        return f"{self.path}: writing failed ({self.strerror})"
+
+
+def _errno_in(text: str) -> int | None:
+    """The errno an HDF5 error text names (`errno = 28`), if any."""
+    found = re.search(r"errno = (\d+)", text)
+    return int(found.group(1)) if found else None
 
 
 class DamagedStoreError(StoreError):

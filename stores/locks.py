@@ -18,7 +18,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from stores.errors import StoreBusyError, WriterConflictError
+from stores.errors import StoreBusyError, StoreError, WriterConflictError
 from stores.paths import is_hdf5, sidecar
 
 
@@ -147,20 +147,35 @@ def writer_claim(path: str | Path, shard: tuple[int, int]):
                     raise WriterConflictError(
                         f"{path}: process {c['pid']} on {c['host']} is writing {what} "
                         f"({c['k']}/{c['n']}); wait for it, or give each worker its own --shard K/{me['n']}")
-            claims_path.write_text(json.dumps(claims + [me]))
+            _write_claims(claims_path, claims + [me])
         try:
             yield
         finally:
             with store_lock(path):
-                claims_path.write_text(json.dumps(
-                    [c for c in _live_claims(claims_path) if c["pid"] != me["pid"] or c["host"] != me["host"]]))
+                _write_claims(claims_path, [c for c in _live_claims(claims_path)
+                                            if c["pid"] != me["pid"] or c["host"] != me["host"]])
+
+
+def _write_claims(claims_path: Path, claims: list[dict]) -> None:
+    """Replace the claims file in one rename: a writer killed mid-write never leaves half a file."""
+    tmp = claims_path.with_name(f".{claims_path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(claims))
+    os.replace(tmp, claims_path)
 
 
 def _live_claims(claims_path: Path) -> list[dict]:
     try:
-        return [c for c in json.loads(claims_path.read_text()) if _alive(c)]
-    except (FileNotFoundError, ValueError):
+        claims = json.loads(claims_path.read_text())
+    except FileNotFoundError:
         return []
+    except (ValueError, UnicodeDecodeError):
+        claims = None
+    if not isinstance(claims, list) or not all(isinstance(c, dict) and isinstance(c.get("host"), str) and
+                                               type(c.get("pid")) is int and type(c.get("k")) is int and
+                                               type(c.get("n")) is int for c in claims):
+        raise StoreError(f"{claims_path}: damaged writers file (who is writing this store); delete it once no "
+                         "extraction or sketch of the store runs, then run the command again")
+    return [c for c in claims if _alive(c)]
 
 
 def _alive(claim: dict) -> bool:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -38,9 +39,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from stores.backends import backend_for, store_location
-from stores.errors import DamagedStoreError, StoreError, WriterConflictError
+from stores.backends import backend_for, room_for, store_location
+from stores.errors import DamagedStoreError, StoreError, StoreWriteError, UnreadableStoreError, WriterConflictError
 from stores.locks import acquire_sole_writer, release_sole_writer, sole_writer, store_lock, writer_claim
+from stores.metadata import check_arrays, check_provenance
 from stores.paths import sidecar
 
 # Old import paths that callers use: `from stores.store import sidecar, store_lock, ...`.
@@ -51,7 +53,8 @@ SCHEMA_VERSION = 2
 READABLE_SCHEMAS = (1, 2)
 CHUNK_BYTES = 1 << 21  # aim for chunks of about 2 MiB
 COUNTS_CHUNK = 1024  # blocks per chunk of `counts`: only the planner writes it, never a shard worker
-MISSING_REASONS = {0: "present", 1: "no input (file not found)", 2: "input unreadable"}
+MISSING_REASONS = {0: "present", 1: "no input (file not found)", 2: "input unreadable",
+                   3: "input refused (not a regular file, or over the size limit)"}
 INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -176,23 +179,20 @@ class FeatureStore:
             raise StoreError(f"{self.path}: no such store")
         self.mode = mode
         self._writer_lock = None if mode == "r" else acquire_sole_writer(self.path)
+        self.backend = None
         try:
-            self.backend = backend(self.path, mode)
-            prov = self.backend.get_attr("provenance")
+            self.backend, prov = _open_backend(backend, self.path, mode)
+            if not prov:
+                raise StoreError(f"{self.path}: not a feature store (no provenance attributes); rebuild it")
+            check_provenance(self.path, prov, READABLE_SCHEMAS)
+            self.schema_version = prov["schema_version"]
+            self.provenance = prov
+            self.block_rows = int(prov["layout"]["block_rows"])
+            self.specs = {k: ArraySpec.from_json(v) for k, v in prov["layout"]["arrays"].items()}
+            check_arrays(self)  # every array as the layout says, before any chunk is read
         except BaseException:
-            release_sole_writer(self._writer_lock)
+            self.close()
             raise
-        if not prov or "layout" not in prov:
-            self.close()
-            raise StoreError(f"{self.path}: not a feature store (no provenance attributes); rebuild it")
-        self.schema_version = prov.get("schema_version")
-        if self.schema_version not in READABLE_SCHEMAS:
-            self.close()
-            raise StoreError(f"{self.path}: schema version {self.schema_version} is not one this code reads "
-                             f"{READABLE_SCHEMAS}; rebuild the store")
-        self.provenance = prov
-        self.block_rows = int(prov["layout"]["block_rows"])
-        self.specs = {k: ArraySpec.from_json(v) for k, v in prov["layout"]["arrays"].items()}
         self._index = None
         self._naming_damage = False
 
@@ -226,6 +226,7 @@ class FeatureStore:
             raise StoreError(f"{path}: a feature array may not be called {', '.join(taken)} (the store's own arrays: "
                              f"{', '.join(INDEX_ARRAYS)})")
         ids, input_hash, lengths = _check_new_items(path, arrays, ids, input_hash, lengths, np.zeros(0, np.int64))
+        room_for(path, len(ids) * 32)  # the layout's own arrays; each block checks for its data
         with sole_writer(path):
             if backend.exists(path):
                 raise StoreError(f"{path}: already exists")
@@ -268,6 +269,7 @@ class FeatureStore:
         nb0 = self.n_blocks
         n_new = -(-len(ids) // B)
         r0, r1 = nb0 * B, (nb0 + n_new) * B
+        room_for(self.path, (r1 - r0) * 32)  # ids, hashes, missing flags, token ranges
         for name in ("ids", "input_hash", "missing"):
             b.array(name).resize((r1,))
         b.array("ids")[r0 : r0 + len(ids)] = ids
@@ -318,14 +320,26 @@ class FeatureStore:
         missing = np.zeros(n, np.uint8) if missing is None else np.asarray(missing, np.uint8)
         if missing.shape != (n,):
             raise StoreError(f"{self.path}: block {block} expects {n} missing codes, got {missing.shape}")
-        for target, start, arr in writes:
-            if len(arr):  # a block of empty descriptions has no tokens to write
-                b.array(target)[start : start + len(arr)] = arr
-        b.array("missing")[r0 : r0 + B] = np.pad(missing, (0, B - n))
-        b.flush()
-        b.array("complete")[block] = 1  # last: a block is valid only once all its data is down
-        b.flush()
+        room_for(self.path, sum(arr.nbytes for _, _, arr in writes) + B)
+        with self._writing():
+            for target, start, arr in writes:
+                if len(arr):  # a block of empty descriptions has no tokens to write
+                    b.array(target)[start : start + len(arr)] = arr
+            b.array("missing")[r0 : r0 + B] = np.pad(missing, (0, B - n))
+            b.flush()
+            b.array("complete")[block] = 1  # last: a block is valid only once all its data is down
+            b.flush()
         self._index = None
+
+    @contextmanager
+    def _writing(self):
+        """A write the disk refuses (full, gone, read-only) is a StoreWriteError; an HDF5 file is then let go as
+        the disk has it (closing it would write again: HDF5 1.14 crashes there), and may need a rebuild."""
+        try:
+            yield
+        except (OSError, RuntimeError) as err:
+            self.backend.abandon()
+            raise StoreWriteError(self.path, err, intact=self.backend.name == "zarr") from err
 
     def _block_writes(self, block: int, r0: int, n: int, data: dict) -> list[tuple[str, int, np.ndarray]]:
         """(array, first position, values) of each array of the block, every shape checked."""
@@ -651,11 +665,11 @@ class FeatureStore:
         values = np.zeros(arr.shape, arr.dtype) if keep else None
         for c in chunks:
             c = int(c)
-            if not self.backend.chunk_exists(name, c):
-                if not missing_ok:
-                    bad[c] = "missing"
-                continue
             try:
+                if not self.backend.chunk_exists(name, c):
+                    if not missing_ok:
+                        bad[c] = "missing"
+                    continue
                 part = arr[c * clen : (c + 1) * clen]
             except Exception as err:  # a decoder error of any kind means a damaged chunk
                 bad[c] = f"unreadable ({type(err).__name__})"
@@ -665,7 +679,8 @@ class FeatureStore:
         return bad, values
 
     def close(self) -> None:
-        self.backend.close()
+        if self.backend is not None:
+            self.backend.close()
         release_sole_writer(self._writer_lock)
         self._writer_lock = None
 
@@ -705,6 +720,22 @@ def _create_arrays(b, arrays: dict[str, ArraySpec], lengths: dict[str, np.ndarra
     b.create_array("counts", (0,), "int32", (COUNTS_CHUNK,), 0, ("block",))
     b.create_array("complete", (0,), "uint8", (1,), 0, ("block",))  # one chunk per block: shard workers write it
     return layout
+
+
+def _open_backend(backend, path, mode: str):
+    """(the backend of the store at `path`, its provenance); metadata it cannot parse (a truncated zarr.json,
+    an attribute that is not JSON) is UnreadableStoreError."""
+    opened = None
+    try:
+        opened = backend(path, mode)
+        return opened, opened.get_attr("provenance")
+    except StoreError:
+        raise
+    except Exception as err:  # noqa: BLE001 - zarr and h5py meet damaged metadata with errors of every kind
+        if opened is not None:
+            opened.close()
+        raise UnreadableStoreError(path, f"its metadata cannot be read ({type(err).__name__}: {str(err)[:120]})") \
+            from None
 
 
 class _UnreadableChunks(StoreError):

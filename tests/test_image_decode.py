@@ -16,7 +16,7 @@ from torchvision import transforms
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.config import DEFAULT_CONFIG, load_config
-from pipeline.extract.image import NO_FILE, UNREADABLE, ImageMaps, encoded, jpeg_frame, load_photo
+from pipeline.extract.image import NO_FILE, REFUSED, UNREADABLE, ImageMaps, encoded, jpeg_frame, load_photo
 
 OPTS = load_config(DEFAULT_CONFIG).options("image").model_dump() | {
     "model": "tf_efficientnet_lite0", "input_size": 64, "batch_size": 4, "decode_workers": 2}
@@ -72,7 +72,7 @@ def extractor() -> ImageMaps:
 
 GOOD = ["jpeg", "wide", "small", "progressive", "444", "grey", "cmyk", "png", "rgba", "webp"]
 BAD = {"missing": NO_FILE, "truncated": UNREADABLE, "empty": UNREADABLE, "noise": UNREADABLE,
-       "bomb": UNREADABLE, "directory": UNREADABLE}
+       "bomb": UNREADABLE, "directory": REFUSED}
 
 
 def reference(extractor: ImageMaps, path: Path) -> torch.Tensor:
@@ -124,12 +124,12 @@ def test_missing_and_unreadable_photos_get_their_codes(photos, extractor):
     for name, code in BAD.items():
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # and no warning escapes
-            assert load_photo(str(photos[name]), extractor.resize) == (None, code), name
+            assert load_photo(str(photos[name]), extractor.resize, extractor.max_bytes) == (None, code), name
     names = ["jpeg", "missing", "png", "truncated", "bomb", "grey", "empty"]
     batch, missing = extractor.prepare(pl.DataFrame({"image_path": [str(photos[n]) for n in names]}))
     assert missing.tolist() == [0, NO_FILE, 0, UNREADABLE, UNREADABLE, 0, UNREADABLE]
     assert len(batch) == 3  # only the photos that decoded, in item order
-    assert torch.equal(batch[2], load_photo(str(photos["grey"]), extractor.resize)[0])
+    assert torch.equal(batch[2], load_photo(str(photos["grey"]), extractor.resize, extractor.max_bytes)[0])
 
 
 def test_maps_land_on_their_items(photos, extractor):
@@ -156,7 +156,7 @@ def test_batched_device_path_decodes_like_the_threads(photos, extractor):
     for names in (GOOD, GOOD + ["truncated", "missing"]):
         paths = [str(photos[n]) for n in names]
         batched = extractor.decode_on_device(paths)
-        threads = [load_photo(p, extractor.resize) for p in paths]
+        threads = [load_photo(p, extractor.resize, extractor.max_bytes) for p in paths]
         assert [c for _, c in batched] == [c for _, c in threads]
         for (a, _), (b, _) in zip(batched, threads):
             assert (a is None and b is None) or torch.equal(a, b)

@@ -15,7 +15,8 @@ from pipeline.config import Config
 from pipeline.distributed import pick_device
 from pipeline.extract.driver import Summary, check_writers, parse_shard, run_extraction
 from pipeline.modalities import ExtractContext
-from stores import SCHEMA_VERSION, FeatureStore
+from pipeline.upstream import check_planned_model
+from stores import SCHEMA_VERSION, FeatureStore, StoreError
 
 
 def extract(modality: str, catalog_dir: str | Path, workdir: str | Path, cfg: Config, *,
@@ -57,13 +58,28 @@ def extract_items(names: list[str], catalog: Catalog, split: pl.DataFrame, workd
         hint = (wd.command(cfg, workdir, f"extract {name}", catalog=True)
                 + f" --backend {'hdf5' if str(path).endswith('.h5') else 'zarr'} --rebuild")
         ctx = ExtractContext(cfg, workdir, pick_device(cfg.extract.device, "[extract] device"), train, rebuild, hint)
+        if not rebuild:
+            _check_model_first(path, cfg, name, hint)
         extractor = modalities.get(name).extractor(ctx)
-        summary = run_extraction(extractor, catalog.items, path, block_rows=cfg.block_items(name), shard=shard,
-                                 rebuild=rebuild, repair=repair, rebuild_hint=hint, progress=progress)
+        with wd.repair_hint(cfg, workdir):  # a store whose metadata is damaged: the rebuild that restores it
+            summary = run_extraction(extractor, catalog.items, path, block_rows=cfg.block_items(name), shard=shard,
+                                     rebuild=rebuild, repair=repair, rebuild_hint=hint, progress=progress)
         log(summary.line())
         _say_if_old(path, hint, log)
         summaries.append(summary)
     return summaries
+
+
+def _check_model_first(path, cfg: Config, name: str, hint: str) -> None:
+    """A store of another upstream model is refused before this run builds or converts its own."""
+    if not FeatureStore.exists(path):
+        return
+    try:
+        with FeatureStore(path) as store:
+            producer = store.provenance["producer"]
+    except StoreError:  # damaged or busy: the run itself says so, naming the fix
+        return
+    check_planned_model(cfg, name, producer, path, f"refusing to mix them: rebuild with `{hint}`")
 
 
 def _say_if_old(path, rebuild_hint: str, log) -> None:

@@ -30,9 +30,10 @@ from pipeline.errors import PipelineError, StaleStoreError
 from pipeline.modalities import Extractor
 from pipeline.progress import Progress
 from pipeline.provenance import Stamp, canonical_json, recover, swap_in
-from stores import FeatureStore, StoreError, store_lock, writer_claim
+from stores import FeatureStore, StoreError, UnreadableStoreError, store_lock, writer_claim
 from stores.backends import local_path, store_location
 
+MAX_SHARDS = 1 << 20  # --shard K/N: N workers at most
 # A store on object storage has no lock: workers K > 0 wait this long for worker 0's layout.
 PLAN_WAIT_S = float(os.environ.get("EMDE_PLAN_WAIT_S", 900))
 
@@ -89,6 +90,8 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
         raise PipelineError(f"--shard must look like K/N (e.g. 0/4), not '{shard}'") from None
     if not 0 <= k < n:
         raise PipelineError(f"--shard {shard}: K must be in 0..N-1")
+    if n > MAX_SHARDS:  # a typo: more workers than blocks any store has (and past what numpy slices take)
+        raise PipelineError(f"--shard {shard}: N must be at most {MAX_SHARDS} workers")
     return k, n
 
 
@@ -134,7 +137,9 @@ class _Plan:
         planned_ids, planned_fp = store.planned()
         order = np.argsort(planned_ids)
         pos = np.minimum(np.searchsorted(planned_ids[order], self.ids), max(len(order) - 1, 0))
-        known = planned_ids[order][pos] == self.ids if len(order) else np.zeros(len(self.ids), bool)
+        if not len(order):  # a store laid out with no items yet (its first planning was cut short)
+            return np.ones(len(self.ids), bool)
+        known = planned_ids[order][pos] == self.ids
         changed_items = known & (planned_fp[order][pos] != self.fp)
         if changed_items.any():
             raise StaleStoreError(f"{store.path}: the input of {int(changed_items.sum())} stored item(s) changed "
@@ -255,7 +260,7 @@ def _prepare_rebuild(store_path, plan: _Plan, rebuild_hint: str):
         try:
             with FeatureStore(partial, "r") as old:
                 plan.check(old, rebuild_hint)  # a killed rebuild of the same inputs: resume it
-        except PipelineError:
+        except (PipelineError, UnreadableStoreError):  # another rebuild's, or left damaged: start afresh
             FeatureStore.remove(partial)
     return partial
 
@@ -271,10 +276,12 @@ def _fill(plan: _Plan, store_path, block_rows: int, shard: tuple[int, int], rebu
         finally:
             store.close()
     except OSError as err:  # a full disk, a lost mount, a permission change mid-run
-        raise PipelineError(
-            f"{store_path}: writing failed ({err.strerror or err}{': ' + str(err.filename) if err.filename else ''}); "
-            f"every block written before is kept: fix the cause and run the same command to resume"
-        ) from None
+        failed = f"{store_path}: writing failed ({err.strerror or err}{': ' + str(err.filename) if err.filename else ''})"
+        if not getattr(err, "intact", True):  # an HDF5 file cut mid-write
+            raise PipelineError(f"{failed}; an HDF5 file cut mid-write cannot be trusted: fix the cause, then "
+                                f"rebuild it with `{rebuild_hint}` (a .zarr store would resume)") from None
+        raise PipelineError(f"{failed}; every block written before is kept: fix the cause and run the same "
+                            "command to resume") from None
 
 
 def _write_blocks(extractor: Extractor, items: pl.DataFrame, store: FeatureStore, shard: tuple[int, int],

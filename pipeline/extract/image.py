@@ -8,15 +8,21 @@ center-cropped as a uint8 tensor with the backbone's own eval transform (ImageNe
 transformation, as in the paper), so only uint8 pixels ever cross the bus: the float conversion and the
 normalisation run on the model's device just before the forward, channels_last under
 `torch.inference_mode` (bf16 on CUDA). Photos libjpeg-turbo does not take as they are (PNG, WebP, CMYK
-JPEG, ...) go through Pillow, as before. A missing or unreadable photo is recorded in the store's
-`missing` array with its reason, its map left at zero, counted, and the run goes on.
+JPEG, ...) go through Pillow, as before. Only a regular file of at most `[image] max_bytes` is read (a FIFO,
+a device or a huge file never is); a missing, refused or unreadable photo is recorded in the store's `missing`
+array with its reason, its map left at zero, counted, and the run goes on. A photo's input fingerprint is a
+hash of its bytes, so a photo replaced by another (of any name and size) is never taken for the old one.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import os
+import stat
 import struct
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +39,9 @@ from pipeline.backbone import features_until
 from pipeline.distributed import torchrun
 from pipeline.provenance import sha256_file
 from pipeline.weights import load_image_backbone
-from stores import ArraySpec, fingerprint
+from stores import ArraySpec
 
-NO_FILE, UNREADABLE = 1, 2
+NO_FILE, UNREADABLE, REFUSED = 1, 2, 3  # REFUSED: not a regular file, or over [image] max_bytes
 # Frame types that libjpeg-turbo and nvJPEG both decode: baseline, extended and progressive Huffman.
 HUFFMAN_FRAMES = (0xC0, 0xC1, 0xC2)
 # Segments that may come before the frame header: DHT, DAC, DQT, DRI, APP0-15, COM.
@@ -71,33 +77,67 @@ def plain_jpeg(data: bytes, components: tuple[int, ...]) -> bool:
         frame[0] * frame[1] <= (Image.MAX_IMAGE_PIXELS or float("inf"))
 
 
-def decode(path: str, transform, draft_size: int) -> tuple[torch.Tensor | None, int]:
-    """One photo through Pillow, then `transform`, or None and why not: the path of the photos that are not
-    plain JPEGs (PNG, WebP, CMYK JPEG, ...)."""
+def decode(data: bytes, transform, draft_size: int) -> tuple[torch.Tensor | None, int]:
+    """One photo's bytes through Pillow, then `transform`, or None and why not: the path of the photos that are
+    not plain JPEGs (PNG, WebP, CMYK JPEG, ...)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(io.BytesIO(data)) as im:
                 # The bomb guard itself: catch_warnings is not thread-safe (decode threads restore each
                 # other's filters), so Pillow's warning alone may let a bomb of up to 2x its limit through.
                 if im.width * im.height > (Image.MAX_IMAGE_PIXELS or float("inf")):
                     return None, UNREADABLE
                 im.draft("RGB", (draft_size, draft_size))  # JPEG: decode big photos at reduced scale
                 return transform(im.convert("RGB")), 0
-    except FileNotFoundError:
-        return None, NO_FILE
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
         return None, UNREADABLE
 
 
-def read(path: str) -> tuple[bytes | None, int]:
-    """A photo file's bytes, or None and why not."""
+def chunks(path: str, max_bytes: int) -> Iterator[bytes | int]:
+    """A photo file's bytes in pieces of at most 1 MiB, or one int: why it is not read (NO_FILE, UNREADABLE,
+    REFUSED). Only a regular file of at most `max_bytes` is read: a FIFO or a device is never waited on nor
+    read, a huge file never read whole (one that grows past the limit while read is refused too)."""
     try:
-        return Path(path).read_bytes(), 0
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once, writer or not
     except FileNotFoundError:
-        return None, NO_FILE
-    except OSError:  # a directory, no permission, an I/O error
-        return None, UNREADABLE
+        yield NO_FILE
+        return
+    except (OSError, ValueError):  # no permission, a name with a NUL byte, ...
+        yield UNREADABLE
+        return
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
+        os.close(fd)
+        yield REFUSED
+        return
+    with os.fdopen(fd, "rb", buffering=0) as fh:
+        left = max_bytes + 1
+        try:
+            while piece := fh.read(min(left, 1 << 20)):
+                left -= len(piece)
+                yield piece if left > 0 else REFUSED
+        except OSError:  # an I/O error mid-file
+            yield UNREADABLE
+
+
+def read(path: str, max_bytes: int) -> tuple[bytes | None, int]:
+    """A photo file's bytes (at most `max_bytes`), or None and why not (see `chunks`)."""
+    pieces = list(chunks(path, max_bytes))
+    if pieces and isinstance(pieces[-1], int):
+        return None, pieces[-1]
+    return b"".join(pieces), 0
+
+
+def content_hash(path: str, max_bytes: int) -> int:
+    """A photo's fingerprint: a 64-bit hash of its bytes (blake2b, read streaming), or of why it is not read."""
+    h = hashlib.blake2b(digest_size=8, person=b"photo")
+    for piece in chunks(path, max_bytes):
+        if isinstance(piece, int):
+            h = hashlib.blake2b(f"no photo: {piece}".encode(), digest_size=8, person=b"photo")
+            break
+        h.update(piece)
+    return int.from_bytes(h.digest(), "little")
 
 
 def encoded(data: bytes) -> torch.Tensor:
@@ -147,13 +187,13 @@ class EvalResize:
         return self(F.pil_to_tensor(im))
 
 
-def load_photo(path: str, resize: EvalResize) -> tuple[torch.Tensor | None, int]:
-    """One photo as a uint8 (3, S, S) tensor on the CPU, or None and why not (NO_FILE, UNREADABLE)."""
-    data, code = read(path)
+def load_photo(path: str, resize: EvalResize, max_bytes: int) -> tuple[torch.Tensor | None, int]:
+    """One photo as a uint8 (3, S, S) tensor on the CPU, or None and why not (NO_FILE, UNREADABLE, REFUSED)."""
+    data, code = read(path, max_bytes)
     if data is None:
         return None, code
     if not plain_jpeg(data, (1, 3)):  # Pillow, with its own checks and conversions (CMYK, palettes, ...)
-        return decode(path, resize.pil, resize.draft_size)
+        return decode(data, resize.pil, resize.draft_size)
     try:
         return resize(decode_jpeg(encoded(data), mode=ImageReadMode.RGB)), 0
     except RuntimeError:  # truncated or corrupt
@@ -194,6 +234,7 @@ class ImageMaps:
         self.resize = EvalResize(self.transform)
         self.mean, self.std = list(self.data_cfg["mean"]), list(self.data_cfg["std"])
         self.batch_size = int(opts["batch_size"])
+        self.max_bytes = int(opts["max_bytes"])  # a photo file past this is not read (recorded REFUSED)
         self.workers = int(opts["decode_workers"]) or decode_threads()
         self.nvjpeg = opts["decode_device"] == "auto" and nvjpeg_works(device)
         self.features = features_until(self.model, opts["cache_at"])  # final maps, or the input of `cache_at`
@@ -211,13 +252,12 @@ class ImageMaps:
             self.producer["cache_at"] = opts["cache_at"]
 
     def fingerprints(self, items: pl.DataFrame) -> np.ndarray:
-        """A photo's file name and size: cheap to take for every item, changes when the file does."""
-        def size(path: str) -> int:
-            try:
-                return os.stat(path).st_size
-            except OSError:
-                return -1
-        return fingerprint([f"{Path(p).name}:{size(p)}" for p in items["image_path"].to_list()])
+        """A hash of each photo's bytes (read in threads): it changes whenever the bytes do, whatever the name,
+        size or time stamp (a file name and size missed a photo replaced by another of the same size)."""
+        paths = items["image_path"].to_list()
+        if len(paths) < 64:  # a few photos (the predictor's calls): no thread pool to start
+            return np.array([content_hash(p, self.max_bytes) for p in paths], dtype=np.uint64)
+        return np.array(self.threads(delayed(content_hash)(p, self.max_bytes) for p in paths), dtype=np.uint64)
 
     def lengths(self, items: pl.DataFrame) -> dict[str, np.ndarray]:
         return {}
@@ -229,7 +269,7 @@ class ImageMaps:
         if self.nvjpeg:
             photos = self.decode_on_device(paths)
         else:
-            photos = self.threads(delayed(load_photo)(p, self.resize) for p in paths)
+            photos = self.threads(delayed(load_photo)(p, self.resize, self.max_bytes) for p in paths)
         missing = np.array([code for _, code in photos], dtype=np.uint8)
         return self.stack([x for x, _ in photos if x is not None]), missing
 
@@ -239,7 +279,7 @@ class ImageMaps:
     def decode_on_device(self, paths: list[str]) -> list[tuple[torch.Tensor | None, int]]:
         """nvJPEG for the block's YCbCr JPEGs, in one batch, resized on the device; the rest (grey, CMYK,
         other formats, missing and bad files) through `load_photo` on the CPU, then moved over."""
-        data = self.threads(delayed(read)(p) for p in paths)  # bytes and codes, read in parallel
+        data = self.threads(delayed(read)(p, self.max_bytes) for p in paths)  # bytes and codes, read in parallel
         batch = [i for i, (d, _) in enumerate(data) if d is not None and plain_jpeg(d, (3,))]
         try:
             images = decode_jpeg([encoded(data[i][0]) for i in batch], mode=ImageReadMode.RGB,
@@ -250,7 +290,8 @@ class ImageMaps:
         for i, x in zip(batch, self.resize_by_shape(images)):
             photos[i] = (x, 0)
         rest = [i for i, p in enumerate(photos) if p is None]
-        for i, (x, code) in zip(rest, self.threads(delayed(load_photo)(paths[i], self.resize) for i in rest)):
+        for i, (x, code) in zip(rest, self.threads(delayed(load_photo)(paths[i], self.resize, self.max_bytes)
+                                                   for i in rest)):
             photos[i] = (None if x is None else x.to(self.device), code)
         return photos
 

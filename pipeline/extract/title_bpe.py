@@ -6,8 +6,10 @@ sha256 is in the store's provenance. Each item's ids are stored whole (titles ar
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -27,7 +29,11 @@ def _trained(model_dir: Path, options: dict, rebuild_hint: str) -> Path | None:
     model_path, meta_path = model_dir / "title_bpe.model", model_dir / "title_bpe.json"
     if not (model_path.exists() and meta_path.exists()):
         return None
-    trained_with = json.loads(meta_path.read_text())
+    try:
+        trained_with = json.loads(meta_path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise PipelineError(f"{meta_path}: damaged tokenizer record; train the tokenizer and its store again with "
+                            f"`{rebuild_hint or 'pipeline extract title_bpe ... --rebuild'}`") from None
     if trained_with != options:
         raise StaleStoreError(f"{model_path} was trained with {trained_with}, the config asks for "
                               f"{options}; rebuild with `{rebuild_hint}`")
@@ -72,6 +78,8 @@ def _train(titles: list[str], model_dir: Path, opts, options: dict) -> Path:
             minloglevel=2,
         )
     except (RuntimeError, ValueError) as err:  # SentencePiece refuses a setting or the data (no title, ...)
+        if shutil.disk_usage(model_dir).free < 1 << 20:  # ... or could not write its files
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(model_dir)) from None
         settings = ", ".join(f"{k} = {v}" for k, v in options.items())
         raise PipelineError(f"{model_dir / 'title_bpe.model'}: SentencePiece cannot learn a BPE from the "
                             f"{len(titles)} non-empty train titles with [title_bpe] {settings} "
@@ -88,8 +96,13 @@ class TitleBpe:
 
     name = "title_bpe"
 
-    def __init__(self, model_path: Path, opts):
-        self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
+    def __init__(self, model_path: Path, opts, rebuild_hint: str = ""):
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
+        except (RuntimeError, OSError) as err:
+            raise PipelineError(f"{model_path}: damaged SentencePiece model ({str(err).strip().splitlines()[0][:120]});"
+                                f" train the tokenizer and its store again with "
+                                f"`{rebuild_hint or 'pipeline extract title_bpe ... --rebuild'}`") from None
         self.threads = opts.threads
         vocab = self.sp.vocab_size()
         self.arrays = {"tokens": ArraySpec("int16" if vocab < 2**15 else "int32", (), ragged=True)}

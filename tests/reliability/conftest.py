@@ -104,6 +104,15 @@ def one_error_line(code: int, stderr: str) -> str:
     return errors[0]
 
 
+TRAINED = ("features", "models", "sketches", "fusion", "split.parquet", "config.json", "tokenizers", "upstream")
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` (links as their target's path), to compare before and after a command."""
+    return {str(p.relative_to(directory)): (str(p.readlink()).encode() if p.is_symlink() else p.read_bytes())
+            for p in sorted(directory.rglob("*")) if p.is_file() or p.is_symlink()}
+
+
 def copy_workdir(src: Path, dst: Path, keep: tuple[str, ...]) -> Path:
     """A copy of the work directory `src` holding only the entries named in `keep`."""
     dst.mkdir(parents=True)

@@ -271,7 +271,7 @@ def test_labels_never_seen_in_training_do_not_break_predict(tmp_path, tiny: Tiny
     pl.DataFrame({"": x[""], "prdtypecode": [99999, 12345] * (len(x) // 2)}).write_csv(new / "Y_train.csv")
     table = predict(new, w, tmp_path / "out.csv", tiny.cfg, progress=False, log=quiet)
     assert len(table) == len(x) and set(table["item_id"].to_list()) == set(x[""].to_list())
-    known = set(torch.load(w / "fusion" / "model.pt", weights_only=False)["codes"])
+    known = set(torch.load(w / "fusion" / "model.pt", weights_only=True)["codes"])
     assert set(table["prdtypecode"].to_list()) <= known  # predictions are training classes; labels ignored
     assert (tmp_path / "out.csv").read_text().startswith(",prdtypecode\n")
 
@@ -306,7 +306,7 @@ def test_webp_is_decoded_and_decompression_bombs_are_recorded_unreadable(tmp_pat
     for i in (1, 2):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # and no warning escapes
-            assert decode(str(path[i]), lambda im: im, 64) == (None, UNREADABLE)
+            assert decode(path[i].read_bytes(), lambda im: im, 64) == (None, UNREADABLE)
 
     cfg = CFG.merged({"image": {"input_size": 64, "block_items": 16}})
     [summary] = extract("image", d, tmp_path / "w", cfg, progress=False, log=quiet)

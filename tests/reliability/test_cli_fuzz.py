@@ -3,7 +3,9 @@
 Hypothesis drives `cli.main` in-process (seconds, not a subprocess per example) with random argument
 values, random config values and random catalogue bytes. Every run must end with exit status 0, or
 with status 1 and exactly one `error: ...` line; never with an exception escaping `main`. The examples
-are derandomized (the same ones on every run) and few, so the whole module stays within a minute.
+are derandomized (the same ones on every run) and few, so the whole module stays within a minute. Output
+settings (`[fusion] output`, `--out`) and the files of a trained work directory (its record, stamps, tokenizer,
+store metadata) are fuzzed too: whatever they hold, nothing outside the output a command owns changes.
 """
 from __future__ import annotations
 
@@ -13,12 +15,12 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pipeline.synth import synthesize
 
-from .conftest import DEMO, ROOT, one_error_line, run_main
+from .conftest import DEMO, ROOT, TRAINED, copy_workdir, one_error_line, run_main, snapshot
 
 FUZZ = settings(deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 MODALITIES = ["title_bpe", "title_cam", "all", "image", "nope", "", "TITLE_BPE", "../title_bpe"]
@@ -60,7 +62,8 @@ def arguments(catalog: str, workdir: str, config: str):
                   st.just(["--workdir", workdir]), opt_config),
         st.tuples(st.just(["fuse", "--workdir"]), st.sampled_from([[workdir], [catalog + "/X_train.csv"], [""]])),
         st.tuples(st.just(["predict", "--catalog", catalog, "--workdir", workdir, "--out"]),
-                  st.sampled_from([[workdir], ["/nope/out.csv"], [""], [f"{workdir}/out.csv"]]),
+                  st.sampled_from([[workdir], ["/nope/out.csv"], [""], [f"{workdir}/out.csv"], [f"{workdir}/split.csv"],
+                                   [f"{workdir}/features/x.csv"], [f"{workdir}/config.json"], ["."], [".."]]),
                   st.sampled_from([[], ["--cache", catalog + "/X_train.csv"], ["--cache", ""]])),
         st.tuples(st.just(["export", "--workdir", workdir]),
                   st.sampled_from([[], ["--out", catalog + "/X_train.csv"], ["--out", ""], ["--out", "/nope/x"]])),
@@ -161,5 +164,81 @@ def test_any_catalogue_bytes_are_read_or_refused_in_one_line(catalogue, tmp_path
             answered(argv)
         finally:
             shutil.rmtree(d, ignore_errors=True)
+
+    check()
+
+
+# ---------------------------------------------------------------------- output settings
+OUTPUTS = st.sampled_from([".", "..", "/tmp", "features", "models", "models/title_bpe", "split.parquet", "config.json",
+                           "tokenizers", "upstream", "export", "Features", ".hidden", "fusion/..", "fusion2", "a" * 300,
+                           "fusion\x00", "~", "$HOME", "fusion ", "-"]) | TEXT
+
+
+def owned(w: Path, command: str, output: str, changed: str) -> bool:
+    """Whether `changed` (a path under W) is the output `command` was given (the fusion folder, the --out file
+    and its .parquet beside it, the --out folder of export), provided that is neither W itself nor one of the
+    entries a trained W holds."""
+    path, target, root = (w / changed).resolve(), (w / output).resolve(), w.resolve()
+    theirs = [(w / entry).resolve() for entry in TRAINED]
+    mine = [target, target.with_suffix(".parquet") if command == "predict" and target.name else target]
+    mine = [m for m in mine if m != root and m.is_relative_to(root) and
+            not any(m == e or m.is_relative_to(e) for e in theirs)]
+    return changed.startswith(".locks/") or any(path == m or path.is_relative_to(m) for m in mine)
+
+
+def test_output_settings_never_touch_another_stages_output(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    w = copy_workdir(tiny.workdir, tmp_path / "w", TRAINED)
+
+    @settings(FUZZ, max_examples=16)
+    @example(".", "fuse")  # once: the fusion renamed over the whole work directory
+    @example("split.csv", "predict")  # once: its .parquet beside it replaced W/split.parquet
+    @given(OUTPUTS, st.sampled_from(["fuse", "predict", "export"]))
+    def check(output, command):
+        config = tmp_path / "out.toml"
+        config.write_text(f'base = "{tiny.config}"\n[fusion]\noutput = {toml_value(output)}\n')
+        argv = {"fuse": ["fuse", "--workdir", w, "--config", config],
+                "predict": ["predict", "--catalog", tiny.catalog, "--workdir", w, "--out", w / output],
+                "export": ["export", "--workdir", w, "--out", w / output]}[command]
+        before = snapshot(w)
+        answered(list(map(str, argv)))
+        after = snapshot(w)
+        changed = {k for k in set(before) | set(after) if before.get(k) != after.get(k)}
+        assert all(owned(w, command, output, k) for k in changed), (output, command, sorted(changed)[:5])
+
+    check()
+
+
+# ---------------------------------------------------------------------- the files of a work directory
+WORKDIR_FILES = {  # a file of a trained work directory -> a command that reads it
+    "config.json": ["fuse"],
+    "models/title_bpe/stamp.json": ["pretrain", "title_bpe"],
+    "fusion/stamp.json": ["fuse"],
+    "tokenizers/title_bpe.json": ["extract", "title_bpe", "--catalog", "{catalog}"],
+    "tokenizers/title_bpe.model": ["extract", "title_bpe", "--catalog", "{catalog}"],
+    "features/title_bpe.zarr/zarr.json": ["extract", "title_bpe", "--catalog", "{catalog}"],
+    "features/title_bpe.zarr/tokens/values/zarr.json": ["inspect", "{w}/features/title_bpe.zarr", "--item", "5"],
+    "features/title_bpe.zarr/ids/zarr.json": ["extract", "title_bpe", "--catalog", "{catalog}"],
+    "sketches/title_bpe.zarr/zarr.json": ["inspect", "{w}/sketches/title_bpe.zarr", "--verify"],
+}
+LIGHT = shutil.ignore_patterns("title_cam.zarr", "last.pt", "upstream", "*.png")  # what these commands never read
+
+
+def test_any_bytes_in_a_work_directorys_files_get_one_line_or_an_answer(tiny, tmp_path):
+    files = sorted(WORKDIR_FILES)
+
+    @settings(FUZZ, max_examples=24)
+    @example(("features/title_bpe.zarr/zarr.json", b"null"))  # once a traceback from zarr's own parser
+    @given(st.sampled_from(files).flatmap(lambda f: st.tuples(
+        st.just(f), mutations((tiny.workdir / f).read_bytes()[:4000]) | st.sampled_from([b"", b"[]", b"{}", b"null"]))))
+    def check(case):
+        name, data = case
+        w = Path(shutil.copytree(tiny.workdir, Path(tempfile.mkdtemp(dir=tmp_path)) / "w", ignore=LIGHT))
+        try:
+            (w / name).write_bytes(data)
+            command = [a.format(catalog=tiny.catalog, config=tiny.config, w=w) for a in WORKDIR_FILES[name]]
+            answered(command + (["--workdir", str(w)] if command[0] != "inspect" else []))
+        finally:
+            shutil.rmtree(w.parent, ignore_errors=True)
 
     check()

@@ -9,13 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Tiny, cli, copy_workdir, run_cli
-
-TRAINED = ("features", "models", "sketches", "fusion", "split.parquet", "config.json", "tokenizers", "upstream")
-
-
-def snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+from .conftest import TRAINED, Tiny, cli, copy_workdir, run_cli, snapshot
 
 
 def config_over(tiny: Tiny, directory: Path, text: str, name: str = "over.toml") -> Path:

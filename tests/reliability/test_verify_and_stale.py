@@ -108,9 +108,10 @@ def test_a_store_built_with_another_text_model_is_refused(tmp_path, tiny: Tiny):
     other = build_tiny_camembert(["un autre modèle de texte", "entraîné ailleurs"] * 20, tmp_path / "other-model",
                                  seed=1)
     cfg = tiny.cfg.merged({"text_model": {"path": str(other)}})
-    with pytest.raises(StaleStoreError, match=r"title_cam.zarr was built with another model, tokenizer_sha256, "
-                                              r"weights_sha256 than this run's .*camembert:tiny-camembert.*"
-                                              r"rebuild with `pipeline extract title_cam .*--rebuild`"):
+    with pytest.raises(StaleStoreError, match=r"title_cam.zarr was made with the title_cam model "
+                                              r"'camembert:tiny-camembert', the configuration names 'other-model'; "
+                                              r"refusing to mix them: rebuild with `pipeline extract title_cam "
+                                              r".*--rebuild`"):
         extract("title_cam", tiny.catalog, w, cfg, progress=False, log=quiet)
     with FeatureStore(w / "features" / "title_cam.zarr") as store:  # refused, and left as it was
         assert len(store) == 300 and store.provenance["producer"]["model"] == "camembert:tiny-camembert"

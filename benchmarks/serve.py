@@ -1,0 +1,180 @@
+"""`pipeline serve` under a bounded load from 127.0.0.1, beside the in-process Predictor on the same items.
+
+    python benchmarks/serve.py --model W|BUNDLE [--catalog DIR] [--requests 1:500,8:1500,32:3000] [--items 200]
+
+Starts `pipeline serve --model ... --port 0` as a subprocess (cold start: process start to its ready line),
+warms it up (each item once, then three times as many requests at concurrency 32), then for each concurrency
+level sends its fixed number of one-item requests (JSON, the photo in base64) from that many concurrent clients,
+and measures p50/p99 latency, items/s and errors; the server's resident memory (VmRSS) after the warm-up and
+after the last request. The same items go through an in-process
+Predictor of the same model, after the same warm-up, called from one worker thread as the server calls it: one
+item per call (p50/p99), and batches of `[serve] max_batch_items` (items/s); the server idles meanwhile. The machine's load average is reported too:
+on a shared 2-core machine, OpenMP's spinning threads make every figure depend on what else runs.
+
+Items are catalogue items made new ("(neuf)" added to title and description, the photo sent as bytes), so
+neither side finds them in the work directory's stores: every feature is computed. Prints one JSON object:
+
+    c1_p50_ratio          server p50 at concurrency 1 / in-process one-item p50     target <= 1.3
+    c32_throughput_ratio  server items/s at concurrency 32 / in-process batch items/s target >= 0.8
+    errors                failed requests over all levels                           target 0
+    rss_growth            server VmRSS after / after warm-up - 1                    target < 0.05
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipeline import Predictor, workdir as wd  # noqa: E402
+from pipeline.catalog import load_catalog  # noqa: E402
+
+TARGETS = {"c1_p50_ratio": ("<=", 1.3), "c32_throughput_ratio": (">=", 0.8), "errors": ("<=", 0),
+           "rss_growth": ("<", 0.05)}
+
+
+def new_items(model: Path, catalog: Path | None, n: int) -> list[dict]:
+    """n catalogue items with a photo and a description, made new, as JSON items and Predictor rows."""
+    cfg = wd.load(model)
+    catalog = catalog or (wd.recorded(model) or {}).get("catalog")
+    if not catalog:
+        raise SystemExit(f"{model} names no catalogue (a bundle): give --catalog DIR")
+    items = load_catalog(catalog, cfg).items
+    full = items.filter(pl.col("has_image") & (pl.col("description") != ""))[:n]
+    return [{"item_id": int(r["item_id"]), "title": r["title"] + " (neuf)", "description": r["description"] + " (neuf)",
+             "image": Path(r["image_path"]).read_bytes()} for r in full.iter_rows(named=True)]
+
+
+def start_server(model: Path) -> tuple[subprocess.Popen, str, float]:
+    """(the server process, its URL, seconds from process start to ready)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", "--model", str(model), "--port", "0"],
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    for line in proc.stderr:
+        if "ready on " in line:
+            url = line.split("ready on ")[1].split()[0]
+            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep it drained
+            return proc, url, time.perf_counter() - started
+    raise SystemExit(f"the server did not start (exit {proc.wait()})")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def drive(url: str, bodies: list[bytes], concurrency: int, requests: int) -> dict:
+    """`requests` POSTs from `concurrency` clients at once; latencies, items/s, errors."""
+    import httpx
+
+    latencies, errors, sent = [], [], iter(range(requests))
+
+    async def client(http: httpx.AsyncClient) -> None:
+        for k in sent:
+            t = time.perf_counter()
+            try:
+                r = await http.post(f"{url}/v1/predict", content=bodies[k % len(bodies)],
+                                    headers={"content-type": "application/json"})
+                if r.status_code != 200:
+                    errors.append(f"{r.status_code}: {r.text[:200]}")
+            except httpx.HTTPError as err:
+                errors.append(f"{type(err).__name__}: {err}")
+            latencies.append(time.perf_counter() - t)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        seconds = time.perf_counter() - started
+    lat = np.array(latencies)
+    return {"requests": requests, "p50_s": float(np.percentile(lat, 50)), "p99_s": float(np.percentile(lat, 99)),
+            "items_s": requests / seconds, "errors": len(errors), "first_errors": errors[:3]}
+
+
+def in_process(model: Path, items: list[dict], batch: int, top_k: int, repeats: int = 3) -> dict:
+    """The same items through a Predictor in this process, called from one worker thread as the server calls it
+    (a torch call from the main thread can be many times slower on a loaded machine: OpenMP's spinning, see
+    docs/design.md "Serving"): one item per call, and batches of `batch`."""
+    with ThreadPoolExecutor(1) as worker:
+        return worker.submit(_in_process, model, items, batch, top_k, repeats).result()
+
+
+def _in_process(model: Path, items: list[dict], batch: int, top_k: int, repeats: int) -> dict:
+    predictor = Predictor.load(model)
+    for it in items:  # warm-up, as the server's: the first call of a shape sets up oneDNN's kernels
+        predictor.top([it], top_k)
+    one = []
+    for it in items:
+        t = time.perf_counter()
+        predictor.top([it], top_k)
+        one.append(time.perf_counter() - t)
+    rows = (items * (batch // len(items) + 1))[:batch]
+    predictor.top(rows, top_k)
+    best = min(_timed(predictor.top, rows, top_k) for _ in range(repeats))
+    return {"one_item_p50_s": float(np.percentile(one, 50)), "one_item_p99_s": float(np.percentile(one, 99)),
+            "batch_items": batch, "batch_items_s": batch / best}
+
+
+def _timed(fn, *args) -> float:
+    t = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, required=True, help="a trained work directory or a bundle")
+    ap.add_argument("--catalog", type=Path, help="items to send (default: the work directory's catalogue)")
+    ap.add_argument("--requests", default="1:500,8:1500,32:3000", help="concurrency:requests,...")
+    ap.add_argument("--items", type=int, default=200, help="distinct items, sent in turn")
+    args = ap.parse_args()
+    levels = [tuple(map(int, part.split(":"))) for part in args.requests.split(",")]
+    opts = wd.load(args.model).serve
+    items = new_items(args.model, args.catalog, args.items)
+    bodies = [json.dumps({"items": [it | {"image": base64.b64encode(it["image"]).decode()}]}).encode() for it in items]
+    proc, url, cold = start_server(args.model)
+    try:
+        asyncio.run(drive(url, bodies, 1, len(bodies)))  # warm-up: each item once (oneDNN sets up each shape),
+        asyncio.run(drive(url, bodies, 32, 3 * len(bodies)))  # then batches of every size up to 32
+        before = rss_mb(proc.pid)
+        server = {f"c{c}": asyncio.run(drive(url, bodies, c, n)) for c, n in levels}
+        after = rss_mb(proc.pid)
+        local = in_process(args.model, items, opts.max_batch_items, opts.top_k)  # the server idles meanwhile
+    finally:
+        proc.terminate()
+        proc.wait(120)
+    report = {"model": str(args.model), "load_average": os.getloadavg(), "cold_start_s": cold, "server": server,
+              "in_process": local,
+              "rss_mb_after_warmup": before, "rss_mb_after": after,
+              "c1_p50_ratio": server["c1"]["p50_s"] / local["one_item_p50_s"] if "c1" in server else None,
+              "c32_throughput_ratio": server["c32"]["items_s"] / local["batch_items_s"] if "c32" in server else None,
+              "errors": sum(s["errors"] for s in server.values()), "rss_growth": after / before - 1}
+    report["met"] = {k: report[k] is not None and (report[k] <= v if op == "<=" else report[k] >= v if op == ">="
+                                                   else report[k] < v) for k, (op, v) in TARGETS.items()}
+    print(json.dumps(_rounded(report)))
+
+
+def _rounded(obj):
+    if isinstance(obj, float):
+        return round(obj, 4)
+    if isinstance(obj, dict):
+        return {k: _rounded(v) for k, v in obj.items()}
+    return obj
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""`pipeline bundle --workdir W --out B`: only what prediction needs, in the form that loads fastest.
+
+    B/manifest.json                every file's sha256 and size (checked on load), the format, what it came from
+    B/config.json                  the configuration W was trained with (a work-directory record)
+    B/<[fusion] output>/model.pt   the fusion heads, as W has them
+    B/models/<modality>/model.pt   each network the fusion reads, as W has them (the sha256 the fusion recorded)
+    B/tokenizers/title_bpe.*       title_bpe's SentencePiece model
+    B/upstream/text-model/         the text model: config.json, its tokenizer and model.safetensors with the
+                                   layers `[text_model] layers` runs only, in float16 (loaded as float32)
+    B/upstream/image.safetensors   the image backbone's weights (float32)
+    B/class_names.csv              when `[serve] class_names` names one
+
+No feature or sketch store, no training state (`last.pt`), no catalogue: every item is computed from its
+inputs. `Predictor.load(B)`, `pipeline predict --model B` and `pipeline serve --model B` read it with W
+gone. The text model is the one part not copied as it is: float16 halves it (the demo's multilingual-e5-small
+embeds 250,037 pieces), so a bundle's text features differ from W's within float16 rounding (README "Bundles"
+gives how often a prediction differs); everything else is bit for bit W's.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from pipeline import checkpoint, workdir as wd
+from pipeline.config import Config
+from pipeline.errors import PipelineError
+from pipeline.provenance import output_lock, read_json, sha256_file, staged_dir, write_json
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+TEXT_MODEL = "upstream/text-model"
+IMAGE_WEIGHTS = "upstream/image.safetensors"
+CLASS_NAMES = "class_names.csv"
+TEXT_MODALITIES = ("title_cam", "desc_cam")
+
+
+def is_bundle(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def verify(bundle: str | Path) -> dict:
+    """The manifest, once every file it lists has its size and sha256 (one line naming the first that does not)."""
+    bundle = Path(bundle)
+    manifest = read_json(bundle / MANIFEST, "bundle manifest")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+        raise PipelineError(f"{bundle / MANIFEST}: not a bundle manifest of format {FORMAT}; build the bundle again "
+                            f"with `pipeline bundle --workdir W --out {bundle}`")
+
+    def problem(item) -> str | None:
+        name, want = item
+        path = bundle / name
+        if not path.is_file() or path.stat().st_size != want.get("bytes"):
+            return f"{path}: missing or of another size than the manifest says"
+        return None if sha256_file(path) == want.get("sha256") else f"{path}: damaged (sha256 differs from the manifest)"
+
+    with ThreadPoolExecutor(4) as pool:  # hashlib releases the GIL: the big files hash side by side
+        problems = [p for p in pool.map(problem, sorted(manifest["files"].items())) if p]
+    if problems:
+        raise PipelineError(f"{problems[0]}{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}; "
+                            f"build the bundle again with `pipeline bundle --workdir W --out {bundle}`")
+    return manifest
+
+
+def settings(bundle: str | Path, cfg: Config) -> Config:
+    """`cfg` with the upstream models and class names read from the bundle (after `verify`)."""
+    bundle = Path(bundle).resolve()
+    files = verify(bundle)["files"]
+    over: dict = {"stores": {"root": ""}}
+    if any(name.startswith(TEXT_MODEL + "/") for name in files):
+        over["text_model"] = {"path": str(bundle / TEXT_MODEL)}
+    if IMAGE_WEIGHTS in files:
+        over["image"] = {"weights": str(bundle / IMAGE_WEIGHTS)}
+    over["serve"] = {"class_names": str(bundle / CLASS_NAMES) if CLASS_NAMES in files else ""}
+    return cfg.merged(over, f"(bundle {bundle})")
+
+
+# ---------------------------------------------------------------------- writing one
+def _check_out(out: Path, workdir: Path) -> None:
+    if out.is_symlink() or (out.exists() and not is_bundle(out)):
+        raise PipelineError(f"--out {out}: exists and is not a bundle; give a new folder (or a bundle to replace)")
+    o, w = out.resolve(), workdir.resolve()
+    if o == w or o.is_relative_to(w) or w.is_relative_to(o):
+        raise PipelineError(f"--out {out}: it is, holds or lies inside the work directory {workdir}; give a folder "
+                            f"outside it")
+    if not out.parent.is_dir():
+        raise PipelineError(f"--out {out}: the folder {out.parent} does not exist; create it first")
+
+
+def write_bundle(workdir: str | Path, out: str | Path, cfg: Config, log=print) -> dict:
+    """Write B from W; returns its manifest (with the loaded bundle's `version`)."""
+    from pipeline.predictor import Predictor, fused_checkpoints
+
+    workdir, out = Path(workdir), Path(out)
+    if is_bundle(workdir):
+        raise PipelineError(f"--workdir {workdir} is a bundle already; bundle a trained work directory")
+    _check_out(out, workdir)
+    started = time.perf_counter()
+    fusion_path, models = fused_checkpoints(workdir, cfg)  # every checkpoint the one the fusion recorded
+    with output_lock(out), staged_dir(out) as tmp:
+        write_json(tmp / "config.json", {"sources": list(cfg.sources), "tables": cfg.raw})
+        _copy(fusion_path, tmp / fusion_path.relative_to(workdir))
+        for path in models.values():
+            _copy(path, tmp / path.relative_to(workdir))
+        if "title_bpe" in models:
+            for f in sorted(wd.tokenizer_dir(workdir).glob("title_bpe.*")):
+                _copy(f, tmp / "tokenizers" / f.name)
+        if set(TEXT_MODALITIES) & set(models):
+            _text_model(cfg, workdir, tmp / TEXT_MODEL)
+        if "image" in models:
+            _image_weights(cfg, workdir, tmp / IMAGE_WEIGHTS)
+        if cfg.serve.class_names:
+            _copy(Path(cfg.serve.class_names).expanduser(), tmp / CLASS_NAMES)
+        files = {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = {"format": FORMAT, "workdir": str(workdir.resolve()), "modalities": sorted(models),
+                    "files": files}
+        write_json(tmp / MANIFEST, manifest)  # last: a folder without it is no bundle
+    version = Predictor.load(out, reuse=False).version  # it loads, from its own files alone
+    size = sum(f["bytes"] for f in files.values())
+    log(f"bundle: {out} ({size / 2**20:.1f} MiB, {len(files)} files, version {version}) in "
+        f"{time.perf_counter() - started:.1f} s")
+    return manifest | {"version": version, "bytes": size}
+
+
+def _copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+
+
+def _text_model(cfg: Config, workdir: Path, out: Path) -> None:
+    """The text model W's extractors run: its first `[text_model] layers` layers (all when 0), float16 weights
+    (config dtype float32: transformers loads them as float32), and its tokenizer (`_tokenizer`)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.upstream import text_model_dir
+    from pipeline.weights import load_text_model
+
+    src = text_model_dir(cfg, workdir)
+    tokenizer, model = load_text_model(src)
+    if cfg.text_model.layers:
+        model.encoder.layer = model.encoder.layer[: cfg.text_model.layers]
+        model.config.num_hidden_layers = len(model.encoder.layer)
+    out.mkdir(parents=True)
+    state = {k: v.to(torch.float16).contiguous() if v.is_floating_point() else v.contiguous()
+             for k, v in model.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    model.config.dtype = "float32"
+    model.config.to_json_file(str(out / "config.json"))
+    _tokenizer(tokenizer, src, out, _texts(workdir, cfg))
+
+
+def _tokenizer(tokenizer, src: Path, out: Path, texts: list[str]) -> None:
+    """The tokenizer as the `tokenizer.json` of its pipeline as loaded (the model class may rebuild the file's),
+    read by the generic fast tokenizer with its special tokens and length limit: transformers then skips the
+    model class's own set-up, half of a text model's load. Kept only if it gives the same ids as the original
+    on `texts`; else the original files are copied as they are."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from pipeline.weights import quiet_transformers
+
+    if hasattr(tokenizer, "backend_tokenizer"):
+        special = {k: str(getattr(tokenizer, k)) for k in ("bos_token", "eos_token", "unk_token", "sep_token",
+                                                            "pad_token", "cls_token", "mask_token")
+                   if getattr(tokenizer, k, None) is not None}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": tokenizer.model_max_length}
+        tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
+        (out / "tokenizer_config.json").write_text(json.dumps(config | special, indent=1))
+        with quiet_transformers():
+            generic = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+        same = all(getattr(generic, f"{k}_id") == getattr(tokenizer, f"{k}_id") for k in special) and \
+            generic(texts, add_special_tokens=False)["input_ids"] == tokenizer(texts, add_special_tokens=False)["input_ids"]
+        if same:
+            return
+        for f in out.glob("tokenizer*"):
+            f.unlink()
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.suffix not in (".safetensors", ".bin") and f.name != "config.json" \
+                and not f.name.endswith(".index.json"):
+            _copy(f, out / f.name)
+
+
+PROBES = ["Piscine tubulaire 3 m", "Livre d'occasion - très bon état", "éàü ÉÀÜ ß œ 東京 😀", "<b>x</b> &amp; y",
+          "  spaces   and\ttabs\n", "", "a" * 600]
+
+
+def _texts(workdir: Path, cfg: Config, n: int = 2000) -> list[str]:
+    """Texts to compare two tokenizers on: W's catalogue's titles and descriptions (when W names it), probes."""
+    from pipeline.catalog import load_catalog
+
+    texts = list(PROBES)
+    catalog = (wd.recorded(workdir) or {}).get("catalog")
+    if catalog and Path(catalog).is_dir():
+        items = load_catalog(catalog, cfg, require_train=False).items.head(n)
+        texts += items["title"].to_list() + items["description"].to_list()
+    return [cfg.text_model.prefix + t for t in texts]
+
+
+def _image_weights(cfg: Config, workdir: Path, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    from pipeline.upstream import image_weights
+    from pipeline.weights import load_image_backbone
+
+    weights = image_weights(cfg, workdir)
+    if weights is None:
+        raise PipelineError("[image] weights = \"random\": a backbone drawn at random on each load has nothing to "
+                            "bundle; bundle a work directory trained with real weights")
+    model = load_image_backbone(cfg.options("image").model, weights)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out), metadata={"format": "pt"})

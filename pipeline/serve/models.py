@@ -1,0 +1,98 @@
+"""The models the server answers with, and their hot swap.
+
+The work directory's (or bundle's) model files are watched (their stat, every `[serve] watch_seconds`; at once
+on SIGHUP or POST /admin/reload). When they change, a new Predictor is loaded beside the one serving (in a
+thread: the old one goes on answering), and `current` is replaced between two batches: a batch holds the
+Predictor it started with, so requests in flight finish on the old models. A load that fails (a modality
+retrained but not yet fused, a damaged bundle) keeps the old models and says why in one log line; the same
+files are not tried again until they change.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline import workdir as wd
+from pipeline.errors import PipelineError
+from pipeline.predictor import Predictor, model_stamp
+from stores import StoreError
+
+
+@dataclass(frozen=True)
+class Served:
+    predictor: Predictor
+    version: str
+    loaded_seconds: float
+
+
+def one_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    text = lines[0] if lines else ""
+    return text if isinstance(err, (PipelineError, StoreError)) else f"{type(err).__name__}: {text}"[:500]
+
+
+class Models:
+    def __init__(self, source: Path, configs: list[Path] | None, metrics, log):
+        self.source, self.configs, self.metrics, self.log = Path(source), configs, metrics, log
+        self.current: Served | None = None
+        self._seen: tuple | None = None
+        self._checking = asyncio.Lock()
+
+    def load(self) -> Served:
+        """A new Predictor of the source, as its files are now (blocking: run it in a thread)."""
+        started = time.perf_counter()
+        predictor = Predictor.load(self.source, config=self.configs)
+        predictor.warn_on_change = False  # the watcher swaps new models in
+        return Served(predictor, predictor.version, time.perf_counter() - started)
+
+    def stamp(self) -> tuple:
+        cfg = self.current.predictor.cfg if self.current else wd.load(self.source, self.configs)
+        return model_stamp(self.source.resolve(), cfg)
+
+    async def start(self) -> None:
+        """The first models (raises what stops the server: there is nothing to answer with)."""
+        self._seen = await asyncio.to_thread(self.stamp)
+        self._use(await asyncio.to_thread(self.load))
+
+    def _use(self, served: Served) -> None:
+        old = self.current
+        self.current = served
+        if old is not None:
+            self.metrics.version.remove(old.version)
+            self.metrics.swaps.inc()
+        self.metrics.version.labels(served.version).set(1)
+        was = f" (was {old.version})" if old else ""
+        self.log(f"serve: version {served.version} loaded from {self.source} in {served.loaded_seconds:.1f} s{was}")
+
+    async def check(self, force: bool = False) -> str | None:
+        """Load and swap in the source's models if their files changed (or `force`); the reason a load failed."""
+        async with self._checking:
+            try:
+                stamp = await asyncio.to_thread(self.stamp)
+            except (PipelineError, StoreError, OSError) as err:
+                return self._kept(err)
+            if stamp == self._seen and not force:
+                return None
+            self._seen = stamp
+            try:
+                served = await asyncio.to_thread(self.load)
+            except Exception as err:  # noqa: BLE001 - any failure keeps the models that work
+                return self._kept(err)
+            if self.current is None or served.version != self.current.version:
+                self._use(served)
+            return None
+
+    def _kept(self, err: BaseException) -> str:
+        self.metrics.errors.labels("swap_failed").inc()
+        reason = one_line(err)
+        self.log(f"serve: kept version {self.current.version if self.current else '(none)'}: new models from "
+                 f"{self.source} did not load: {reason}")
+        return reason
+
+    async def watch(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            await self.check()
+
