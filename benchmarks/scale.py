@@ -72,7 +72,7 @@ def run_stage(args: list[str], out: Path, python: tuple[str, ...] = ("cli.py",))
 
 def reader_mb(lines) -> float:
     """The features a pretraining run's readers hold in memory (its "train ...; valid ..." line)."""
-    return sum(float(mb) for _, line in lines for mb in re.findall(r"([\d.]+) MB, memory mode", line))
+    return round(sum(float(mb) for _, line in lines for mb in re.findall(r"([\d.]+) MB, memory mode", line)), 1)
 
 
 def epoch_seconds(metrics: Path) -> float:
