@@ -23,7 +23,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from pipeline import checkpoint, workdir as wd
+import polars as pl
+
+from pipeline import workdir as wd
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.provenance import output_lock, read_json, sha256_file, staged_dir, write_json
@@ -90,7 +92,7 @@ def _check_out(out: Path, workdir: Path) -> None:
 
 def write_bundle(workdir: str | Path, out: str | Path, cfg: Config, log=print) -> dict:
     """Write B from W; returns its manifest (with the loaded bundle's `version`)."""
-    from pipeline.predictor import Predictor, fused_checkpoints
+    from pipeline.predictor import Predictor, fused_checkpoints, split_class_names
 
     workdir, out = Path(workdir), Path(out)
     if is_bundle(workdir):
@@ -112,6 +114,8 @@ def write_bundle(workdir: str | Path, out: str | Path, cfg: Config, log=print) -
             _image_weights(cfg, workdir, tmp / IMAGE_WEIGHTS)
         if cfg.serve.class_names:
             _copy(Path(cfg.serve.class_names).expanduser(), tmp / CLASS_NAMES)
+        elif names := split_class_names(workdir):  # the training catalogue's own names
+            pl.DataFrame({"prdtypecode": list(names), "name": list(names.values())}).write_csv(tmp / CLASS_NAMES)
         files = {str(p.relative_to(tmp)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {"format": FORMAT, "workdir": str(workdir.resolve()), "modalities": sorted(models),

@@ -1,8 +1,11 @@
 """Configuration: TOML files in configs/, read once into typed, validated tables.
 
-`configs/default.toml` (the paper's setup) is the root of every config: a file says only what differs,
-and may name a `base` file (relative to itself) that it is merged over, key by key; several `--config`
-files are merged in order. Every value is then checked against pipeline.schema (and the modality
+`configs/default.toml` is the root of every config: a file says only what differs, and may name a `base`
+file (relative to itself) that it is merged over, key by key; several `--config` files are merged in
+order, then every `--set section.key=value` (a TOML value). A `[pretrain]` key applies to every modality:
+a file that sets it overrides what earlier files set for that key in `[pretrain.<modality>]` tables,
+while a modality's own table in the same or a later file still wins (`merge`). Every value is then
+checked against pipeline.schema (and the modality
 registry for the `[<modality>]` and `[pretrain.<modality>]` tables) before any stage reads it: an
 unknown table or key, a wrong type or an out-of-range value is refused in one line naming the file,
 the key, what is expected, and the near miss when there is one.
@@ -38,10 +41,23 @@ class ConfigError(PipelineError):
 
 # ---------------------------------------------------------------------- reading files
 def merge(base: dict, over: dict) -> dict:
-    """`over` merged into a copy of `base`, tables recursively, everything else replaced."""
+    """`over` merged into a copy of `base`, tables recursively, everything else replaced.
+
+    A key `over` sets in `[pretrain]` is the new value for every modality: it first drops that key from
+    `base`'s `[pretrain.<modality>]` tables (a modality's own table in `over` still sets its own value)."""
+    pretrain, common = base.get("pretrain"), over.get("pretrain")
+    if isinstance(pretrain, dict) and isinstance(common, dict):
+        keys = {k for k, v in common.items() if not isinstance(v, dict)}
+        base = base | {"pretrain": {m: {k: v for k, v in t.items() if k not in keys} if isinstance(t, dict) else t
+                                    for m, t in pretrain.items()}}
+    return _merge_tables(base, over)
+
+
+def _merge_tables(base: dict, over: dict) -> dict:
     out = dict(base)
     for key, value in over.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (_merge_tables(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict)
+                    else value)
     return out
 
 
@@ -113,6 +129,7 @@ class Config:
     modality_tables: dict = field(repr=False)  # name -> its [<name>] options
     train_tables: dict = field(repr=False)  # name -> its [pretrain.<name>] options, [pretrain] applied
     origins: dict = field(repr=False, compare=False, default_factory=dict)
+    sets: tuple[str, ...] = ()  # the command's `--set` arguments (hints repeat them)
 
     @property
     def source(self) -> str:
@@ -147,7 +164,7 @@ class Config:
     def merged(self, over: dict, source: str | None = None) -> Config:
         """This config with `over` merged into its tables (validated again)."""
         origins = self.origins | _origins(over, source or "(override)")
-        return build(merge(self.raw, over), self.sources + ((source,) if source else ()), origins)
+        return build(merge(self.raw, over), self.sources + ((source,) if source else ()), origins, self.sets)
 
     def digest(self) -> str:
         return json.dumps(self.raw, sort_keys=True)
@@ -174,8 +191,9 @@ def _key_text(path: tuple) -> str:
     return f"[{'.'.join(table)}] {text}" if table else text
 
 
-def _validate(cls, values, path: tuple, origins: dict, default_source: str):
-    """cls(**values), or a ConfigError naming the file, the key, what is expected and the near miss."""
+def _validate(cls, values, path: tuple, origins: dict, default_source: str, inherited=()):
+    """cls(**values), or a ConfigError naming the file, the key, what is expected and the near miss (a key
+    the table took from `[pretrain]`, one of `inherited`, is named there)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{_where(path, origins, default_source)}: {_key_text(path)}: expected a table, "
                           f"got {values!r}")
@@ -185,6 +203,8 @@ def _validate(cls, values, path: tuple, origins: dict, default_source: str):
         # an unknown key first: a misspelt key also shows as the missing key it was meant to be
         e = sorted(err.errors(include_url=False), key=lambda e: e["type"] != "extra_forbidden")[0]
         loc = path + tuple(e["loc"])
+        if e["loc"] and e["loc"][0] in inherited:
+            loc = path[:1] + tuple(e["loc"])
         where = _where(loc, origins, default_source)
         if e["type"] == "extra_forbidden":
             known = getattr(_table_class_at(cls, e["loc"][:-1]), "model_fields", {})
@@ -230,11 +250,11 @@ def _train_tables(raw: dict, origins: dict, default: str) -> dict:
         # a refused value names the file that set it: [pretrain] for the keys this table inherits
         where = origins | {("pretrain", name, k): origins[("pretrain", k)] for k in inherited
                            if ("pretrain", k) in origins}
-        tables[name] = _validate(cls, inherited | table, ("pretrain", name), where, default)
+        tables[name] = _validate(cls, inherited | table, ("pretrain", name), where, default, set(inherited))
     return tables
 
 
-def build(raw: dict, sources: tuple[str, ...] = (), origins: dict | None = None) -> Config:
+def build(raw: dict, sources: tuple[str, ...] = (), origins: dict | None = None, sets: tuple = ()) -> Config:
     """Validate merged tables into a Config (refusing unknown tables, keys, types and values)."""
     origins = origins or {}
     default = sources[-1] if sources else str(DEFAULT_CONFIG)
@@ -257,18 +277,42 @@ def build(raw: dict, sources: tuple[str, ...] = (), origins: dict | None = None)
                 raise ConfigError(f"{_where(('fusion', 'heads'), origins, default)}: [fusion] heads: unknown modality "
                                   f"'{m}'{_suggest(m, modalities.REGISTRY)}")
     return Config(raw=raw, sources=tuple(sources), seed=seed, modality_tables=modality_tables,
-                  train_tables=train_tables, origins=origins, **tables)
+                  train_tables=train_tables, origins=origins, sets=tuple(sets), **tables)
 
 
-def load_config(paths: str | Path | list | tuple | None = None, overrides: dict | None = None) -> Config:
-    """Read, merge and validate configs (default.toml alone when none is given); `overrides` go last."""
+def parse_set(arg: str) -> dict:
+    """`--set section.key=value` as the tables it sets: the text read as one TOML line, so the value is typed
+    and written exactly as in a config file (`3`, `1e-3`, `true`, `"text"`, `[1, 2]`, `{ name = "x" }`)."""
+    if "=" not in arg or "\n" in arg or "\r" in arg:
+        raise ConfigError(f"--set {arg}: expected one section.key=value (a TOML value: 3, 1e-3, true, \"text\", "
+                          f"[1, 2])")
+    key, _, value = arg.partition("=")
+    try:
+        return tomllib.loads(arg)
+    except tomllib.TOMLDecodeError as err:
+        bare = value.strip()
+        hint = (f"; a string needs quotes: {key.strip()}=\"{bare}\"" if bare and bare[0] not in "\"'[{"
+                and not bare[0].isdigit() else "")
+        raise ConfigError(f"--set {arg}: not a TOML key = value ({err}){hint}") from None
+
+
+def with_overrides(tables: dict, origins: dict, overrides: dict | None = None,
+                   sets: list[str] | tuple = ()) -> tuple[dict, dict]:
+    """`overrides` (the command's model flags), then every `--set`, merged over the tables in order."""
+    layers = ([(overrides, "(command line)")] if overrides else []) + [(parse_set(a), f"--set {a}") for a in sets]
+    for over, source in layers:
+        tables, origins = merge(tables, over), origins | _origins(over, source)
+    return tables, origins
+
+
+def load_config(paths: str | Path | list | tuple | None = None, overrides: dict | None = None,
+                sets: list[str] | tuple = ()) -> Config:
+    """Read, merge and validate configs (default.toml alone when none is given); `overrides`, then `--set`
+    arguments (`section.key=value`), go last."""
     if paths is None:
         paths = []
     elif isinstance(paths, (str, Path)):
         paths = [paths]
     files = [find_config(p) for p in paths]
-    tables, origins = read_tables(files)
-    sources = tuple(str(p) for p in paths)
-    if overrides:
-        tables, origins = merge(tables, overrides), origins | _origins(overrides, "(command line)")
-    return build(tables, sources, origins)
+    tables, origins = with_overrides(*read_tables(files), overrides, sets)
+    return build(tables, tuple(str(p) for p in paths), origins, sets)

@@ -255,18 +255,21 @@ def _write(job: FuseJob, model: FusionHeads, dims: dict, valid_pred: np.ndarray,
     swap_in(out, job.out)
 
 
-def summary_table(workdir: Path, fused: dict, output: str = "fusion") -> str:
-    """The paper beside this run: validation macro-F1 of every modality (Table 3) and of the fusion (Table 2's row
-    for its ablations' outputs, none for a system the paper does not score)."""
-    rows = [("modality", "this run", "paper (Table 3)")]
+TABLE_TITLE = "validation macro-F1 (%)"
+
+
+def summary_table(workdir: Path, fused: dict, output: str = "fusion", data: str = "this catalogue") -> str:
+    """This run (on `data`) beside the paper's full-data figures: validation macro-F1 of every modality (Table 3)
+    and of the fusion (Table 2's row for its ablations' outputs, none for a system the paper does not score)."""
+    rows = [("modality", f"this run ({data})", "paper (full Rakuten data, 84,916 items)")]
     for m in modalities.names():
         path = wd.model_dir(workdir, m) / "metrics.json"
         if path.exists():
-            paper = f"{100 * PAPER_TABLE3[m]:.2f}" if m in PAPER_TABLE3 else "-"
+            paper = f"{100 * PAPER_TABLE3[m]:.2f} (Table 3)" if m in PAPER_TABLE3 else "-"
             rows.append((m, f"{100 * read_json(path, 'metrics file')['macro_f1']:.2f}", paper))
     paper = f"{100 * PAPER_TABLE2[output]:.2f} (Table 2)" if output in PAPER_TABLE2 else "-"
     rows.append((f"fused ({output})", f"{100 * fused['macro_f1']:.2f}", paper))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = ["  ".join(cell.ljust(width[i]) for i, cell in enumerate(r)) for r in rows]
+    lines = ["  ".join(cell.ljust(width[i]) for i, cell in enumerate(r)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in width))
-    return "validation macro-F1 (%)\n" + "\n".join(lines)
+    return f"{TABLE_TITLE}\n" + "\n".join(lines)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from pipeline.catalog import column_names
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 
@@ -78,10 +79,10 @@ class Items:
 
     def __enter__(self) -> Items:
         cols = _columns(self.data, self.kind)
-        layout = self.cfg.catalog.layouts[self.cfg.catalog.layout].columns
-        for field in ("title", "description"):
-            if field not in cols and getattr(layout, field) in cols:
-                cols[field] = cols[getattr(layout, field)]
+        for field in ("title", "description"):  # a catalogue's own column names work too ("designation", ...)
+            own = [c for c in column_names(self.cfg.catalog, field) if c in cols]
+            if field not in cols and own:
+                cols[field] = cols[own[0]]
         if "title" not in cols:
             raise PipelineError(f"no title column among {list(cols)}: give `title` (and `description`, `image`)")
         n = len(cols["title"])

@@ -1,4 +1,5 @@
-"""Scores and reports: macro-F1 (the challenge's metric), per-class F1, confusion of the worst classes."""
+"""Scores and reports: macro-F1 (the challenge's metric), per-class precision, recall, F1 and support, the full
+confusion matrix (CSV and picture) and the confusion of the worst classes (Table 4)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -52,13 +53,115 @@ def most_confused(labels: np.ndarray, preds: np.ndarray, codes: list[int], k: in
     return [codes[c] for c in idx], full[np.ix_(idx, idx)]
 
 
-def save_pictures(out: Path, labels: np.ndarray, preds: np.ndarray, codes: list[int], metrics: dict, k: int) -> None:
-    """confusion_worst.png (Table 4) and per_class_f1.png in `out`."""
+def class_report(labels: np.ndarray, preds: np.ndarray, names: dict[int, str] | None = None) -> dict:
+    """Scores of predicted class codes against true ones (any integer codes): macro_f1 and accuracy, and for
+    every class in either (sorted by code) its precision, recall, F1, support and name (the code when the
+    catalogue names none); `confusion` is the full matrix over those classes (rows: target, columns: predicted)."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    labels, preds = np.asarray(labels, np.int64), np.asarray(preds, np.int64)
+    classes = np.union1d(labels, preds)
+    precision, recall, f1, support = precision_recall_fscore_support(labels, preds, labels=classes, zero_division=0)
+    names = names or {}
+    return {
+        "macro_f1": float(f1.mean()) if len(classes) else 0.0,
+        "accuracy": float((labels == preds).mean()) if len(labels) else 0.0,
+        "items": int(len(labels)),
+        "per_class": {str(c): {"name": names.get(int(c), str(c)), "precision": float(p), "recall": float(r),
+                               "f1": float(f), "support": int(n)}
+                      for c, p, r, f, n in zip(classes, precision, recall, f1, support)},
+        "confusion": confusion_matrix(labels, preds, labels=classes).tolist(),
+    }
+
+
+def save_report(out: Path, report: dict, title: str) -> None:
+    """A report of `class_report` as files in `out`: metrics.json (without the matrix) and the matrix files."""
+    from pipeline.provenance import write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", {k: v for k, v in report.items() if k != "confusion"})
+    save_matrix(out, report, title)
+
+
+def save_matrix(out: Path, report: dict, title: str) -> None:
+    """confusion.csv (the full matrix, class names as row and column headers), confusion.png and per_class_f1.png
+    (with each class's support) of a `class_report`, in `out`."""
+    import polars as pl
+
+    names = [c["name"] for c in report["per_class"].values()]
+    matrix = np.asarray(report["confusion"], np.int64).reshape(len(names), len(names))
+    pl.DataFrame({"target \\ predicted": names} | {n: matrix[:, j] for j, n in enumerate(_unique(names))}) \
+        .write_csv(out / "confusion.csv")
+    plot_confusion(out / "confusion.png", matrix, names, f"Confusion matrix: {title}")
+    plot_per_class_f1(out / "per_class_f1.png", {n: c for n, c in zip(_unique(names), report["per_class"].values())},
+                      report["macro_f1"], f"Per-class F1: {title}")
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Column headers: a name given twice (two codes, one name) gets its position appended."""
+    return [n if names.count(n) == 1 else f"{n} #{i}" for i, n in enumerate(names)]
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_confusion(path: Path, matrix: np.ndarray, names: list[str], title: str) -> None:
+    """The full confusion matrix: colour = the share of the target class's items (so small classes show), the
+    count written in each cell when there are few enough classes to read."""
+    plt = _pyplot()
+    n = len(names)
+    side = min(max(4.0, 0.42 * n + 2.5), 40.0)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    share = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, fraction=0.04, label="share of the target class")
+    short = [s if len(s) <= 24 else s[:23] + "…" for s in names]
+    ax.set_xticks(range(n), short, rotation=90)
+    ax.set_yticks(range(n), short)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("target class")
+    if n <= 40:
+        for i in range(n):
+            for j in range(n):
+                if matrix[i, j]:
+                    ax.text(j, i, matrix[i, j], ha="center", va="center", fontsize=7,
+                            color="white" if share[i, j] > 0.5 else "black")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_per_class_f1(path: Path, per_class: dict[str, dict], macro_f1: float, title: str) -> None:
+    """F1 of every class, worst first, each bar labelled with the class's support (its items)."""
+    plt = _pyplot()
+    order = sorted(per_class, key=lambda c: per_class[c]["f1"])
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.38 * len(order) + 2), 4.5))
+    ax.bar(range(len(order)), [per_class[c]["f1"] for c in order], color="tab:blue")
+    for x, c in enumerate(order):
+        ax.text(x, per_class[c]["f1"] + 0.01, str(per_class[c]["support"]), ha="center", va="bottom", fontsize=7)
+    ax.axhline(macro_f1, color="tab:red", linestyle="--", label=f"macro-F1 {macro_f1:.3f}")
+    short = [c if len(c) <= 24 else c[:23] + "…" for c in order]
+    ax.set_xticks(range(len(order)), short, rotation=90)
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("F1 (number on a bar: the class's items)")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def save_pictures(out: Path, labels: np.ndarray, preds: np.ndarray, codes: list[int], metrics: dict, k: int) -> None:
+    """fuse's reports in `out`: confusion_worst.png (Table 4), the full matrix (confusion.csv, confusion.png) and
+    per_class_f1.png with each class's support (labels, preds: class indices into `codes`)."""
+    plt = _pyplot()
     names, matrix = most_confused(labels, preds, codes, k)
     fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2, 1.1 * len(names) + 1.5))
     if names:  # none when the validation split holds no mistake at all
@@ -77,16 +180,5 @@ def save_pictures(out: Path, labels: np.ndarray, preds: np.ndarray, codes: list[
     fig.tight_layout()
     fig.savefig(out / "confusion_worst.png", dpi=120)
     plt.close(fig)
-
-    f1 = metrics["per_class_f1"]
-    order = sorted(f1, key=f1.get)
-    fig, ax = plt.subplots(figsize=(10, 4))
-    ax.bar(range(len(order)), [f1[c] for c in order], color="tab:blue")
-    ax.axhline(metrics["macro_f1"], color="tab:red", linestyle="--", label=f"macro-F1 {metrics['macro_f1']:.3f}")
-    ax.set_xticks(range(len(order)), order, rotation=90)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("F1 (validation)")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out / "per_class_f1.png", dpi=120)
-    plt.close(fig)
+    code_of = np.asarray(codes, np.int64)
+    save_matrix(out, class_report(code_of[labels], code_of[preds]), "validation split")

@@ -24,14 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-import numpy as np
-import polars as pl
-
 from pipeline.errors import PipelineError
 from pipeline.schema import (KernelSizes, NonNegative, Positive, PositiveFloat, PowerOfTwo, Probability, Section,
                              TrainOptions)
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # numpy and polars too: `pipeline --help` and a refused config import neither
+    import numpy as np
+    import polars as pl
     import torch
     from torch import nn
 

@@ -3,10 +3,11 @@
 The model's fusion and every network it reads are loaded once (`pipeline.predictor.Predictor`);
 the catalogue's items are computed in memory, reusing what W already holds for the same inputs, and
 never written into the training stores or the split (ids may overlap W's: a new catalogue numbered from
-0 is fine). Writes `--out` in the challenge's submission format (`,prdtypecode` header; item id, code)
-and, beside it, `<out>.parquet`: item id, code, its probability and the probability of every class.
-A photo the catalogue names that cannot be read (not a regular file, does not decode) is one log line
-naming the items, which are classified without it.
+0 is fine). The catalogue is any layout (a product table too); its labels, if any, are ignored. Writes
+`--out` in the challenge's submission format (`,prdtypecode` header; item id, code), its folder created if
+need be, and, beside it, `<out>.parquet`: item id, code, its probability, the class name when the model
+knows its classes' names, and the probability of every class. A photo the catalogue names that cannot be
+read (not a regular file, does not decode) is one log line naming the items, which are classified without it.
 """
 from __future__ import annotations
 
@@ -29,14 +30,16 @@ BATCH_ROWS = 4096
 
 
 def check_output(out_csv: Path) -> None:
-    """Refuse an output path that cannot be written, before any work is done."""
+    """Refuse an output path that cannot be written, before any work is done (a missing folder is created
+    when the predictions are written)."""
     if out_csv.is_dir():
         raise PipelineError(f"--out {out_csv}: is a directory; give a file name (e.g. {out_csv / 'predictions.csv'})")
     folder = out_csv.parent if str(out_csv.parent) else Path(".")
-    if not folder.is_dir():
-        raise PipelineError(f"--out {out_csv}: the folder {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK):
-        raise PipelineError(f"--out {out_csv}: the folder {folder} is not writable")
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise PipelineError(f"--out {out_csv}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise PipelineError(f"--out {out_csv}: the folder {existing} is not writable")
     for path in (out_csv, out_csv.with_suffix(".parquet")):  # never renamed over a link, a FIFO, a device
         replaceable(path)
 
@@ -72,7 +75,8 @@ def _predict(catalog_dir, workdir: Path, out_csv: Path, cfg: Config, cache, prog
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     ids = items["item_id"].to_numpy()
-    table = probabilities_table(ids, probs, predictor.classes.tolist())
+    table = probabilities_table(ids, probs, predictor.classes.tolist(), predictor.class_names)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
     write_submission(out_csv, ids, table["prdtypecode"])
     write_parquet(table, out_csv.with_suffix(".parquet"))
     log(f"predict: {len(table)} items -> {out_csv} and {out_csv.with_suffix('.parquet')}")

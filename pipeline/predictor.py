@@ -42,6 +42,7 @@ from pipeline.errors import PipelineError
 from pipeline.extract.driver import keep_freed_memory, run_extraction
 from pipeline.heads import FusionHeads
 from pipeline.items import Items
+from pipeline.catalog import SPLIT_FILE, class_names as named_classes, read_split
 from pipeline.modalities import ExtractContext
 from pipeline.provenance import digest, sha256_file
 from pipeline.sketch import sketches
@@ -237,7 +238,7 @@ def check_cache(cache: Path, workdir: Path, cfg: Config) -> Path:
     return Path(cache)
 
 
-def class_names(path: str) -> dict[int, str]:
+def read_class_names(path: str) -> dict[int, str]:
     """`[serve] class_names`: a CSV of `prdtypecode,name` rows (code -> name); {} when not set."""
     if not path:
         return {}
@@ -249,6 +250,11 @@ def class_names(path: str) -> dict[int, str]:
                             f"({type(err).__name__}); fix the file or set it to \"\"") from None
 
 
+def split_class_names(workdir: Path) -> dict[int, str]:
+    """Code -> name as the training catalogue named its classes (W/split.parquet); {} when it gave codes."""
+    return named_classes(read_split(workdir)) if (Path(workdir) / SPLIT_FILE).is_file() else {}
+
+
 class Predictor:
     """A trained work directory (or a bundle), loaded once, that classifies tables of new items."""
 
@@ -257,7 +263,7 @@ class Predictor:
                  names: dict[int, str] | None = None):
         self.cfg, self.heads, self.branches, self.device, self.cache = cfg, heads, branches, device, cache
         self.classes = np.asarray(codes, dtype=np.int64)
-        self.class_names = class_names(cfg.serve.class_names) if names is None else names
+        self.class_names = read_class_names(cfg.serve.class_names) if names is None else names
         self.version, self.source = version, source
         self._stamp = model_stamp(source, cfg) if source is not None else ()
         self._lock = threading.RLock()  # one call at a time: each already uses every core
@@ -287,11 +293,11 @@ class Predictor:
             raise PipelineError(f"{workdir}: no such work directory or bundle")
         path = wd.fusion_dir(workdir, cfg) / checkpoint.MODEL_FILE
         if not path.is_file():
-            raise PipelineError(f"{path} not found: train the work directory first (extract, pretrain, sketch, "
-                                f"fuse; or `pipeline demo --workdir {workdir}`)")
+            raise PipelineError(f"{path} not found: train the work directory first, "
+                                f"`{wd.command(cfg, workdir, 'train', catalog=True)}`")
         if cache is not None:
             cache = check_cache(Path(cache), workdir, cfg)
-        names = class_names(cfg.serve.class_names)
+        names = read_class_names(cfg.serve.class_names) or ({} if bundled else split_class_names(workdir))
         fusion = checkpoint.load(path)
         fusion_sha = sha256_file(path)
         keep_freed_memory()  # CPU forwards: no page faults on every big activation (3x on EfficientNet)

@@ -64,15 +64,30 @@ def _text_encoding(v: str) -> str:
     return v
 
 
+class TableColumns(Section):
+    id: Annotated[str, Field(min_length=1)]
+    title: Annotated[str, Field(min_length=1)]
+    description: str  # "" or a column the table lacks: no descriptions
+    image: str  # a photo's path, relative to the table's folder (or absolute)
+    label: str  # a class code or name; a row without one is an item to predict
+
+
+class Table(Section):
+    columns: TableColumns
+    separator: Annotated[str, Field(min_length=1, max_length=1)]  # of .csv files (.tsv: a tab)
+
+
 class Catalog(Section):
-    layout: str
+    layout: str  # "auto", "table" or a table of [catalog.layouts]
     encoding: Annotated[str, AfterValidator(_text_encoding)]
+    table: Table
     layouts: dict[str, Layout]
 
     @model_validator(mode="after")
     def _known_layout(self):
-        if self.layout not in self.layouts:
-            raise ValueError(f"layout '{self.layout}' is not a table of [catalog.layouts] (have {sorted(self.layouts)})")
+        if self.layout not in self.layouts and self.layout not in ("auto", "table"):
+            raise ValueError(f"layout '{self.layout}' is not \"auto\", \"table\" or a table of [catalog.layouts] "
+                             f"(have {sorted(self.layouts)})")
         return self
 
 

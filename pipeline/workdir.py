@@ -16,6 +16,7 @@ that send the user to another command repeat the options it needs (`command`).
 from __future__ import annotations
 
 import re
+import shlex
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
@@ -23,8 +24,6 @@ from pipeline import config as config_module
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.provenance import read_json, write_json
-from stores import DamagedStoreError, UnreadableStoreError
-from stores.paths import is_url
 
 SUFFIX = {"zarr": ".zarr", "hdf5": ".h5"}
 RECORD = "config.json"
@@ -36,6 +35,8 @@ ENTRIES = (RECORD, "split.parquet", "features", "sketches", "models", "tokenizer
 # ---------------------------------------------------------------------- paths
 def stores_root(workdir: str | Path, cfg: Config) -> Path | str:
     """`[stores] root` (a local directory as a Path, a URL as its string), or the work directory if empty."""
+    from stores.paths import is_url  # here, not at import: a refused argument never loads the store layer
+
     root = cfg.stores.root
     if not root:
         return Path(workdir)
@@ -47,6 +48,8 @@ def store_path(root: str | Path, kind: str, name: str, backend: str | None = Non
 
     A URL root holds Zarr stores only (an HDF5 store is a local file).
     """
+    from stores.paths import is_url
+
     if is_url(root):
         if backend is not None and backend != "zarr":
             raise PipelineError(f"[stores] root = {root!r} is a URL, and an HDF5 store must be a local file: "
@@ -98,7 +101,7 @@ def check_output_path(path: str | Path, workdir, cfg: Config, flag: str, allow: 
         raise PipelineError(f"{flag}: {path} is the work directory itself; write into a folder of its own")
     own = [Path(workdir) / e for e in ENTRIES if e not in allow] + [fusion_dir(workdir, cfg)]
     root = stores_root(workdir, cfg)
-    own += [Path(root) / kind for kind in ("features", "sketches")] if not is_url(root) else []
+    own += [root / kind for kind in ("features", "sketches")] if isinstance(root, Path) else []  # a URL: elsewhere
     for entry in own:
         entry = entry.expanduser().resolve()
         if target == entry or target.is_relative_to(entry):
@@ -133,28 +136,32 @@ def remember(workdir, cfg: Config, catalog: str | Path | None = None) -> None:
     write_json(Path(workdir) / RECORD, record)
 
 
-def load(workdir, configs: list | None = None, overrides: dict | None = None) -> Config:
-    """The configuration of a command on W: `--config` files when given, else W's record, else default.toml."""
+def load(workdir, configs: list | None = None, overrides: dict | None = None, sets: list | tuple = ()) -> Config:
+    """The configuration of a command on W: `--config` files when given, else W's record, else default.toml;
+    then `overrides` and the `--set` arguments."""
     record = recorded(workdir) if workdir is not None else None
     if configs or record is None:
-        return config_module.load_config(configs, overrides)
+        return config_module.load_config(configs, overrides, sets)
     source = str(Path(workdir) / RECORD)
     if not isinstance(record, dict) or not isinstance(record.get("tables"), dict):
         raise PipelineError(f"{source}: damaged work-directory record (no 'tables'); pass the configuration "
                             "with --config, or delete the file to record it again")
     # Keys added to default.toml since W was recorded take their default value.
     defaults, _ = config_module.read_tables([])
-    cfg = config_module.build(config_module.merge(defaults, record["tables"]), (source,), {})
-    _confined(cfg, workdir, source)
-    return cfg.merged(overrides, "(command line)") if overrides else cfg
+    tables, origins = config_module.with_overrides(config_module.merge(defaults, record["tables"]), {}, overrides, sets)
+    cfg = config_module.build(tables, (source,), origins, sets)
+    if cfg.stores.root and cfg.stores.root == (record["tables"].get("stores") or {}).get("root"):
+        _confined(cfg, workdir, source)  # the record's own root; one from --set is the user's
+    return cfg
 
 
 def _confined(cfg: Config, workdir, source: str) -> None:
     """A record may have come from elsewhere: it may not send outputs outside W (`[fusion] output` is a name
     inside W already); a `[stores] root` elsewhere is used when the user's own --config sets it."""
-    root = cfg.stores.root
-    where = stores_root(workdir, cfg)
-    if root and (is_url(where) or not Path(where).resolve().is_relative_to(Path(workdir).resolve())):
+    from stores.paths import is_url
+
+    root, where = cfg.stores.root, stores_root(workdir, cfg)
+    if (is_url(where) or not Path(where).resolve().is_relative_to(Path(workdir).resolve())):
         raise PipelineError(f"{source}: [stores] root = {root!r} puts stores outside the work directory, which a "
                             "recorded configuration may not do (it may come from elsewhere); pass the "
                             "configuration that sets it with --config")
@@ -171,6 +178,7 @@ def command(cfg: Config, workdir, verb: str, catalog: bool = False) -> str:
     own = str(Path(workdir) / RECORD)
     if cfg.sources and cfg.sources != (own,):
         parts += [arg for s in cfg.sources if not s.startswith("(") for arg in ("--config", s)]
+    parts += [arg for s in cfg.sets for arg in ("--set", shlex.quote(s))]
     return " ".join(parts)
 
 
@@ -178,6 +186,8 @@ def command(cfg: Config, workdir, verb: str, catalog: bool = False) -> str:
 def repair_hint(cfg: Config, workdir):
     """A damaged store met while reading ends the stage with one line naming the command that repairs it
     (the stage that wrote the store extracts its damaged blocks again, or rebuilds it when its layout is hit)."""
+    from stores import DamagedStoreError, UnreadableStoreError
+
     try:
         yield
     except (DamagedStoreError, UnreadableStoreError) as err:

@@ -1,4 +1,5 @@
-"""Catalogue ingest: both layouts, the split table, and one clear message per kind of bad input."""
+"""Catalogue ingest: product tables and the challenge layouts, the split table, and one clear message per kind of
+bad input."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,8 +7,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from pipeline.catalog import CatalogError, class_codes, load_catalog, make_split
+from pipeline.catalog import (CatalogError, class_codes, class_names, load_catalog, make_split, rakuten_to_table,
+                              read_split)
 from pipeline.config import load_config
+from pipeline.synth import synthesize
+from tests.conftest import Log
 
 CFG = load_config("configs/tiny.toml")
 
@@ -88,7 +92,7 @@ def test_bad_input_gets_one_message_naming_file_row_column(tmp_path, x_rows, y_r
 
 
 def test_missing_files_and_folders_are_named(tmp_path):
-    with pytest.raises(CatalogError, match="catalogue folder not found"):
+    with pytest.raises(CatalogError, match="catalogue not found"):
         load_catalog(tmp_path / "nope", CFG)
     tmp_path.joinpath("X_train.csv").write_text(X_HEADER)
     with pytest.raises(CatalogError, match=r"no label file matching 'Y_train\*.csv' \(layout 'rakuten'"):
@@ -152,3 +156,95 @@ def test_real_rakuten_sample_reads_when_present():
     train = cat.items.filter(pl.col("part") == "train")
     assert len(train) == 6616 and train["label"].n_unique() == 27
     assert 700 <= int(train["has_image"].sum()) <= 2026  # text and images cover different items
+
+
+# ---------------------------------------------------------------------- product tables
+TABLE = ("item_id,title,description,image,label\n"
+         "10,Livre de cuisine,Recettes,photos/a.jpg,livres\n"
+         '11,"Jeu, de cartes",,,jeux\n'
+         "12,Peluche ours,Doux,photos/missing.jpg,\n")
+
+
+def _table(d: Path, text: str = TABLE, name: str = "products.csv") -> Path:
+    (d / "photos").mkdir(parents=True, exist_ok=True)
+    (d / "photos" / "a.jpg").write_bytes(b"jpeg")
+    (d / name).write_text(text)
+    return d / name
+
+
+def test_a_product_table_reads_by_itself_with_photos_beside_it(tmp_path):
+    items = load_catalog(_table(tmp_path), CFG).items  # [catalog] layout "auto": a .csv file is a table
+    assert items["item_id"].to_list() == [10, 11, 12]
+    assert items["title"].to_list() == ["Livre de cuisine", "Jeu, de cartes", "Peluche ours"]
+    assert items["description"].to_list() == ["Recettes", "", "Doux"]
+    assert items["part"].to_list() == ["train", "train", "test"]  # no label: an item to predict
+    assert items["label_name"].to_list() == ["livres", "jeux", None] and items["label"].is_null().all()
+    assert items["image_path"][0] == str(tmp_path / "photos" / "a.jpg")  # relative to the table
+    assert items["has_image"].to_list() == [True, False, False]
+
+
+def test_parquet_json_lines_and_a_folder_of_tables_give_the_same_items(tmp_path):
+    csv = load_catalog(_table(tmp_path / "csv"), CFG).items
+    frame = pl.read_csv(tmp_path / "csv" / "products.csv", infer_schema=False)
+    _table(tmp_path / "pq", "")
+    frame.write_parquet(tmp_path / "pq" / "products.csv".replace(".csv", ".parquet"))
+    (tmp_path / "pq" / "products.csv").unlink()
+    _table(tmp_path / "js", "")
+    frame.with_columns(pl.col("item_id").cast(pl.Int64)).write_ndjson(tmp_path / "js" / "products.jsonl")
+    (tmp_path / "js" / "products.csv").unlink()
+    for d in ("pq", "js"):
+        got = load_catalog(tmp_path / d, CFG).items
+        assert got.drop("image_path").equals(csv.drop("image_path")), d
+    folder = tmp_path / "two"
+    _table(folder, TABLE.split("12,")[0], "a.csv")
+    (folder / "b.csv").write_text("item_id,title\n12,Peluche ours\n")
+    both = load_catalog(folder, CFG).items
+    assert both["item_id"].to_list() == [10, 11, 12] and both["part"].to_list() == ["train", "train", "test"]
+
+
+def test_ids_and_codes_saved_as_floats_read_as_integers(tmp_path):
+    """pandas writes an integer column with a missing value as floats: 12.0 is item 12, 1280.0 the code 1280."""
+    pl.DataFrame({"item_id": [12.0, 13.0], "title": ["a", "b"], "label": [1280.0, None]}).write_parquet(tmp_path / "t.parquet")
+    items = load_catalog(tmp_path / "t.parquet", CFG).items
+    assert items["item_id"].to_list() == [12, 13] and items["label"].to_list() == [1280, None]
+    assert items["part"].to_list() == ["train", "test"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("id,title\n1,a\n", r"products.csv, header row: missing column 'item_id' \(for the item's id\)"),
+    ("item_id,title,label\n1,a,x\nSKU-2,b,y\n", r"products.csv, row 2, column 'item_id': item id 'SKU-2' is not"),
+    ("item_id,title,label\n1,a,x\n1,b,y\n", r"row 2, column 'item_id': duplicate item id 1 \(first at row 1\)"),
+    ("item_id,title,label\n1,a,\n2,b,\n", r"products.csv: no row has a label \(column 'label'\)"),
+])
+def test_a_bad_table_gets_one_message_naming_file_row_column(tmp_path, text, message):
+    with pytest.raises(CatalogError, match=message):
+        load_catalog(_table(tmp_path, text), CFG)
+
+
+def test_class_names_keep_their_codes_and_removed_items_leave_the_split(tmp_path):
+    rows = [f"{i},t{i},,,{('b', 'a', 'c')[i % 3]}" for i in range(30)]
+    path = _table(tmp_path / "t", "item_id,title,description,image,label\n" + "\n".join(rows) + "\n")
+    split = make_split(load_catalog(path, CFG), CFG, tmp_path / "w")
+    assert class_names(split) == {0: "a", 1: "b", 2: "c"} and class_codes(split) == [0, 1, 2]
+    # a new class, and six items gone: codes kept, the new name numbered next, the gone items out, one line said
+    kept = [r for i, r in enumerate(rows) if i >= 6] + ["99,t99,,,aa"]
+    path.write_text("item_id,title,description,image,label\n" + "\n".join(kept) + "\n")
+    log = Log()
+    again = make_split(load_catalog(path, CFG), CFG, tmp_path / "w", log)
+    assert class_names(again) == {0: "a", 1: "b", 2: "c", 3: "aa"}
+    assert sorted(again["item_id"].to_list()) == list(range(6, 30)) + [99]
+    assert again.filter(pl.col("item_id") < 30).equals(split.filter(pl.col("item_id") >= 6))
+    assert "6 item(s) no longer in the catalogue left the split" in log.text()
+    assert read_split(tmp_path / "w").equals(again)
+
+
+def test_a_rakuten_folder_rewritten_as_a_table_reads_the_same_items(tmp_path):
+    synthesize(tmp_path / "r", items=60, seed=1)
+    before = load_catalog(tmp_path / "r", CFG).items
+    rakuten_to_table(tmp_path / "r")
+    assert not (tmp_path / "r" / "X_train.csv").exists()
+    after = load_catalog(tmp_path / "r", CFG).items  # auto: now a table
+    same = ["item_id", "title", "description", "has_image", "part", "label"]
+    assert after.select(same).equals(before.select(same))
+    assert [Path(p).resolve() for p in after.filter("has_image")["image_path"]] == \
+        [Path(p).resolve() for p in before.filter("has_image")["image_path"]]

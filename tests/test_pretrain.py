@@ -398,3 +398,17 @@ def test_missing_inputs_name_the_command_that_builds_them(tmp_path):
                           cwd=PROJECT_ROOT, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 1 and "pipeline extract image" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_stream_groups_smaller_than_a_batch_carry_over_without_an_empty_batch(tmp_path):
+    """A buffer group holding fewer of the reader's rows than one batch (sparse ids, a large batch, as a
+    validation set of 100,000 items meets) is carried into the next group; no batch is ever empty."""
+    split = token_store(tmp_path, n=400, empty_fraction=0.1, suffix=".zarr")
+    store = FeatureStore(tmp_path / "features" / "title_cam.zarr")
+    ids = split["item_id"].to_numpy()[::9]
+    for shuffle, window in ((False, 0), (True, 0), (True, 4)):
+        reader = TrainReader(store, "tokens", "tokens", ids, np.zeros(len(ids), np.int64), batch_size=64,
+                             mode="stream", buffer_blocks=1, shuffle=shuffle, sort_window=window)
+        batches = [b.ids.tolist() for b in reader.epoch(0)]
+        assert len(batches) == len(reader) and all(batches), [len(b) for b in batches]
+        assert sorted(i for b in batches for i in b) == sorted(ids.tolist())

@@ -13,10 +13,12 @@ from pipeline import modalities, workdir as wd
 from pipeline.catalog import Catalog, load_catalog, make_split, split_items
 from pipeline.config import Config
 from pipeline.distributed import pick_device
+from pipeline.errors import PipelineError
 from pipeline.extract.driver import Summary, check_writers, parse_shard, run_extraction
 from pipeline.modalities import ExtractContext
-from pipeline.upstream import check_planned_model
+from pipeline.upstream import check_models, check_planned_model
 from stores import SCHEMA_VERSION, FeatureStore, StoreError
+from stores.locks import writer_of
 
 
 def extract(modality: str, catalog_dir: str | Path, workdir: str | Path, cfg: Config, *,
@@ -30,11 +32,16 @@ def extract(modality: str, catalog_dir: str | Path, workdir: str | Path, cfg: Co
     names = cfg.modality_names if modality == "all" else [modalities.get(modality).name]
     shard_kn = parse_shard(shard)
     for name in names:  # an unknown backend, an HDF5 store for several workers, a sharded rebuild
-        check_writers(_store_for(Path(workdir), cfg, name, backend), shard_kn, rebuild)
+        path = _store_for(Path(workdir), cfg, name, backend)
+        check_writers(path, shard_kn, rebuild)
+        if (who := writer_of(path)) is not None:  # a second HDF5 writer: refused before any model loads
+            raise PipelineError(f"{path}: {who} is writing this HDF5 store, and an HDF5 store takes one writer at "
+                                "a time: wait for it to end")
+    check_models(cfg, names, catalog_dir, workdir, f"extract {modality}")  # found (or fetched) before W is touched
     catalog = load_catalog(catalog_dir, cfg)
     log(catalog.summary())
     wd.remember(workdir, cfg, catalog_dir)
-    split = make_split(catalog, cfg, workdir)
+    split = make_split(catalog, cfg, workdir, log)
     return extract_items(names, catalog, split, Path(workdir), cfg, backend=backend, shard=shard_kn,
                          rebuild=rebuild, repair=repair, progress=progress, log=log)
 

@@ -1,0 +1,54 @@
+"""The command line itself: readable help, --set on every command, a refusal that costs no heavy import."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, cli
+from tests.reliability.conftest import one_error_line, run_main
+
+COMMANDS = [["train"], ["extract"], ["models"], ["pretrain"], ["sketch"], ["fuse"], ["predict"], ["evaluate"],
+            ["bundle"], ["export"], ["inspect"], ["demo"], ["data", "synth"], []]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "pipeline")
+def test_help_names_values_not_python_types(command):
+    code, _ = run_main(*command, "--help")
+    out = subprocess.run([sys.executable, str(ROOT / "cli.py"), *command, "--help"], capture_output=True, text=True,
+                         cwd=ROOT, env={"COLUMNS": "100", "PATH": ""}).stdout
+    assert code == 0 and out.startswith("Usage:"), out
+    for unreadable in ("<bool>", "<list", "<Path", "<int>", "9223372036854775807", "\\["):
+        assert unreadable not in out, (unreadable, out)
+    if command:
+        assert "--set SECTION.KEY=VALUE" in out
+
+
+def test_set_is_taken_by_every_command_and_refused_like_a_config_file(tmp_path):
+    c, w = ["--catalog", tmp_path], ["--workdir", tmp_path / "w"]
+    arguments = {"train": c + w, "extract": ["title_bpe"] + c + w, "models": c + w, "pretrain": ["all"] + w,
+                 "sketch": w, "fuse": w, "predict": c + w + ["--out", tmp_path / "o.csv"], "evaluate": c + w,
+                 "bundle": w + ["--out", tmp_path / "b"], "export": w, "inspect": [tmp_path / "x.zarr"], "demo": w, "data synth": [tmp_path / "w"]}
+    for command in COMMANDS[:-1]:
+        code, err = run_main(*command, *arguments[" ".join(command)], "--set", "pretrain.epohcs=3")
+        line = one_error_line(code, err)
+        assert line == "error: --set pretrain.epohcs=3: [pretrain] epohcs: unknown key (did you mean 'epochs'?)", \
+            (command, line)
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_refused_config_imports_no_torch(tmp_path):
+    """Arguments and configs are checked before any stage module (torch, transformers, timm) is imported."""
+    probe = ("import sys, cli\nsys.argv = ['pipeline', 'train', '--catalog', 'c', '--workdir', 'w', '--set', "
+             "'pretrain.epohcs=3']\ntry:\n    cli.main()\nexcept SystemExit as e:\n    assert e.code == 1\n"
+             "print(sorted(m for m in ('torch', 'transformers', 'timm', 'zarr', 'h5py') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path,
+                          env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+    assert "epohcs: unknown key" in done.stderr
+
+
+def test_version_is_one_line():
+    done = cli("--version")
+    assert done.returncode == 0 and done.stdout.startswith("emde-pipeline ")
