@@ -147,19 +147,25 @@ class _Plan:
                                   f"mix versions: rebuild with `{rebuild_hint}`")
         return ~known
 
+    def lengths(self, items: pl.DataFrame, rows: int) -> dict[str, np.ndarray]:
+        """The extractor's token lengths of `items`, a block of `rows` at a time: tokenising a whole catalogue at
+        once would hold every item's token lists in memory (peak memory growing with the catalogue)."""
+        parts = [self.extractor.lengths(items.slice(start, rows)) for start in range(0, max(len(items), 1), rows)]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
     def open(self, path, block_rows: int, rebuild_hint: str) -> FeatureStore:
         """The store with a row for every item (created, or new items appended), under the store lock so
         that shard workers starting together agree on one layout."""
         with store_lock(path):
             if not FeatureStore.exists(path):
                 return FeatureStore.create(path, self.extractor.name, self.extractor.arrays, self.stamp.inputs,
-                                           self.ids, self.fp, self.extractor.lengths(self.items),
+                                           self.ids, self.fp, self.lengths(self.items, block_rows),
                                            block_rows=block_rows)
             store = FeatureStore(path, "a")
             new = self.check(store, rebuild_hint)
             if new.any():
                 added = self.items.filter(pl.Series(new))
-                store.add_items(self.ids[new], self.fp[new], self.extractor.lengths(added))
+                store.add_items(self.ids[new], self.fp[new], self.lengths(added, block_rows))
             return store
 
 
