@@ -14,10 +14,8 @@ from pipeline.synth import synthesize
 from stores import FeatureStore
 from tests.reliability.conftest import run_main
 
-PAPER = "default.toml"  # the paper's setup: "paper.toml" once configs/paper.toml exists
+PAPER = "paper.toml"  # the paper's setup: CamemBERT-base (read without a prefix), efficientnet_b2 at 260 px
 SMALL = """
-[image]
-model = "efficientnet_b2"
 [split]
 valid_items = 4000
 reference_train_items = 20000
@@ -111,7 +109,7 @@ def test_the_hub_layout_is_what_the_test_builds(paper_run):
 @pytest.mark.slow
 def test_the_stores_hold_the_paper_models_features(paper_run):
     """768-wide token states equal to the hub model's own encoder output (its `roberta.` weights were loaded, not
-    left random), and efficientnet_b2's 1408 x 8 x 8 maps (at timm's 256 px)."""
+    left random), and efficientnet_b2's 1408 x 9 x 9 maps (at the paper's 260 px)."""
     from transformers import AutoTokenizer, CamembertForMaskedLM
 
     _, w, text_model = paper_run
@@ -120,7 +118,7 @@ def test_the_stores_hold_the_paper_models_features(paper_run):
         item = int(store.ids[0])
         stored = store.read("tokens", np.array([item])).values.astype(np.float32)
     with FeatureStore(w / "features" / "image.zarr") as store:
-        assert store.specs["maps"].shape == (1408, 8, 8)  # timm's efficientnet_b2 reads 256 px
+        assert store.specs["maps"].shape == (1408, 9, 9)
     x = pl.read_csv(w.parent / "catalog" / "X_train.csv")
     text = x.filter(pl.col("") == item)["designation"][0]
     tokenizer = AutoTokenizer.from_pretrained(str(text_model))
