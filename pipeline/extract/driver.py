@@ -298,11 +298,12 @@ def _write_blocks(extractor: Extractor, items: pl.DataFrame, store: FeatureStore
     counts = store.block_counts()
     todo = int(counts[pending].sum())
     skipped = int(counts[shard[0] :: shard[1]].sum()) - todo
-    by_id = items.with_row_index("_row").select("item_id", "_row")
+    ids = items["item_id"].to_numpy()
+    by_id = np.argsort(ids, kind="stable")  # a block's rows found by binary search: no pass over every item
 
     def prepare(block: int):
-        rows = by_id.join(pl.DataFrame({"item_id": store.block_ids(block)}), on="item_id", how="right")
-        return extractor.prepare(items[rows["_row"].to_numpy()])
+        rows = by_id[np.searchsorted(ids, store.block_ids(block), sorter=by_id)]
+        return extractor.prepare(items[rows])
 
     computed = missing = 0
     with Progress(extractor.name, todo, enabled=progress) as bar, \
