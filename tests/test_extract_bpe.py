@@ -16,9 +16,11 @@ from pipeline.catalog import load_catalog
 from pipeline.config import load_config
 from pipeline.extract import extract
 from pipeline.errors import StaleStoreError
+from pipeline.fill import fill_store
 from pipeline.synth import synthesize
 from stores import FeatureStore
 from tests.conftest import quiet
+from tests.test_stores_url import Chars, toy_items
 
 CFG = load_config("configs/tiny.toml")
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,6 +81,25 @@ def test_rerun_does_nothing_and_new_items_only_are_added(tmp_path, catalog_dir):
     assert grown.computed == 2 and grown.items == 802
     with FeatureStore(grown.store) as store:
         assert 5001 in store and store.verify()["ok"]
+
+
+def test_planning_asks_token_lengths_a_block_at_a_time(tmp_path):
+    """Laying out a store (and appending new items) tokenises one block of items at a time: the whole
+    catalogue's token lists at once made extraction's peak memory grow with the catalogue."""
+    asked = []
+
+    class Counting(Chars):
+        def lengths(self, items):
+            asked.append(len(items))
+            return super().lengths(items)
+
+    items = toy_items(300)
+    fill_store(Counting(), items.head(200), tmp_path / "s.zarr", block_rows=32, stores=CFG.stores, progress=False)
+    fill_store(Counting(), items, tmp_path / "s.zarr", block_rows=32, stores=CFG.stores, progress=False)
+    assert max(asked) <= 32 and sum(asked) == 300
+    with FeatureStore(tmp_path / "s.zarr") as store:
+        got = store.read("tokens", items["item_id"].to_numpy())
+        assert [bytes(got[k].astype(np.uint8)).decode() for k in range(len(items))] == items["title"].to_list()
 
 
 def test_changed_input_or_config_is_refused_with_the_rebuild_command(tmp_path, catalog_dir):

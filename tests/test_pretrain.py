@@ -414,8 +414,9 @@ def test_stream_groups_smaller_than_a_batch_carry_over_without_an_empty_batch(tm
     store = FeatureStore(tmp_path / "features" / "title_cam.zarr")
     ids = split["item_id"].to_numpy()[::9]
     for shuffle, window in ((False, 0), (True, 0), (True, 4)):
-        reader = TrainReader(store, "tokens", "tokens", ids, np.zeros(len(ids), np.int64), batch_size=64,
-                             mode="stream", buffer_blocks=1, shuffle=shuffle, sort_window=window)
+        reader = TrainReader(store, "tokens", "tokens", ids, np.zeros(len(ids), np.int64),
+                             reader_settings(mode="stream", buffer_blocks=1, length_sort_window=window),
+                             batch_size=64, shuffle=shuffle)
         batches = [b.ids.tolist() for b in reader.epoch(0)]
         assert len(batches) == len(reader) and all(batches), [len(b) for b in batches]
         assert sorted(i for b in batches for i in b) == sorted(ids.tolist())
