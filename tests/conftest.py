@@ -1,5 +1,7 @@
 """Shared test setup: no model hub, ever (every miss would wait on retries)."""
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -38,14 +40,52 @@ class Log(list):
         return "\n".join(self)
 
 
-def cli(*args, timeout: float | None = None):
-    """`pipeline ARGS...` in a subprocess from the project root: a CompletedProcess with text output."""
-    import subprocess
-    import sys
+def cli(*args) -> subprocess.CompletedProcess:
+    """`pipeline ARGS...` in this process through `cli.main`, as a CompletedProcess (exit status, stdout,
+    stderr): a subprocess would spend seconds importing torch again. Under one torch thread, as `process` runs.
+    An exception escaping `cli.main` is what a user would see as a traceback: the test fails with it."""
+    import contextlib
+    import io
+    import traceback
 
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=timeout)
+    import torch
+
+    import cli as entry
+
+    out, err = io.StringIO(), io.StringIO()
+    argv, sys.argv = sys.argv, ["pipeline", *map(str, args)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            entry.main()
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else 1
+    except BaseException:  # noqa: BLE001
+        pytest.fail(f"pipeline {' '.join(map(repr, sys.argv[1:]))} raised:\n{traceback.format_exc()}")
+    finally:
+        sys.argv = argv
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(["pipeline", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+def process(*args, cwd=ROOT, env: dict | None = None, stdin=None) -> subprocess.Popen:
+    """`pipeline ARGS...` as a process of its own, for tests of what crosses a process boundary (a kill, Ctrl-C,
+    the imports a command costs, environment variables): text stdout and stderr piped, one torch thread.
+    `proc.communicate(timeout=...)` waits for it; everything else goes through `cli`."""
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"} | (env or {})
+    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *map(str, args)], cwd=cwd, env=env, stdin=stdin,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def one_error_line(done) -> str:
+    """The `error: ...` line of a refused command (status 1, that line last, no traceback)."""
+    lines = done.stderr.rstrip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert done.returncode == 1 and len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in done.stderr, \
+        (done.returncode, done.stderr)
+    return errors[0]
 
 
 # ---------------------------------------------------------------------- one small trained work directory
@@ -76,9 +116,10 @@ epochs = 8
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory):
     """A small work directory trained once per session with configs/tiny.toml and shorter training: all four
-    modalities, the default Figure-2 fusion (a head shared by desc_cam, image and title_bpe). W/catalog holds
-    its synthetic catalogue (1,000 items, photos included), W/config.json its configuration. Read it, never change
-    it: a test that changes a work directory copies this one first."""
+    modalities, the default Figure-2 fusion (a head shared by desc_cam, image and title_bpe), trained by `demo`.
+    W/catalog holds its synthetic catalogue (1,000 items, photos included), W/config.json its configuration, and
+    W/../trained.toml is the config file it was trained with. Read it, never change it: a test that changes a work
+    directory copies this one first."""
     import importlib.util
 
     import torch

@@ -6,19 +6,18 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, cli
-from tests.reliability.conftest import one_error_line, run_main
+from tests.conftest import ROOT, cli, one_error_line
 
 COMMANDS = [["train"], ["extract"], ["models"], ["pretrain"], ["sketch"], ["fuse"], ["predict"], ["evaluate"],
             ["bundle"], ["export"], ["inspect"], ["demo"], ["data", "synth"], []]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "pipeline")
-def test_help_names_values_not_python_types(command):
-    code, _ = run_main(*command, "--help")
-    out = subprocess.run([sys.executable, str(ROOT / "cli.py"), *command, "--help"], capture_output=True, text=True,
-                         cwd=ROOT, env={"COLUMNS": "100", "PATH": ""}).stdout
-    assert code == 0 and out.startswith("Usage:"), out
+def test_help_names_values_not_python_types(command, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    done = cli(*command, "--help")
+    out = done.stdout
+    assert done.returncode == 0 and out.startswith("Usage:"), out
     for unreadable in ("<bool>", "<list", "<Path", "<int>", "9223372036854775807", "\\["):
         assert unreadable not in out, (unreadable, out)
     if command:
@@ -31,8 +30,8 @@ def test_set_is_taken_by_every_command_and_refused_like_a_config_file(tmp_path):
                  "sketch": w, "fuse": w, "predict": c + w + ["--out", tmp_path / "o.csv"], "evaluate": c + w,
                  "bundle": w + ["--out", tmp_path / "b"], "export": w, "inspect": [tmp_path / "x.zarr"], "demo": w, "data synth": [tmp_path / "w"]}
     for command in COMMANDS[:-1]:
-        code, err = run_main(*command, *arguments[" ".join(command)], "--set", "pretrain.epohcs=3")
-        line = one_error_line(code, err)
+        done = cli(*command, *arguments[" ".join(command)], "--set", "pretrain.epohcs=3")
+        line = one_error_line(done)
         assert line == "error: --set pretrain.epohcs=3: [pretrain] epohcs: unknown key (did you mean 'epochs'?)", \
             (command, line)
     assert not (tmp_path / "w").exists()

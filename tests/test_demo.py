@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from pipeline.errors import PipelineError
 from pipeline.fuse import fuse
 from pipeline.train_reader import inference_batches
 from stores import FeatureStore
+from tests.conftest import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 MODALITIES = ("title_cam", "desc_cam", "title_bpe", "image")  # the paper's four, all in the demo
@@ -27,10 +26,6 @@ try:
     PACKAGED_WEIGHTS = True
 except ImportError:  # a machine with the base packages only (a lent GPU): the same demo on a random backbone
     PACKAGED_WEIGHTS = False
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from pipeline.checkpoint import load_model
 from pipeline.pretrain import pretrain
 from pipeline.train_reader import TrainReader
 from stores import ArraySpec, FeatureStore, fingerprint
-from tests.conftest import Log
+from tests.conftest import Log, cli
 
 CODES = [10, 40, 50, 60, 1140, 1160]  # a few real product type codes
 # Small networks for the directly-built stores: each run takes a second or two.
@@ -394,7 +394,6 @@ def test_missing_inputs_name_the_command_that_builds_them(tmp_path):
         pretrain("title_cam", tmp_path / "w", demo_cfg(), coder="magic", progress=False, log=Log())
     with pytest.raises(PipelineError, match="unknown modality"):
         pretrain("sound", tmp_path / "w", demo_cfg(), progress=False, log=Log())
-    proc = subprocess.run([sys.executable, "-m", "cli", "pretrain", "image", "--workdir", str(tmp_path / "w")],
-                          cwd=PROJECT_ROOT, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    proc = cli("pretrain", "image", "--workdir", tmp_path / "w")
     assert proc.returncode == 1 and "pipeline extract image" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

@@ -1,4 +1,4 @@
-"""Shared setup of the reliability suite: one tiny trained work directory and a `pipeline` CLI runner.
+"""Shared setup of the reliability suite: one tiny trained work directory.
 
 `tiny` is built once per session, in-process, with the demo config and small overrides (blocks of 16
 items, a small title_bpe network, a fusion head over title_bpe alone): a synthetic catalogue of 300
@@ -8,10 +8,7 @@ change a copy of it.
 """
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,52 +53,6 @@ def write_config(directory: Path, extra: str = "") -> Path:
     path = Path(directory) / "reliability.toml"
     path.write_text(f'base = "{DEMO}"\n{OVERRIDES}\n{extra}')
     return path
-
-
-def cli(*args: str) -> subprocess.Popen:
-    """`pipeline ARGS...` as a subprocess (stderr captured: the pipeline logs there)."""
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *map(str, args)], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    proc = cli(*args)
-    out, err = proc.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def run_main(*args: str) -> tuple[int, str]:
-    """`pipeline ARGS...` in this process (seconds faster than a subprocess): (exit status, stderr).
-
-    An exception escaping `cli.main` is what a user would see as a traceback: the test fails with it."""
-    import contextlib
-    import io
-    import traceback
-
-    import cli
-
-    err, out = io.StringIO(), io.StringIO()
-    argv, sys.argv = sys.argv, ["pipeline", *map(str, args)]
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-            cli.main()
-        code = 0
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else 1
-    except BaseException:  # noqa: BLE001
-        pytest.fail(f"pipeline {' '.join(map(repr, args))} raised:\n{traceback.format_exc()}")
-    finally:
-        sys.argv = argv
-    return code, err.getvalue()
-
-
-def one_error_line(code: int, stderr: str) -> str:
-    """The `error: ...` line of a refused command (status 1, that line last, no traceback)."""
-    lines = stderr.rstrip().splitlines()
-    errors = [line for line in lines if line.startswith("error:")]
-    assert code == 1 and len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in stderr, (code, stderr)
-    return errors[0]
 
 
 TRAINED = ("features", "models", "sketches", "fusion", "split.parquet", "config.json", "tokenizers", "upstream")

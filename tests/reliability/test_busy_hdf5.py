@@ -6,7 +6,9 @@ import sys
 
 import pipeline.extract
 
-from .conftest import ROOT, Tiny, one_error_line, run_main
+from tests.conftest import cli, one_error_line
+
+from .conftest import ROOT, Tiny
 
 HOLD = "import sys, time\nfrom stores.locks import sole_writer\nwith sole_writer(sys.argv[1]):\n" \
        "    print('held', flush=True)\n    time.sleep(120)\n"
@@ -23,11 +25,11 @@ def test_a_second_hdf5_writer_is_refused_before_any_model_loads(tmp_path, tiny: 
             raise AssertionError("the extractors (and their models) were made before the refusal")
 
         monkeypatch.setattr(pipeline.extract, "extract_items", models_loaded)
-        code, err = run_main("extract", "title_cam", "--catalog", tiny.catalog, "--workdir", tmp_path / "w",
-                             "--backend", "hdf5", "--config", tiny.config)
-        assert one_error_line(code, err) == (f"error: {store}: process {holder.pid} on "
-                                             f"{__import__('socket').gethostname()} is writing this HDF5 store, and "
-                                             "an HDF5 store takes one writer at a time: wait for it to end")
+        done = cli("extract", "title_cam", "--catalog", tiny.catalog, "--workdir", tmp_path / "w",
+                   "--backend", "hdf5", "--config", tiny.config)
+        assert one_error_line(done) == (f"error: {store}: process {holder.pid} on "
+                                        f"{__import__('socket').gethostname()} is writing this HDF5 store, and "
+                                        "an HDF5 store takes one writer at a time: wait for it to end")
         assert not (tmp_path / "w" / "split.parquet").exists()
     finally:
         holder.kill()

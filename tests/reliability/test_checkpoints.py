@@ -5,7 +5,9 @@ from pathlib import Path
 
 import torch
 
-from .conftest import Tiny, copy_workdir, run_cli
+from tests.conftest import cli
+
+from .conftest import Tiny, copy_workdir
 
 
 class RunsCode:
@@ -25,7 +27,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path
     path = w / "models" / "title_bpe" / "model.pt"
     ckpt = torch.load(path, weights_only=True)
     torch.save(ckpt | {"note": RunsCode(marker)}, path)
-    done = run_cli("sketch", "title_bpe", "--workdir", w)
+    done = cli("sketch", "title_bpe", "--workdir", w)
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert f"{path}: refused: it holds Python objects" in done.stderr
     assert not marker.exists()

@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 
 from pipeline.synth import synthesize
 
-from .conftest import DEMO, ROOT, TRAINED, copy_workdir, one_error_line, run_main, snapshot
+from tests.conftest import cli, one_error_line
+
+from .conftest import DEMO, ROOT, TRAINED, copy_workdir, snapshot
 
 FUZZ = settings(deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 MODALITIES = ["title_bpe", "title_cam", "all", "image", "nope", "", "TITLE_BPE", "../title_bpe"]
@@ -40,10 +42,10 @@ def catalogue(tmp_path_factory) -> Path:
 
 def answered(argv: list[str]) -> None:
     """`pipeline ARGV...` ends with status 0, or 1 and one `error:` line (an escaping exception fails)."""
-    code, stderr = run_main(*argv)
-    assert "Traceback" not in stderr and code in (0, 1), (argv, code, stderr[-3000:])
-    if code == 1:
-        one_error_line(code, stderr)
+    done = cli(*argv)
+    assert "Traceback" not in done.stderr and done.returncode in (0, 1), (argv, done.returncode, done.stderr[-3000:])
+    if done.returncode == 1:
+        one_error_line(done)
 
 
 def arguments(catalog: str, workdir: str, config: str):

