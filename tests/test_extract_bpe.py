@@ -122,5 +122,5 @@ def test_cli_contract_inspect_json_and_errors(tmp_path, catalog_dir):
     assert sharded.returncode == 1 and "use --backend zarr for --shard" in sharded.stderr
     missing = cli("extract", "title_bpe", "--catalog", str(tmp_path / "none"), "--workdir", str(w))
     assert missing.returncode == 1
-    assert missing.stderr.strip().startswith("error: catalogue folder not found")
+    assert missing.stderr.strip().startswith("error: catalogue not found: ")
     assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1

@@ -153,7 +153,7 @@ def test_load_text_model_missing_names_path_and_flag(tmp_path, kind):
     msg = str(err.value)
     assert isinstance(err.value, PipelineError)
     assert "\n" not in msg
-    assert "--text-model" in msg and "[text_model].path" in msg
+    assert "--text-model" in msg and "[text_model] path" in msg
     if path is not None:
         assert str(path) in msg
 
@@ -164,7 +164,7 @@ def test_load_image_backbone_missing_names_path_and_flag(tmp_path):
     with pytest.raises(ModelNotFoundError) as err:
         load_image_backbone("tf_efficientnet_lite0", missing)
     assert str(missing) in str(err.value) and "--image-weights" in str(err.value)
-    assert "[image].weights" in str(err.value)
+    assert "[image] weights" in str(err.value)
     with pytest.raises(ModelNotFoundError, match="--image-weights"):
         load_image_backbone("tf_efficientnet_lite0", None)
     model = load_image_backbone("tf_efficientnet_lite0", None, random_ok=True)
