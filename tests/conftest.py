@@ -2,6 +2,8 @@
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -23,7 +25,7 @@ def one_torch_thread():
 
 
 # ---------------------------------------------------------------------- helpers shared by the test files
-ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def quiet(*_a, **_k) -> None:
@@ -86,6 +88,79 @@ def one_error_line(done) -> str:
     assert done.returncode == 1 and len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in done.stderr, \
         (done.returncode, done.stderr)
     return errors[0]
+
+
+# ---------------------------------------------------------------------- the smallest trained work directory
+DEMO = ROOT / "configs" / "tiny.toml"
+ITEMS = 300
+OVERRIDES = """
+[stores]
+block_items = 16
+
+[title_bpe]
+block_items = 16
+
+[pretrain.title_bpe]
+epochs = 10
+embed_dim = 32
+channels = 32
+
+[sketch]
+block_items = 16
+batch_size = 64
+
+[fusion]
+heads = [{ name = "bpe", inputs = ["title_bpe"] }]
+epochs = 3
+"""
+
+
+def write_config(directory, extra: str = "") -> Path:
+    """A TOML config over the demo one (`base` by absolute path), with this suite's small overrides."""
+    path = Path(directory) / "reliability.toml"
+    path.write_text(f'base = "{DEMO}"\n{OVERRIDES}\n{extra}')
+    return path
+
+
+@dataclass(frozen=True)
+class Tiny:
+    catalog: Path
+    workdir: Path  # the uninterrupted reference: never changed by a test
+    config: Path
+    cfg: dict
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Tiny:
+    """The smallest trained work directory, built in seconds once per session: 300 synthetic items, title_bpe and
+    title_cam features, a small title_bpe model, its sketches and a fusion head over title_bpe alone (blocks of 16
+    items). The fast tier's trained W, and the uninterrupted reference killed runs are compared with: read it,
+    never change it (copy it first)."""
+    import torch
+
+    from pipeline.config import load_config
+    from pipeline.extract import extract
+    from pipeline.fuse import fuse
+    from pipeline.pretrain import pretrain
+    from pipeline.sketch import sketch
+    from pipeline.synth import synthesize
+
+    root = tmp_path_factory.mktemp("tiny")
+    synthesize(root / "catalog", items=ITEMS, seed=21)
+    config = write_config(root)
+    cfg = load_config(config)
+    w = root / "work"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the CLI runs under OMP_NUM_THREADS=1: the same floats to the last bit
+    try:
+        extract("title_bpe", root / "catalog", w, cfg, progress=False, log=quiet)
+        extract("title_cam", root / "catalog", w, cfg, progress=False, log=quiet)
+        pretrain("title_bpe", w, cfg, progress=False, log=quiet)
+        sketch("title_bpe", w, cfg, progress=False, log=quiet)
+        fuse(w, cfg, progress=False, log=quiet)
+    finally:
+        torch.set_num_threads(threads)
+    return Tiny(root / "catalog", w, config, cfg)
 
 
 # ---------------------------------------------------------------------- one small trained work directory
