@@ -81,6 +81,12 @@ def process(*args, cwd=ROOT, env: dict | None = None, stdin=None) -> subprocess.
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` (links as their target's path), to compare before and after a command."""
+    return {str(p.relative_to(directory)): (str(p.readlink()).encode() if p.is_symlink() else p.read_bytes())
+            for p in sorted(directory.rglob("*")) if p.is_file() or p.is_symlink()}
+
+
 def one_error_line(done) -> str:
     """The `error: ...` line of a refused command (status 1, that line last, no traceback)."""
     lines = done.stderr.rstrip().splitlines()

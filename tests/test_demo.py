@@ -18,7 +18,7 @@ from pipeline.errors import PipelineError
 from pipeline.fuse import fuse
 from pipeline.train_reader import inference_batches
 from stores import FeatureStore
-from tests.conftest import cli
+from tests.conftest import cli, snapshot
 
 MODALITIES = ("title_cam", "desc_cam", "title_bpe", "image")  # the paper's four, all in the demo
 pytestmark = pytest.mark.slow  # the session's trained work directory
@@ -74,10 +74,6 @@ def test_a_second_demo_recomputes_nothing(demo_dir, demo_config, tmp_path):
     assert run.returncode == 0 and "validation macro-F1" in run.stderr and "demo finished" in run.stderr, \
         run.stderr[-2000:]
     assert run.stderr.count("nothing to do") >= 4 + 4 + 4 + 1  # extract, pretrain, sketch (per modality), fuse
-
-
-def snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def test_predictor_agrees_with_fuse_and_explains_its_decisions(demo_dir, demo_config):

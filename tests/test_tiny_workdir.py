@@ -2,6 +2,8 @@
 tier's check of each. The four-modality work directory's tests (test_predictor, test_bundle, test_serve) go further."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import polars as pl
 import pytest
@@ -9,7 +11,7 @@ import pytest
 from pipeline import Predictor
 from pipeline.bundle import write_bundle
 from pipeline.catalog import load_catalog
-from tests.conftest import Tiny, quiet, serving
+from tests.conftest import Tiny, cli, quiet, serving, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -50,3 +52,19 @@ def test_a_served_prediction_is_the_predictors(tiny: Tiny, validation):
         assert [a["item_id"] for a in answer.json()["items"]] == rows["item_id"].head(16).to_list()
         assert [a["code"] for a in answer.json()["items"]] == predicted[:16]
         assert httpx.get(f"{url}/readyz").json()["status"] == "ready"
+
+
+def test_evaluate_scores_the_labelled_items_as_the_predictor_classifies_them_and_leaves_w_alone(tiny: Tiny,
+                                                                                               validation, tmp_path):
+    rows, predicted = validation
+    before = snapshot(tiny.workdir)
+    done = cli("evaluate", "--catalog", tiny.catalog, "--workdir", tiny.workdir, "--out", tmp_path / "report")
+    assert done.returncode == 0, done.stderr
+    assert snapshot(tiny.workdir) == before
+    labelled = load_catalog(tiny.catalog, tiny.cfg).items.filter(pl.col("label").is_not_null())
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["items"] == len(labelled) and 0 < metrics["macro_f1"] <= 1
+    table = pl.read_parquet(tmp_path / "report" / "predictions.parquet")
+    assert set(table.columns) == {"item_id", "label", "predicted_fused", "predicted_title_bpe"}
+    fused = dict(zip(table["item_id"].to_list(), table["predicted_fused"].to_list()))
+    assert [fused[i] for i in rows["item_id"].to_list()] == predicted  # the validation items: as fuse predicted

@@ -1,4 +1,4 @@
-"""Shared setup of the reliability suite: copies and snapshots of work directories.
+"""Shared setup of the reliability suite: the shared helpers its tests import, and partial copies of work directories.
 
 `tiny` (tests/conftest.py) is the uninterrupted reference the killed runs are compared with; tests that change
 a work directory change a copy of it."""
@@ -7,16 +7,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from tests.conftest import DEMO, ITEMS, Log, Tiny, quiet, write_config  # noqa: F401  (re-exported to the tests here)
+from tests.conftest import DEMO, ITEMS, Log, Tiny, quiet, snapshot, write_config  # noqa: F401  (re-exported here)
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAINED = ("features", "models", "sketches", "fusion", "split.parquet", "config.json", "tokenizers", "upstream")
-
-
-def snapshot(directory: Path) -> dict[str, bytes]:
-    """Every file under `directory` (links as their target's path), to compare before and after a command."""
-    return {str(p.relative_to(directory)): (str(p.readlink()).encode() if p.is_symlink() else p.read_bytes())
-            for p in sorted(directory.rglob("*")) if p.is_file() or p.is_symlink()}
 
 
 def copy_workdir(src: Path, dst: Path, keep: tuple[str, ...]) -> Path:
