@@ -89,6 +89,7 @@ def test_changed_input_or_config_is_refused_with_the_rebuild_command(tmp_path, c
     assert rebuilt.computed == 800
 
 
+@pytest.mark.slow
 def test_two_shard_processes_fill_one_store_like_one_process(tmp_path, catalog_dir):
     one = tmp_path / "one"
     extract("title_bpe", catalog_dir, one, CFG, progress=False, log=quiet)

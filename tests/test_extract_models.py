@@ -159,6 +159,7 @@ def _extract_args(modality: str, catalog: Path, workdir: Path, *extra: str) -> l
     return ["extract", modality, "--catalog", catalog, "--workdir", workdir, "--config", config, *extra]
 
 
+@pytest.mark.slow
 def test_killed_image_extraction_resumes_to_the_same_store(tmp_path, catalog_dir, workdir):
     w = tmp_path / "w"
     proc = process(*_extract_args("image", catalog_dir, w))
@@ -182,6 +183,7 @@ def test_killed_image_extraction_resumes_to_the_same_store(tmp_path, catalog_dir
         np.testing.assert_array_equal(resumed.read_missing(ids), reference.read_missing(ids))
 
 
+@pytest.mark.slow
 def test_two_title_cam_shards_equal_one_process(tmp_path, catalog_dir, workdir):
     w = tmp_path / "w"
     procs = [process(*_extract_args("title_cam", catalog_dir, w, "--shard", f"{k}/2")) for k in (0, 1)]
@@ -195,6 +197,7 @@ def test_two_title_cam_shards_equal_one_process(tmp_path, catalog_dir, workdir):
         np.testing.assert_array_equal(two.read("tokens", ids).values, one.read("tokens", ids).values)
 
 
+@pytest.mark.slow
 def test_hdf5_backend_holds_the_same_features(tmp_path, catalog_dir, workdir):
     extract("all", catalog_dir, tmp_path / "w", CFG, backend="hdf5", progress=False, log=quiet)
     for name, array in (("title_cam", "tokens"), ("desc_cam", "tokens"), ("image", "maps")):

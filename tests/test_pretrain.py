@@ -172,6 +172,7 @@ def bpe_run(tmp_path_factory):
     return root, cfg, metrics, log
 
 
+@pytest.mark.slow
 def test_title_bpe_learns_and_writes_its_outputs(bpe_run):
     root, cfg, metrics, log = bpe_run
     out = root / "w" / "models" / "title_bpe"
@@ -208,6 +209,7 @@ def test_title_bpe_learns_and_writes_its_outputs(bpe_run):
     assert any("epoch 12/12" in line and "valid macro-F1" in line for line in log)
 
 
+@pytest.mark.slow
 def test_rerun_with_unchanged_inputs_does_nothing(bpe_run):
     root, cfg, metrics, _ = bpe_run
     model_pt = root / "w" / "models" / "title_bpe" / "model.pt"
@@ -218,6 +220,7 @@ def test_rerun_with_unchanged_inputs_does_nothing(bpe_run):
     assert again["macro_f1"] == metrics["macro_f1"] and model_pt.stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_batches_drawn_another_way_retrain(bpe_run, tmp_path):
     """Length-sorted training batches give another model (they skew BatchNorm): not "nothing to do"."""
     root, cfg, metrics, _ = bpe_run
@@ -228,6 +231,7 @@ def test_batches_drawn_another_way_retrain(bpe_run, tmp_path):
     assert "nothing to do" not in log.text() and "starting afresh" in log.text()
 
 
+@pytest.mark.slow
 def test_trainable_coder_beats_static_on_title_bpe(bpe_run, tmp_path):
     root, cfg, trained, _ = bpe_run
     w = tmp_path / "w"
@@ -346,6 +350,7 @@ def test_changed_store_is_not_resumed(tmp_path):
 
 
 # ---------------------------------------------------------------------- torchrun
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path):
     split = token_store(tmp_path / "w", "title_cam", n=800)
     config = tmp_path / "small.toml"

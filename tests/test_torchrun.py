@@ -23,6 +23,7 @@ from pipeline.synth import synthesize
 from stores import ArraySpec, FeatureStore, fingerprint
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # torchrun launches two processes, each importing torch
 
 
 def test_torchrun_extraction_fills_one_store_like_one_process(tmp_path):

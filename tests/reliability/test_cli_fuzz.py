@@ -76,6 +76,7 @@ def arguments(catalog: str, workdir: str, config: str):
     ).map(lambda parts: [arg for part in parts for arg in part])
 
 
+@pytest.mark.slow
 def test_any_arguments_get_an_answer_not_a_traceback(catalogue, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths ("", ".", "x") land here
     config = tmp_path / "demo.toml"
@@ -188,6 +189,7 @@ def owned(w: Path, command: str, output: str, changed: str) -> bool:
     return changed.startswith(".locks/") or any(path == m or path.is_relative_to(m) for m in mine)
 
 
+@pytest.mark.slow
 def test_output_settings_never_touch_another_stages_output(tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     w = copy_workdir(tiny.workdir, tmp_path / "w", TRAINED)

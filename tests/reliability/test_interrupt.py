@@ -5,10 +5,14 @@ import shlex
 import signal
 import time
 
+import pytest
+
 from tests.conftest import cli, process
 
 from .conftest import Tiny, copy_workdir
 from .test_kills import complete_blocks
+
+pytestmark = pytest.mark.slow  # a process interrupted mid-run, then the run resumed
 
 
 def test_ctrl_c_says_what_it_left_and_the_same_command_resumes(tmp_path, tiny: Tiny):

