@@ -1,6 +1,7 @@
 """The command line itself: readable help, --set on every command, a refusal that costs no heavy import."""
 from __future__ import annotations
 
+import runpy
 import subprocess
 import sys
 
@@ -51,3 +52,17 @@ def test_a_refused_config_imports_no_torch(tmp_path):
 def test_version_is_one_line():
     done = cli("--version")
     assert done.returncode == 0 and done.stdout.startswith("emde-pipeline ")
+
+
+def test_python_dash_m_pipeline_is_the_same_command(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["pipeline", "--version"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module("pipeline", run_name="__main__")
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("emde-pipeline ")
+
+
+def test_demo_refuses_a_config_without_a_demo_table_before_writing_anything(tmp_path):
+    done = cli("demo", "--workdir", tmp_path / "w", "--config", "configs/default.toml")
+    assert one_error_line(done) == ("error: configs/default.toml: no [demo] table (the demo runs with "
+                                    "configs/demo.toml)"), done.stderr
+    assert not (tmp_path / "w").exists()
