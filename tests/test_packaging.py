@@ -6,7 +6,11 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # a wheel built and installed, its entry point run in processes
 
 
 def test_the_wheel_runs_a_stage_from_another_directory(tmp_path):

@@ -12,7 +12,7 @@ import torch
 
 from pipeline.synth import synthesize
 from stores import FeatureStore
-from tests.reliability.conftest import run_main
+from tests.conftest import cli
 
 PAPER = "paper.toml"  # the paper's setup: CamemBERT-base (read without a prefix), efficientnet_b2 at 260 px
 SMALL = """
@@ -88,8 +88,8 @@ def paper_run(tmp_path_factory):
               *(["pretrain", m] for m in ("title_cam", "desc_cam", "title_bpe", "image")), ["sketch", "all"], ["fuse"],
               ["predict", "--catalog", root / "new", "--out", root / "predictions.csv"]]
     for stage in stages:
-        code, err = run_main(*stage, "--workdir", w)
-        assert code == 0, (stage, err)
+        done = cli(*stage, "--workdir", w)
+        assert done.returncode == 0, (stage, done.stderr)
     return root, w, text_model
 
 

@@ -115,6 +115,7 @@ def _extracted_twice(modality: str, root, frozen, cut):
     return root
 
 
+@pytest.mark.slow
 def test_the_cache_holds_the_last_stage_input_and_says_where_it_was_cut(image_caches):
     root, _ = image_caches
     with FeatureStore(root / "frozen" / "features" / "image.zarr") as frozen, \
@@ -125,6 +126,7 @@ def test_the_cache_holds_the_last_stage_input_and_says_where_it_was_cut(image_ca
         assert cut.provenance["producer"]["weights_sha256"] == frozen.provenance["producer"]["weights_sha256"]
 
 
+@pytest.mark.slow
 def test_the_fine_tuned_tail_starts_from_the_frozen_maps(image_caches):
     root, cfg = image_caches
     job = prepare("image", root / "cut", cfg, None)
@@ -142,6 +144,7 @@ def test_the_fine_tuned_tail_starts_from_the_frozen_maps(image_caches):
     np.testing.assert_allclose(maps, stored, rtol=2**-9, atol=2**-9 * scale)
 
 
+@pytest.mark.slow
 def test_pretraining_fine_tunes_the_tail_and_keeps_it_in_the_checkpoint(image_caches):
     root, cfg = image_caches
     start = initial_model(prepare("image", root / "cut", cfg, None)).encoder.tail.state_dict()

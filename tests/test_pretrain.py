@@ -21,7 +21,7 @@ from pipeline.checkpoint import load_model
 from pipeline.pretrain import pretrain
 from pipeline.train_reader import TrainReader
 from stores import ArraySpec, FeatureStore, fingerprint
-from tests.conftest import Log, reader_settings, store_layout
+from tests.conftest import Log, cli, reader_settings, store_layout
 
 CODES = [10, 40, 50, 60, 1140, 1160]  # a few real product type codes
 # Small networks for the directly-built stores: each run takes a second or two.
@@ -175,6 +175,7 @@ def bpe_run(tmp_path_factory):
     return root, cfg, metrics, log
 
 
+@pytest.mark.slow
 def test_title_bpe_learns_and_writes_its_outputs(bpe_run):
     root, cfg, metrics, log = bpe_run
     out = root / "w" / "models" / "title_bpe"
@@ -213,6 +214,7 @@ def test_title_bpe_learns_and_writes_its_outputs(bpe_run):
     assert any("epoch 12/12" in line and "valid macro-F1" in line for line in log)
 
 
+@pytest.mark.slow
 def test_rerun_with_unchanged_inputs_does_nothing(bpe_run):
     root, cfg, metrics, _ = bpe_run
     model_pt = root / "w" / "models" / "title_bpe" / "model.pt"
@@ -223,6 +225,7 @@ def test_rerun_with_unchanged_inputs_does_nothing(bpe_run):
     assert again["macro_f1"] == metrics["macro_f1"] and model_pt.stat().st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_batches_drawn_another_way_retrain(bpe_run, tmp_path):
     """Length-sorted training batches give another model (they skew BatchNorm): not "nothing to do"."""
     root, cfg, metrics, _ = bpe_run
@@ -233,6 +236,7 @@ def test_batches_drawn_another_way_retrain(bpe_run, tmp_path):
     assert "nothing to do" not in log.text() and "starting afresh" in log.text()
 
 
+@pytest.mark.slow
 def test_trainable_coder_beats_static_on_title_bpe(bpe_run, tmp_path):
     root, cfg, trained, _ = bpe_run
     w = tmp_path / "w"
@@ -353,6 +357,7 @@ def test_changed_store_is_not_resumed(tmp_path):
 
 
 # ---------------------------------------------------------------------- torchrun
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path):
     split = token_store(tmp_path / "w", "title_cam", n=800)
     config = tmp_path / "small.toml"
@@ -401,8 +406,7 @@ def test_missing_inputs_name_the_command_that_builds_them(tmp_path):
         pretrain("title_cam", tmp_path / "w", demo_cfg(), coder="magic", progress=False, log=Log())
     with pytest.raises(PipelineError, match="unknown modality"):
         pretrain("sound", tmp_path / "w", demo_cfg(), progress=False, log=Log())
-    proc = subprocess.run([sys.executable, "-m", "cli", "pretrain", "image", "--workdir", str(tmp_path / "w")],
-                          cwd=PROJECT_ROOT, capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    proc = cli("pretrain", "image", "--workdir", tmp_path / "w")
     assert proc.returncode == 1 and "pipeline extract image" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 

@@ -107,6 +107,7 @@ def toy():
     registry.REGISTRY.pop("toy")
 
 
+@pytest.mark.slow
 def test_a_fifth_modality_runs_every_stage_without_editing_the_project(tmp_path, toy):
     synthesize(tmp_path / "catalog", items=1000, seed=4)
     (tmp_path / "toy.toml").write_text('base = "tiny.toml"\n' + CONFIG)

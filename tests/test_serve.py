@@ -9,8 +9,6 @@ import os
 import queue
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ from pipeline import Predictor
 from pipeline.catalog import load_catalog
 from pipeline.config import load_config
 from pipeline.fuse import fuse
-from tests.conftest import ROOT, Log, quiet, serving
+from tests.conftest import Log, process, quiet, serving
 
 httpx = pytest.importorskip("httpx")
 pytestmark = pytest.mark.slow  # the session's trained work directory, servers that load its models
@@ -247,9 +245,7 @@ def test_sigterm_stops_accepting_finishes_what_is_in_flight_and_exits_0(trained_
     record = json.loads((w / "config.json").read_text())
     record["tables"]["serve"]["max_wait_ms"] = 3000  # a batch waits 3 s: the request is in flight at SIGTERM
     (w / "config.json").write_text(json.dumps(record))
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "serve", "--model", str(w), "--port", "0"],
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    proc = process("serve", "--model", w, "--port", "0")
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
     try:

@@ -24,6 +24,7 @@ from stores import ArraySpec, FeatureStore, fingerprint
 from tests.conftest import store_layout
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # torchrun launches two processes, each importing torch
 
 
 def test_torchfill_store_fills_one_store_like_one_process(tmp_path):

@@ -7,11 +7,9 @@ its error names runs as printed (the fetch is the right next step on a machine w
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import polars as pl
@@ -19,7 +17,7 @@ import pytest
 
 from pipeline.catalog import rakuten_to_table
 from pipeline.synth import synthesize
-from tests.conftest import ROOT
+from tests.conftest import ROOT, process
 
 pytestmark = pytest.mark.slow
 # The shipped models as they are; small networks trained briefly (batches of 32: the default 256 would make one
@@ -38,11 +36,11 @@ def readme_commands() -> list[list[str]]:
 
 
 def pipeline(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """A README command in a process of its own, run from `cwd` with empty model caches (environment variables)."""
     assert args[0] == "pipeline", args
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT),
-                        "HF_HOME": str(cwd / "hf-home"), "TORCH_HOME": str(cwd / "torch-home")}  # empty caches
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args[1:]], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=1800)
+    proc = process(*args[1:], cwd=cwd, env={"HF_HOME": str(cwd / "hf-home"), "TORCH_HOME": str(cwd / "torch-home")})
+    out, err = proc.communicate(timeout=1800)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,6 @@ timm's older downloads. This machine has no network: only these offline paths ar
 huggingface_hub's and timm's own call)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +12,7 @@ from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.synth import synthesize
 from pipeline.upstream import check_models, hub_text_model, image_weights, text_model_dir, timm_weights
-from tests.conftest import ROOT
+from tests.conftest import process
 
 PAPER = load_config("configs/paper.toml")
 B2_REPO, B2_FILE = "timm/efficientnet_b2.ra_in1k", "efficientnet_b2_ra-bcdf34b7.pth"
@@ -93,12 +90,10 @@ def test_the_papers_models_from_local_caches_run_every_stage(tmp_path):
     weights = timm.create_model("efficientnet_b2", pretrained=False).state_dict()
     save_file(weights, cached(hub, B2_REPO, {}) / "model.safetensors")
     synthesize(tmp_path / "cat", items=60, seed=2, missing_image_fraction=0.0)
-    env = os.environ | {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                        "TORCH_HOME": str(tmp_path / "torch"), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(ROOT / "cli.py"), "train", "--catalog", tmp_path / "cat", "--workdir",
-                           tmp_path / "w", "--config", "configs/paper.toml", "--set", "pretrain.epochs=1",
-                           "--set", "pretrain.depth=4", "--set", "pretrain.width=8", "--set", "fusion.epochs=1",
-                           "--set", "image.input_size=64"], capture_output=True, text=True, cwd=tmp_path, env=env,
-                          timeout=1200)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "validation macro-F1 (%)" in done.stderr
+    done = process("train", "--catalog", tmp_path / "cat", "--workdir", tmp_path / "w", "--config",
+                   "configs/paper.toml", "--set", "pretrain.epochs=1", "--set", "pretrain.depth=4",
+                   "--set", "pretrain.width=8", "--set", "fusion.epochs=1", "--set", "image.input_size=64",
+                   cwd=tmp_path, env={"HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch")})
+    _, err = done.communicate(timeout=1200)
+    assert done.returncode == 0, err[-3000:]
+    assert "validation macro-F1 (%)" in err

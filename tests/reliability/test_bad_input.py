@@ -32,7 +32,9 @@ from pipeline.synth import synthesize
 from pipeline.text import clean_description
 from stores import FeatureStore
 
-from .conftest import DEMO, Tiny, copy_workdir, quiet, run_cli
+from tests.conftest import cli
+
+from .conftest import DEMO, Tiny, copy_workdir, quiet
 
 CFG = load_config(DEMO)
 HEADER = ["", "designation", "description", "productid", "imageid"]
@@ -216,7 +218,7 @@ def test_a_renamed_column_is_one_line_from_the_cli(tmp_path):
     (tmp_path / "cat").mkdir()
     (tmp_path / "cat" / "X_train.csv").write_text(RENAMED)
     (tmp_path / "cat" / "Y_train.csv").write_text(",prdtypecode\n0,10\n")
-    done = run_cli("extract", "title_bpe", "--catalog", tmp_path / "cat", "--workdir", tmp_path / "w")
+    done = cli("extract", "title_bpe", "--catalog", tmp_path / "cat", "--workdir", tmp_path / "w")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     [line] = done.stderr.strip().splitlines()
     assert line.startswith(f"error: {tmp_path / 'cat' / 'X_train.csv'}, header row: missing column "

@@ -6,7 +6,9 @@ import sys
 
 import pipeline.extract
 
-from .conftest import ROOT, Tiny, one_error_line, run_main
+from tests.conftest import cli, one_error_line
+
+from .conftest import ROOT, Tiny
 
 HOLD = "import sys, time\nfrom stores.locks import sole_writer\nwith sole_writer(sys.argv[1]):\n" \
        "    print('held', flush=True)\n    time.sleep(120)\n"
@@ -23,9 +25,9 @@ def test_a_second_hdf5_writer_is_refused_before_any_model_loads(tmp_path, tiny: 
             raise AssertionError("the extractors (and their models) were made before the refusal")
 
         monkeypatch.setattr(pipeline.extract, "extract_items", models_loaded)
-        code, err = run_main("extract", "title_cam", "--catalog", tiny.catalog, "--workdir", tmp_path / "w",
-                             "--backend", "hdf5", "--config", tiny.config)
-        line = one_error_line(code, err)  # the holder named by its lock: process, host, command, since when
+        done = cli("extract", "title_cam", "--catalog", tiny.catalog, "--workdir", tmp_path / "w",
+                   "--backend", "hdf5", "--config", tiny.config)
+        line = one_error_line(done)  # the holder named by its lock: process, host, command, since when
         assert line.startswith(f"error: {store}: process {holder.pid} on {__import__('socket').gethostname()} (") \
             and line.endswith(") is writing this HDF5 store, and an HDF5 store takes one writer at a time: wait for "
                               "it to end"), line

@@ -12,8 +12,9 @@ import torch
 
 from pipeline import Predictor, checkpoint
 from pipeline.errors import PipelineError
+from tests.conftest import cli, one_error_line
 
-from .conftest import Tiny, copy_workdir, one_error_line, run_cli, run_main
+from .conftest import Tiny, copy_workdir
 
 
 class RunsCode:
@@ -33,7 +34,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path
     path = w / "models" / "title_bpe" / "model.pt"
     ckpt = torch.load(path, weights_only=True)
     torch.save(ckpt | {"note": RunsCode(marker)}, path)
-    done = run_cli("sketch", "title_bpe", "--workdir", w)
+    done = cli("sketch", "title_bpe", "--workdir", w)
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert f"{path}: refused: it holds Python objects" in done.stderr
     assert not marker.exists()
@@ -60,8 +61,7 @@ def test_a_checkpoint_with_one_bit_flipped_is_refused_naming_the_command_that_tr
     w = copy_workdir(tiny.workdir, tmp_path / "w", ("features", "sketches", "models", "fusion", "split.parquet",
                                                      "config.json", "tokenizers"))
     flip_a_bit(w / where)
-    code, err = run_main("export", "--workdir", w, "--out", tmp_path / "export")
-    line = one_error_line(code, err)
+    line = one_error_line(cli("export", "--workdir", w, "--out", tmp_path / "export"))
     assert f"{w / where}: damaged checkpoint: tensor '" in line and f"write it again with `{command}" in line, line
     assert not (tmp_path / "export").exists() or not any((tmp_path / "export").iterdir())
 
@@ -76,8 +76,8 @@ def test_a_modality_retrained_after_fuse_is_refused_by_every_consumer_of_the_fus
     with pytest.raises(PipelineError, match=rf"{path} is not the title_bpe model the fusion was trained over .*"
                                             rf"pipeline sketch title_bpe .*pipeline fuse"):
         Predictor.load(w)
-    line = one_error_line(*run_main("export", "--workdir", w, "--out", tmp_path / "export"))
+    line = one_error_line(cli("export", "--workdir", w, "--out", tmp_path / "export"))
     assert f"{path} is not the title_bpe model the fusion was trained over" in line
     catalog = tiny.catalog
-    line = one_error_line(*run_main("predict", "--catalog", catalog, "--workdir", w, "--out", tmp_path / "p.csv"))
+    line = one_error_line(cli("predict", "--catalog", catalog, "--workdir", w, "--out", tmp_path / "p.csv"))
     assert "is not the title_bpe model the fusion was trained over" in line and not (tmp_path / "p.csv").exists()

@@ -20,7 +20,9 @@ from hypothesis import strategies as st
 
 from pipeline.synth import synthesize
 
-from .conftest import DEMO, ROOT, TRAINED, copy_workdir, one_error_line, run_main, snapshot
+from tests.conftest import cli, one_error_line
+
+from .conftest import DEMO, ROOT, TRAINED, copy_workdir, snapshot
 
 FUZZ = settings(deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
 MODALITIES = ["title_bpe", "title_cam", "all", "image", "nope", "", "TITLE_BPE", "../title_bpe"]
@@ -40,10 +42,10 @@ def catalogue(tmp_path_factory) -> Path:
 
 def answered(argv: list[str]) -> None:
     """`pipeline ARGV...` ends with status 0, or 1 and one `error:` line (an escaping exception fails)."""
-    code, stderr = run_main(*argv)
-    assert "Traceback" not in stderr and code in (0, 1), (argv, code, stderr[-3000:])
-    if code == 1:
-        one_error_line(code, stderr)
+    done = cli(*argv)
+    assert "Traceback" not in done.stderr and done.returncode in (0, 1), (argv, done.returncode, done.stderr[-3000:])
+    if done.returncode == 1:
+        one_error_line(done)
 
 
 def arguments(catalog: str, workdir: str, config: str):
@@ -74,6 +76,7 @@ def arguments(catalog: str, workdir: str, config: str):
     ).map(lambda parts: [arg for part in parts for arg in part])
 
 
+@pytest.mark.slow
 def test_any_arguments_get_an_answer_not_a_traceback(catalogue, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths ("", ".", "x") land here
     config = tmp_path / "demo.toml"
@@ -186,6 +189,7 @@ def owned(w: Path, command: str, output: str, changed: str) -> bool:
     return changed.startswith(".locks/") or any(path == m or path.is_relative_to(m) for m in mine)
 
 
+@pytest.mark.slow
 def test_output_settings_never_touch_another_stages_output(tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     w = copy_workdir(tiny.workdir, tmp_path / "w", TRAINED)

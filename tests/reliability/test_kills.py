@@ -23,14 +23,16 @@ from pipeline.pretrain import pretrain
 from pipeline.sketch import sketch
 from stores import FeatureStore
 
-from .conftest import ITEMS, Log, Tiny, cli, copy_workdir
+from tests.conftest import process
+
+from .conftest import ITEMS, Log, Tiny, copy_workdir
 
 RNG = np.random.default_rng()  # random moments on purpose; the delays are in the failure messages
 KILLS = 2
 
 
 # Tiny tensors: a second intra-op thread only spins (tests/conftest.py).
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]  # processes killed mid-run
 
 
 def complete_blocks(store: Path) -> int:
@@ -67,7 +69,7 @@ def kill_at_random_progress(args: list, progress, most_steps: int, timeout: floa
     """
     steps = int(RNG.integers(1, most_steps + 1))
     before = progress()
-    proc = cli(*args)
+    proc = process(*args)
     deadline = time.monotonic() + timeout
     while progress() - before < steps and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)

@@ -6,11 +6,9 @@ from __future__ import annotations
 import ast
 import io
 import json
-import os
 import pickle
 import shutil
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -20,6 +18,8 @@ import torch
 from pipeline.export import export, load_program
 from pipeline.trust import CodeRefusedError
 from pipeline.weights.text import load_text_model
+
+from tests.conftest import process
 
 from .conftest import ROOT, TRAINED, Tiny, copy_workdir
 
@@ -52,10 +52,10 @@ AUTO_MAP = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel", "Aut
 
 
 def pipeline_with_stdin(*args) -> subprocess.CompletedProcess:
-    """`pipeline ARGS` with "y" on stdin: what a prompt would read as consent."""
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *map(str, args)], input="y\ny\ny\n", text=True,
-                          capture_output=True, cwd=ROOT, env=env, timeout=300)
+    """`pipeline ARGS` in a process of its own with "y" on stdin: what a prompt would read as consent."""
+    proc = process(*args, stdin=subprocess.PIPE)
+    out, err = proc.communicate(input="y\ny\ny\n", timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 @pytest.mark.slow

@@ -20,7 +20,9 @@ from pipeline.sketch import sketch
 from pipeline.synth import synthesize
 from stores import FeatureStore
 
-from .conftest import DEMO, one_error_line, quiet, run_main
+from tests.conftest import cli, one_error_line
+
+from .conftest import DEMO, quiet
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 IMAGE_ONLY = """
@@ -80,11 +82,11 @@ def test_a_photo_replaced_by_another_of_the_same_size_is_refused_then_extracted_
     target.write_bytes(replacement)  # same name, same size, other picture
     item = int(items.filter(pl.col("image_path") == str(target))["item_id"][0])
     args = ("extract", "image", "--catalog", tmp_path / "catalog", "--workdir", tmp_path / "w", "--config", config)
-    line = one_error_line(*run_main(*args))
+    line = one_error_line(cli(*args))
     assert f"the input of 1 stored item(s) changed since extraction (e.g. item {item})" in line, line
     assert line.endswith("--rebuild`"), line
-    code, err = run_main(*args, "--rebuild")  # the command the refusal names
-    assert code == 0, err
+    done = cli(*args, "--rebuild")  # the command the refusal names
+    assert done.returncode == 0, done.stderr
     donor_item = int(items.filter(pl.col("image_path") == str(donor))["item_id"][0])
     with FeatureStore(tmp_path / "w" / "features" / "image.zarr") as store:
         maps = store.read("maps", [item, donor_item])

@@ -17,8 +17,9 @@ from pipeline.extract import extract
 from pipeline.fuse import fuse
 from pipeline.modalities import camembert
 from pipeline.sketch import sketch
+from tests.conftest import Log, cli, process, quiet
 
-from .conftest import TRAINED, Log, Tiny, cli, copy_workdir, quiet, run_cli, snapshot
+from .conftest import TRAINED, Tiny, copy_workdir, snapshot
 
 
 def config_over(tiny: Tiny, directory: Path, text: str, name: str = "over.toml") -> Path:
@@ -38,7 +39,7 @@ def test_a_bad_config_is_refused_in_one_line_before_the_model_is_touched(tmp_pat
     w = copy_workdir(tiny.workdir, tmp_path / "w", TRAINED)
     before = snapshot(w)
     bad = config_over(tiny, tmp_path, text)
-    done = run_cli("pretrain", "title_bpe", "--workdir", w, "--config", bad)
+    done = cli("pretrain", "title_bpe", "--workdir", w, "--config", bad)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 1 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert lines[0].startswith(f"error: {bad}: ")
@@ -46,18 +47,19 @@ def test_a_bad_config_is_refused_in_one_line_before_the_model_is_touched(tmp_pat
     assert snapshot(w) == before
 
 
+@pytest.mark.slow
 def test_a_second_runner_is_refused_at_once_and_a_killed_run_leaves_the_previous_model(tmp_path, tiny: Tiny):
     w = copy_workdir(tiny.workdir, tmp_path / "w", TRAINED)
     model = snapshot(w / "models" / "title_bpe")
     longer = config_over(tiny, tmp_path, "[pretrain.title_bpe]\nepochs = 500\n")  # another model: trains anew
-    first = cli("pretrain", "title_bpe", "--workdir", w, "--config", longer)
+    first = process("pretrain", "title_bpe", "--workdir", w, "--config", longer)
     try:
         deadline = time.monotonic() + 90
         while not (w / "models" / ".title_bpe.partial" / "last.pt").exists():  # an epoch done: mid-training
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-2000:]
             time.sleep(0.1)
         started = time.monotonic()
-        second = run_cli("pretrain", "title_bpe", "--workdir", w, "--config", longer)
+        second = cli("pretrain", "title_bpe", "--workdir", w, "--config", longer)
         assert second.returncode == 1 and time.monotonic() - started < 30, second.stderr
         assert f"is being written by process {first.pid} on " in second.stderr, second.stderr
         assert len(second.stderr.strip().splitlines()) == 1
@@ -65,20 +67,20 @@ def test_a_second_runner_is_refused_at_once_and_a_killed_run_leaves_the_previous
         first.send_signal(signal.SIGKILL)
         first.wait()
     assert snapshot(w / "models" / "title_bpe") == model  # the last good model, untouched
-    done = run_cli("sketch", "title_bpe", "--workdir", w)  # and still the one every later stage uses
+    done = cli("sketch", "title_bpe", "--workdir", w)  # and still the one every later stage uses
     assert done.returncode == 0 and "nothing to do" in done.stderr, done.stderr
 
 
 def test_the_work_directory_remembers_its_configuration_and_hints_repeat_it(tmp_path, tiny: Tiny):
     w = copy_workdir(tiny.workdir, tmp_path / "w", TRAINED)
-    done = run_cli("fuse", "--workdir", w)  # no --config: the one W was built with, so nothing changed
+    done = cli("fuse", "--workdir", w)  # no --config: the one W was built with, so nothing changed
     assert done.returncode == 0 and "nothing to do" in done.stderr, done.stderr
-    done = run_cli("pretrain", "desc_cam", "--workdir", w)
+    done = cli("pretrain", "desc_cam", "--workdir", w)
     catalog = tiny.catalog.resolve()
     assert done.returncode == 1, done.stderr
     assert f"`pipeline extract desc_cam --catalog {catalog} --workdir {w}`" in done.stderr, done.stderr
     other = config_over(tiny, tmp_path, "[fusion]\nepochs = 2\n")
-    done = run_cli("pretrain", "desc_cam", "--workdir", w, "--config", other)
+    done = cli("pretrain", "desc_cam", "--workdir", w, "--config", other)
     assert f"`pipeline extract desc_cam --catalog {catalog} --workdir {w} --config {other}`" in done.stderr, \
         done.stderr
 

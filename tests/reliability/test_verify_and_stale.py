@@ -21,7 +21,9 @@ from pipeline.errors import StaleStoreError
 from pipeline.weights.tiny_camembert import build_tiny_camembert
 from stores import FeatureStore
 
-from .conftest import Tiny, copy_workdir, quiet, run_cli
+from tests.conftest import cli
+
+from .conftest import Tiny, copy_workdir, quiet
 
 
 # Tiny tensors: a second intra-op thread only spins (tests/conftest.py).
@@ -40,7 +42,7 @@ def items_in_token_chunk(store_path: Path, chunk: int) -> set[int]:
 
 
 def verify_cli(store: Path) -> tuple[int, dict, str]:
-    done = run_cli("inspect", store, "--verify", "--json")
+    done = cli("inspect", store, "--verify", "--json")
     return done.returncode, json.loads(done.stdout), done.stderr
 
 
@@ -126,11 +128,11 @@ def test_damage_met_by_a_stage_names_the_repair_which_extracts_only_the_damaged_
     damage(store, "tokens/values", 3)  # 8 bytes in the middle of one chunk of token ids
     rc, report, _ = verify_cli(store)
     assert rc == 1 and report["verify"]["damaged_blocks"] and report["verify"]["repairable"], report["verify"]
-    done = run_cli("sketch", "title_bpe", "--workdir", w)  # reads every item's features
+    done = cli("sketch", "title_bpe", "--workdir", w)  # reads every item's features
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     repair = f"pipeline extract title_bpe --catalog {tiny.catalog.resolve()} --workdir {w} --repair"
     assert "title_bpe.zarr: array 'tokens/values' is damaged" in done.stderr and f"`{repair}`" in done.stderr
-    done = run_cli(*repair.split()[1:])
+    done = cli(*repair.split()[1:])
     assert done.returncode == 0, done.stderr
     damaged_items = len(report["verify"]["damaged_blocks"]) * 16  # blocks of 16 items (the suite's config)
     assert f"title_bpe: {damaged_items} items extracted" in done.stderr, done.stderr
@@ -139,7 +141,7 @@ def test_damage_met_by_a_stage_names_the_repair_which_extracts_only_the_damaged_
         ids = good.ids
         a, b = repaired.read("tokens", ids), good.read("tokens", ids)
         np.testing.assert_array_equal(a.values, b.values) and np.testing.assert_array_equal(a.offsets, b.offsets)
-    assert run_cli("sketch", "title_bpe", "--workdir", w).returncode == 0
+    assert cli("sketch", "title_bpe", "--workdir", w).returncode == 0
 
 
 def test_damage_to_a_store_layout_names_the_rebuild_which_restores_it(tmp_path, tiny: Tiny):
@@ -150,7 +152,7 @@ def test_damage_to_a_store_layout_names_the_rebuild_which_restores_it(tmp_path, 
     w = copy_workdir(tiny.workdir, tmp_path / "w", ("features", "models", "sketches", "split.parquet", "config.json",
                                                      "tokenizers", "upstream"))
     damage(w / "features" / "title_bpe.zarr", "tokens/lengths", 0)
-    done = run_cli("sketch", "title_bpe", "--workdir", w, "--rebuild")  # reads every item's features
+    done = cli("sketch", "title_bpe", "--workdir", w, "--rebuild")  # reads every item's features
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     rebuild = f"pipeline extract title_bpe --catalog {tiny.catalog.resolve()} --workdir {w} --rebuild"
     assert "'tokens/lengths' is damaged" in done.stderr and f"`{rebuild}`" in done.stderr, done.stderr
@@ -159,12 +161,12 @@ def test_damage_to_a_store_layout_names_the_rebuild_which_restores_it(tmp_path, 
     with FeatureStore(sketches) as good:
         before = good.read("sketch", good.ids)
     damage(sketches, "ids", 0)
-    done = run_cli("fuse", "--workdir", w)
+    done = cli("fuse", "--workdir", w)
     assert done.returncode == 1 and f"`pipeline sketch title_bpe --workdir {w} --rebuild`" in done.stderr, done.stderr
-    assert run_cli("sketch", "title_bpe", "--workdir", w, "--repair").returncode == 1  # a repair cannot mend it
+    assert cli("sketch", "title_bpe", "--workdir", w, "--repair").returncode == 1  # a repair cannot mend it
     shutil.rmtree(w / "features" / "title_bpe.zarr")
     shutil.copytree(tiny.workdir / "features" / "title_bpe.zarr", w / "features" / "title_bpe.zarr")
-    done = run_cli("sketch", "title_bpe", "--workdir", w, "--rebuild")
+    done = cli("sketch", "title_bpe", "--workdir", w, "--rebuild")
     assert done.returncode == 0 and "items sketched" in done.stderr, done.stderr
     with FeatureStore(sketches) as rebuilt:
         assert rebuilt.verify()["ok"]

