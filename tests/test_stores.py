@@ -277,7 +277,7 @@ def as_schema_1(path: Path) -> None:
 
 
 def test_a_schema_1_store_is_refused_until_upgraded_once_then_reads_and_takes_new_items(tmp_path, suffix):
-    from tests.reliability.conftest import run_main
+    from tests.conftest import cli
 
     path = tmp_path / f"s{suffix}"
     store, (ids, lengths, tokens, vec) = build(path, n=100)
@@ -285,8 +285,8 @@ def test_a_schema_1_store_is_refused_until_upgraded_once_then_reads_and_takes_ne
     as_schema_1(path)
     with pytest.raises(StoreError, match=rf"schema version 1.*`pipeline inspect {re.escape(str(path))} --upgrade`"):
         FeatureStore(path)
-    code, err = run_main("inspect", path, "--upgrade")  # the command the refusal names
-    assert code == 0 and "upgraded to schema version 2" in err, err
+    done = cli("inspect", path, "--upgrade")  # the command the refusal names
+    assert done.returncode == 0 and "upgraded to schema version 2" in done.stderr, done.stderr
     assert not upgrade(path, gzip_level=1)  # once: a schema 2 store is left as it is
     with FeatureStore(path, "a") as new:
         assert new.schema_version == 2 and new.checksummed and new.info()["checksummed"]
