@@ -90,23 +90,19 @@ class CamembertTokens:
             self.producer["config"]["layers"] = self.layers
             # what a network needs to build the layers above this one and fine-tune them (encoders.TextTail)
             self.producer["hf_config"] = {k: getattr(cfg, k) for k in HF_LAYER_KEYS if hasattr(cfg, k)}
-        self._loaded = LoadedOnce(self._load)  # (tokenizer, model)
-
-    def _load(self):
-        loaded = shared_text_model(self.model_dir, self.layers, self.device)
-        self._shared = loaded  # held while this extractor lives: title_cam and desc_cam share one model
-        return loaded.tokenizer, loaded.model
+        # The loaded model, shared with every extractor of the same directory (held here: freed with the last one)
+        self._loaded = LoadedOnce(lambda: shared_text_model(self.model_dir, self.layers, self.device))
 
     def load(self):
         return self._loaded()
 
     @property
     def tokenizer(self):
-        return self._loaded()[0]
+        return self._loaded().tokenizer
 
     @property
     def model(self):
-        return self._loaded()[1]
+        return self._loaded().model
 
     def texts(self, items: pl.DataFrame) -> list[str]:
         texts = items[self.field].to_list()
