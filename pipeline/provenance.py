@@ -2,6 +2,8 @@
 
 * ``canonical_json`` / ``digest``: one serialisation of settings, so equal settings give equal digests.
 * ``sha256_file(s)``: streaming file hashes (a weights file is never read into memory whole).
+* ``remembered``: a value derived from files (a weights file's hash, a model's config as a library reads it)
+  kept in the user's cache, keyed by everything it depends on, so a run with nothing to do recomputes none.
 * ``atomic_path``: write a file beside its destination, then rename it over (never a torn file).
 * ``Stamp``: what an output was computed from (settings, upstream digests); a stage whose stamp is
   unchanged does nothing, and a changed one names what changed.
@@ -48,6 +50,45 @@ def sha256_files(paths) -> str:
             while block := fh.read(1 << 22):
                 h.update(block)
     return h.hexdigest()
+
+
+def cache_dir() -> Path:
+    """The user's cache of remembered values: $EMDE_CACHE_DIR, else $XDG_CACHE_HOME/emde-pipeline (~/.cache)."""
+    if os.environ.get("EMDE_CACHE_DIR"):
+        return Path(os.environ["EMDE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "emde-pipeline"
+
+
+def file_state(path: str | Path) -> list:
+    """What changes whenever a file's bytes do, as git's index keeps it: its identity, size and times. The
+    change time (ctime) is set by the kernel on every write and cannot be set back, so a file rewritten with
+    its old modification time still reads as changed."""
+    info = os.stat(path)
+    return [str(Path(path).resolve()), info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns]
+
+
+def remembered(kind: str, key, compute):
+    """`compute()` (a JSON value), remembered in `cache_dir()` under `kind` and the digest of `key`: the same
+    key gives the stored value without computing it. A failed computation is never stored; a cache that cannot
+    be read or written is recomputed (it only ever saves time)."""
+    path = cache_dir() / kind / f"{digest(key)}.json"
+    try:
+        return json.loads(path.read_text())["value"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    value = compute()
+    try:
+        write_json(path, {"key": key, "value": value})
+    except OSError:
+        pass
+    return json.loads(canonical_json(value))  # what a later call reads back
+
+
+def sha256_files_remembered(paths) -> str:
+    """`sha256_files(paths)`, remembered while no file changes (see `file_state`): a model's weights are hashed
+    once, not on every run that checks them."""
+    paths = list(paths)
+    return remembered("sha256", [file_state(p) for p in paths], lambda: sha256_files(paths))
 
 
 def replaceable(path: Path) -> None:

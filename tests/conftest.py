@@ -12,6 +12,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def remembered_values(tmp_path_factory):
+    """The suite's own cache of remembered values (provenance.remembered), never the user's."""
+    before = os.environ.get("EMDE_CACHE_DIR")
+    os.environ["EMDE_CACHE_DIR"] = str(tmp_path_factory.mktemp("emde-cache"))
+    yield Path(os.environ["EMDE_CACHE_DIR"])
+    if before is None:
+        os.environ.pop("EMDE_CACHE_DIR")
+    else:
+        os.environ["EMDE_CACHE_DIR"] = before
+
+
 @pytest.fixture
 def one_torch_thread():
     """One torch intra-op thread for a test's duration: on tiny tensors a second thread only spins

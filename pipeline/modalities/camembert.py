@@ -19,7 +19,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.extractor import LoadedOnce
-from pipeline.provenance import sha256_files
+from pipeline.provenance import sha256_files_remembered
 from pipeline.schema import TextModel
 from pipeline.text import clean_description
 from pipeline.weights.text import load_text_model, text_config, tokenizer_max_length, weight_files
@@ -81,8 +81,8 @@ class CamembertTokens:
                                  if p.name in ("tokenizer.json", "sentencepiece.bpe.model", "tokenizer_config.json"))
         self.producer = {
             "model": f"{cfg.model_type}:{Path(model_dir).resolve().name}",
-            "weights_sha256": sha256_files(weight_files(model_dir)),
-            "tokenizer_sha256": sha256_files(tokenizer_files),
+            "weights_sha256": sha256_files_remembered(weight_files(model_dir)),
+            "tokenizer_sha256": sha256_files_remembered(tokenizer_files),
             "config": {"field": self.field, "clean_html": self.clean, "max_chars": self.max_chars,
                        "prefix": self.prefix, "max_len": self.max_len, "hidden_size": cfg.hidden_size},
         }
@@ -165,7 +165,7 @@ class CamembertTokens:
 def model_layers(model_dir: Path, producer: dict, first: int, count: int) -> dict:
     """The state dict of layers `first .. first + count - 1` (0-based: the `count` layers above layer `first`'s
     output) of the text model at `model_dir`, which must be the one the store was extracted with."""
-    if sha256_files(weight_files(model_dir)) != producer["weights_sha256"]:
+    if sha256_files_remembered(weight_files(model_dir)) != producer["weights_sha256"]:
         raise PipelineError(f"{model_dir} is not the text model this store was extracted with: the fine-tuned layers "
                             f"must start from the extractor's own weights")
     _, model = load_text_model(model_dir)

@@ -8,6 +8,8 @@ the forward. Photos libjpeg-turbo does not take (PNG, WebP, CMYK JPEG, ...) go t
 file of at most `[image] max_bytes` is read (never a FIFO, a device or a huge file); a missing, refused or
 unreadable photo is recorded in the store's `missing` array with its reason, and the run goes on. A photo's
 input fingerprint is a hash of its bytes, so a photo replaced by another is never taken for the old one.
+torchvision and timm are imported where a photo is decoded or the model built (together 2 s of imports), so
+a run with nothing to extract imports neither: the data config is remembered (provenance.remembered).
 """
 from __future__ import annotations
 
@@ -22,20 +24,19 @@ from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 
+from importlib.metadata import version
+
 import numpy as np
 import polars as pl
 import torch
-import torchvision.transforms.v2.functional as F
 from joblib import Parallel, delayed
 from PIL import Image
-from torchvision import transforms
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from pipeline.backbone import features_until
 from pipeline.distributed import torchrun
 from pipeline.errors import PipelineError
 from pipeline.extractor import LoadedOnce
-from pipeline.provenance import sha256_file
+from pipeline.provenance import remembered, sha256_file
 from pipeline.weights.image import load_image_backbone
 from stores import ArraySpec
 
@@ -151,6 +152,8 @@ class EvalResize:
     pool: safe in many threads at once); its pixels are Pillow's but for one level on ~0.2% of them."""
 
     def __init__(self, transform):
+        from torchvision import transforms
+
         resize, crop = transform.transforms[:2]
         if not (isinstance(resize, transforms.Resize) and isinstance(crop, transforms.CenterCrop)):
             raise ValueError(f"eval transform {transform}: only Resize + CenterCrop run as tensor ops "
@@ -160,6 +163,8 @@ class EvalResize:
         self.draft_size = max(self.size) + 1  # what Pillow's draft keeps for a non-JPEG's fallback
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        import torchvision.transforms.v2.functional as F
+
         if x.device.type == "cpu":
             x = F.resize(x, self.size, interpolation=self.interpolation, antialias=True)
         else:
@@ -170,6 +175,8 @@ class EvalResize:
         """The resize where torch runs it in float (CUDA): one axis at a time, rounded to uint8 in between as
         Pillow does. In one float pass, overshoot on sharp edges that Pillow clips between its passes puts
         pixels up to 10 levels off Pillow's (3 or more on 1 in 10^4, one on 9%); by axis, one level on 0.01%."""
+        import torchvision.transforms.v2.functional as F
+
         h, w = x.shape[-2:]
         if len(self.size) == 2:
             out_h, out_w = self.size
@@ -182,6 +189,8 @@ class EvalResize:
         return x
 
     def pil(self, im: Image.Image) -> torch.Tensor:
+        import torchvision.transforms.v2.functional as F
+
         return self(F.pil_to_tensor(im))
 
 
@@ -192,6 +201,8 @@ def load_photo(path: str, resize: EvalResize, max_bytes: int) -> tuple[torch.Ten
         return None, code
     if not plain_jpeg(data, (1, 3)):  # Pillow, with its own checks and conversions (CMYK, palettes, ...)
         return decode(data, resize.pil, resize.draft_size)
+    from torchvision.io import ImageReadMode, decode_jpeg
+
     try:
         return resize(decode_jpeg(encoded(data), mode=ImageReadMode.RGB)), 0
     except RuntimeError:  # truncated or corrupt
@@ -208,13 +219,25 @@ def nvjpeg_works(device: torch.device) -> bool:
     """Whether this torchvision decodes JPEGs on `device` (built with nvJPEG, a CUDA device)."""
     if device.type != "cuda":
         return False
-    from torchvision.io import encode_jpeg
+    from torchvision.io import decode_jpeg, encode_jpeg
 
     try:
         decode_jpeg([encode_jpeg(torch.zeros(3, 16, 16, dtype=torch.uint8))], device=device)
         return True
     except RuntimeError:
         return False
+
+
+def data_config(model: str, input_size: int) -> dict:
+    """timm's eval data config of `model` (input size, interpolation, crop, mean and std), at `input_size`
+    pixels (0: the model's own)."""
+    import timm
+
+    pretrained_cfg = timm.get_pretrained_cfg(model)
+    if pretrained_cfg is None:
+        raise PipelineError(f"unknown image backbone '{model}': [image] model must be a timm model name")
+    overrides = {"input_size": (3, input_size, input_size)} if input_size else {}
+    return timm.data.resolve_data_config(overrides, pretrained_cfg=pretrained_cfg.to_dict())
 
 
 class ImageMaps:
@@ -230,16 +253,10 @@ class ImageMaps:
         file read. The backbone is built
         and loaded on first use: its eval transform comes from timm's record of the model, its producer from
         the weights file's sha256."""
-        import timm
-
-        pretrained_cfg = timm.get_pretrained_cfg(model)
-        if pretrained_cfg is None:
-            raise PipelineError(f"unknown image backbone '{model}': [image] model must be a timm model name")
         self.model_name, self.weights, self.cache_at, self.device = model, weights, cache_at, device
-        overrides = {"input_size": (3, input_size, input_size)} if input_size else {}
-        self.data_cfg = timm.data.resolve_data_config(overrides, pretrained_cfg=pretrained_cfg.to_dict())
-        self.transform = timm.data.create_transform(**self.data_cfg, is_training=False)  # Pillow: the reference
-        self.resize = EvalResize(self.transform)
+        key = {"timm": version("timm"), "model": model, "input_size": input_size}
+        config = remembered("timm-data-config", key, lambda: data_config(model, input_size))
+        self.data_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
         self.mean, self.std = list(self.data_cfg["mean"]), list(self.data_cfg["std"])
         self.batch_size = batch_size
         self.max_bytes = max_bytes  # a photo file past this is not read (recorded REFUSED)
@@ -253,6 +270,17 @@ class ImageMaps:
         if cache_at:  # only then: a store of final maps keeps the producer it always had
             self.producer["cache_at"] = cache_at
         self._loaded = LoadedOnce(self._load)  # (backbone, what of it computes the stored features)
+
+    @cached_property
+    def transform(self):
+        """timm's eval transform of the model (Pillow): the reference the tensor resize follows."""
+        import timm
+
+        return timm.data.create_transform(**self.data_cfg, is_training=False)
+
+    @cached_property
+    def resize(self) -> EvalResize:
+        return EvalResize(self.transform)
 
     def _load(self):
         backbone = load_image_backbone(self.model_name, self.weights, random_ok=self.weights is None)
@@ -307,6 +335,8 @@ class ImageMaps:
     def decode_on_device(self, paths: list[str]) -> list[tuple[torch.Tensor | None, int]]:
         """nvJPEG for the block's YCbCr JPEGs, in one batch, resized on the device; the rest (grey, CMYK,
         other formats, missing and bad files) through `load_photo` on the CPU, then moved over."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
         data = self.threads(delayed(read)(p, self.max_bytes) for p in paths)  # bytes and codes, read in parallel
         batch = [i for i, (d, _) in enumerate(data) if d is not None and plain_jpeg(d, (3,))]
         try:
@@ -352,6 +382,8 @@ class ImageMaps:
 
     def normalize(self, photos: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) uint8 -> float32 on the model's device, channels_last: the reference's ToTensor + Normalize."""
+        import torchvision.transforms.v2.functional as F
+
         x = F.to_dtype(photos.to(self.device, non_blocking=True), torch.float32, scale=True)  # keeps channels_last
         return F.normalize(x, self.mean, self.std)
 

@@ -3,12 +3,16 @@ offline (`local_files_only=True`), in eval mode, without their pooler."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+from importlib.metadata import version
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from pipeline.errors import ModelNotFoundError, WeightsMismatchError, one_line
-from pipeline.trust import check_hf_directory
+from pipeline.provenance import remembered
+from pipeline.trust import HF_CONFIGS, check_hf_directory
 
 TEXT_MODEL_HINT = (
     "give [text_model] path (or --text-model) a local Hugging Face directory (config.json, weights, tokenizer "
@@ -25,8 +29,9 @@ def _text_model_error(path: Any, what: str) -> ModelNotFoundError:
     return ModelNotFoundError(f"{what} at '{path}': {TEXT_MODEL_HINT}")
 
 
-def _checked_dir(path: str | Path | None) -> Path:
-    """`path` as a directory holding a config, weights and a tokenizer, or a ModelNotFoundError saying what lacks."""
+def _checked_dir(path: str | Path | None, trust: bool = True) -> Path:
+    """`path` as a directory holding a config, weights and a tokenizer, or a ModelNotFoundError saying what lacks;
+    with `trust`, also refused when it would need code of its own (pipeline.trust)."""
     if path is None or str(path).strip() == "":
         raise ModelNotFoundError(f"no text model given: {TEXT_MODEL_HINT}")
     p = Path(path).expanduser()
@@ -38,23 +43,35 @@ def _checked_dir(path: str | Path | None) -> Path:
         raise _text_model_error(path, "no text model weights (model.safetensors / pytorch_model.bin missing)")
     if not any((p / f).is_file() for f in _TOKENIZER_FILES):
         raise _text_model_error(path, "no tokenizer (tokenizer.json / sentencepiece.bpe.model missing)")
-    check_hf_directory(p)  # no code of its own, never a prompt
+    if trust:
+        check_hf_directory(p)  # no code of its own, never a prompt
     return p
 
 
-def text_config(path: str | Path | None):
-    """The model config of a local text model directory (its config.json, as transformers reads it), checked as
-    `load_text_model` checks the directory, without loading the model."""
-    p = _checked_dir(path)
+def text_config(path: str | Path | None) -> SimpleNamespace:
+    """The model config of a local text model directory (its config.json as transformers reads it, defaults
+    filled in), checked as `load_text_model` checks the directory, without loading the model. Remembered for
+    the same config files and transformers version (provenance.remembered): a run with nothing to do neither
+    imports transformers nor reads the config through it."""
+    p = _checked_dir(path, trust=False)
+    files = [p / name for name in HF_CONFIGS]
+    key = {"transformers": version("transformers"),
+           "files": {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.is_file()}}
+    return SimpleNamespace(**remembered("text-config", key, lambda: _read_config(p)))
+
+
+def _read_config(p: Path) -> dict:
+    check_hf_directory(p)
     from transformers import AutoConfig
 
     try:
         with quiet_transformers():
-            return AutoConfig.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
+            cfg = AutoConfig.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001 - any failure here is "this directory is not usable"
         raise ModelNotFoundError(
-            f"cannot read the text model's config at '{path}' ({type(e).__name__}: {one_line(e)}): {TEXT_MODEL_HINT}"
+            f"cannot read the text model's config at '{p}' ({type(e).__name__}: {one_line(e)}): {TEXT_MODEL_HINT}"
         ) from e
+    return cfg.to_dict()
 
 
 def tokenizer_max_length(path: str | Path) -> float:
