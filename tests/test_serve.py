@@ -11,15 +11,12 @@ import shutil
 import signal
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pytest
 
 from pipeline import Predictor
 from pipeline.catalog import load_catalog
-from pipeline.config import load_config
 from pipeline.fuse import fuse
 from tests.conftest import Log, process, quiet, serving
 
