@@ -125,8 +125,9 @@ def _logits(model: FusionHeads, sketches: dict, rows: np.ndarray, batch: int = 4
     return np.concatenate(parts) if parts else np.zeros((0, model.num_classes), np.float32)
 
 
-def fuse(workdir: str | Path, cfg: Config, *, progress: bool = True, log=print) -> dict:
-    """`pipeline fuse`: train the fusion heads over the sketch stores; metrics, pictures, predictions."""
+def fuse(workdir: str | Path, cfg: Config, *, progress: bool = True, log=print, table: bool = True) -> dict:
+    """`pipeline fuse`: train the fusion heads over the sketch stores; metrics, pictures, predictions; with
+    `table`, the results table (`pipeline train` prints it itself, after every stage's line)."""
     workdir = Path(workdir)
     job = prepare(workdir, cfg)
     main = torchrun().main
@@ -140,9 +141,12 @@ def fuse(workdir: str | Path, cfg: Config, *, progress: bool = True, log=print) 
     with output_lock(job.out) if main else nullcontext(), wd.repair_hint(cfg, workdir):
         dist = Dist("cpu")  # a few linear layers: the CPU, gloo
         try:
-            return _run(job, dist, progress, log if dist.main else (lambda *_a, **_k: None))
+            metrics = _run(job, dist, progress, log if dist.main else (lambda *_a, **_k: None))
         finally:
             dist.close()
+    if table and main:
+        log(summary_table(job.workdir, metrics, job.cfg.fusion.output))
+    return metrics
 
 
 def _run(job: FuseJob, dist: Dist, progress: bool, say) -> dict:
@@ -172,7 +176,6 @@ def _run(job: FuseJob, dist: Dist, progress: bool, say) -> dict:
             "fingerprint": job.stamp.digest, "valid_support": {str(c): int(n) for c, n in zip(job.codes, support) if n}}
         if dist.main:
             _write(job, partial, model, {m: s.shape[1] for m, s in sketches.items()}, valid_pred, test_logits, metrics)
-    say(summary_table(job.workdir, metrics, job.cfg.fusion.output))
     say(f"fuse: valid macro-F1 {metrics['macro_f1']:.4f} (best epoch {metrics['best_epoch']}) -> {job.out}")
     dist.barrier()  # every rank returns once the outputs are written
     return metrics
@@ -261,7 +264,6 @@ def _write(job: FuseJob, out: Path, model: FusionHeads, dims: dict, valid_pred: 
     job.stamp.write(out)
 
 
-TABLE_TITLE = "validation macro-F1 (%)"
 
 
 def summary_table(workdir: Path, fused: dict, output: str = "fusion", data: str = "this catalogue") -> str:
@@ -278,4 +280,4 @@ def summary_table(workdir: Path, fused: dict, output: str = "fusion", data: str 
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(cell.ljust(width[i]) for i, cell in enumerate(r)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in width))
-    return f"{TABLE_TITLE}\n" + "\n".join(lines)
+    return "validation macro-F1 (%)\n" + "\n".join(lines)

@@ -50,7 +50,7 @@ def train(catalog: str | Path, workdir: str | Path, cfg: Config, *, backend: str
               lambda metrics: f"valid macro-F1 {100 * metrics['macro_f1']:.2f}")
     stage("sketch all", lambda: sketch("all", workdir, cfg, progress=progress, log=log),
           lambda summaries: _did(summaries, "sketched"))
-    fused = stage("fuse", lambda: fuse(workdir, cfg, progress=progress, log=_without_table(log)),
+    fused = stage("fuse", lambda: fuse(workdir, cfg, progress=progress, log=log, table=False),
                   lambda metrics: f"valid macro-F1 {100 * metrics['macro_f1']:.2f}")
     log(f"  {'stage':<20} {'seconds':>10}  result\n" + "\n".join(lines))
     log(summary_table(workdir, fused, cfg.fusion.output, data))
@@ -62,10 +62,3 @@ def _did(summaries, verb: str) -> str:
     if not computed:
         return "nothing to do"
     return f"{computed} items {verb} into {len(summaries)} store(s)"
-
-
-def _without_table(log):
-    """fuse's log without its results table: train prints the table once, after every stage's line."""
-    from pipeline.fuse import TABLE_TITLE
-
-    return lambda line: None if str(line).startswith(TABLE_TITLE) else log(line)
