@@ -13,7 +13,8 @@ On the text catalogue (X_train.csv; one split for every row), for each seed (the
   (configs/image-finetune.toml), alone and fused as Figure 2 with the same seed's trainable text modalities
   (needs `trainable`);
 * `tuned`: the sample's best system, configs/rakuten-real-tuned.toml (e5's top layer fine-tuned over cached
-  layer-11 states for title_cam and desc_cam; its own title_bpe and image networks), fused as Figure 2.
+  layer-11 states for title_cam, desc_cam over layer 11 frozen; its own title_bpe and image networks), fused
+  as Figure 2.
 On an image-only catalogue of every labelled real photo (images.csv, 2,026 items; the text catalogue has photos
 for 760 items only), `image-only`: the image modality frozen against fine-tuned, and the bytes per item of each
 image cache. The TF-IDF baselines run every time.
