@@ -274,3 +274,31 @@ def _until(lines: queue.Queue, text: str, seconds: float = 300) -> str:
         line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
         if text in line:
             return line
+
+
+def test_answers_leave_at_once_on_a_kept_alive_connection():
+    """The listening socket says TCP, so asyncio sets TCP_NODELAY on each connection: without it, Nagle held
+    every answer's body behind its headers until the client's delayed ACK (40 ms more per request on a
+    kept-alive connection, which every HTTP client library keeps)."""
+    import asyncio
+    import socket
+
+    from pipeline.serve import bind
+
+    async def accepted_nodelay() -> int:
+        seen: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        async def handle(reader, writer):
+            seen.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        sock = bind("127.0.0.1", 0)
+        server = await asyncio.start_server(handle, sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        value = await asyncio.wait_for(seen, 10)
+        writer.close()
+        server.close()
+        await server.wait_closed()
+        return value
+
+    assert asyncio.run(accepted_nodelay()) != 0

@@ -26,7 +26,9 @@ __all__ = ["serve", "bind", "create_app", "Models", "Metrics", "TOKEN_VARIABLE"]
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket (port 0: a free one), refused in one line when the address cannot be had."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY on a connection only when its socket says TCP, and
+    # without it Nagle holds a response's body behind its headers until the client's delayed ACK (40 ms).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
