@@ -264,8 +264,6 @@ def _write(job: FuseJob, out: Path, model: FusionHeads, dims: dict, valid_pred: 
     job.stamp.write(out)
 
 
-
-
 def summary_table(workdir: Path, fused: dict, output: str = "fusion", data: str = "this catalogue") -> str:
     """This run (on `data`) beside the paper's full-data figures: validation macro-F1 of every modality (Table 3)
     and of the fusion (Table 2's row for its ablations' outputs, none for a system the paper does not score)."""

@@ -22,9 +22,8 @@ import warnings
 from collections import defaultdict
 from collections.abc import Iterator
 from functools import cached_property
-from pathlib import Path
-
 from importlib.metadata import version
+from pathlib import Path
 
 import numpy as np
 import polars as pl
