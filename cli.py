@@ -313,14 +313,15 @@ def serve(
     port: Annotated[Optional[int], typer.Option(metavar="PORT", min=0, max=65535,
                                                 help="port (default: [serve] port; 0: any free one)")] = None,
     config: ConfigOpt = None,
+    sets: SetOpt = None,
 ) -> None:
     """Classify items over HTTP: POST /v1/predict (batched), a page at /, /healthz, /readyz, /metrics, /docs.
 
     New models are swapped in while serving; a bearer token is required when EMDE_SERVE_TOKEN is set."""
-    settings(model, config)  # a bad config is refused before anything listens
+    settings(model, config, sets)  # a bad config is refused before anything listens
     from pipeline.serve import serve as run
 
-    run(model, config, host=host, port=port, log=log)
+    run(model, config, host=host, port=port, log=log, sets=sets or ())
 
 
 @app.command()

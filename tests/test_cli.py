@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import ROOT, cli, one_error_line
 
 COMMANDS = [["train"], ["extract"], ["models"], ["pretrain"], ["sketch"], ["fuse"], ["predict"], ["evaluate"],
-            ["bundle"], ["export"], ["inspect"], ["demo"], ["data", "synth"], []]
+            ["bundle"], ["serve"], ["export"], ["inspect"], ["demo"], ["data", "synth"], []]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "pipeline")
@@ -29,7 +29,7 @@ def test_set_is_taken_by_every_command_and_refused_like_a_config_file(tmp_path):
     c, w = ["--catalog", tmp_path], ["--workdir", tmp_path / "w"]
     arguments = {"train": c + w, "extract": ["title_bpe"] + c + w, "models": c + w, "pretrain": ["all"] + w,
                  "sketch": w, "fuse": w, "predict": c + w + ["--out", tmp_path / "o.csv"], "evaluate": c + w,
-                 "bundle": w + ["--out", tmp_path / "b"], "export": w, "inspect": [tmp_path / "x.zarr"], "demo": w, "data synth": [tmp_path / "w"]}
+                 "bundle": w + ["--out", tmp_path / "b"], "serve": ["--model", tmp_path / "w"], "export": w, "inspect": [tmp_path / "x.zarr"], "demo": w, "data synth": [tmp_path / "w"]}
     for command in COMMANDS[:-1]:
         done = cli(*command, *arguments[" ".join(command)], "--set", "pretrain.epohcs=3")
         line = one_error_line(done)

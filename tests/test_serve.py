@@ -237,12 +237,11 @@ def _wait(condition, seconds: float = 240) -> None:
 
 
 def test_sigterm_stops_accepting_finishes_what_is_in_flight_and_exits_0(trained_workdir, photo, tmp_path):
+    """(Its settings come from --set: a batch waits 3 s, so the request is in flight at SIGTERM, and answers
+    name their top 2 classes.)"""
     w = tmp_path / "w"
     shutil.copytree(trained_workdir, w, ignore=shutil.ignore_patterns("catalog", "features", "sketches"))
-    record = json.loads((w / "config.json").read_text())
-    record["tables"]["serve"]["max_wait_ms"] = 3000  # a batch waits 3 s: the request is in flight at SIGTERM
-    (w / "config.json").write_text(json.dumps(record))
-    proc = process("serve", "--model", w, "--port", "0")
+    proc = process("serve", "--model", w, "--port", "0", "--set", "serve.max_wait_ms=3000", "--set", "serve.top_k=2")
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
     try:
@@ -259,6 +258,7 @@ def test_sigterm_stops_accepting_finishes_what_is_in_flight_and_exits_0(trained_
         inflight.join()
         assert proc.wait(120) == 0
         assert answers[0].status_code == 200 and len(answers[0].json()["items"]) == 16
+        assert all(len(answer["top"]) == 2 for answer in answers[0].json()["items"])
         assert time.monotonic() - sent > 2.5  # it was answered after the signal
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{url}/healthz")

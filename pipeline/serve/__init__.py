@@ -42,19 +42,20 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(source: str | Path, configs: list[Path] | None = None, host: str | None = None, port: int | None = None,
-          log=print) -> None:
-    """Serve `source` until SIGTERM or Ctrl-C; raises PipelineError when the first models do not load."""
+          log=print, sets: list[str] | tuple = ()) -> None:
+    """Serve `source` until SIGTERM or Ctrl-C; raises PipelineError when the first models do not load. `configs`
+    and `sets` (`--set` arguments) apply to every load, the first and each swap."""
     import uvicorn
 
     source = Path(source)
     if not source.is_dir():
         raise PipelineError(f"--model {source}: no such work directory or bundle")
-    opts = wd.load(source, configs).serve
+    opts = wd.load(source, configs, sets=sets).serve
     sock = bind(host or opts.host, opts.port if port is None else port)
     address, bound = sock.getsockname()[:2]
     where = f"http://[{address}]:{bound}" if ":" in address else f"http://{address}:{bound}"
     metrics = Metrics()
-    models = Models(source, configs, metrics, log)
+    models = Models(source, configs, metrics, log, sets)
     failed: list[str] = []
 
     def on_ready(err: str | None) -> None:

@@ -34,8 +34,8 @@ def one_line(err: BaseException) -> str:
 
 
 class Models:
-    def __init__(self, source: Path, configs: list[Path] | None, metrics, log):
-        self.source, self.configs, self.metrics, self.log = Path(source), configs, metrics, log
+    def __init__(self, source: Path, configs: list[Path] | None, metrics, log, sets: list[str] | tuple = ()):
+        self.source, self.configs, self.sets, self.metrics, self.log = Path(source), configs, tuple(sets), metrics, log
         self.current: Served | None = None
         self._seen: tuple | None = None
         self._checking = asyncio.Lock()
@@ -43,12 +43,16 @@ class Models:
     def load(self) -> Served:
         """A new Predictor of the source, as its files are now (blocking: run it in a thread)."""
         started = time.perf_counter()
-        predictor = Predictor.load(self.source, config=self.configs)
+        predictor = Predictor.load(self.source, config=self.config())
         predictor.warn_on_change = False  # the watcher swaps new models in
         return Served(predictor, predictor.version, time.perf_counter() - started)
 
+    def config(self):
+        """The source's configuration as it is now (a swapped-in work directory may record another)."""
+        return wd.load(self.source, self.configs, sets=self.sets)
+
     def stamp(self) -> tuple:
-        cfg = self.current.predictor.cfg if self.current else wd.load(self.source, self.configs)
+        cfg = self.current.predictor.cfg if self.current else self.config()
         return model_stamp(self.source.resolve(), cfg)
 
     async def start(self) -> None:
