@@ -153,7 +153,10 @@ def main() -> None:
         before = rss_mb(proc.pid)
         server = {f"c{c}": asyncio.run(drive(url, bodies, c, n)) for c, n in levels}
         after = rss_mb(proc.pid)
-        local = in_process(args.model, items, opts.max_batch_items, opts.top_k)  # the server idles meanwhile
+        # the server idles meanwhile; the Predictor gets the items as the server hands them over (no item_id:
+        # an id would look the item up in W's stores first)
+        local = in_process(args.model, [{k: it[k] for k in ("title", "description", "image")} for it in items],
+                           opts.max_batch_items, opts.top_k)
     finally:
         proc.terminate()
         proc.wait(120)
