@@ -3,7 +3,6 @@ offline (`local_files_only=True`), in eval mode, without their pooler."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from importlib.metadata import version
 from pathlib import Path
@@ -11,7 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from pipeline.errors import ModelNotFoundError, WeightsMismatchError, one_line
-from pipeline.provenance import remembered
+from pipeline.provenance import remembered, sha256_file
 from pipeline.trust import HF_CONFIGS, check_hf_directory
 
 TEXT_MODEL_HINT = (
@@ -56,7 +55,7 @@ def text_config(path: str | Path | None) -> SimpleNamespace:
     p = _checked_dir(path, trust=False)
     files = [p / name for name in HF_CONFIGS]
     key = {"transformers": version("transformers"),
-           "files": {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.is_file()}}
+           "files": {f.name: sha256_file(f) for f in files if f.is_file()}}
     return SimpleNamespace(**remembered("text-config", key, lambda: _read_config(p)))
 
 
@@ -64,14 +63,19 @@ def _read_config(p: Path) -> dict:
     check_hf_directory(p)
     from transformers import AutoConfig
 
+    return _loaded(lambda: AutoConfig.from_pretrained(str(p), local_files_only=True, trust_remote_code=False),
+                   "read the text model's config", p).to_dict()
+
+
+def _loaded(load, what: str, path):
+    """`load()` under quiet transformers; any failure is "this directory is not usable": one ModelNotFoundError
+    saying what could not be done at `path`."""
     try:
         with quiet_transformers():
-            cfg = AutoConfig.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
-    except Exception as e:  # noqa: BLE001 - any failure here is "this directory is not usable"
-        raise ModelNotFoundError(
-            f"cannot read the text model's config at '{p}' ({type(e).__name__}: {one_line(e)}): {TEXT_MODEL_HINT}"
-        ) from e
-    return cfg.to_dict()
+            return load()
+    except Exception as e:  # noqa: BLE001
+        raise ModelNotFoundError(f"cannot {what} at '{path}' ({type(e).__name__}: {one_line(e)}): {TEXT_MODEL_HINT}") \
+            from e
 
 
 def tokenizer_max_length(path: str | Path) -> float:
@@ -97,27 +101,17 @@ def load_text_model(path: str | Path | None):
     p = _checked_dir(path)
     from transformers import AutoModel, AutoTokenizer
 
-    try:
-        with quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
-    except Exception as e:  # noqa: BLE001 - any failure here is "this directory is not usable"
-        raise ModelNotFoundError(
-            f"cannot load the tokenizer at '{path}' ({type(e).__name__}: {one_line(e)}): {TEXT_MODEL_HINT}"
-        ) from e
-    try:
-        with quiet_transformers():
-            try:
-                model, info = AutoModel.from_pretrained(
-                    str(p), local_files_only=True, add_pooling_layer=False, output_loading_info=True,
-                    trust_remote_code=False,
-                )
-            except TypeError:  # an architecture without a pooler switch
-                model, info = AutoModel.from_pretrained(str(p), local_files_only=True, output_loading_info=True,
-                                                        trust_remote_code=False)
-    except Exception as e:  # noqa: BLE001
-        raise ModelNotFoundError(
-            f"cannot load the text model at '{path}' ({type(e).__name__}: {one_line(e)}): {TEXT_MODEL_HINT}"
-        ) from e
+    tokenizer = _loaded(lambda: AutoTokenizer.from_pretrained(str(p), local_files_only=True,
+                                                              trust_remote_code=False), "load the tokenizer", path)
+
+    def build():
+        kwargs = {"local_files_only": True, "output_loading_info": True, "trust_remote_code": False}
+        try:
+            return AutoModel.from_pretrained(str(p), add_pooling_layer=False, **kwargs)
+        except TypeError:  # an architecture without a pooler switch
+            return AutoModel.from_pretrained(str(p), **kwargs)
+
+    model, info = _loaded(build, "load the text model", path)
     # Unexpected keys (an MLM head, a pooler) are fine; encoder weights left at their random init are not.
     missing = sorted(info.get("missing_keys") or [])
     mismatched = sorted(str(k) for k in (info.get("mismatched_keys") or []))
