@@ -19,8 +19,9 @@ Identity: every modality checkpoint must be the one the fusion recorded (its sha
 the loaded models (a digest of the fusion checkpoint, the checkpoints it names and the upstream models'
 provenance). A Predictor never reads a model file again after loading: when the work directory is
 retrained in place it goes on answering with its own models (and says so once); `changed()` tells, and a
-new `Predictor.load` gives the new ones. One Predictor is safe to call from several threads (the calls
-take turns: each already uses every core).
+new `Predictor.load` gives the new ones. One Predictor may be called from several threads at once: the calls
+run side by side, each with the torch threads of the thread that makes it (`torch.set_num_threads` there;
+`pipeline serve` splits the cores among the batches it runs at once).
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import json
 import os
 import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,15 +97,23 @@ def _store_stamp(path) -> object:
 
 class _Lookup:
     """Input fingerprint -> item id of a store's complete rows, for a store whose provenance `accepts` (made by
-    this very checkpoint or extractor). Checked at each use: a store written or rebuilt since it was indexed is
-    indexed again, and one rebuilt by another checkpoint or extractor is no longer read."""
+    this very checkpoint or extractor). Checked at each use (`held`): a store written or rebuilt since it was indexed
+    is indexed again, and one rebuilt by another checkpoint or extractor is no longer read."""
 
     def __init__(self, path, accepts=lambda provenance: True):
-        self.path, self.accepts, self.lock = path, accepts, threading.Lock()
+        self.path, self.accepts, self.lock = path, accepts, threading.RLock()
         self.stamp, self.store = object(), None
         self.ids, self.index = np.zeros(0, np.int64), IdIndex(np.zeros(0, np.uint64))
         if path is not None:
             self.refresh()
+
+    @contextmanager
+    def held(self):
+        """This lookup, refreshed, held while its store is read: another call's refresh (which may close the store
+        it replaces) waits."""
+        with self.lock:
+            self.refresh()
+            yield self
 
     def refresh(self) -> None:
         with self.lock:
@@ -224,7 +234,6 @@ class Predictor:
         self.class_names = read_class_names(cfg.serve.class_names) if names is None else names
         self.version, self.source = version, source
         self._stamp = model_stamp(source, cfg) if source is not None else ()
-        self._lock = threading.RLock()  # one call at a time: each already uses every core
         self._warned = False
         self.warn_on_change = True  # off where something else swaps models (pipeline serve)
 
@@ -344,13 +353,13 @@ class Predictor:
         fp = b.extractor.fingerprints(frame)  # (rows,) uint64
         out = np.zeros((len(frame), b.model.sketch_dim), np.float32)
         todo = np.ones(len(frame), bool)
-        b.sketch_store.refresh()
-        found, ids = b.sketch_store.find(fp)
-        if found.any():
-            rows = b.sketch_store.store.read("sketch", ids)
-            if b.sketch_store.unchanged():  # else rebuilt while reading: computed below instead
-                out[found] = rows
-                todo &= ~found
+        with b.sketch_store.held() as stored:
+            found, ids = stored.find(fp)
+            if found.any():
+                rows = stored.store.read("sketch", ids)
+                if stored.unchanged():  # else rebuilt while reading: computed below instead
+                    out[found] = rows
+                    todo &= ~found
         self._reuse(b, b.feature_store, fp, out, todo)
         if self.cache is not None and todo.any():
             self._reuse(b, self._cached(b, frame.filter(pl.Series(todo))), fp, out, todo)
@@ -366,15 +375,15 @@ class Predictor:
 
     def _reuse(self, b: _Branch, lookup: _Lookup, fp: np.ndarray, out: np.ndarray, todo: np.ndarray) -> None:
         """Sketch the rows still `todo` whose input `lookup`'s store holds, from its features."""
-        lookup.refresh()
-        found, ids = lookup.find(fp[todo])
-        if found.any():
-            rows = np.flatnonzero(todo)[found]
-            values = sketches(b.model, lookup.store, b.name, ids, self.cfg.sketch.batch_size, self.device,
-                              b.max_tokens)
-            if lookup.unchanged():
-                out[rows] = values
-                todo[rows] = False
+        with lookup.held():
+            found, ids = lookup.find(fp[todo])
+            if found.any():
+                rows = np.flatnonzero(todo)[found]
+                values = sketches(b.model, lookup.store, b.name, ids, self.cfg.sketch.batch_size, self.device,
+                                  b.max_tokens)
+                if lookup.unchanged():
+                    out[rows] = values
+                    todo[rows] = False
 
     def _compute(self, b: _Branch, frame: pl.DataFrame) -> MemoryFeatures:
         m = registry.get(b.name)
@@ -405,33 +414,25 @@ class Predictor:
 
 
 class _Call:
-    """One public call: the Predictor's turn (its lock), the items, and what is said once it is done (inputs
-    that could not be read; a source whose models changed since loading)."""
+    """One public call: the items, and what is said once it is done (inputs that could not be read; a source
+    whose models changed since loading)."""
 
     def __init__(self, predictor: Predictor, df):
         self.predictor, self.df = predictor, df
 
     def __enter__(self) -> Items:
-        self.predictor._lock.acquire()
-        try:
-            self.items = Items(self.df, self.predictor.cfg).__enter__()
-        except BaseException:
-            self.predictor._lock.release()
-            raise
+        self.items = Items(self.df, self.predictor.cfg).__enter__()
         return self.items
 
     def __exit__(self, kind, *exc) -> None:
         p = self.predictor
-        try:
-            self.items.__exit__(kind, *exc)
-            if kind is None and self.items.problems:
-                rows = sorted(self.items.problems)
-                warnings.warn(MissingInputWarning(f"{len(rows)} item(s) classified without an input that could "
-                                                  f"not be read: {self.items.names(rows)}"), stacklevel=3)
-            if kind is None and p.warn_on_change and not p._warned and p.changed():
-                p._warned = True
-                warnings.warn(f"{p.source}: its models changed since this Predictor was loaded; it goes on answering "
-                              f"with its own (version {p.version}): Predictor.load it again for the new ones",
-                              stacklevel=3)
-        finally:
-            p._lock.release()
+        self.items.__exit__(kind, *exc)
+        if kind is None and self.items.problems:
+            rows = sorted(self.items.problems)
+            warnings.warn(MissingInputWarning(f"{len(rows)} item(s) classified without an input that could "
+                                              f"not be read: {self.items.names(rows)}"), stacklevel=3)
+        if kind is None and p.warn_on_change and not p._warned and p.changed():
+            p._warned = True
+            warnings.warn(f"{p.source}: its models changed since this Predictor was loaded; it goes on answering "
+                          f"with its own (version {p.version}): Predictor.load it again for the new ones",
+                          stacklevel=3)

@@ -255,6 +255,7 @@ class Serve(Section):
     port: Annotated[int, Field(ge=0, le=65535)]  # 0: any free port (the ready line names it)
     max_batch_items: Positive  # items of concurrent requests grouped into one Predictor call
     max_wait_ms: Annotated[float, Field(ge=0, le=10_000, allow_inf_nan=False)]  # how long a batch waits for more items once the first is queued
+    parallel_batches: Annotated[int, Field(ge=1, le=64)]  # batches predicted at once, sharing the torch threads
     max_request_items: Positive
     max_body_bytes: Positive
     top_k: Positive  # classes in each answer

@@ -147,25 +147,28 @@ def test_a_predictor_keeps_its_own_models_when_the_workdir_is_retrained_in_place
         Predictor.load(w)  # a new Predictor: the new checkpoint, which the fusion never saw
 
 
-def test_one_predictor_from_several_threads_with_and_without_a_cache(trained_workdir, items, tmp_path):
+def test_one_predictor_from_several_threads_at_once_with_and_without_a_cache(trained_workdir, items, tmp_path):
     new = items.with_columns(pl.col("title") + " (nouveau)")  # inputs W does not hold: computed, then cached
+    parts = [new[k::3] for k in range(3)]  # each thread its own items: answers must not cross
+    want = [Predictor.load(trained_workdir).predict_proba(part).to_numpy() for part in parts]  # one call at a time
     for cache in (None, tmp_path / "cache"):
         p = Predictor.load(trained_workdir, cache=cache)
-        results, errors = [], []
+        results, errors, start = {}, [], threading.Barrier(3)
 
-        def call() -> None:
+        def call(k: int) -> None:
             try:
-                results.append(p.predict_proba(new).to_numpy())
+                start.wait()
+                results[k] = p.predict_proba(parts[k]).to_numpy()
             except Exception as err:  # noqa: BLE001 - the test reports it
                 errors.append(err)
-        threads = [threading.Thread(target=call) for _ in range(3)]
+        threads = [threading.Thread(target=call, args=(k,)) for k in range(3)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         assert not errors, errors
-        for r in results[1:]:
-            np.testing.assert_allclose(r, results[0], rtol=1e-4, atol=1e-5)
+        for k in range(3):
+            np.testing.assert_allclose(results[k], want[k], rtol=1e-4, atol=1e-5)
     assert (tmp_path / "cache" / "features" / "title_bpe.zarr").is_dir()
 
 

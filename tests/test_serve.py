@@ -101,6 +101,44 @@ def test_concurrent_requests_reach_one_predictor_call(trained_workdir):
     assert calls == [8]  # eight requests, one Predictor call
 
 
+def test_batches_run_side_by_side_each_with_its_share_of_the_threads(trained_workdir):
+    import torch
+
+    with serving(trained_workdir, max_wait_ms=0, parallel_batches=2) as (url, app):
+        predictor = app.state.models.current.predictor
+        calls, top = [], predictor.top
+
+        def slow_top(items, k):  # holds each batch long enough for the next request to arrive meanwhile
+            start = time.perf_counter()
+            threads = torch.get_num_threads()
+            time.sleep(1.0)
+            answers = top(items, k)
+            calls.append((start, time.perf_counter(), threads, [it["title"] for it in items]))
+            return answers
+        predictor.top = slow_top
+        answers = {}
+
+        def post(k: int) -> None:
+            answers[k] = httpx.post(f"{url}/v1/predict", json={"items": [item(None, item_id=k, title=f"Lampe {k}")]},
+                                    timeout=60)
+        threads = []
+        for k in range(3):  # the third waits for a free slot
+            threads.append(threading.Thread(target=post, args=(k,)))
+            threads[-1].start()
+            time.sleep(0.3)
+        for t in threads:
+            t.join()
+        alone = top([{"title": f"Lampe {k}"} for k in range(3)], 5)  # the same items in one call
+    assert sorted(c[3][0] for c in calls) == ["Lampe 0", "Lampe 1", "Lampe 2"]  # one batch each
+    (s0, e0, t0, _), (s1, e1, t1, _), (s2, _, t2, _) = sorted(calls)
+    assert s1 < e0 and s2 >= min(e0, e1)  # two at once, the third after one of them
+    cores = torch.get_num_threads()
+    assert t0 == cores and t1 == max(1, cores // 2)  # alone: every thread; beside another: its share
+    for k in range(3):
+        assert answers[k].status_code == 200 and answers[k].json()["items"][0]["item_id"] == k
+        assert answers[k].json()["items"][0]["code"] == alone[k]["code"]
+
+
 BAD = [  # (body or form, status, the one line's start)
     (b'{"items": [', 400, "body: not valid JSON"),
     (json.dumps({"items": [{"description": "x"}]}), 422, "items[0].title: missing"),

@@ -34,6 +34,8 @@ HF_LAYER_KEYS = ("model_type", "hidden_size", "num_attention_heads", "intermedia
 class _TextModel:
     def __init__(self, tokenizer, model):
         self.tokenizer, self.model = tokenizer, model
+        # a fast tokenizer may reset its Rust settings inside a call: concurrent predictor calls take turns here
+        self.tokenizing = threading.Lock()
 
 
 _SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
@@ -114,7 +116,9 @@ class CamembertTokens:
 
     def windows(self, items: pl.DataFrame) -> list[list[list[int]]]:
         """Per item, its model inputs: windows of at most max_len ids, each <s> ... </s>."""
-        ids = self.tokenizer(self.texts(items), add_special_tokens=False)["input_ids"]
+        loaded = self._loaded()
+        with loaded.tokenizing:
+            ids = loaded.tokenizer(self.texts(items), add_special_tokens=False)["input_ids"]
         bos, eos, step = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id, self.max_len - 2
         return [[[bos, *seq[i : i + step], eos] for i in range(0, len(seq), step)] for seq in ids]
 

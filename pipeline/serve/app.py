@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import signal
 import threading
@@ -70,13 +71,32 @@ class BodyLimit:
         return f"body: {n} bytes or more, at most {self.limit} ([serve] max_body_bytes)"
 
 
+class Counted:
+    """Every response counted by path and status (plain ASGI: Starlette's BaseHTTPMiddleware costs a task group and
+    a stream per request)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"] if scope["path"] in _PATHS else "other"
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(path, str(message["status"])).inc()
+            await send(message)
+        await self.app(scope, receive, counted)
+
+
 def create_app(models: Models, opts: Serve, token: str | None, metrics: Metrics | None = None,
                on_ready=None, reload_on_sighup: bool = False) -> FastAPI:
     """The app serving `models` (loaded when it starts); `on_ready(error)` is called once the first models
     are loaded (error None) or failed to load. `reload_on_sighup`: SIGHUP checks the model files at once
     (the main thread's loop only)."""
     metrics = metrics or models.metrics
-    batcher = Batcher(models, opts.max_batch_items, opts.max_wait_ms, opts.top_k, metrics)
+    batcher = Batcher(models, opts.max_batch_items, opts.max_wait_ms, opts.top_k, metrics, opts.parallel_batches)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -95,6 +115,7 @@ def create_app(models: Models, opts: Serve, token: str | None, metrics: Metrics 
                   lifespan=lifespan)
     app.state.models, app.state.batcher, app.state.metrics = models, batcher, metrics
     app.add_middleware(BodyLimit, limit=opts.max_body_bytes, metrics=metrics)
+    app.add_middleware(Counted, metrics=metrics)  # outside BodyLimit: its refusals are counted too
     _errors(app, metrics)
     _routes(app, models, batcher, opts, token, metrics)
     return app
@@ -177,8 +198,10 @@ def _routes(app: FastAPI, models: Models, batcher: Batcher, opts: Serve, token: 
         served, answers = await batcher.submit(items)
         metrics.latency.labels("/v1/predict").observe(time.perf_counter() - started)
         share_of = "logit" if served.predictor.heads.method == "joint" else "probability"
-        return {"model_version": served.version, "share_of": share_of,
-                "items": [{"item_id": i} | a for i, a in zip(ids, answers)]}
+        # serialized here: the answers are JSON-ready, FastAPI's encoder would walk them again
+        return Response(json.dumps({"model_version": served.version, "share_of": share_of,
+                                    "items": [{"item_id": i} | a for i, a in zip(ids, answers)]}, ensure_ascii=False),
+                        media_type="application/json")
 
     @app.get("/healthz", summary="The process answers")
     async def healthz():
@@ -203,13 +226,6 @@ def _routes(app: FastAPI, models: Models, batcher: Batcher, opts: Serve, token: 
     @app.get("/", response_class=HTMLResponse, summary="A page to try one product")
     async def page():
         return resources.files("pipeline.serve").joinpath("page.html").read_text(encoding="utf-8")
-
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        response = await call_next(request)
-        metrics.requests.labels(request.url.path if request.url.path in _PATHS else "other",
-                                str(response.status_code)).inc()
-        return response
 
 
 _PATHS = {"/v1/predict", "/", "/healthz", "/readyz", "/metrics", "/admin/reload", "/docs", "/openapi.json"}

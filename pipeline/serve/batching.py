@@ -2,9 +2,12 @@
 
 Requests wait in an asyncio queue. The batch loop takes the first, then whatever else is queued, and waits at
 most `[serve] max_wait_ms` for more, until `max_batch_items` items (a request is never split: a request larger
-than that goes alone). The Predictor call runs in one worker thread, so the event loop stays free to accept and
-check requests meanwhile; those pile up and make the next batch. Each batch uses the models current when it
-starts (pipeline.serve.models), and every answer names their version.
+than that goes alone). Up to `[serve] parallel_batches` batches are predicted at once, each in a worker thread
+with its share of the process's torch threads, so the event loop stays free to accept and check requests
+meanwhile; those pile up and make the next batch. One batch alone gets every thread (the lowest latency); under
+load, batches side by side with a thread each keep both cores computing, where two threads of one batch wait at
+each other's barriers whenever the event loop or a client on the same machine takes a core. Each batch uses the
+models current when it starts (pipeline.serve.models), and every answer names their version.
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+import torch
 
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.models import Models, Served
@@ -24,12 +29,16 @@ class Pending:
 
 
 class Batcher:
-    def __init__(self, models: Models, max_items: int, max_wait_ms: float, top_k: int, metrics: Metrics):
+    def __init__(self, models: Models, max_items: int, max_wait_ms: float, top_k: int, metrics: Metrics,
+                 parallel: int = 1):
         self.models, self.max_items, self.max_wait, self.top_k = models, max_items, max_wait_ms / 1000, top_k
         self.metrics = metrics
         self.queue: asyncio.Queue[Pending] = asyncio.Queue()
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="emde-predict")
+        self.worker = ThreadPoolExecutor(parallel, thread_name_prefix="emde-predict")
+        self.threads = torch.get_num_threads()  # the process's, shared among the batches running
+        self.running, self.free = 0, asyncio.Semaphore(parallel)
         self._held: Pending | None = None  # taken from the queue but too big for the batch it met: next first
+        self._tasks: set[asyncio.Task] = set()
 
     async def submit(self, items: list[dict]) -> tuple[Served, list[dict]]:
         """(the models that answered, one answer per item) once the batch holding these items is done."""
@@ -39,28 +48,37 @@ class Batcher:
         return await pending.future
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            batch = await self._next_batch(loop)
-            served = self.models.current  # swaps happen between batches
-            n = sum(len(p.items) for p in batch)
-            self.metrics.queued.dec(n)
-            self.metrics.batch_items.observe(n)
-            started = time.perf_counter()
-            try:
-                answers = await loop.run_in_executor(self.worker, served.predictor.top,
-                                                     [it for p in batch for it in p.items], self.top_k)
-            except Exception as err:  # noqa: BLE001 - the requests of this batch get it; the loop goes on
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(err)
-                continue
-            self.metrics.batch_seconds.observe(time.perf_counter() - started)
-            start = 0
+            await self.free.acquire()  # released when a batch is done
+            batch = await self._next_batch(asyncio.get_running_loop())
+            self.running += 1
+            task = asyncio.create_task(self._predict(batch, max(1, self.threads // self.running)))
+            self._tasks.add(task)  # held until done (the loop keeps only weak references to tasks)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _predict(self, batch: list[Pending], threads: int) -> None:
+        served = self.models.current  # swaps happen between batches
+        n = sum(len(p.items) for p in batch)
+        self.metrics.queued.dec(n)
+        self.metrics.batch_items.observe(n)
+        started = time.perf_counter()
+        try:
+            answers = await asyncio.get_running_loop().run_in_executor(
+                self.worker, _top, served.predictor, [it for p in batch for it in p.items], self.top_k, threads)
+        except Exception as err:  # noqa: BLE001 - the requests of this batch get it; the loop goes on
             for p in batch:
-                if not p.future.done():  # a client that went away leaves a cancelled future
-                    p.future.set_result((served, answers[start : start + len(p.items)]))
-                start += len(p.items)
+                if not p.future.done():
+                    p.future.set_exception(err)
+            return
+        finally:
+            self.running -= 1
+            self.free.release()
+        self.metrics.batch_seconds.observe(time.perf_counter() - started)
+        start = 0
+        for p in batch:
+            if not p.future.done():  # a client that went away leaves a cancelled future
+                p.future.set_result((served, answers[start : start + len(p.items)]))
+            start += len(p.items)
 
     async def _next_batch(self, loop) -> list[Pending]:
         first = self._held or await self.queue.get()
@@ -87,3 +105,8 @@ class Batcher:
 
     def close(self) -> None:
         self.worker.shutdown(wait=True)
+
+
+def _top(predictor, items: list[dict], k: int, threads: int) -> list[dict]:
+    torch.set_num_threads(threads)  # this worker thread's OpenMP team (each thread keeps its own)
+    return predictor.top(items, k)
