@@ -3,11 +3,12 @@
     python benchmarks/serve.py --model W|BUNDLE [--catalog DIR] [--requests 1:500,8:1500,32:3000] [--items 200]
 
 Starts `pipeline serve --model ... --port 0` as a subprocess (cold start: process start to its ready line),
-warms it up (each item once, then three times as many requests at concurrency 32), then for each concurrency
+warms it up (each item once, then rounds of three times as many requests at concurrency 32 until a round
+raises the server's memory by less than 1%; `warm_up` says how many and what they cost), then for each concurrency
 level sends its fixed number of one-item requests (JSON, the photo in base64) from that many concurrent clients,
 and measures p50/p99 latency, items/s and errors; the server's resident memory (VmRSS) after the warm-up and
 after the last request. The same items go through an in-process
-Predictor of the same model, after the same warm-up, called from one worker thread as the server calls it: one
+Predictor of the same model, after each item once, called from one worker thread as the server calls it: one
 item per call (p50/p99), and batches of `[serve] max_batch_items` (items/s); the server idles meanwhile. The machine's load average is reported too:
 on a shared 2-core machine, OpenMP's spinning threads make every figure depend on what else runs.
 
@@ -105,6 +106,21 @@ async def drive(url: str, bodies: list[bytes], concurrency: int, requests: int) 
             "items_s": requests / seconds, "errors": len(errors), "first_errors": errors[:3]}
 
 
+def warm_up(url: str, bodies: list[bytes], pid: int, settled: float = 0.01, rounds: int = 12) -> dict:
+    """Each item once (oneDNN sets up each shape), then rounds of three requests per item at concurrency 32 until
+    a round raises the server's memory by less than `settled` (allocators and caches at their high-water marks:
+    with two batches side by side, about 4,000 requests). What the warm-up cost in memory is reported."""
+    start = rss_mb(pid)
+    asyncio.run(drive(url, bodies, 1, len(bodies)))
+    for n in range(1, rounds + 1):
+        was = rss_mb(pid)
+        asyncio.run(drive(url, bodies, 32, 3 * len(bodies)))
+        if rss_mb(pid) < was * (1 + settled):
+            break
+    return {"rounds_at_c32": n, "requests": len(bodies) * (1 + 3 * n), "rss_mb_at_start": start,
+            "rss_growth": rss_mb(pid) / start - 1}
+
+
 def in_process(model: Path, items: list[dict], batch: int, top_k: int, repeats: int = 3) -> dict:
     """The same items through a Predictor in this process, called from one worker thread as the server calls it
     (a torch call from the main thread can be many times slower on a loaded machine: OpenMP's spinning, see
@@ -148,8 +164,7 @@ def main() -> None:
     bodies = [json.dumps({"items": [it | {"image": base64.b64encode(it["image"]).decode()}]}).encode() for it in items]
     proc, url, cold = start_server(args.model)
     try:
-        asyncio.run(drive(url, bodies, 1, len(bodies)))  # warm-up: each item once (oneDNN sets up each shape),
-        asyncio.run(drive(url, bodies, 32, 3 * len(bodies)))  # then batches of every size up to 32
+        warmup = warm_up(url, bodies, proc.pid)
         before = rss_mb(proc.pid)
         server = {f"c{c}": asyncio.run(drive(url, bodies, c, n)) for c, n in levels}
         after = rss_mb(proc.pid)
@@ -160,7 +175,8 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(120)
-    report = {"model": str(args.model), "load_average": os.getloadavg(), "cold_start_s": cold, "server": server,
+    report = {"model": str(args.model), "load_average": os.getloadavg(), "cold_start_s": cold, "warm_up": warmup,
+              "server": server,
               "in_process": local,
               "rss_mb_after_warmup": before, "rss_mb_after": after,
               "c1_p50_ratio": server["c1"]["p50_s"] / local["one_item_p50_s"] if "c1" in server else None,

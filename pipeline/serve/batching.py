@@ -2,12 +2,15 @@
 
 Requests wait in an asyncio queue. The batch loop takes the first, then whatever else is queued, and waits at
 most `[serve] max_wait_ms` for more, until `max_batch_items` items (a request is never split: a request larger
-than that goes alone). Up to `[serve] parallel_batches` batches are predicted at once, each in a worker thread
-with its share of the process's torch threads, so the event loop stays free to accept and check requests
-meanwhile; those pile up and make the next batch. One batch alone gets every thread (the lowest latency); under
-load, batches side by side with a thread each keep both cores computing, where two threads of one batch wait at
-each other's barriers whenever the event loop or a client on the same machine takes a core. Each batch uses the
-models current when it starts (pipeline.serve.models), and every answer names their version.
+than that goes alone). Up to `[serve] parallel_batches` batches are predicted at once, each in a worker thread,
+so the event loop stays free to accept and check requests meanwhile; those pile up and make the next batch. A
+batch alone gets every torch thread (the lowest latency); under load, batches side by side with a thread each
+keep the cores computing, where two threads of one batch wait at each other's barriers whenever the event loop
+or a client takes a core. Only the lead worker ever runs more than one thread: libgomp keeps a pool of threads
+for each thread that ran a parallel region, for as long as it lives, and once it manages more threads than
+there are cores it stops spinning at barriers, so that every torch op of every thread waits on a futex (one
+item: 32 -> 40 ms, docs/design.md "Serving"). Each batch uses the models current when it starts
+(pipeline.serve.models), and every answer names their version.
 """
 from __future__ import annotations
 
@@ -34,9 +37,10 @@ class Batcher:
         self.models, self.max_items, self.max_wait, self.top_k = models, max_items, max_wait_ms / 1000, top_k
         self.metrics = metrics
         self.queue: asyncio.Queue[Pending] = asyncio.Queue()
-        self.worker = ThreadPoolExecutor(parallel, thread_name_prefix="emde-predict")
+        self.lead = ThreadPoolExecutor(1, thread_name_prefix="emde-predict-lead")  # every thread when alone
+        self.side = ThreadPoolExecutor(max(1, parallel - 1), thread_name_prefix="emde-predict")  # one thread each
         self.threads = torch.get_num_threads()  # the process's, shared among the batches running
-        self.running, self.free = 0, asyncio.Semaphore(parallel)
+        self.running, self.lead_busy, self.free = 0, False, asyncio.Semaphore(parallel)
         self._held: Pending | None = None  # taken from the queue but too big for the batch it met: next first
         self._tasks: set[asyncio.Task] = set()
 
@@ -52,11 +56,14 @@ class Batcher:
             await self.free.acquire()  # released when a batch is done
             batch = await self._next_batch(asyncio.get_running_loop())
             self.running += 1
-            task = asyncio.create_task(self._predict(batch, max(1, self.threads // self.running)))
+            lead = not self.lead_busy  # the lead takes every batch it is free for
+            self.lead_busy = self.lead_busy or lead
+            threads = max(1, self.threads // self.running) if lead else 1
+            task = asyncio.create_task(self._predict(batch, lead, threads))
             self._tasks.add(task)  # held until done (the loop keeps only weak references to tasks)
             task.add_done_callback(self._tasks.discard)
 
-    async def _predict(self, batch: list[Pending], threads: int) -> None:
+    async def _predict(self, batch: list[Pending], lead: bool, threads: int) -> None:
         served = self.models.current  # swaps happen between batches
         n = sum(len(p.items) for p in batch)
         self.metrics.queued.dec(n)
@@ -64,7 +71,8 @@ class Batcher:
         started = time.perf_counter()
         try:
             answers = await asyncio.get_running_loop().run_in_executor(
-                self.worker, _top, served.predictor, [it for p in batch for it in p.items], self.top_k, threads)
+                self.lead if lead else self.side, _top, served.predictor, [it for p in batch for it in p.items],
+                self.top_k, threads)
         except Exception as err:  # noqa: BLE001 - the requests of this batch get it; the loop goes on
             for p in batch:
                 if not p.future.done():
@@ -72,6 +80,8 @@ class Batcher:
             return
         finally:
             self.running -= 1
+            if lead:
+                self.lead_busy = False
             self.free.release()
         self.metrics.batch_seconds.observe(time.perf_counter() - started)
         start = 0
@@ -104,9 +114,10 @@ class Batcher:
         return batch
 
     def close(self) -> None:
-        self.worker.shutdown(wait=True)
+        self.lead.shutdown(wait=True)
+        self.side.shutdown(wait=True)
 
 
 def _top(predictor, items: list[dict], k: int, threads: int) -> list[dict]:
-    torch.set_num_threads(threads)  # this worker thread's OpenMP team (each thread keeps its own)
+    torch.set_num_threads(threads)  # this worker thread's OpenMP team size (each thread keeps its own)
     return predictor.top(items, k)

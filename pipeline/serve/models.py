@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,16 @@ def one_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     text = lines[0] if lines else ""
     return text if isinstance(err, (PipelineError, StoreError)) else f"{type(err).__name__}: {text}"[:500]
+
+
+async def in_a_passing_thread(fn):
+    """fn() in a thread that ends with it. A load runs torch ops, and a thread that ran them with several threads
+    keeps an OpenMP pool while it lives, which slows every later torch op of the batches (pipeline.serve.batching)."""
+    worker = ThreadPoolExecutor(1, thread_name_prefix="emde-load")
+    try:
+        return await asyncio.get_running_loop().run_in_executor(worker, fn)
+    finally:
+        worker.shutdown(wait=False)
 
 
 class Models:
@@ -58,7 +69,7 @@ class Models:
     async def start(self) -> None:
         """The first models (raises what stops the server: there is nothing to answer with)."""
         self._seen = await asyncio.to_thread(self.stamp)
-        self._use(await asyncio.to_thread(self.load))
+        self._use(await in_a_passing_thread(self.load))
 
     def _use(self, served: Served) -> None:
         old = self.current
@@ -81,7 +92,7 @@ class Models:
                 return None
             self._seen = stamp
             try:
-                served = await asyncio.to_thread(self.load)
+                served = await in_a_passing_thread(self.load)
             except Exception as err:  # noqa: BLE001 - any failure keeps the models that work
                 return self._kept(err)
             if self.current is None or served.version != self.current.version:
