@@ -21,7 +21,7 @@ provenance). A Predictor never reads a model file again after loading: when the 
 retrained in place it goes on answering with its own models (and says so once); `changed()` tells, and a
 new `Predictor.load` gives the new ones. One Predictor may be called from several threads at once: the calls
 run side by side, each with the torch threads of the thread that makes it (`torch.set_num_threads` there;
-`pipeline serve` splits the cores among the batches it runs at once).
+`pipeline serve` gives a batch alone every thread, batches side by side one each).
 """
 from __future__ import annotations
 
