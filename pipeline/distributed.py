@@ -1,4 +1,5 @@
-"""Where a process runs: the torchrun environment, the device, and the process group of a training stage.
+"""Where a process runs: the torchrun environment, the device, the torch threads of a thread, and the process
+group of a training stage.
 
 The one place that reads torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE; without
 torchrun the run is one process, rank 0 of 1) and that picks a device from a `device` setting. Under
@@ -17,7 +18,7 @@ import torch.distributed as dist
 
 from pipeline.errors import PipelineError
 
-__all__ = ["Dist", "Torchrun", "pick_device", "torchrun"]
+__all__ = ["Dist", "Torchrun", "pick_device", "torchrun", "use_threads"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,14 @@ def torchrun() -> Torchrun:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return Torchrun(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")),
                     int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+
+
+def use_threads(n: int) -> None:
+    """n torch (OpenMP) threads for the calls of this thread. `torch.set_num_threads` also sets a value shared by
+    the process, which a thread new to torch takes on its first op, over what it set itself: asking first
+    settles this thread's own before setting it."""
+    torch.get_num_threads()
+    torch.set_num_threads(n)
 
 
 def pick_device(want: str, setting: str = "device") -> torch.device:

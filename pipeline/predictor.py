@@ -20,8 +20,8 @@ the loaded models (a digest of the fusion checkpoint, the checkpoints it names a
 provenance). A Predictor never reads a model file again after loading: when the work directory is
 retrained in place it goes on answering with its own models (and says so once); `changed()` tells, and a
 new `Predictor.load` gives the new ones. One Predictor may be called from several threads at once: the calls
-run side by side, each with the torch threads of the thread that makes it (`torch.set_num_threads` there;
-`pipeline serve` gives a batch alone every thread, batches side by side one each).
+run side by side, each with the torch threads of the thread that makes it (`distributed.use_threads` there;
+`pipeline serve` gives a batch alone every thread, a batch beside it one).
 """
 from __future__ import annotations
 

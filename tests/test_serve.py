@@ -139,6 +139,24 @@ def test_batches_run_side_by_side_the_lead_with_every_thread_the_other_with_one(
         assert answers[k].json()["items"][0]["code"] == alone[k]["code"]
 
 
+def test_an_unexpected_failure_is_a_500_of_one_line_and_counted(server):
+    url, app = server
+    predictor = app.state.models.current.predictor
+    top = predictor.top
+
+    def broken(items, k):
+        raise RuntimeError("boom\nsecond line")
+    predictor.top = broken
+    try:
+        answer = httpx.post(f"{url}/v1/predict", json={"items": [item(None)]}, timeout=60)
+    finally:
+        predictor.top = top
+    assert answer.status_code == 500
+    assert answer.json() == {"error": "internal error (RuntimeError: boom); the server log has the details"}
+    assert 'emde_requests_total{path="/v1/predict",status="500"} 1.0' in httpx.get(f"{url}/metrics").text
+    assert httpx.post(f"{url}/v1/predict", json={"items": [item(None)]}, timeout=60).status_code == 200  # it goes on
+
+
 BAD = [  # (body or form, status, the one line's start)
     (b'{"items": [', 400, "body: not valid JSON"),
     (json.dumps({"items": [{"description": "x"}]}), 422, "items[0].title: missing"),

@@ -116,9 +116,9 @@ class CamembertTokens:
 
     def windows(self, items: pl.DataFrame) -> list[list[list[int]]]:
         """Per item, its model inputs: windows of at most max_len ids, each <s> ... </s>."""
-        loaded = self._loaded()
+        loaded, texts = self._loaded(), self.texts(items)
         with loaded.tokenizing:
-            ids = loaded.tokenizer(self.texts(items), add_special_tokens=False)["input_ids"]
+            ids = loaded.tokenizer(texts, add_special_tokens=False)["input_ids"]
         bos, eos, step = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id, self.max_len - 2
         return [[[bos, *seq[i : i + step], eos] for i in range(0, len(seq), step)] for seq in ids]
 

@@ -72,8 +72,9 @@ class BodyLimit:
 
 
 class Counted:
-    """Every response counted by path and status (plain ASGI: Starlette's BaseHTTPMiddleware costs a task group and
-    a stream per request)."""
+    """Every response counted by path and status, the 500 of an unexpected failure included (Starlette's outermost
+    middleware sends that one, past this). Plain ASGI: BaseHTTPMiddleware costs a task group and a stream per
+    request."""
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -82,12 +83,20 @@ class Counted:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"] if scope["path"] in _PATHS else "other"
+        started = False
 
         async def counted(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 self.metrics.requests.labels(path, str(message["status"])).inc()
             await send(message)
-        await self.app(scope, receive, counted)
+        try:
+            await self.app(scope, receive, counted)
+        except Exception:
+            if not started:
+                self.metrics.requests.labels(path, "500").inc()
+            raise
 
 
 def create_app(models: Models, opts: Serve, token: str | None, metrics: Metrics | None = None,
@@ -200,7 +209,8 @@ def _routes(app: FastAPI, models: Models, batcher: Batcher, opts: Serve, token: 
         share_of = "logit" if served.predictor.heads.method == "joint" else "probability"
         # serialized here: the answers are JSON-ready, FastAPI's encoder would walk them again
         return Response(json.dumps({"model_version": served.version, "share_of": share_of,
-                                    "items": [{"item_id": i} | a for i, a in zip(ids, answers)]}, ensure_ascii=False),
+                                    "items": [{"item_id": i} | a for i, a in zip(ids, answers)]},
+                                   ensure_ascii=False, allow_nan=False, separators=(",", ":")),
                         media_type="application/json")
 
     @app.get("/healthz", summary="The process answers")

@@ -4,13 +4,17 @@ Requests wait in an asyncio queue. The batch loop takes the first, then whatever
 most `[serve] max_wait_ms` for more, until `max_batch_items` items (a request is never split: a request larger
 than that goes alone). Up to `[serve] parallel_batches` batches are predicted at once, each in a worker thread,
 so the event loop stays free to accept and check requests meanwhile; those pile up and make the next batch. A
-batch alone gets every torch thread (the lowest latency); under load, batches side by side with a thread each
-keep the cores computing, where two threads of one batch wait at each other's barriers whenever the event loop
-or a client takes a core. Only the lead worker ever runs more than one thread: libgomp keeps a pool of threads
-for each thread that ran a parallel region, for as long as it lives, and once it manages more threads than
-there are cores it stops spinning at barriers, so that every torch op of every thread waits on a futex (one
-item: 32 -> 40 ms, docs/design.md "Serving"). Each batch uses the models current when it starts
-(pipeline.serve.models), and every answer names their version.
+batch goes to the lead worker whenever it is free, with the process's torch threads divided by the batches then
+running (alone: all of them, the lowest latency); otherwise to a side worker, with one thread. On 2 cores,
+under load, that is two batches of one thread each: they keep both cores computing, where two threads of one
+batch wait at each other's barriers whenever the event loop or a client takes a core. (A lead batch that began
+alone keeps its threads when a side batch joins it: one thread more than the cores, until it ends.)
+
+Only the lead worker ever runs more than one thread: libgomp keeps a pool of threads for each thread that ran a
+parallel region, for as long as it lives, and once it manages more threads than there are cores it stops
+spinning at barriers, so that every torch op of every thread waits on a futex (one item: 32 -> 40 ms,
+docs/design.md "Serving"). Each batch uses the models current when it starts (pipeline.serve.models), and every
+answer names their version.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipeline.distributed import use_threads
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.models import Models, Served
 
@@ -64,12 +69,12 @@ class Batcher:
             task.add_done_callback(self._tasks.discard)
 
     async def _predict(self, batch: list[Pending], lead: bool, threads: int) -> None:
-        served = self.models.current  # swaps happen between batches
-        n = sum(len(p.items) for p in batch)
-        self.metrics.queued.dec(n)
-        self.metrics.batch_items.observe(n)
-        started = time.perf_counter()
         try:
+            served = self.models.current  # swaps happen between batches
+            n = sum(len(p.items) for p in batch)
+            self.metrics.queued.dec(n)
+            self.metrics.batch_items.observe(n)
+            started = time.perf_counter()
             answers = await asyncio.get_running_loop().run_in_executor(
                 self.lead if lead else self.side, _top, served.predictor, [it for p in batch for it in p.items],
                 self.top_k, threads)
@@ -119,5 +124,5 @@ class Batcher:
 
 
 def _top(predictor, items: list[dict], k: int, threads: int) -> list[dict]:
-    torch.set_num_threads(threads)  # this worker thread's OpenMP team size (each thread keeps its own)
+    use_threads(threads)  # this worker thread's OpenMP team (each thread keeps its own)
     return predictor.top(items, k)

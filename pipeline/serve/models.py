@@ -15,7 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from pipeline import workdir as wd
+from pipeline.distributed import use_threads
 from pipeline.errors import PipelineError
 from pipeline.predictor import Predictor, model_stamp
 from stores import StoreError
@@ -48,12 +51,15 @@ class Models:
     def __init__(self, source: Path, configs: list[Path] | None, metrics, log, sets: list[str] | tuple = ()):
         self.source, self.configs, self.sets, self.metrics, self.log = Path(source), configs, tuple(sets), metrics, log
         self.current: Served | None = None
+        self.threads = torch.get_num_threads()  # the process's, for every load
         self._seen: tuple | None = None
         self._checking = asyncio.Lock()
 
     def load(self) -> Served:
-        """A new Predictor of the source, as its files are now (blocking: run it in a thread)."""
+        """A new Predictor of the source, as its files are now, with the process's torch threads (blocking: run it
+        in a thread of its own, `in_a_passing_thread`)."""
         started = time.perf_counter()
+        use_threads(self.threads)
         predictor = Predictor.load(self.source, config=self.config())
         predictor.warn_on_change = False  # the watcher swaps new models in
         return Served(predictor, predictor.version, time.perf_counter() - started)
