@@ -89,7 +89,9 @@ def _copy(src: Path, dst: Path) -> None:
 
 def _text_model(cfg: Config, workdir: Path, out: Path) -> None:
     """The text model W's extractors run: its first `[text_model] layers` layers (all when 0), float16 weights
-    (config dtype float32: transformers loads them as float32), and its tokenizer (`_tokenizer`)."""
+    (config dtype float32: loaded as float32), and its tokenizer (`_tokenizer`)."""
+    import json
+
     import torch
     from safetensors.torch import save_file
 
@@ -100,13 +102,14 @@ def _text_model(cfg: Config, workdir: Path, out: Path) -> None:
     tokenizer, model = load_text_model(src)
     if cfg.text_model.layers:
         model.encoder.layer = model.encoder.layer[: cfg.text_model.layers]
-        model.config.num_hidden_layers = len(model.encoder.layer)
     out.mkdir(parents=True)
     state = {k: v.to(torch.float16).contiguous() if v.is_floating_point() else v.contiguous()
              for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    model.config.dtype = "float32"
-    model.config.to_json_file(str(out / "config.json"))
+    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    config.pop("torch_dtype", None)
+    config |= {"num_hidden_layers": len(model.encoder.layer), "dtype": "float32"}
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     _tokenizer(tokenizer, src, out, _texts(workdir, cfg))
 
 

@@ -43,8 +43,6 @@ def _json_object(path: Path) -> dict:
 
 def check_hf_directory(directory: str | Path) -> None:
     """Refuse a Hugging Face directory that would need its own code to load (before transformers reads it)."""
-    from transformers import CONFIG_MAPPING
-
     directory = Path(directory)
     for name in HF_CONFIGS:
         path = directory / name
@@ -56,10 +54,21 @@ def check_hf_directory(directory: str | Path) -> None:
                                    f"{sorted(data['auto_map'])[:3]}); this project never runs code from a model "
                                    "directory: use a model of an architecture transformers ships")
         model_type = data.get("model_type")
-        if name == "config.json" and (not isinstance(model_type, str) or model_type not in CONFIG_MAPPING):
+        if name == "config.json" and not _known(model_type):
             raise CodeRefusedError(f"{directory}: config.json names model_type {model_type!r}, which this "
                                    "transformers does not know (only custom code could build it); use a model of "
                                    "an architecture transformers ships (camembert, xlm-roberta, bert, ...)")
+
+
+def _known(model_type) -> bool:
+    """An architecture transformers ships (those the project builds itself without importing transformers)."""
+    from pipeline.weights.bert import ARCHITECTURES
+
+    if model_type in ARCHITECTURES:
+        return True
+    from transformers import CONFIG_MAPPING
+
+    return isinstance(model_type, str) and model_type in CONFIG_MAPPING
 
 
 # ---------------------------------------------------------------------- torch.export programs

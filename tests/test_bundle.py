@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -47,6 +48,25 @@ def test_a_bundle_holds_only_what_prediction_needs_and_classifies_as_w_did(bundl
     got = Predictor.load(b).predict_proba(items).to_numpy()  # the work directory is gone
     assert (got.argmax(1) == expected.argmax(1)).all()
     np.testing.assert_allclose(got, expected, atol=2e-3)  # the text model is float16 in the bundle
+
+
+def test_a_bundle_loads_and_predicts_without_importing_transformers(bundled, tmp_path):
+    """Its text model is built by pipeline.weights.bert and its tokenizer read by `tokenizers`: a fresh process
+    with nothing remembered (a new machine) never imports transformers' 3 s of modules."""
+    import subprocess
+    import sys
+
+    b, items, expected = bundled
+    items.head(3).write_parquet(tmp_path / "items.parquet")
+    code = ("import sys, polars as pl; from pipeline import Predictor; p = Predictor.load(sys.argv[1]); "
+            "print(p.predict_proba(pl.read_parquet(sys.argv[2])).to_numpy().argmax(1).tolist(), "
+            "'transformers' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code, str(b), str(tmp_path / "items.parquet")], capture_output=True,
+                         text=True, cwd=Path(__file__).resolve().parent.parent,
+                         env=os.environ | {"EMDE_CACHE_DIR": str(tmp_path / "cache")})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split("] ")[1].strip() == "False"
+    assert run.stdout.split("] ")[0] + "]" == str(expected[:3].argmax(1).tolist())
 
 
 def test_predict_with_a_bundle_on_the_command_line(bundled, trained_workdir, tmp_path):

@@ -134,6 +134,87 @@ def test_load_text_model_refuses_missing_encoder_weights(tiny_dir, tmp_path):
     assert str(broken) in str(err.value)
 
 
+def _tiny_bert(directory: Path) -> Path:
+    """A randomly initialised BERT (positions from 0, two token types, a pooler) as transformers saves it."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=40)).save_pretrained(str(directory))
+    return directory
+
+
+@pytest.mark.parametrize("arch", ["camembert", "bert"])
+def test_the_bert_family_is_built_in_plain_torch_and_equals_transformers(arch, tiny_dir, tmp_path):
+    from transformers import AutoModel
+
+    from pipeline.weights import bert
+
+    directory = tiny_dir if arch == "camembert" else _tiny_bert(tmp_path / "bert")
+    config = bert.read_config(directory)
+    assert bert.runs(config) and config["model_type"] == arch
+    ours = bert.load(directory, config)
+    theirs = AutoModel.from_pretrained(str(directory), add_pooling_layer=False, local_files_only=True).eval()
+    assert isinstance(ours, bert.TextEncoder) and not ours.training
+    assert ours.state_dict().keys() == theirs.state_dict().keys()  # a tuned tail loads either's layers
+    lengths, pad = [9, 4, 1, 7], config["pad_token_id"]
+    ids = torch.full((4, 9), pad)
+    mask = torch.zeros(4, 9, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = torch.randint(5, config["vocab_size"], (n,), generator=torch.Generator().manual_seed(row))
+        mask[row, :n] = 1
+    types = (torch.arange(9) >= 3).long().expand(4, 9) * int(config["type_vocab_size"] > 1)  # a second segment
+    with torch.inference_mode():
+        for inputs in ({"input_ids": ids, "attention_mask": mask}, {"input_ids": ids, "token_type_ids": types}):
+            got, want = ours(**inputs).last_hidden_state, theirs(**inputs).last_hidden_state
+            assert got.shape == want.shape == (4, 9, config["hidden_size"])
+            for row, n in enumerate(lengths if "attention_mask" in inputs else [9] * 4):  # padding is never read
+                torch.testing.assert_close(got[row, :n], want[row, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_other_architectures_and_settings_are_left_to_transformers(tiny_dir):
+    from pipeline.weights import bert
+
+    config = bert.read_config(tiny_dir)
+    assert bert.runs(config)
+    for change in ({"model_type": "deberta-v2"}, {"hidden_act": "gelu_new"}, {"is_decoder": True},
+                   {"position_embedding_type": "relative_key"}, {"layer_norm_eps": None}):
+        assert not bert.runs(config | change), change
+    assert not bert.runs({k: v for k, v in config.items() if k != "hidden_act"})  # transformers' default, not ours
+
+
+def test_a_generic_tokenizer_json_is_read_without_transformers_and_gives_its_ids(tiny_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    from pipeline.weights.text import FastTokenizer
+
+    assert FastTokenizer.of(tiny_dir) is None  # a CamembertTokenizer: transformers reads it
+    tok, _ = load_text_model(tiny_dir)
+    generic = tmp_path / "generic"
+    generic.mkdir()
+    tok.backend_tokenizer.save(str(generic / "tokenizer.json"))
+    special = {f"{k}_token": str(getattr(tok, f"{k}_token")) for k in ("cls", "sep", "pad", "unk")}
+    (generic / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"} | special))
+    ours = FastTokenizer.of(generic)
+    auto = AutoTokenizer.from_pretrained(str(generic), local_files_only=True)
+    texts = HELD_OUT + ["", "  Éte\u0301 à   Paris\t<b>x</b> 🙂 " * 40]
+    assert ours(texts)["input_ids"] == auto(texts, add_special_tokens=False)["input_ids"] == \
+        tok(texts, add_special_tokens=False)["input_ids"]
+    assert (ours.cls_token_id, ours.sep_token_id, ours.pad_token_id) == (tok.cls_token_id, tok.sep_token_id,
+                                                                        tok.pad_token_id)
+    for name in ("config.json", "model.safetensors"):
+        (generic / name).write_bytes((tiny_dir / name).read_bytes())
+    code = ("import sys; from pipeline.weights.text import load_text_model; t, m = load_text_model(sys.argv[1]); "
+            "print(type(t).__name__, type(m).__name__, 'transformers' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code, str(generic)], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert run.stdout.split() == ["FastTokenizer", "TextEncoder", "False"], run.stderr[-2000:]
+
+
 @pytest.mark.parametrize("kind", ["missing", "no_config", "none"])
 def test_load_text_model_missing_names_path_and_flag(tmp_path, kind):
     if kind == "missing":

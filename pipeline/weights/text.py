@@ -49,9 +49,10 @@ def _checked_dir(path: str | Path | None, trust: bool = True) -> Path:
 
 def text_config(path: str | Path | None) -> SimpleNamespace:
     """The model config of a local text model directory (its config.json as transformers reads it, defaults
-    filled in), checked as `load_text_model` checks the directory, without loading the model. Remembered for
-    the same config files and transformers version (provenance.remembered): a run with nothing to do neither
-    imports transformers nor reads the config through it."""
+    filled in; the file as it is where `weights.bert` builds the model), checked as `load_text_model` checks
+    the directory, without loading the model. Remembered for the same config files and transformers version
+    (provenance.remembered): a run with nothing to do neither imports transformers nor reads the config
+    through it."""
     p = _checked_dir(path, trust=False)
     files = [p / name for name in HF_CONFIGS]
     key = {"transformers": version("transformers"),
@@ -60,7 +61,12 @@ def text_config(path: str | Path | None) -> SimpleNamespace:
 
 
 def _read_config(p: Path) -> dict:
+    from pipeline.weights import bert
+
     check_hf_directory(p)
+    raw = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    if bert.runs(raw):  # it holds every key read here, as transformers would read them: no import needed
+        return raw
     from transformers import AutoConfig
 
     return _loaded(lambda: AutoConfig.from_pretrained(str(p), local_files_only=True, trust_remote_code=False),
@@ -94,15 +100,36 @@ def weight_files(path: str | Path) -> list[Path]:
 def load_text_model(path: str | Path | None):
     """Load a local Hugging Face text encoder directory offline: ``(tokenizer, model)``, model in eval mode.
 
-    CamemBERT / XLM-R / BERT-like models are built without their pooler (``add_pooling_layer=False``).
-    Raises ModelNotFoundError (naming the path and the flag) when the directory or its files are missing
-    or cannot be loaded.
+    CamemBERT / XLM-R / BERT-like models are built without their pooler: by `weights.bert` where it builds the
+    architecture (its config.json complete, safetensors weights), else by transformers (``add_pooling_layer=
+    False``); a tokenizer.json whose config names the generic fast tokenizer is read by `tokenizers` alone
+    (`FastTokenizer`; a bundle's is), any other by transformers. Raises ModelNotFoundError (naming the path and
+    the flag) when the directory or its files are missing or cannot be loaded.
     """
-    p = _checked_dir(path)
-    from transformers import AutoModel, AutoTokenizer
+    from pipeline.weights import bert
 
-    tokenizer = _loaded(lambda: AutoTokenizer.from_pretrained(str(p), local_files_only=True,
-                                                              trust_remote_code=False), "load the tokenizer", path)
+    p = _checked_dir(path)
+    tokenizer = FastTokenizer.of(p) or _loaded(lambda: _auto_tokenizer(p), "load the tokenizer", path)
+    config = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    if bert.runs(config) and (p / "model.safetensors").is_file():
+        try:
+            return tokenizer, bert.load(p, config)
+        except KeyError as e:
+            raise _weights_mismatch(path, e.args[0]) from None
+        except Exception as e:  # noqa: BLE001
+            raise ModelNotFoundError(f"cannot load the text model at '{path}' ({type(e).__name__}: {one_line(e)}): "
+                                     f"{TEXT_MODEL_HINT}") from e
+    return tokenizer, _auto_model(p, path)
+
+
+def _auto_tokenizer(p: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
+
+
+def _auto_model(p: Path, path):
+    from transformers import AutoModel
 
     def build():
         kwargs = {"local_files_only": True, "output_loading_info": True, "trust_remote_code": False}
@@ -116,12 +143,49 @@ def load_text_model(path: str | Path | None):
     missing = sorted(info.get("missing_keys") or [])
     mismatched = sorted(str(k) for k in (info.get("mismatched_keys") or []))
     if missing or mismatched:
-        raise WeightsMismatchError(
-            f"the text model at '{path}' does not hold all its encoder weights: {len(missing)} missing "
-            f"(e.g. {', '.join(missing[:3]) or '-'}), {len(mismatched)} of the wrong shape; {TEXT_MODEL_HINT}"
-        )
-    model.eval()
-    return tokenizer, model
+        raise _weights_mismatch(path, f"{len(missing)} missing (e.g. {', '.join(missing[:3]) or '-'}), "
+                                      f"{len(mismatched)} of the wrong shape")
+    return model.eval()
+
+
+def _weights_mismatch(path, what: str) -> WeightsMismatchError:
+    return WeightsMismatchError(f"the text model at '{path}' does not hold all its encoder weights: {what}; "
+                                f"{TEXT_MODEL_HINT}")
+
+
+class FastTokenizer:
+    """A tokenizer.json read by `tokenizers` alone, as transformers' generic fast tokenizer reads it for this
+    project's calls (`tok(texts, add_special_tokens=False)["input_ids"]`, the special tokens' ids), without
+    importing transformers (a second of a bundle's load)."""
+
+    def __init__(self, backend, ids: dict[str, int], model_max_length):
+        self.backend, self.model_max_length = backend, model_max_length
+        self.cls_token_id, self.sep_token_id, self.pad_token_id = ids["cls"], ids["sep"], ids["pad"]
+
+    @classmethod
+    def of(cls, directory: Path) -> FastTokenizer | None:
+        """The directory's tokenizer when its tokenizer_config.json names the generic fast tokenizer with the
+        special tokens used here; None otherwise (transformers reads it)."""
+        config_path, file = directory / "tokenizer_config.json", directory / "tokenizer.json"
+        if not (config_path.is_file() and file.is_file()):
+            return None
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        tokens = {k: config.get(f"{k}_token") for k in ("cls", "sep", "pad")}
+        tokens = {k: t.get("content") if isinstance(t, dict) else t for k, t in tokens.items()}
+        if config.get("tokenizer_class") != "PreTrainedTokenizerFast" or not all(isinstance(t, str) for t in tokens.values()):
+            return None
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_file(str(file))
+        backend.no_truncation()  # transformers sets these on every call; ids of whole texts, unpadded
+        backend.no_padding()
+        ids = {k: backend.token_to_id(t) for k, t in tokens.items()}
+        if None in ids.values():
+            return None
+        return cls(backend, ids, config.get("model_max_length"))
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = False) -> dict:
+        return {"input_ids": [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]}
 
 
 @contextlib.contextmanager

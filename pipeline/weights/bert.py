@@ -1,0 +1,163 @@
+"""A BERT-family text encoder in plain torch: BERT, RoBERTa, XLM-R and CamemBERT without their pooler.
+
+The same network as transformers' `BertModel` / `XLMRobertaModel` (`add_pooling_layer=False`), with the same
+module names, so a Hugging Face state dict loads into it as it is. It exists for the load: building it
+imports nothing but torch, where transformers' model classes import some 3 s of modules on 2 cores (the
+slim bundle's load, `pipeline serve`'s cold start). `weights/text.py` picks it for the architectures below and
+leaves every other one to transformers; tests/test_text_weights.py holds it equal to transformers'.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# model_type -> whether positions count from the padding index (RoBERTa) or from 0 (BERT)
+ARCHITECTURES = {"bert": False, "roberta": True, "xlm-roberta": True, "camembert": True}
+# what the network is built from: a config.json without one of these is left to transformers (its defaults); with
+# them all, the file says what transformers' config would (`weights.text.text_config` reads it as it is)
+KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+        "hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id",
+        "hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def runs(config: dict) -> bool:
+    """Whether this module builds the network `config` (a config.json) describes."""
+    return (config.get("model_type") in ARCHITECTURES and all(config.get(k) is not None for k in KEYS)
+            and config["hidden_act"] == "gelu"
+            and config.get("position_embedding_type", "absolute") == "absolute"
+            and not config.get("is_decoder") and not config.get("add_cross_attention"))
+
+
+class Embeddings(nn.Module):
+    def __init__(self, c: SimpleNamespace):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
+        self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.hidden_dropout_prob)
+        self.pad, self.roberta = c.pad_token_id, ARCHITECTURES[c.model_type]
+
+    def forward(self, ids: torch.Tensor, types: torch.Tensor | None) -> torch.Tensor:  # ids (B, L) -> (B, L, H)
+        if self.roberta:  # fairseq's positions: pad + 1, pad + 2, ... over the real tokens, pad over padding
+            real = (ids != self.pad).long()
+            positions = torch.cumsum(real, dim=1) * real + self.pad
+        else:
+            positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        x = self.word_embeddings(ids) + self.position_embeddings(positions)
+        x = x + (self.token_type_embeddings.weight[0] if types is None else self.token_type_embeddings(types))
+        return self.dropout(self.LayerNorm(x))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, c: SimpleNamespace):
+        super().__init__()
+        self.query = nn.Linear(c.hidden_size, c.hidden_size)
+        self.key = nn.Linear(c.hidden_size, c.hidden_size)
+        self.value = nn.Linear(c.hidden_size, c.hidden_size)
+        self.heads, self.p = c.num_attention_heads, c.attention_probs_dropout_prob
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:  # x (B, L, H), keep (B, 1, 1, L)
+        B, L, H = x.shape
+        q, k, v = (f(x).view(B, L, self.heads, H // self.heads).transpose(1, 2) for f in (self.query, self.key, self.value))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=self.p if self.training else 0.0)
+        return y.transpose(1, 2).reshape(B, L, H)  # (B, heads, L, H/heads) -> (B, L, H)
+
+
+class Residual(nn.Module):
+    """dense -> dropout -> LayerNorm(x + input): transformers' SelfOutput and Output."""
+
+    def __init__(self, width: int, c: SimpleNamespace):
+        super().__init__()
+        self.dense = nn.Linear(width, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.hidden_dropout_prob)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + skip)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: SimpleNamespace):
+        super().__init__()
+        self.self = SelfAttention(c)
+        self.output = Residual(c.hidden_size, c)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        return self.output(self.self(x, keep), x)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, c: SimpleNamespace):
+        super().__init__()
+        self.dense = nn.Linear(c.hidden_size, c.intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, c: SimpleNamespace):
+        super().__init__()
+        self.attention = Attention(c)
+        self.intermediate = Intermediate(c)
+        self.output = Residual(c.intermediate_size, c)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        x = self.attention(x, keep)
+        return self.output(self.intermediate(x), x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: SimpleNamespace):
+        super().__init__()
+        self.layer = nn.ModuleList(Layer(c) for _ in range(c.num_hidden_layers))
+
+
+class TextEncoder(nn.Module):
+    """`model(input_ids=, attention_mask=, token_type_ids=).last_hidden_state` as transformers' (B, L, H); no mask:
+    every token is real, no token types: all 0."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = c = SimpleNamespace(**config)  # read as transformers' config is (`model.config.hidden_size`)
+        self.embeddings = Embeddings(c)
+        self.encoder = Encoder(c)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> SimpleNamespace:
+        # (B, 1, 1, L): every query sees the real tokens only
+        keep = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        x = self.embeddings(input_ids, token_type_ids)
+        for layer in self.encoder.layer:
+            x = layer(x, keep)
+        return SimpleNamespace(last_hidden_state=x)
+
+
+def load(directory: Path, config: dict) -> TextEncoder:
+    """The encoder of `directory` (config.json `config`, model.safetensors), strictly: every weight there, none
+    left at its init (an MLM head or a pooler in the file is skipped), in eval mode, float32."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(directory) / "model.safetensors"))
+    prefix = next((p for p in ("roberta.", "bert.", "model.") if any(k.startswith(p + "embeddings.") for k in state)), "")
+    with torch.device("meta"):  # no random init of what the file replaces (half a second for XLM-R's vocabulary)
+        model = TextEncoder(config)
+    wanted = model.state_dict()
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix):] in wanted}
+    missing = sorted(set(wanted) - set(state))
+    wrong = sorted(k for k in state if state[k].shape != wanted[k].shape)
+    if missing or wrong:
+        raise KeyError(f"{len(missing)} weights missing (e.g. {', '.join(missing[:3]) or '-'}), {len(wrong)} of the "
+                       f"wrong shape (e.g. {', '.join(wrong[:3]) or '-'})")
+    model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+    return model.eval()
+
+
+def read_config(directory: Path) -> dict:
+    return json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
