@@ -36,7 +36,9 @@ def runs(config: dict) -> bool:
 class Embeddings(nn.Module):
     def __init__(self, c: SimpleNamespace):
         super().__init__()
-        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
+        # uninitialised: `load` replaces it, and drawing XLM-R's 96M random numbers first would cost half a second
+        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id,
+                                            _weight=torch.empty(c.vocab_size, c.hidden_size))
         self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
         self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
         self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
@@ -146,8 +148,7 @@ def load(directory: Path, config: dict) -> TextEncoder:
 
     state = load_file(str(Path(directory) / "model.safetensors"))
     prefix = next((p for p in ("roberta.", "bert.", "model.") if any(k.startswith(p + "embeddings.") for k in state)), "")
-    with torch.device("meta"):  # no random init of what the file replaces (half a second for XLM-R's vocabulary)
-        model = TextEncoder(config)
+    model = TextEncoder(config)  # (not built on the meta device: that imports torch._dynamo, a second)
     wanted = model.state_dict()
     state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix):] in wanted}
     missing = sorted(set(wanted) - set(state))
@@ -155,7 +156,7 @@ def load(directory: Path, config: dict) -> TextEncoder:
     if missing or wrong:
         raise KeyError(f"{len(missing)} weights missing (e.g. {', '.join(missing[:3]) or '-'}), {len(wrong)} of the "
                        f"wrong shape (e.g. {', '.join(wrong[:3]) or '-'})")
-    model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
     return model.eval()
 
 
