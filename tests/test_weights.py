@@ -172,6 +172,28 @@ def test_the_bert_family_is_built_in_plain_torch_and_equals_transformers(arch, t
                 torch.testing.assert_close(got[row, :n], want[row, :n], atol=1e-5, rtol=1e-5)
 
 
+def test_weights_named_as_old_checkpoints_name_them_still_load_through_transformers(tiny_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.weights import bert
+
+    old = tmp_path / "old"
+    shutil.copytree(tiny_dir, old)
+    sd = load_file(old / "model.safetensors")
+    renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+               for k, v in sd.items()}
+    save_file(renamed, old / "model.safetensors", metadata={"format": "pt"})
+    _, model = load_text_model(old)
+    _, ours = load_text_model(tiny_dir)
+    assert not isinstance(model, bert.TextEncoder) and isinstance(ours, bert.TextEncoder)
+    ids = torch.tensor([[0, 7, 8, 9, 2]])
+    with torch.inference_mode():
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state, ours(input_ids=ids).last_hidden_state,
+                                   atol=1e-5, rtol=1e-5)
+
+
 def test_other_architectures_and_settings_are_left_to_transformers(tiny_dir):
     from pipeline.weights import bert
 

@@ -143,7 +143,8 @@ class TextEncoder(nn.Module):
 
 def load(directory: Path, config: dict) -> TextEncoder:
     """The encoder of `directory` (config.json `config`, model.safetensors), strictly: every weight there, none
-    left at its init (an MLM head or a pooler in the file is skipped), in eval mode, float32."""
+    left at its init (an MLM head or a pooler in the file is skipped), in eval mode, float32. A KeyError names
+    what is missing or of the wrong shape."""
     from safetensors.torch import load_file
 
     state = load_file(str(Path(directory) / "model.safetensors"))

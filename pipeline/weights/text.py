@@ -114,8 +114,8 @@ def load_text_model(path: str | Path | None):
     if bert.runs(config) and (p / "model.safetensors").is_file():
         try:
             return tokenizer, bert.load(p, config)
-        except KeyError as e:
-            raise _weights_mismatch(path, e.args[0]) from None
+        except KeyError:  # weights named otherwise (old checkpoints' gamma/beta) or missing: transformers decides
+            pass
         except Exception as e:  # noqa: BLE001
             raise ModelNotFoundError(f"cannot load the text model at '{path}' ({type(e).__name__}: {one_line(e)}): "
                                      f"{TEXT_MODEL_HINT}") from e
@@ -143,14 +143,11 @@ def _auto_model(p: Path, path):
     missing = sorted(info.get("missing_keys") or [])
     mismatched = sorted(str(k) for k in (info.get("mismatched_keys") or []))
     if missing or mismatched:
-        raise _weights_mismatch(path, f"{len(missing)} missing (e.g. {', '.join(missing[:3]) or '-'}), "
-                                      f"{len(mismatched)} of the wrong shape")
+        raise WeightsMismatchError(
+            f"the text model at '{path}' does not hold all its encoder weights: {len(missing)} missing "
+            f"(e.g. {', '.join(missing[:3]) or '-'}), {len(mismatched)} of the wrong shape; {TEXT_MODEL_HINT}"
+        )
     return model.eval()
-
-
-def _weights_mismatch(path, what: str) -> WeightsMismatchError:
-    return WeightsMismatchError(f"the text model at '{path}' does not hold all its encoder weights: {what}; "
-                                f"{TEXT_MODEL_HINT}")
 
 
 class FastTokenizer:
