@@ -116,11 +116,10 @@ def test_batches_run_side_by_side_the_lead_with_every_thread_the_other_with_one(
             calls.append((start, time.perf_counter(), threads, [it["title"] for it in items]))
             return answers
         predictor.top = slow_top
-        answers = {}
+        answers, sent = {}, [item(None, item_id=k, title=f"Lampe {k}") for k in range(3)]
 
         def post(k: int) -> None:
-            answers[k] = httpx.post(f"{url}/v1/predict", json={"items": [item(None, item_id=k, title=f"Lampe {k}")]},
-                                    timeout=60)
+            answers[k] = httpx.post(f"{url}/v1/predict", json={"items": [sent[k]]}, timeout=60)
         threads = []
         for k in range(3):  # the third waits for a free slot
             threads.append(threading.Thread(target=post, args=(k,)))
@@ -128,7 +127,7 @@ def test_batches_run_side_by_side_the_lead_with_every_thread_the_other_with_one(
             time.sleep(0.3)
         for t in threads:
             t.join()
-        alone = top([{"title": f"Lampe {k}"} for k in range(3)], 5)  # the same items in one call
+        alone = top([{k: it[k] for k in ("title", "description", "image")} for it in sent], 5)  # in one call
     assert sorted(c[3][0] for c in calls) == ["Lampe 0", "Lampe 1", "Lampe 2"]  # one batch each
     (s0, e0, t0, _), (s1, e1, t1, _), (s2, _, t2, _) = sorted(calls)
     assert s1 < e0 and s2 >= min(e0, e1)  # two at once, the third after one of them
