@@ -96,7 +96,7 @@ def _text_model(cfg: Config, workdir: Path, out: Path) -> None:
     from safetensors.torch import save_file
 
     from pipeline.upstream import text_model_dir
-    from pipeline.weights.text import load_text_model
+    from pipeline.weights.text import load_text_model, text_config
 
     src = text_model_dir(cfg, workdir)
     tokenizer, model = load_text_model(src)
@@ -106,9 +106,8 @@ def _text_model(cfg: Config, workdir: Path, out: Path) -> None:
     state = {k: v.to(torch.float16).contiguous() if v.is_floating_point() else v.contiguous()
              for k, v in model.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    config.pop("torch_dtype", None)
-    config |= {"num_hidden_layers": len(model.encoder.layer), "dtype": "float32"}
+    config = {k: v for k, v in vars(text_config(src)).items() if k not in ("torch_dtype", "_name_or_path")}
+    config |= {"num_hidden_layers": len(model.encoder.layer), "dtype": "float32"}  # every key, defaults filled
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     _tokenizer(tokenizer, src, out, _texts(workdir, cfg))
 

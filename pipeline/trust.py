@@ -64,11 +64,13 @@ def _known(model_type) -> bool:
     """An architecture transformers ships (those the project builds itself without importing transformers)."""
     from pipeline.weights.bert import ARCHITECTURES
 
+    if not isinstance(model_type, str):
+        return False
     if model_type in ARCHITECTURES:
         return True
     from transformers import CONFIG_MAPPING
 
-    return isinstance(model_type, str) and model_type in CONFIG_MAPPING
+    return model_type in CONFIG_MAPPING
 
 
 # ---------------------------------------------------------------------- torch.export programs

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -151,7 +152,7 @@ def test_the_bert_family_is_built_in_plain_torch_and_equals_transformers(arch, t
     from pipeline.weights import bert
 
     directory = tiny_dir if arch == "camembert" else _tiny_bert(tmp_path / "bert")
-    config = bert.read_config(directory)
+    config = json.loads((directory / "config.json").read_text())
     assert bert.runs(config) and config["model_type"] == arch
     ours = bert.load(directory, config)
     theirs = AutoModel.from_pretrained(str(directory), add_pooling_layer=False, local_files_only=True).eval()
@@ -197,16 +198,47 @@ def test_weights_named_as_old_checkpoints_name_them_still_load_through_transform
 def test_other_architectures_and_settings_are_left_to_transformers(tiny_dir):
     from pipeline.weights import bert
 
-    config = bert.read_config(tiny_dir)
+    config = json.loads((tiny_dir / "config.json").read_text())
     assert bert.runs(config)
     for change in ({"model_type": "deberta-v2"}, {"hidden_act": "gelu_new"}, {"is_decoder": True},
-                   {"position_embedding_type": "relative_key"}, {"layer_norm_eps": None}):
+                   {"position_embedding_type": "relative_key"}, {"layer_norm_eps": None},
+                   {"num_attention_heads": 5}, {"model_type": ["bert"]}):
         assert not bert.runs(config | change), change
     assert not bert.runs({k: v for k, v in config.items() if k != "hidden_act"})  # transformers' default, not ours
 
 
+def test_the_config_read_without_transformers_says_what_transformers_reads(tiny_dir, tmp_path):
+    """Store fingerprints hold these values: read from the file or through AutoConfig, they must be the same."""
+    from transformers import AutoConfig
+
+    from pipeline.modalities.camembert import HF_LAYER_KEYS
+    from pipeline.weights.text import _read_config
+
+    for directory in (tiny_dir, _tiny_bert(tmp_path / "bert")):
+        ours, theirs = _read_config(directory), AutoConfig.from_pretrained(str(directory)).to_dict()
+        for key in (*HF_LAYER_KEYS, "num_hidden_layers", "max_position_embeddings", "pad_token_id"):
+            assert (key in ours, ours.get(key)) == (key in theirs, theirs.get(key)), key
+
+
+def test_the_weights_load_in_the_dtype_transformers_gives_them(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel
+
+    from pipeline.weights import bert
+
+    directory = _tiny_bert(tmp_path / "bert")
+    config = json.loads((directory / "config.json").read_text())
+    half = {k: v.half() for k, v in load_file(directory / "model.safetensors").items()}
+    save_file(half, directory / "model.safetensors", metadata={"format": "pt"})
+    for dtype in (None, "float32"):
+        config = {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")} | ({"dtype": dtype} if dtype else {})
+        (directory / "config.json").write_text(json.dumps(config))
+        theirs = AutoModel.from_pretrained(str(directory), add_pooling_layer=False)
+        assert bert.load(directory, config).embeddings.word_embeddings.weight.dtype == \
+            theirs.embeddings.word_embeddings.weight.dtype == (torch.float32 if dtype else torch.float16)
+
+
 def test_a_generic_tokenizer_json_is_read_without_transformers_and_gives_its_ids(tiny_dir, tmp_path):
-    import json
     import subprocess
     import sys
 
@@ -228,6 +260,19 @@ def test_a_generic_tokenizer_json_is_read_without_transformers_and_gives_its_ids
         tok(texts, add_special_tokens=False)["input_ids"]
     assert (ours.cls_token_id, ours.sep_token_id, ours.pad_token_id) == (tok.cls_token_id, tok.sep_token_id,
                                                                         tok.pad_token_id)
+    config_file = generic / "tokenizer_config.json"
+    for extra in ({"additional_special_tokens": ["<foo>"]}, {"added_tokens_decoder": {}}):  # transformers adds them
+        shifted = tmp_path / f"extra-{len(extra)}-{next(iter(extra))}"
+        shifted.mkdir()
+        (shifted / "tokenizer.json").write_bytes((generic / "tokenizer.json").read_bytes())
+        (shifted / "tokenizer_config.json").write_text(json.dumps(json.loads(config_file.read_text()) | extra))
+        assert FastTokenizer.of(shifted) is None
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "tokenizer.json").write_text('{"model": 3}')
+    (damaged / "tokenizer_config.json").write_text(config_file.read_text())
+    with pytest.raises(ModelNotFoundError, match="cannot read the tokenizer .*damaged/tokenizer.json"):
+        FastTokenizer.of(damaged)
     for name in ("config.json", "model.safetensors"):
         (generic / name).write_bytes((tiny_dir / name).read_bytes())
     code = ("import sys; from pipeline.weights.text import load_text_model; t, m = load_text_model(sys.argv[1]); "

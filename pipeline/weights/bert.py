@@ -4,11 +4,10 @@ The same network as transformers' `BertModel` / `XLMRobertaModel` (`add_pooling_
 module names, so a Hugging Face state dict loads into it as it is. It exists for the load: building it
 imports nothing but torch, where transformers' model classes import some 3 s of modules on 2 cores (the
 slim bundle's load, `pipeline serve`'s cold start). `weights/text.py` picks it for the architectures below and
-leaves every other one to transformers; tests/test_text_weights.py holds it equal to transformers'.
+leaves every other one to transformers; tests/test_weights.py holds it equal to transformers'.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,8 +26,9 @@ KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_att
 
 def runs(config: dict) -> bool:
     """Whether this module builds the network `config` (a config.json) describes."""
-    return (config.get("model_type") in ARCHITECTURES and all(config.get(k) is not None for k in KEYS)
-            and config["hidden_act"] == "gelu"
+    return (isinstance(config.get("model_type"), str) and config["model_type"] in ARCHITECTURES
+            and all(config.get(k) is not None for k in KEYS) and config["hidden_act"] == "gelu"
+            and config["hidden_size"] % config["num_attention_heads"] == 0
             and config.get("position_embedding_type", "absolute") == "absolute"
             and not config.get("is_decoder") and not config.get("add_cross_attention"))
 
@@ -133,18 +133,18 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> SimpleNamespace:
-        # (B, 1, 1, L): every query sees the real tokens only
-        keep = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        # (B, 1, 1, L): every query sees the real tokens only; none when all are real (CUDA's flash attention then)
+        keep = None if attention_mask is None or attention_mask.all() else attention_mask.bool()[:, None, None, :]
         x = self.embeddings(input_ids, token_type_ids)
         for layer in self.encoder.layer:
             x = layer(x, keep)
         return SimpleNamespace(last_hidden_state=x)
 
 
-def load(directory: Path, config: dict) -> TextEncoder:
-    """The encoder of `directory` (config.json `config`, model.safetensors), strictly: every weight there, none
-    left at its init (an MLM head or a pooler in the file is skipped), in eval mode, float32. A KeyError names
-    what is missing or of the wrong shape."""
+def load(directory: Path, config: dict) -> TextEncoder | None:
+    """The encoder of `directory` (config.json `config`, model.safetensors) in eval mode, every weight from the
+    file (an MLM head or a pooler there is skipped), in the dtype transformers' `dtype="auto"` gives; None when
+    the file's weights do not fill it (other names, missing ones: transformers decides)."""
     from safetensors.torch import load_file
 
     state = load_file(str(Path(directory) / "model.safetensors"))
@@ -152,14 +152,16 @@ def load(directory: Path, config: dict) -> TextEncoder:
     model = TextEncoder(config)  # (not built on the meta device: that imports torch._dynamo, a second)
     wanted = model.state_dict()
     state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix):] in wanted}
-    missing = sorted(set(wanted) - set(state))
-    wrong = sorted(k for k in state if state[k].shape != wanted[k].shape)
-    if missing or wrong:
-        raise KeyError(f"{len(missing)} weights missing (e.g. {', '.join(missing[:3]) or '-'}), {len(wrong)} of the "
-                       f"wrong shape (e.g. {', '.join(wrong[:3]) or '-'})")
-    model.load_state_dict({k: v.float() for k, v in state.items()})
+    if state.keys() != wanted.keys() or any(state[k].shape != wanted[k].shape for k in state):
+        return None
+    dtype = _dtype(config, state)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
     return model.eval()
 
 
-def read_config(directory: Path) -> dict:
-    return json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+def _dtype(config: dict, state: dict) -> torch.dtype:
+    """As transformers loads by default: the config's dtype, else the weights' own."""
+    name = config.get("dtype") or config.get("torch_dtype")
+    if isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)
+    return next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)

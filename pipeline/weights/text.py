@@ -113,12 +113,12 @@ def load_text_model(path: str | Path | None):
     config = json.loads((p / "config.json").read_text(encoding="utf-8"))
     if bert.runs(config) and (p / "model.safetensors").is_file():
         try:
-            return tokenizer, bert.load(p, config)
-        except KeyError:  # weights named otherwise (old checkpoints' gamma/beta) or missing: transformers decides
-            pass
-        except Exception as e:  # noqa: BLE001
+            model = bert.load(p, config)
+        except Exception as e:  # noqa: BLE001 - an unreadable weights file
             raise ModelNotFoundError(f"cannot load the text model at '{path}' ({type(e).__name__}: {one_line(e)}): "
                                      f"{TEXT_MODEL_HINT}") from e
+        if model is not None:  # else weights named otherwise (old checkpoints' gamma/beta) or missing
+            return tokenizer, model
     return tokenizer, _auto_model(p, path)
 
 
@@ -152,34 +152,39 @@ def _auto_model(p: Path, path):
 
 class FastTokenizer:
     """A tokenizer.json read by `tokenizers` alone, as transformers' generic fast tokenizer reads it for this
-    project's calls (`tok(texts, add_special_tokens=False)["input_ids"]`, the special tokens' ids), without
+    project's one call (`tok(texts, add_special_tokens=False)["input_ids"]`) and the special tokens' ids, without
     importing transformers (a second of a bundle's load)."""
 
-    def __init__(self, backend, ids: dict[str, int], model_max_length):
-        self.backend, self.model_max_length = backend, model_max_length
+    # a tokenizer_config.json of these keys only (as `pipeline bundle` writes it): nothing transformers would add
+    CONFIG_KEYS = {"tokenizer_class", "model_max_length", "bos_token", "eos_token", "unk_token", "sep_token",
+                   "pad_token", "cls_token", "mask_token"}
+
+    def __init__(self, backend, ids: dict[str, int]):
+        self.backend = backend
         self.cls_token_id, self.sep_token_id, self.pad_token_id = ids["cls"], ids["sep"], ids["pad"]
 
     @classmethod
     def of(cls, directory: Path) -> FastTokenizer | None:
-        """The directory's tokenizer when its tokenizer_config.json names the generic fast tokenizer with the
-        special tokens used here; None otherwise (transformers reads it)."""
+        """The directory's tokenizer when its tokenizer_config.json names the generic fast tokenizer, with the
+        special tokens used here and no other setting; None otherwise (transformers reads it)."""
         config_path, file = directory / "tokenizer_config.json", directory / "tokenizer.json"
         if not (config_path.is_file() and file.is_file()):
             return None
         config = json.loads(config_path.read_text(encoding="utf-8"))
         tokens = {k: config.get(f"{k}_token") for k in ("cls", "sep", "pad")}
-        tokens = {k: t.get("content") if isinstance(t, dict) else t for k, t in tokens.items()}
-        if config.get("tokenizer_class") != "PreTrainedTokenizerFast" or not all(isinstance(t, str) for t in tokens.values()):
+        if (config.get("tokenizer_class") != "PreTrainedTokenizerFast" or set(config) - cls.CONFIG_KEYS
+                or not all(isinstance(t, str) for t in tokens.values())):
             return None
         from tokenizers import Tokenizer
 
-        backend = Tokenizer.from_file(str(file))
+        try:
+            backend = Tokenizer.from_file(str(file))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a damaged file
+            raise ModelNotFoundError(f"cannot read the tokenizer {file} ({one_line(e)}): {TEXT_MODEL_HINT}") from e
         backend.no_truncation()  # transformers sets these on every call; ids of whole texts, unpadded
         backend.no_padding()
         ids = {k: backend.token_to_id(t) for k, t in tokens.items()}
-        if None in ids.values():
-            return None
-        return cls(backend, ids, config.get("model_max_length"))
+        return None if None in ids.values() else cls(backend, ids)
 
     def __call__(self, texts: list[str], add_special_tokens: bool = False) -> dict:
         return {"input_ids": [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]}
