@@ -3,9 +3,10 @@
     python benchmarks/serve.py --model W|BUNDLE [--catalog DIR] [--requests 1:500,8:1500,32:3000] [--items 200]
 
 Starts `pipeline serve --model ... --port 0` as a subprocess (cold start: process start to its ready line),
-warms it up (each item once, then rounds of three times as many requests at concurrency 32 until a round
-raises the server's memory by less than 1%; `warm_up` says how many and what they cost), then for each concurrency
-level sends its fixed number of one-item requests (JSON, the photo in base64) from that many concurrent clients,
+warms it up (each item once, then rounds of three times as many requests at concurrency 32 until two rounds
+in a row each raise the server's memory by less than 1%; `warm_up` says how many and what they cost), then for
+each concurrency level sends its fixed number of one-item requests (JSON, the photo in base64) from that many
+concurrent clients,
 and measures p50/p99 latency, items/s and errors; the server's resident memory (VmRSS) after the warm-up and
 after the last request. The same items go through an in-process
 Predictor of the same model, after each item once, called from one worker thread as the server calls it: one
@@ -111,14 +112,18 @@ async def drive(url: str, bodies: list[bytes], concurrency: int, requests: int) 
 
 def warm_up(url: str, bodies: list[bytes], pid: int, settled: float = 0.01, rounds: int = 12) -> dict:
     """Each item once (oneDNN sets up each shape), then rounds of three requests per item at concurrency 32 until
-    a round raises the server's memory by less than `settled` (allocators and caches at their high-water marks:
-    with two batches side by side, about 4,000 requests). What the warm-up cost in memory is reported."""
+    two rounds in a row each raise the server's memory by less than `settled` (allocators and caches at their
+    high-water marks: with two batches side by side, about 4,000 requests; one quiet round was not enough: the
+    memory then rose 10-12% more within 5,000 requests, to the level of longer warm-ups). What the warm-up
+    cost in memory is reported."""
     start = rss_mb(pid)
     asyncio.run(drive(url, bodies, 1, len(bodies)))
+    quiet = 0
     for n in range(1, rounds + 1):
         was = rss_mb(pid)
         asyncio.run(drive(url, bodies, 32, 3 * len(bodies)))
-        if rss_mb(pid) < was * (1 + settled):
+        quiet = quiet + 1 if rss_mb(pid) < was * (1 + settled) else 0
+        if quiet == 2:
             break
     return {"rounds_at_c32": n, "requests": len(bodies) * (1 + 3 * n), "rss_mb_at_start": start,
             "rss_growth": rss_mb(pid) / start - 1}

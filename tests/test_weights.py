@@ -231,7 +231,8 @@ def test_the_weights_load_in_the_dtype_transformers_gives_them(tmp_path):
     half = {k: v.half() for k, v in load_file(directory / "model.safetensors").items()}
     save_file(half, directory / "model.safetensors", metadata={"format": "pt"})
     for dtype in (None, "float32"):
-        config = {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")} | ({"dtype": dtype} if dtype else {})
+        config = {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")}
+        config |= {"dtype": dtype} if dtype else {}
         (directory / "config.json").write_text(json.dumps(config))
         theirs = AutoModel.from_pretrained(str(directory), add_pooling_layer=False)
         assert bert.load(directory, config).embeddings.word_embeddings.weight.dtype == \

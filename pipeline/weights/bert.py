@@ -66,7 +66,8 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:  # x (B, L, H), keep (B, 1, 1, L)
         B, L, H = x.shape
-        q, k, v = (f(x).view(B, L, self.heads, H // self.heads).transpose(1, 2) for f in (self.query, self.key, self.value))
+        q, k, v = (f(x).view(B, L, self.heads, H // self.heads).transpose(1, 2)  # each (B, heads, L, H/heads)
+                   for f in (self.query, self.key, self.value))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=self.p if self.training else 0.0)
         return y.transpose(1, 2).reshape(B, L, H)  # (B, heads, L, H/heads) -> (B, L, H)
 
@@ -148,7 +149,8 @@ def load(directory: Path, config: dict) -> TextEncoder | None:
     from safetensors.torch import load_file
 
     state = load_file(str(Path(directory) / "model.safetensors"))
-    prefix = next((p for p in ("roberta.", "bert.", "model.") if any(k.startswith(p + "embeddings.") for k in state)), "")
+    prefixes = ("roberta.", "bert.", "model.")  # a checkpoint of the model with a head
+    prefix = next((p for p in prefixes if any(k.startswith(p + "embeddings.") for k in state)), "")
     model = TextEncoder(config)  # (not built on the meta device: that imports torch._dynamo, a second)
     wanted = model.state_dict()
     state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix):] in wanted}
