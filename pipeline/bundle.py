@@ -114,27 +114,23 @@ def _text_model(cfg: Config, workdir: Path, out: Path) -> None:
 
 def _tokenizer(tokenizer, src: Path, out: Path, texts: list[str]) -> None:
     """The tokenizer as the `tokenizer.json` of its pipeline as loaded (the model class may rebuild the file's),
-    read by the generic fast tokenizer with its special tokens and length limit: transformers then skips the
-    model class's own set-up, half of a text model's load. Kept only if it gives the same ids as the original
-    on `texts`; else the original files are copied as they are."""
+    with a generic config of its special tokens and length limit: a bundle then reads it with `tokenizers` alone
+    (`weights.text.FastTokenizer`), without transformers. Kept only if that reader gives the same ids as the
+    original on `texts`; else the original files are copied as they are."""
     import json
 
-    from transformers import AutoTokenizer
-
-    from pipeline.weights.text import quiet_transformers
+    from pipeline.weights.text import FastTokenizer
 
     if hasattr(tokenizer, "backend_tokenizer"):
-        special = {k: str(getattr(tokenizer, k)) for k in ("bos_token", "eos_token", "unk_token", "sep_token",
-                                                            "pad_token", "cls_token", "mask_token")
-                   if getattr(tokenizer, k, None) is not None}
+        special = {f"{k}_token": str(getattr(tokenizer, f"{k}_token")) for k in FastTokenizer.SPECIAL
+                   if getattr(tokenizer, f"{k}_token", None) is not None}
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": tokenizer.model_max_length}
         tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
         (out / "tokenizer_config.json").write_text(json.dumps(config | special, indent=1))
-        with quiet_transformers():
-            generic = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
-        same = all(getattr(generic, f"{k}_id") == getattr(tokenizer, f"{k}_id") for k in special) and \
-            generic(texts, add_special_tokens=False)["input_ids"] == tokenizer(texts, add_special_tokens=False)["input_ids"]
-        if same:
+        generic = FastTokenizer.of(out)
+        ids = ("cls_token_id", "sep_token_id", "pad_token_id")
+        if generic is not None and all(getattr(generic, k) == getattr(tokenizer, k) for k in ids) and \
+                generic(texts)["input_ids"] == tokenizer(texts, add_special_tokens=False)["input_ids"]:
             return
         for f in out.glob("tokenizer*"):
             f.unlink()

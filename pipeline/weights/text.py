@@ -155,9 +155,9 @@ class FastTokenizer:
     project's one call (`tok(texts, add_special_tokens=False)["input_ids"]`) and the special tokens' ids, without
     importing transformers (a second of a bundle's load)."""
 
+    SPECIAL = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")  # the <name>_token keys of its config
     # a tokenizer_config.json of these keys only (as `pipeline bundle` writes it): nothing transformers would add
-    CONFIG_KEYS = {"tokenizer_class", "model_max_length", "bos_token", "eos_token", "unk_token", "sep_token",
-                   "pad_token", "cls_token", "mask_token"}
+    CONFIG_KEYS = {"tokenizer_class", "model_max_length", *(f"{k}_token" for k in SPECIAL)}
 
     def __init__(self, backend, ids: dict[str, int]):
         self.backend = backend
