@@ -318,7 +318,10 @@ def serve(
     """Classify items over HTTP: POST /v1/predict (batched), a page at /, /healthz, /readyz, /metrics, /docs.
 
     New models are swapped in while serving; a bearer token is required when EMDE_SERVE_TOKEN is set."""
-    settings(model, config, sets)  # a bad config is refused before anything listens
+    opts = settings(model, config, sets).serve  # a bad config is refused before anything listens
+    from pipeline.malloc import limit_arenas
+
+    limit_arenas(opts.parallel_batches + 1)  # a heap for each batch at once and the event loop's
     from pipeline.serve import serve as run
 
     run(model, config, host=host, port=port, log=log, sets=sets or ())

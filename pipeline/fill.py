@@ -14,7 +14,6 @@ complete, so a killed rebuild leaves the old store as it was (a second `--rebuil
 """
 from __future__ import annotations
 
-import ctypes
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ import polars as pl
 from pipeline.distributed import torchrun
 from pipeline.errors import PipelineError, StaleStoreError
 from pipeline.extractor import Extractor
+from pipeline.malloc import keep_freed_memory
 from pipeline.progress import Progress
 from pipeline.provenance import Stamp, canonical_json, recover, swap_in
 from pipeline.schema import Stores
@@ -35,22 +35,6 @@ from stores import (FeatureStore, IdIndex, StoreError, UnreadableStoreError, Wri
                     store_location, store_lock, writer_claim, writer_of)
 
 MAX_SHARDS = 1 << 20  # --shard K/N: N workers at most
-
-
-def keep_freed_memory() -> None:
-    """Let glibc keep the big blocks a CPU forward frees instead of giving each back to the OS: by default every
-    allocation above 32 MiB is a fresh mmap, page-faulted on first touch and unmapped when freed, so each large
-    activation costs page faults (docs/design.md has the measurement). Process-wide and idempotent; where there
-    is no glibc `mallopt` it does nothing.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
-    if not mallopt(M_MMAP_THRESHOLD, 1 << 30):  # a glibc that caps the threshold: no mmap at all then
-        mallopt(M_MMAP_MAX, 0)
-    mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
 
 
 @dataclass

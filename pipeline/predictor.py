@@ -43,7 +43,8 @@ from pipeline.config import Config
 from pipeline.distributed import pick_device
 from pipeline.errors import PipelineError
 from pipeline.extractor import ExtractContext
-from pipeline.fill import fill_store, keep_freed_memory
+from pipeline.fill import fill_store
+from pipeline.malloc import keep_freed_memory
 from pipeline.heads import FusionHeads
 from pipeline.items import Items
 from pipeline.catalog import class_names as named_classes, read_split

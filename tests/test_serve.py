@@ -6,9 +6,12 @@ import base64
 import errno
 import json
 import os
+import platform
 import queue
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -18,7 +21,7 @@ import pytest
 from pipeline import Predictor
 from pipeline.catalog import load_catalog
 from pipeline.fuse import fuse
-from tests.conftest import Log, process, quiet, serving
+from tests.conftest import ROOT, Log, process, quiet, serving
 
 httpx = pytest.importorskip("httpx")
 pytestmark = pytest.mark.slow  # the session's trained work directory, servers that load its models
@@ -357,3 +360,41 @@ def test_answers_leave_at_once_on_a_kept_alive_connection():
         return value
 
     assert asyncio.run(accepted_nodelay()) != 0
+
+
+HEAPS = """
+import ctypes, sys, tempfile, threading
+import torch
+from pipeline.malloc import limit_arenas
+limited = limit_arenas(3) if sys.argv[1] == "limit" else False
+import polars  # its pool's threads allocate at once, as in the server
+
+def allocate():
+    for _ in range(2000):
+        torch.ones(50_000).add_(1)  # torch lets go of the GIL: the threads allocate side by side
+
+threads = [threading.Thread(target=allocate) for _ in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+libc = ctypes.CDLL(None)
+libc.fopen.restype = ctypes.c_void_p
+path = tempfile.mktemp()
+out = ctypes.c_void_p(libc.fopen(path.encode(), b"w"))
+libc.malloc_info(0, out)
+libc.fclose(out)
+print(limited, open(path).read().count("<heap nr="))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="malloc heaps (arenas) are glibc's")
+def test_the_server_process_opens_no_more_malloc_heaps_than_its_limit():
+    def heaps(*args: str, env: dict | None = None) -> tuple[str, int]:
+        env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"} | {"OMP_NUM_THREADS": "1"} | (env or {})
+        out = subprocess.run([sys.executable, "-c", HEAPS, *args], env=env | {"PYTHONPATH": str(ROOT)},
+                             capture_output=True, text=True, check=True).stdout.split()
+        return out[0], int(out[1])
+
+    assert heaps("limit") == ("True", 3)
+    assert heaps("free")[1] > 3  # without the limit, the same threads open more
+    assert heaps("limit", env={"MALLOC_ARENA_MAX": "5"})[0] == "False"  # the user's own setting stands
