@@ -388,13 +388,14 @@ print(limited, open(path).read().count("<heap nr="))
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                     reason="malloc heaps (arenas) are glibc's")
-def test_the_server_process_opens_no_more_malloc_heaps_than_its_limit():
+def test_limit_arenas_caps_the_heaps_threads_open_and_yields_to_malloc_arena_max():
     def heaps(*args: str, env: dict | None = None) -> tuple[str, int]:
         env = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"} | {"OMP_NUM_THREADS": "1"} | (env or {})
         out = subprocess.run([sys.executable, "-c", HEAPS, *args], env=env | {"PYTHONPATH": str(ROOT)},
                              capture_output=True, text=True, check=True).stdout.split()
         return out[0], int(out[1])
 
-    assert heaps("limit") == ("True", 3)
+    done, limited = heaps("limit")
+    assert done == "True" and limited <= 3
     assert heaps("free")[1] > 3  # without the limit, the same threads open more
     assert heaps("limit", env={"MALLOC_ARENA_MAX": "5"})[0] == "False"  # the user's own setting stands
