@@ -44,7 +44,9 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(source: str | Path, configs: list[Path] | None = None, host: str | None = None, port: int | None = None,
           log=print, sets: list[str] | tuple = ()) -> None:
     """Serve `source` until SIGTERM or Ctrl-C; raises PipelineError when the first models do not load. `configs`
-    and `sets` (`--set` arguments) apply to every load, the first and each swap."""
+    and `sets` (`--set` arguments) apply to every load, the first and each swap. `pipeline serve` first limits
+    glibc's heaps (`malloc.limit_arenas`), which only works before polars is imported: a Python caller who
+    wants that calls it before importing this package."""
     import uvicorn
 
     source = Path(source)
