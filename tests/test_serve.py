@@ -104,6 +104,26 @@ def test_concurrent_requests_reach_one_predictor_call(trained_workdir):
     assert calls == [8]  # eight requests, one Predictor call
 
 
+def test_a_batch_of_several_requests_holds_a_power_of_two_items_the_rest_goes_next(trained_workdir):
+    with serving(trained_workdir, max_wait_ms=1500, max_batch_items=64) as (url, app):
+        predictor = app.state.models.current.predictor
+        calls, top = [], predictor.top
+        predictor.top = lambda items, k: calls.append(len(items)) or top(items, k)
+        start = threading.Barrier(6)
+        answers = {}
+
+        def post(k: int) -> None:
+            start.wait()
+            answers[k] = httpx.post(f"{url}/v1/predict", json={"items": [item(None, item_id=k)]}, timeout=60)
+        threads = [threading.Thread(target=post, args=(k,)) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert sorted(calls) == [2, 4]  # six requests: four, then the two left
+    assert {k: a.json()["items"][0]["item_id"] for k, a in answers.items()} == {k: k for k in range(6)}
+
+
 def test_batches_run_side_by_side_the_lead_with_every_thread_the_other_with_one(trained_workdir):
     import torch
 

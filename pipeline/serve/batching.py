@@ -2,7 +2,10 @@
 
 Requests wait in an asyncio queue. The batch loop takes the first, then whatever else is queued, and waits at
 most `[serve] max_wait_ms` for more, until `max_batch_items` items (a request is never split: a request larger
-than that goes alone). Up to `[serve] parallel_batches` batches are predicted at once, each in a worker thread,
+than that goes alone). A batch of several requests then keeps a power-of-two number of items where the
+requests allow, the last ones going first into the next batch: the forwards see few shapes, and with every
+size from 1 to 64 a bundle's server held more memory the longer it ran, and was slower (docs/design.md
+"Serving"). Up to `[serve] parallel_batches` batches are predicted at once, each in a worker thread,
 so the event loop stays free to accept and check requests meanwhile; those pile up and make the next batch. A
 batch goes to the lead worker whenever it is free, with the process's torch threads divided by the batches then
 running (alone: all of them, the lowest latency); otherwise to a side worker, with one thread. On 2 cores,
@@ -46,7 +49,7 @@ class Batcher:
         self.side = ThreadPoolExecutor(max(1, parallel - 1), thread_name_prefix="emde-predict")  # one thread each
         self.threads = torch.get_num_threads()  # the process's, shared among the batches running
         self.running, self.lead_busy, self.free = 0, False, asyncio.Semaphore(parallel)
-        self._held: Pending | None = None  # taken from the queue but too big for the batch it met: next first
+        self._held: list[Pending] = []  # taken from the queue but left out of the batch it met: next first
         self._tasks: set[asyncio.Task] = set()
 
     async def submit(self, items: list[dict]) -> tuple[Served, list[dict]]:
@@ -96,26 +99,32 @@ class Batcher:
             start += len(p.items)
 
     async def _next_batch(self, loop) -> list[Pending]:
-        first = self._held or await self.queue.get()
-        self._held = None
+        first = self._held.pop(0) if self._held else await self.queue.get()
         batch, n = [first], len(first.items)
         deadline = loop.time() + self.max_wait
         while n < self.max_items:
-            try:
-                more = self.queue.get_nowait()
-            except asyncio.QueueEmpty:
-                left = deadline - loop.time()
-                if left <= 0:
-                    break
+            if self._held:
+                more = self._held.pop(0)
+            else:
                 try:
-                    more = await asyncio.wait_for(self.queue.get(), left)
-                except TimeoutError:
-                    break
+                    more = self.queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        break
+                    try:
+                        more = await asyncio.wait_for(self.queue.get(), left)
+                    except TimeoutError:
+                        break
             if n + len(more.items) > self.max_items:
-                self._held = more
+                self._held.insert(0, more)
                 break
             batch.append(more)
             n += len(more.items)
+        while len(batch) > 1 and n & (n - 1):  # not a power of two: the last requests wait for the next batch
+            last = batch.pop()
+            self._held.insert(0, last)
+            n -= len(last.items)
         return batch
 
     def close(self) -> None:
