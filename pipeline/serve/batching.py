@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -49,7 +50,7 @@ class Batcher:
         self.side = ThreadPoolExecutor(max(1, parallel - 1), thread_name_prefix="emde-predict")  # one thread each
         self.threads = torch.get_num_threads()  # the process's, shared among the batches running
         self.running, self.lead_busy, self.free = 0, False, asyncio.Semaphore(parallel)
-        self._held: list[Pending] = []  # taken from the queue but left out of the batch it met: next first
+        self._held: deque[Pending] = deque()  # taken from the queue but left out of the batch it met: next first
         self._tasks: set[asyncio.Task] = set()
 
     async def submit(self, items: list[dict]) -> tuple[Served, list[dict]]:
@@ -99,33 +100,35 @@ class Batcher:
             start += len(p.items)
 
     async def _next_batch(self, loop) -> list[Pending]:
-        first = self._held.pop(0) if self._held else await self.queue.get()
+        first = self._held.popleft() if self._held else await self.queue.get()
         batch, n = [first], len(first.items)
         deadline = loop.time() + self.max_wait
-        while n < self.max_items:
-            if self._held:
-                more = self._held.pop(0)
-            else:
-                try:
-                    more = self.queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    left = deadline - loop.time()
-                    if left <= 0:
-                        break
-                    try:
-                        more = await asyncio.wait_for(self.queue.get(), left)
-                    except TimeoutError:
-                        break
+        while n < self.max_items and (more := await self._more(deadline - loop.time())) is not None:
             if n + len(more.items) > self.max_items:
-                self._held.insert(0, more)
+                self._held.appendleft(more)
                 break
             batch.append(more)
             n += len(more.items)
         while len(batch) > 1 and n & (n - 1):  # not a power of two: the last requests wait for the next batch
             last = batch.pop()
-            self._held.insert(0, last)
+            self._held.appendleft(last)
             n -= len(last.items)
         return batch
+
+    async def _more(self, left: float) -> Pending | None:
+        """The next request: one left out of the last batch, else one queued, else one arriving within `left`
+        seconds; None when none does."""
+        if self._held:
+            return self._held.popleft()
+        try:
+            return self.queue.get_nowait()
+        except asyncio.QueueEmpty:
+            if left <= 0:
+                return None
+        try:
+            return await asyncio.wait_for(self.queue.get(), left)
+        except TimeoutError:
+            return None
 
     def close(self) -> None:
         self.lead.shutdown(wait=True)
