@@ -19,6 +19,7 @@ from pipeline.extract import extract
 from pipeline.errors import StaleStoreError
 from pipeline.text import clean_description
 from pipeline.synth import synthesize
+from pipeline.modalities.image_maps import data_config
 from pipeline.errors import ModelNotFoundError
 from pipeline.weights.image import load_image_backbone
 from pipeline.weights.text import load_text_model
@@ -123,8 +124,7 @@ def test_bad_photos_are_recorded_missing_with_a_reason(workdir, catalog_dir):
     # The stored maps are the backbone's own forward on its Pillow eval transform (the previous decode path),
     # for a JPEG and a grey one (libjpeg-turbo) as for a PNG and a CMYK JPEG (Pillow).
     model = load_image_backbone("tf_efficientnet_lite0", workdir / "upstream" / "tf_efficientnet_lite0.pth")
-    transform = timm.data.create_transform(**timm.data.resolve_data_config({"input_size": (3, 64, 64)}, model=model),
-                                           is_training=False)
+    transform = timm.data.create_transform(**data_config("tf_efficientnet_lite0", 64), is_training=False)  # by name
     items = load_catalog(catalog_dir, CFG).items
     path = dict(zip(items["item_id"].to_list(), items["image_path"].to_list()))
     good = [0, 4, 5, 6]

@@ -1,4 +1,5 @@
-"""Image backbones: a timm model with a local weights file, loaded strictly (no model hub: `pretrained=False`)."""
+"""Image backbones: a timm model with a local weights file, loaded strictly (no model hub: `pretrained=False`);
+the EfficientNets built by `weights.efficientnet` (the same network, without importing timm)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -46,10 +47,10 @@ def load_image_backbone(
     The load is strict except for the classifier: with ``num_classes`` different from the file's (0 by
     default: no classifier, the model returns pooled features; ``forward_features`` gives the map), the
     file's classifier keys are dropped and the new classifier keeps its init. ``weights=None`` is an error
-    unless ``random_ok=True`` (benchmarks on random weights).
+    unless ``random_ok=True`` (benchmarks on random weights). A weights file for a network without classifier
+    that `weights.efficientnet` builds loads into that one, timm's network in plain torch, which carries no
+    ``pretrained_cfg``: the eval transform comes from the name (`modalities.image_maps.data_config`).
     """
-    import timm
-
     if weights is None or str(weights).strip() == "":
         if not random_ok:
             raise ModelNotFoundError(f"no image weights given for '{name}': {IMAGE_WEIGHTS_HINT}")
@@ -58,10 +59,7 @@ def load_image_backbone(
         path = Path(weights).expanduser()
         if not path.is_file():
             raise ModelNotFoundError(f"no image weights file at '{weights}': {IMAGE_WEIGHTS_HINT}")
-    try:
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes)
-    except RuntimeError as e:  # timm: "Unknown model (...)"
-        raise PipelineError(f"unknown image backbone '{name}': {one_line(e)}") from e
+    model = _network(name, num_classes, plain=path is not None)
     if path is not None:
         try:
             sd = _read_state_dict(path)
@@ -74,6 +72,21 @@ def load_image_backbone(
         _load_strict_but_classifier(model, sd, name, weights)
     model.eval()
     return model
+
+
+def _network(name: str, num_classes: int, plain: bool):
+    """The network, at random: `weights.efficientnet`'s where it builds it (and `plain`), else timm's."""
+    from pipeline.weights import efficientnet
+
+    a = efficientnet.arch(name) if plain and num_classes == 0 else None
+    if a is not None:
+        return efficientnet.EfficientNet(a)
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
+    except RuntimeError as e:  # timm: "Unknown model (...)"
+        raise PipelineError(f"unknown image backbone '{name}': {one_line(e)}") from e
 
 
 def _load_strict_but_classifier(model, sd: dict, name: str, weights: Any) -> None:
