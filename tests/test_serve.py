@@ -66,6 +66,19 @@ def test_predict_answers_each_item_with_its_classes_and_every_modalitys_share(se
     np.testing.assert_allclose([c["probability"] for c in got], [c["probability"] for c in want], rtol=1e-4)
 
 
+def test_a_model_is_warmed_with_a_photo_before_it_serves(trained_workdir, monkeypatch):
+    """A Predictor imports the photo decoder with its first photo: the server's load runs one, decoded (no
+    missing input), so that its first client does not wait for it."""
+    import pipeline.serve.models as models
+
+    answers, real = [], models.warm
+    monkeypatch.setattr(models, "warm", lambda predictor: answers.append(real(predictor)))
+    served = models.Models(trained_workdir, None, None, quiet).load()
+    assert served.version and len(answers) == 1
+    (warm,) = answers[0]
+    assert warm["missing_inputs"] == [] and set(warm["top"][0]["shares"]) == MODALITIES
+
+
 def test_health_readiness_metrics_openapi_and_the_page(server):
     url, app = server
     assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
