@@ -260,7 +260,9 @@ class Predictor:
         keep_freed_memory()  # CPU forwards: no page faults on every big activation (3x on EfficientNet)
         dev = pick_device(device, "device")
         branches = {m: _branch(m, ckpt, workdir, cfg, dev, reuse, bundled) for m, ckpt in models.items()}
-        for b in branches.values():  # loaded now, not by the first call: a server is ready when this returns
+        # Every network loaded now, not by the first call; the photo decoder (torchvision's 1.5 s of imports)
+        # comes with the first photo, which `pipeline serve` runs before it serves.
+        for b in branches.values():
             b.extractor.load()
         version = digest([fusion.sha256, fusion.checkpoints, {m: b.extractor.producer for m, b in branches.items()}])
         return cls(cfg, fusion.network(), fusion.codes, branches, dev, cache, version[:16], workdir, names)
