@@ -235,8 +235,18 @@ def test_the_weights_load_in_the_dtype_transformers_gives_them(tmp_path):
         config |= {"dtype": dtype} if dtype else {}
         (directory / "config.json").write_text(json.dumps(config))
         theirs = AutoModel.from_pretrained(str(directory), add_pooling_layer=False)
-        assert bert.load(directory, config).embeddings.word_embeddings.weight.dtype == \
-            theirs.embeddings.word_embeddings.weight.dtype == (torch.float32 if dtype else torch.float16)
+        ours = bert.load(directory, config)
+        assert ours.encoder.layer[0].intermediate.dense.weight.dtype == \
+            theirs.encoder.layer[0].intermediate.dense.weight.dtype == (torch.float32 if dtype else torch.float16)
+        # the word embeddings keep the file's float16: a float32 model reads its rows as the same float32 numbers
+        assert ours.embeddings.word_embeddings.weight.dtype == torch.float16
+        ids = torch.tensor([[0, 5, 9, 17, 2], [0, 11, 4, 2, 1]])
+        mask = (ids != config["pad_token_id"]).long()
+        with torch.inference_mode():
+            out = ours(input_ids=ids, attention_mask=mask).last_hidden_state
+            ref = theirs(input_ids=ids, attention_mask=mask).last_hidden_state
+        assert out.dtype == ref.dtype
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-5 if dtype else 2e-3)
 
 
 def test_a_generic_tokenizer_json_is_read_without_transformers_and_gives_its_ids(tiny_dir, tmp_path):
