@@ -24,6 +24,7 @@ import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from stores.read import gather  # noqa: E402  (the store's reader: each touched chunk once, runs as slices)
+import stores.zarr_backend  # noqa: E402,F401  (the store's zstd codec, registered on import)
 
 
 def run(url: str, rows: int, channels: int, block: int, chunk: int, shard: int | None, rng) -> dict:

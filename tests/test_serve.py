@@ -79,6 +79,21 @@ def test_a_model_is_warmed_with_a_photo_before_it_serves(trained_workdir, monkey
     assert warm["missing_inputs"] == [] and set(warm["top"][0]["shares"]) == MODALITIES
 
 
+def test_a_model_without_photos_is_warmed_without_one():
+    """No photo bytes for a model that reads none: they would only need a temporary file (a full or read-only
+    /tmp would then stop a text-only server from starting)."""
+    from types import SimpleNamespace
+
+    import pipeline.serve.models as models
+
+    seen = []
+    text_only = SimpleNamespace(branches={"title_bpe": None}, top=lambda items: seen.extend(items) or [{}])
+    models.warm(text_only)
+    with_photos = SimpleNamespace(branches={"title_bpe": None, "image": None}, top=lambda items: seen.extend(items))
+    models.warm(with_photos)
+    assert [it["image"] is None for it in seen] == [True, False] and seen[1]["image"][:2] == b"\xff\xd8"  # a JPEG
+
+
 def test_health_readiness_metrics_openapi_and_the_page(server):
     url, app = server
     assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}

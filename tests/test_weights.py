@@ -373,6 +373,23 @@ def test_the_efficientnets_are_built_in_plain_torch_and_equal_timms(name):
         torch.testing.assert_close(ours(x), theirs(x))
 
 
+def test_every_efficientnet_it_builds_has_timms_weights_by_name_and_shape():
+    """All 28 names `arch` takes (on the meta device: shapes without weights), so that a timm release that
+    changes one is caught; the test above compares the maps of four."""
+    import timm
+
+    from pipeline.weights.efficientnet import EfficientNet, arch
+
+    names = [f"{tf}efficientnet_{kind}{i}" for tf in ("", "tf_") for kind, n in (("b", 9), ("lite", 5))
+             for i in range(n)]
+    assert all(arch(n) for n in names) and arch("efficientnet_b\u0663") is None  # a digit that is not 0-9
+    with torch.device("meta"):
+        for name in names:
+            ours = {k: v.shape for k, v in EfficientNet(arch(name)).state_dict().items()}
+            theirs = {k: v.shape for k, v in timm.create_model(name, num_classes=0).state_dict().items()}
+            assert ours == theirs, name
+
+
 def test_other_image_backbones_and_random_or_classifying_ones_are_left_to_timm(tmp_path):
     from pipeline.weights.efficientnet import EfficientNet, arch
 

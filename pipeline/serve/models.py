@@ -48,16 +48,18 @@ async def in_a_passing_thread(fn):
 
 
 def warm(predictor: Predictor) -> list[dict]:
-    """One item with a title, a description and a photo through the models (its answer): the server answers
-    its first request as fast as the next (a Predictor imports the photo decoder, torchvision, with its first
-    photo)."""
+    """One item with a title, a description and (for a model that reads photos) a photo through the models (its
+    answer): the server answers its first request as fast as the next (a Predictor imports the photo decoder,
+    torchvision, with its first photo)."""
     import io
 
     from PIL import Image
 
     photo = io.BytesIO()
-    Image.new("RGB", (64, 48), (120, 80, 40)).save(photo, "JPEG")
-    return predictor.top([{"item_id": 0, "title": "warm-up", "description": "warm-up", "image": photo.getvalue()}])
+    if "image" in predictor.branches:
+        Image.new("RGB", (64, 48), (120, 80, 40)).save(photo, "JPEG")
+    return predictor.top([{"item_id": 0, "title": "warm-up", "description": "warm-up",
+                           "image": photo.getvalue() or None}])
 
 
 class Models:

@@ -25,7 +25,7 @@ LITE = B[:5]
 
 def arch(name: str) -> dict | None:
     """The architecture timm builds for `name`, or None when this module does not build it."""
-    m = re.fullmatch(r"(tf_)?efficientnet_(b|lite)(\d)", name)
+    m = re.fullmatch(r"(tf_)?efficientnet_(b|lite)([0-9])", name)
     if m is None or int(m[3]) >= len(B if m[2] == "b" else LITE):
         return None
     lite, tf = m[2] == "lite", m[1] is not None
