@@ -55,11 +55,12 @@ def warm(predictor: Predictor) -> list[dict]:
 
     from PIL import Image
 
-    photo = io.BytesIO()
+    image = None
     if "image" in predictor.branches:
+        photo = io.BytesIO()
         Image.new("RGB", (64, 48), (120, 80, 40)).save(photo, "JPEG")
-    return predictor.top([{"item_id": 0, "title": "warm-up", "description": "warm-up",
-                           "image": photo.getvalue() or None}])
+        image = photo.getvalue()
+    return predictor.top([{"item_id": 0, "title": "warm-up", "description": "warm-up", "image": image}])
 
 
 class Models:
